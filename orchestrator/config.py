@@ -1,0 +1,105 @@
+"""Loading the run config: YAML file + ``--set key=value`` overrides -> a validated RunConfig.
+
+Every problem becomes a ``UserError`` whose message is one line naming the field (or file)
+and what would be valid; the CLI prints it and exits 2 before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from workers.config import RunConfig
+from workers.workload import WorkloadError, check_params
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep it as the literal string
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise UserError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see the README's config reference)"
+    elif first["type"] == "missing":
+        message = "required"
+    elif "input" in first and first["type"] not in ("value_error",):
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {message}{suffix}" if where else f"{message}{suffix}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({type(exc).__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def ensure_cwd_importable() -> None:
+    """A user's workload module next to where they run the command must import."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+    ensure_cwd_importable()
+    try:
+        check_params(cfg.workload.entrypoint, cfg.workload.params)
+    except WorkloadError as exc:
+        raise UserError(str(exc)) from None
+    return cfg

@@ -1,0 +1,82 @@
+"""Run files on a local path or a pyarrow URI (s3://, gs://, file://), the same way.
+
+Local writes are atomic (temp file, fsync, rename); object stores write whole objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from workers.checkpointing import atomic_write_bytes
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve(storage_path: str) -> str:
+    """Absolute local path, or the URI unchanged (Ray needs absolute local paths)."""
+    if is_uri(storage_path):
+        return storage_path
+    return os.path.abspath(os.path.expanduser(storage_path))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts, keeping a URI's query string (``?endpoint_override=...``) at the end."""
+    root, sep, query = base.partition("?")
+    joined = "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return joined + sep + query
+
+
+def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def exists(path: str) -> bool:
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_nonempty_dir(path: str) -> bool:
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
+
+
+def delete_dir(path: str) -> None:
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(path), data)
+        return
+    fs, p = _fs(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as out:
+        out.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path))

@@ -1,0 +1,132 @@
+"""The run configuration: one typed tree, shared by the driver and the workers.
+
+The driver validates it at the edge (YAML + ``--set``) and sends it into Ray as a plain
+dict (``model_dump(mode="json")``); each worker validates that dict again with the same
+schema, so both sides agree on every default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorkloadConfig(_Section):
+    entrypoint: str = Field(description="'module:function' returning the workload")
+    params: dict[str, Any] = Field(default_factory=dict, description="kwargs for the function")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _module_colon_function(cls, value: str) -> str:
+        module, sep, func = value.partition(":")
+        if not sep or not module or not func or ":" in func:
+            raise ValueError(f"must look like 'package.module:function', got {value!r}")
+        return value
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1, description="data-parallel workers (one per GPU or slot)")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the cluster has any")
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrackerSection(_Section):
+    monitor: str = Field("val_loss", description="a reported metric: train_* or val_*")
+    mode: Literal["auto", "min", "max"] = "auto"
+    min_delta: float = Field(0.0, ge=0)
+    patience: int | None = Field(None, ge=1, description="stop after N epochs without improvement")
+
+    @field_validator("monitor")
+    @classmethod
+    def _reported_during_training(cls, value: str) -> str:
+        # test_* is computed once, after training, with the best weights: it cannot pick them.
+        if not value.startswith(("train_", "val_")):
+            raise ValueError(
+                f"must be a metric reported every epoch (train_* or val_*, e.g. val_loss), "
+                f"got {value!r}"
+            )
+        return value
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        return resolve_mode(self.monitor, self.mode)
+
+
+def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
+    """``auto``: a name containing 'loss' or 'error' is minimised, anything else maximised."""
+    if mode in ("min", "max"):
+        return mode  # type: ignore[return-value]
+    lowered = monitor.lower()
+    return "min" if ("loss" in lowered or "error" in lowered) else "max"
+
+
+class CheckpointSection(_Section):
+    policy: Literal["best", "every_n", "all", "last", "none"] = "best"
+    every_n_epochs: int = Field(1, ge=1, description="for policy every_n")
+    resume_every_n_epochs: int = Field(0, ge=0, description="extra full-state checkpoints; 0: off")
+
+
+class FailureSection(_Section):
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
+
+
+class WandbSection(_Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str | None = None
+    entity: str | None = None
+    log_model: Literal["policy", "best", "none"] = "policy"
+
+
+class TuneSection(_Section):
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class RunConfig(_Section):
+    name: str = Field("run", min_length=1)
+    storage_path: str = "./runs"
+    seed: int = Field(0, ge=0)
+    workload: WorkloadConfig
+    engine: Literal["torch", "fastai"] = "torch"
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracker: TrackerSection = Field(default_factory=TrackerSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    failure: FailureSection = Field(default_factory=FailureSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_dir_name(cls, value: str) -> str:
+        if "/" in value or value in (".", "..") or value.startswith("."):
+            raise ValueError(f"must be a plain directory name (no '/', not hidden), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _finite_numbers(self) -> RunConfig:
+        for section, key in (("train", "lr"), ("train", "weight_decay"), ("tracker", "min_delta")):
+            value = getattr(getattr(self, section), key)
+            if not math.isfinite(value):
+                raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain, JSON-safe form that crosses into Ray (and into metadata.json)."""
+        return self.model_dump(mode="json")

@@ -1,0 +1,145 @@
+"""Training and evaluation steps, usable inside a Ray worker or in a plain process.
+
+Validation shards are strided slices of the dataset (rank r takes r, r+W, r+2W, ...), never
+padded, so every sample is counted exactly once across ranks whatever the set size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset, default_collate
+
+from workers.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def is_class_label(target: Any) -> bool:
+    if isinstance(target, bool):
+        return False
+    if isinstance(target, int):
+        return True
+    return isinstance(target, torch.Tensor) and target.ndim == 0 and not target.is_floating_point()
+
+
+def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device) -> int | None:
+    """Number of classes when targets are integer labels (from the model's output width)."""
+    x0, y0 = dataset[0]
+    if not is_class_label(y0):
+        return None
+    x_batch, _ = default_collate([(x0, y0)])  # a batch of one, whatever the input's structure
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(to_device(x_batch, device))
+    model.train(was_training)
+    width = out.shape[-1] if out.ndim > 1 else 1
+    return 2 if width == 1 else int(width)
+
+
+def workload_metrics(workload: Any, num_classes: int | None) -> list[Any]:
+    spec = getattr(workload, "metrics", None)
+    if spec is None:
+        spec = ["accuracy"] if num_classes is not None else []
+    return build_metrics(spec, num_classes)
+
+
+def shard(dataset: Any, rank: int, world_size: int) -> Any:
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def accumulate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any,
+    metrics: Sequence[Any],
+    device: torch.device,
+) -> MeanLoss:
+    """Sufficient statistics of one pass over ``loader`` with fixed weights."""
+    loss = MeanLoss()
+    for metric in metrics:
+        metric.reset()
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = to_device(x, device), to_device(y, device)
+            out = model(x)
+            loss.add_batch(loss_fn(out, y).item(), len(y))
+            for metric in metrics:
+                metric.update(out, y)
+    return loss
+
+
+def all_reduce_sum(vector: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """SUM across ranks in float64 (on the device for NCCL, which cannot reduce CPU tensors)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return vector
+    on_device = vector.to(device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.cpu()
+
+
+def global_metrics(
+    groups: Sequence[tuple[str, MeanLoss, Sequence[Any]]], device: torch.device
+) -> dict[str, float]:
+    """One all-reduce for every split's statistics, then the values: identical on all ranks."""
+    packed = [pack_states(loss, metrics) for _, loss, metrics in groups]
+    vector = all_reduce_sum(torch.cat([p[0] for p in packed]), device)
+    values: dict[str, float] = {}
+    offset = 0
+    for (split, loss, metrics), (part, sizes) in zip(groups, packed, strict=True):
+        n = part.numel()
+        values.update(unpack_compute(split, vector[offset : offset + n], sizes, loss, metrics))
+        offset += n
+    return values
+
+
+def evaluate_dataset(
+    model: torch.nn.Module,
+    dataset: Any,
+    loss_fn: Any,
+    metrics: Sequence[Any],
+    *,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """A single-process evaluation of a whole split (used for the test split and for checks)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loss = accumulate(model, loader, loss_fn, metrics, device)
+    vector, sizes = pack_states(loss, metrics)
+    return unpack_compute(split, vector, sizes, loss, metrics)
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> MeanLoss:
+    """One pass over this rank's training shard; the running loss as sufficient statistics."""
+    model.train()
+    loss = MeanLoss()
+    for x, y in loader:
+        x, y = to_device(x, device), to_device(y, device)
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss = loss_fn(model(x), y)
+        batch_loss.backward()
+        optimizer.step()
+        loss.add_batch(batch_loss.item(), len(y))
+    return loss

@@ -1,0 +1,184 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Per epoch: train on this rank's shard -> evaluate this rank's validation shard -> one
+all-reduce of every split's sufficient statistics -> identical metrics on all ranks ->
+rank 0's tracker decides (improved? stop?) and, if the policy says so, snapshots the model
+-> every rank calls ``ray.train.report`` (rank 0 with the checkpoint, others with none).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from workers.checkpointing import AsyncSaver, load_train_state, load_weights, snapshot
+from workers.config import RunConfig
+from workers.evaluation import (
+    accumulate,
+    global_metrics,
+    infer_num_classes,
+    shard,
+    train_epoch,
+    workload_metrics,
+)
+from workers.metrics import MeanLoss
+from workers.policy import decide_save
+from workers.tracker import BestTracker, MonitorNotReportedError
+from workers.workload import build_workload
+
+# Reported every epoch besides the split metrics; the tracker's ranking is Ray's checkpoint
+# score (see policy.ray_keep_settings).
+RANK_KEY = "checkpoint_rank"
+
+
+def make_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Each rank's RNG stream for an epoch (dropout, augmentation): resume needs no RNG file."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module  # DDP-wrapped when world_size > 1
+    plain: torch.nn.Module  # the unwrapped model whose weights are saved
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    loss_fn: Any
+    metrics: list[Any]
+    device: torch.device
+    start_epoch: int
+    tracker_state: dict[str, Any] | None
+
+
+def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    device = ray.train.torch.get_device()
+    plain = workload.model.to(device)
+    num_classes = infer_num_classes(plain, workload.train_dataset, device)
+    metrics = workload_metrics(workload, num_classes)
+
+    start_epoch, tracker_state, optimizer_state = 1, None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            plain.load_state_dict(load_weights(directory))
+            state = load_train_state(directory)
+        start_epoch = int(state["epoch"]) + 1
+        tracker_state = state["tracker"]
+        optimizer_state = state["optimizer"]
+
+    strategy = "ddp" if world_size > 1 else None
+    model = ray.train.torch.prepare_model(plain, parallel_strategy=strategy)
+    optimizer = make_optimizer(cfg, plain.parameters())
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    sampler = DistributedSampler(
+        workload.train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed
+    )
+    train_loader = DataLoader(workload.train_dataset, batch_size=cfg.train.batch_size,
+                              sampler=sampler)
+    val_loader = DataLoader(shard(workload.val_dataset, rank, world_size),
+                            batch_size=cfg.train.batch_size, shuffle=False)
+    return Setup(model, plain, optimizer, train_loader, val_loader, workload.loss_fn, metrics,
+                 device, start_epoch, tracker_state)
+
+
+def evaluate_epoch(s: Setup, train_loss: MeanLoss) -> dict[str, float]:
+    # The unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
+    # with different numbers of validation batches would never all reach.
+    val_loss = accumulate(s.plain, s.val_loader, s.loss_fn, s.metrics, s.device)
+    return global_metrics([("train", train_loss, []), ("val", val_loss, s.metrics)], s.device)
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, made identical on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = RunConfig.model_validate(config)
+    # Ray Train logs every report at INFO on each worker; one progress line per epoch (from the
+    # controller) is what a user reads.
+    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    is_rank_zero = rank == 0
+
+    s = setup(cfg, rank, world_size)
+    tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
+                          cfg.tracker.patience) if is_rank_zero else None
+    if tracker is not None and s.tracker_state is not None:
+        tracker.load_state_dict(s.tracker_state)
+    saver = AsyncSaver()
+
+    for epoch in range(s.start_epoch, cfg.train.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
+        s.train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device)
+        record: dict[str, Any] = {"epoch": epoch, **evaluate_epoch(s, train_loss)}
+        metrics = dict(record)
+        if cfg.tracker.monitor not in metrics:  # identical on all ranks: all raise together
+            raise MonitorNotReportedError(
+                f"tracker.monitor: {cfg.tracker.monitor!r} is not reported by this run; "
+                f"it reports: {', '.join(sorted(k for k in metrics if k != 'epoch'))}"
+            )
+
+        snap, dir_name, stop = None, None, False
+        if tracker is not None:
+            decision = tracker.update(epoch, record)
+            stop = decision.should_stop
+            save = decide_save(
+                cfg.checkpoint.policy, epoch, improved=decision.improved,
+                is_final=stop or epoch == cfg.train.epochs,
+                every_n_epochs=cfg.checkpoint.every_n_epochs,
+                resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
+            )
+            metrics["is_best"] = decision.improved
+            metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
+            if save.save:
+                saver.wait()  # the previous save must finish before its memory is reused
+                snap = snapshot(
+                    s.plain, s.optimizer,
+                    {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
+                    {**record, "monitor": tracker.monitor, "mode": tracker.mode,
+                     "is_best": decision.improved, "saved_because": save.reason,
+                     "world_size": world_size, "seed": cfg.seed, "config": cfg.to_dict()},
+                )
+                dir_name = f"checkpoint_epoch{epoch:04d}_{time.time_ns()}"
+        stop = broadcast_flag(stop, s.device)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+
+        if snap is not None:
+            saver.report(metrics, snap, dir_name)
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+    saver.wait()

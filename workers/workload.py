@@ -1,0 +1,78 @@
+"""Loading a user's workload: ``build(**params)`` from ``module:function``.
+
+The returned object only needs the attributes below (a ``Workload``, a SimpleNamespace,
+anything): plain user code never has to import this project.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class WorkloadError(ValueError):
+    """The workload cannot be imported or does not follow the protocol (a user error)."""
+
+
+@dataclass
+class Workload:
+    model: torch.nn.Module
+    train_dataset: Any
+    val_dataset: Any
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    test_dataset: Any = None
+    metrics: list[Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def import_entrypoint(entrypoint: str) -> Callable[..., Any]:
+    module_name, _, func_name = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure in user code is a bad entrypoint
+        raise WorkloadError(
+            f"workload.entrypoint: cannot import module {module_name!r} "
+            f"({type(exc).__name__}: {exc}); it must be importable from the working directory "
+            "or PYTHONPATH"
+        ) from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise WorkloadError(
+            f"workload.entrypoint: module {module_name!r} has no function {func_name!r}"
+        )
+    return func
+
+
+def check_params(entrypoint: str, params: dict[str, Any]) -> None:
+    """Fail before anything starts if the params do not fit the function's signature."""
+    func = import_entrypoint(entrypoint)
+    try:
+        inspect.signature(func).bind(**params)
+    except TypeError as exc:
+        raise WorkloadError(f"workload.params: {exc} (for {entrypoint})") from exc
+    except ValueError:
+        return  # no introspectable signature (a builtin): nothing to check here
+
+
+REQUIRED = ("model", "train_dataset", "val_dataset", "loss_fn")
+
+
+def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
+    workload = import_entrypoint(entrypoint)(**params)
+    missing = [name for name in REQUIRED if getattr(workload, name, None) is None]
+    if missing:
+        raise WorkloadError(
+            f"workload.entrypoint: {entrypoint} returned an object without "
+            f"{', '.join(missing)} (needs {', '.join(REQUIRED)})"
+        )
+    if not isinstance(workload.model, torch.nn.Module):
+        raise WorkloadError(
+            f"workload.entrypoint: {entrypoint} returned a model of type "
+            f"{type(workload.model).__name__}, expected torch.nn.Module"
+        )
+    return workload

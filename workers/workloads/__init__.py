@@ -1,0 +1,1 @@
+"""Built-in workloads: no downloads (data shipped with scikit-learn, or generated)."""
