@@ -1,0 +1,57 @@
+"""One real local Ray for the whole integration session (Ray's start-up dominates small runs)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from orchestrator.cluster import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def overfit_config(tmp_path: Path, name: str = "overfit", **sections: Any) -> RunConfig:
+    """The test workload whose validation loss improves, then worsens, on 2 workers."""
+    base = {
+        "name": name,
+        "storage_path": str(tmp_path / "runs"),
+        "seed": 0,
+        "workload": {"entrypoint": "tests.workloads.overfit:build", "params": {}},
+        "scaling": {"num_workers": 2},
+        "train": {"epochs": 10, "batch_size": 8, "lr": 0.002},
+        "tracker": {"monitor": "val_loss"},
+        "wandb": {"mode": "disabled"},
+    }
+    return RunConfig.model_validate(_merge(base, sections))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+
+
+def assert_close(actual: float, expected: float, rel: float = 1e-6) -> None:
+    assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)

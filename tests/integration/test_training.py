@@ -1,0 +1,161 @@
+"""Real 2-worker Ray Train runs: the best model, the policies, restarts and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import UserError
+from orchestrator.train import run_training
+from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
+from workers.checkpointing import load_metadata, load_train_state
+from workers.restore import evaluate_split
+
+pytestmark = pytest.mark.integration
+
+
+def test_saved_model_is_the_best_epochs(tmp_path, ray_local):
+    cfg = overfit_config(tmp_path)
+    summary = run_training(cfg)
+    run_dir = Path(summary["run_dir"])
+
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 11))
+    losses = [h["val_loss"] for h in history]
+    best_epoch = losses.index(min(losses)) + 1
+    # The workload must really improve, then worsen, or this test proves nothing.
+    assert 1 < best_epoch < 10 and losses[-1] > min(losses), losses
+    assert summary["best_epoch"] == best_epoch
+    assert summary["best_metrics"]["val_loss"] == min(losses)
+
+    # Saved once per improvement, and only then; storage keeps at most best + latest.
+    saved = [h["epoch"] for h in history if h["checkpoint"]]
+    improved = [h["epoch"] for h in history if h["is_best"]]
+    assert saved == improved and best_epoch in saved
+    kept = checkpoint_dirs(run_dir)
+    assert 1 <= len(kept) <= 2
+    best_dir = Path(summary["best_checkpoint"])
+    assert best_dir in kept
+
+    metadata = load_metadata(best_dir)
+    assert metadata["epoch"] == best_epoch and metadata["is_best"] is True
+    assert metadata["monitor"] == "val_loss" and metadata["mode"] == "min"
+    assert metadata["seed"] == 0 and metadata["config"]["name"] == cfg.name
+    for key, value in summary["best_metrics"].items():
+        if key not in ("is_best", "epoch_seconds"):
+            assert metadata[key] == value, key
+    state = load_train_state(best_dir)  # weights_only=True: no code runs on load
+    assert state["epoch"] == best_epoch and state["tracker"]["best_epoch"] == best_epoch
+
+    # The weights on disk reproduce the recorded metrics in a plain single process.
+    recomputed = evaluate_split(cfg, best_dir, "val")
+    for key, value in recomputed.items():
+        assert_close(value, summary["best_metrics"][key])
+    # The test split was evaluated once, with the best weights.
+    assert summary["test_metrics"] == pytest.approx(evaluate_split(cfg, best_dir, "test"))
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == best_epoch
+
+
+@pytest.mark.parametrize(
+    ("policy", "extra", "expected_saved"),
+    [
+        ("every_n", {"every_n_epochs": 2}, [2, 4]),
+        ("all", {}, [1, 2, 3, 4]),
+        ("last", {}, [4]),
+        ("none", {}, []),
+    ],
+)
+def test_other_policies_write_what_they_promise(tmp_path, ray_local, policy, extra, expected_saved):
+    cfg = overfit_config(tmp_path, name=policy, train={"epochs": 4},
+                         checkpoint={"policy": policy, **extra})
+    summary = run_training(cfg)
+    run_dir = Path(summary["run_dir"])
+    assert [h["epoch"] for h in summary["history"] if h["checkpoint"]] == expected_saved
+    kept = checkpoint_dirs(run_dir)
+    assert [load_metadata(d)["epoch"] for d in kept] == expected_saved
+    for directory in kept:
+        assert {p.name for p in directory.iterdir()} == {
+            "model.safetensors", "metadata.json", "train_state.pt"
+        }
+    best_epoch = summary["best_epoch"]
+    if best_epoch in expected_saved:
+        assert load_metadata(summary["best_checkpoint"])["epoch"] == best_epoch
+        assert summary["test_metrics"] is not None
+    else:
+        # Never the last weights in place of the best: no best model, no test metrics.
+        assert summary["best_checkpoint"] is None and summary["test_metrics"] is None
+
+
+def test_restart_after_a_worker_failure_keeps_the_best(tmp_path, ray_local):
+    common = {"train": {"epochs": 8}, "checkpoint": {"resume_every_n_epochs": 1}}
+    reference = run_training(overfit_config(tmp_path, name="reference", **common))
+
+    marker = tmp_path / "failed-once"
+    # 16 samples per rank, batch 8: 2 steps an epoch; the 14th step is in epoch 7.
+    cfg = overfit_config(
+        tmp_path, name="restarted", failure={"max_failures": 1},
+        workload={"params": {"fail_after_steps": 13, "marker": str(marker)}}, **common,
+    )
+    summary = run_training(cfg)
+    assert marker.exists(), "the injected failure did not happen"
+
+    # Restored from the latest checkpoint (epoch 6), with the tracker's memory of the best:
+    # the run ends exactly where the uninterrupted one does.
+    assert summary["best_epoch"] == reference["best_epoch"]
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 9))
+    for got, ref in zip(summary["history"], reference["history"], strict=True):
+        assert_close(got["val_loss"], ref["val_loss"], rel=1e-5)
+        assert got["is_best"] == ref["is_best"]
+    best_dir = Path(summary["best_checkpoint"])
+    assert load_metadata(best_dir)["epoch"] == summary["best_epoch"]
+    kept = checkpoint_dirs(Path(summary["run_dir"]))
+    assert len(kept) == 2 and best_dir in kept  # the best and the latest (epoch 8)
+    assert load_metadata(kept[-1])["epoch"] == 8
+
+
+def test_rerun_is_explicit_and_resume_continues(tmp_path, ray_local):
+    first = run_training(overfit_config(tmp_path, name="again", train={"epochs": 3}))
+    with pytest.raises(UserError, match="--resume.*--overwrite"):
+        run_training(overfit_config(tmp_path, name="again", train={"epochs": 3}))
+
+    resumed = run_training(overfit_config(tmp_path, name="again", train={"epochs": 6}),
+                           resume=True)
+    assert resumed["start"] == "resume"
+    assert [h["epoch"] for h in resumed["history"]] == list(range(1, 7))
+    assert resumed["history"][:3] == first["history"]
+    losses = [h["val_loss"] for h in resumed["history"]]
+    assert resumed["best_epoch"] == losses.index(min(losses)) + 1
+
+    fresh = run_training(overfit_config(tmp_path, name="again", train={"epochs": 2}),
+                         overwrite=True)
+    assert fresh["start"] == "overwrite"
+    assert [h["epoch"] for h in fresh["history"]] == [1, 2]
+
+
+def test_unknown_monitor_fails_after_first_epoch_naming_the_metrics(tmp_path, ray_local):
+    cfg = overfit_config(tmp_path, name="bad-monitor", tracker={"monitor": "val_auc"})
+    with pytest.raises(UserError) as info:
+        run_training(cfg)
+    message = str(info.value)
+    assert "tracker.monitor" in message and "val_auc" in message
+    assert "val_loss" in message and "val_accuracy" in message and "\n" not in message
+    assert not (tmp_path / "runs" / "bad-monitor").exists()
+
+
+def test_breast_cancer_monitors_mcc(tmp_path, ray_local):
+    from workers.config import RunConfig
+
+    cfg = RunConfig.model_validate({
+        "name": "bc", "storage_path": str(tmp_path / "runs"),
+        "workload": {"entrypoint": "workers.workloads.breast_cancer:build"},
+        "train": {"epochs": 4, "batch_size": 32}, "tracker": {"monitor": "val_mcc"},
+        "wandb": {"mode": "disabled"},
+    })
+    summary = run_training(cfg)
+    assert summary["mode"] == "max"
+    mccs = [h["val_mcc"] for h in summary["history"]]
+    assert summary["best_metrics"]["val_mcc"] == max(mccs)
+    recomputed = evaluate_split(cfg, summary["best_checkpoint"], "val")
+    assert_close(recomputed["val_mcc"], max(mccs))

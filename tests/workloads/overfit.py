@@ -1,0 +1,70 @@
+"""A test workload whose validation loss improves for a few epochs, then worsens.
+
+Two Gaussian blobs; the small training set has a share of its labels flipped, so a wide MLP
+first learns the signal and then memorises the noise (overconfident on validation).
+Optionally fails once, mid-training, to exercise restarts: after ``fail_after_steps``
+training steps the model raises, unless ``marker`` exists (it is created just before).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+def _blobs(
+    n: int, gen: torch.Generator, dim: int, separation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.randint(0, 2, (n,), generator=gen)
+    x = torch.randn(n, dim, generator=gen) + (y.float() * 2 - 1).unsqueeze(1) * separation
+    return x, y
+
+
+class FailOnce(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None):
+        super().__init__()
+        self.inner = inner
+        self.fail_after_steps = fail_after_steps
+        self.marker = marker
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.fail_after_steps is not None:
+            self.steps += 1
+            if self.steps > self.fail_after_steps and not Path(self.marker).exists():
+                Path(self.marker).touch()
+                raise RuntimeError("injected failure (tests/workloads/overfit.py)")
+        return self.inner(x)
+
+
+def build(
+    n_train: int = 32,
+    n_val: int = 101,
+    dim: int = 16,
+    separation: float = 0.5,
+    noise: float = 0.3,
+    hidden: int = 256,
+    fail_after_steps: int | None = None,
+    marker: str | None = None,
+    with_test: bool = True,
+) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(1234)
+    x_train, y_train = _blobs(n_train, gen, dim, separation)
+    flip = torch.rand(n_train, generator=gen) < noise
+    y_train = torch.where(flip, 1 - y_train, y_train)
+    x_val, y_val = _blobs(n_val, gen, dim, separation)
+    x_test, y_test = _blobs(n_val, gen, dim, separation)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(), torch.nn.Linear(hidden, 2),
+    )
+    return SimpleNamespace(
+        model=FailOnce(model, fail_after_steps, marker),
+        train_dataset=torch.utils.data.TensorDataset(x_train, y_train),
+        val_dataset=torch.utils.data.TensorDataset(x_val, y_val),
+        test_dataset=torch.utils.data.TensorDataset(x_test, y_test) if with_test else None,
+        loss_fn=torch.nn.functional.cross_entropy,
+        metrics=["accuracy", "mcc"],
+    )
