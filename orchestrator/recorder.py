@@ -39,10 +39,14 @@ def progress_line(record: dict[str, Any], total_epochs: int, monitor: str) -> st
 
 
 class RunRecorder(UserCallback):
-    def __init__(self, run_dir: str, total_epochs: int, monitor: str) -> None:
+    """``events``: an optional ``ray.util.queue.Queue`` through which the driver receives each
+    (record, persisted checkpoint path) as it happens, to log it to W&B from its own process."""
+
+    def __init__(self, run_dir: str, total_epochs: int, monitor: str, events: Any = None) -> None:
         self.run_dir = run_dir
         self.total_epochs = total_epochs
         self.monitor = monitor
+        self.events = events
         self._history: list[dict[str, Any]] | None = None
 
     @property
@@ -59,4 +63,7 @@ class RunRecorder(UserCallback):
         record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
         self._history = merge_history(self._load(), record)
         storage.write_json(self.history_path, {"history": self._history})
+        if self.events is not None:
+            path = storage.join(self.run_dir, record["checkpoint"]) if checkpoint else None
+            self.events.put((record, path))
         print(progress_line(record, self.total_epochs, self.monitor), flush=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import posixpath
 import re
+import sys
+import tempfile
+import threading
 from typing import Any
 
 from orchestrator import storage
@@ -15,6 +18,7 @@ from workers.loop import RANK_KEY, train_loop
 from workers.policy import ray_keep_settings
 
 SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training_curves.png"
 
 
 class TrainingError(Exception):
@@ -45,7 +49,7 @@ def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
     return "fresh"
 
 
-def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool) -> Any:
+def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -66,7 +70,7 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool) -> Any:
             checkpoint_config=CheckpointConfig(
                 **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY)
             ),
-            callbacks=[RunRecorder(run_dir, cfg.train.epochs, cfg.tracker.monitor)],
+            callbacks=[RunRecorder(run_dir, cfg.train.epochs, cfg.tracker.monitor, events)],
             # Ray's per-report INFO lines would drown the one progress line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -126,25 +130,86 @@ def summarize(
         "stopped_early": bool(history) and history[-1]["epoch"] < cfg.train.epochs,
         "checkpoints": [{k: v for k, v in c.items() if k != "checkpoint"} for c in kept],
         "history": history,
-        "wandb": {"mode": "disabled", "run": None, "artifact": None},
         "config": cfg.to_dict(),
     }
+
+
+class EventPump:
+    """Drains the controller's event queue into W&B on a driver thread while ``fit`` runs.
+
+    A W&B hiccup must not kill an hour of training: a failed log is reported, not raised.
+    """
+
+    def __init__(self, wb: Any) -> None:
+        from ray.util.queue import Queue
+
+        self.wb = wb
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.errors: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wandb-events", daemon=True)
+
+    def __enter__(self) -> EventPump:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                record, checkpoint_path = self.queue.get(timeout=0.2)
+            except Empty:
+                if self._done.is_set():
+                    return
+                continue
+            try:
+                self.wb.handle(record, checkpoint_path)
+            except Exception as exc:  # noqa: BLE001 - logged and summarised, never fatal
+                self.errors.append(f"epoch {record.get('epoch')}: {type(exc).__name__}: {exc}")
+                print(f"warning: W&B logging failed: {self.errors[-1]}", file=sys.stderr)
+
+
+def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
+    from orchestrator.plots import training_curves_png
+
+    if not summary["history"]:
+        return None
+    png = training_curves_png(summary["history"], summary["monitor"], summary["best_epoch"])
+    path = storage.join(run_dir, PLOT_FILE)
+    storage.write_bytes(path, png)
+    if storage.is_uri(path):  # W&B needs a local file
+        local = tempfile.NamedTemporaryFile(suffix=".png", delete=False)
+        local.write(png)
+        local.close()
+        return local.name
+    return path
 
 
 def run_training(
     cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say: Any = print
 ) -> dict[str, Any]:
+    import ray
     from ray.train import TrainingFailedError
+
+    from orchestrator.wandb_run import NullRun, open_run
 
     run_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-
-    import ray
-
     init_ray()
     use_gpu = check_resources(cfg, ray.cluster_resources())
     if mode == "overwrite":
         storage.delete_dir(run_dir)
+    try:
+        wb = open_run(cfg, run_dir)  # before training: a bad key or no network fails here
+    except UserError:
+        if mode != "resume":
+            storage.delete_dir(run_dir)
+        raise
     say({
         "fresh": f"Starting run {cfg.name!r} in {run_dir}",
         "overwrite": f"Replacing the earlier run {cfg.name!r} in {run_dir} (--overwrite)",
@@ -152,19 +217,33 @@ def run_training(
     }[mode])
     say(f"{cfg.scaling.num_workers} workers on {'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, "
         f"{cfg.train.epochs} epochs, policy {cfg.checkpoint.policy}, "
-        f"monitor {cfg.tracker.monitor}")
+        f"monitor {cfg.tracker.monitor}, W&B {getattr(wb, 'mode', 'disabled')}")
 
-    trainer = build_trainer(cfg, run_dir, use_gpu)
+    pump = EventPump(wb) if not isinstance(wb, NullRun) else None
+    trainer = build_trainer(cfg, run_dir, use_gpu, pump.queue if pump else None)
     try:
-        result = trainer.fit()
+        if pump:
+            with pump:
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
     except TrainingFailedError as exc:
+        wb.abort()
         message = _user_error_in(exc)
         if message:
             if mode != "resume":  # nothing of a run that never could work is left behind
                 storage.delete_dir(run_dir)
             raise UserError(message) from None
         raise TrainingError(f"training failed: {exc}") from exc
+    except BaseException:
+        wb.abort()
+        raise
 
     summary = summarize(cfg, run_dir, result, use_gpu, mode)
+    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
+    if pump and pump.errors:
+        summary["wandb"]["errors"] = pump.errors
+    if summary["wandb"].get("sync"):
+        say(f"W&B offline run: {summary['wandb']['run']}  (upload: {summary['wandb']['sync']})")
     storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
     return summary

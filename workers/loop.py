@@ -124,8 +124,10 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(config)
     # Ray Train logs every report at INFO on each worker; one progress line per epoch (from the
     # controller) is what a user reads.
-    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from ray.train.v2._internal.execution import context as train_context
+
+    # (that module's logger is named after its file path, not its module name)
+    train_context.logger.setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     is_rank_zero = rank == 0

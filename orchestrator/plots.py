@@ -1,0 +1,35 @@
+"""Training curves with the best epoch marked: a PNG people would rather look at than read."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+
+def training_curves_png(history: list[dict[str, Any]], monitor: str,
+                        best_epoch: int | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display, and never a GUI backend in a Ray process
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    losses = [k for k in ("train_loss", "val_loss") if k in history[0]]
+    panels = [losses] + ([[monitor]] if monitor not in losses else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, keys in zip(axes[0], panels, strict=True):
+        for key in keys:
+            ax.plot(epochs, [h.get(key) for h in history], marker="o", ms=3, label=key)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:red", ls="--", lw=1, label=f"best epoch {best_epoch}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title("loss")
+    if len(panels) > 1:
+        axes[0][1].set_title(f"{monitor} (monitored)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,165 @@
+"""Weights & Biases: one run per training run, logged from the driver process only.
+
+The controller's ``RunRecorder`` streams each epoch's record (and the checkpoint it
+persisted, if any) to the driver; ``WandbRun.handle`` logs the metrics with the epoch as the
+step and logs persisted models as versions of one ``model`` artifact, whose metadata is THAT
+checkpoint's ``metadata.json``. ``finish`` writes ``best_*`` (from the best checkpoint's own
+metadata, so the two can never disagree), ``test_*`` and the training-curve plot.
+
+``NullRun`` is the do-nothing twin (``wandb.mode: disabled``): wandb is never imported.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import UserError
+from workers.config import RunConfig
+
+
+def has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def resolve_mode(setting: str) -> str:
+    if setting == "auto":
+        return "online" if has_credentials() else "offline"
+    return setting
+
+
+def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
+    """``policy`` mirrors the checkpoint policy (resume-only checkpoints are not models the
+    policy asked for); ``best`` logs improvements only; ``none`` logs no model."""
+    if log_model == "none":
+        return False
+    if log_model == "best":
+        return is_best
+    return saved_because != "resume"
+
+
+def artifact_name(run_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{run_name}-model")
+
+
+def best_summary(best: dict[str, Any], test: dict[str, Any] | None) -> dict[str, Any]:
+    """``best_<metric>`` for every metric of the best epoch, ``best_epoch``, ``test_*``."""
+    out = {f"best_{k}": v for k, v in best.items() if k.startswith(("train_", "val_"))}
+    out["best_epoch"] = best.get("epoch")
+    out.update(test or {})
+    return out
+
+
+class NullRun:
+    info: dict[str, Any] = {"mode": "disabled", "run": None, "artifact": None}
+
+    def handle(self, record: dict[str, Any], checkpoint_path: str | None) -> None:
+        pass
+
+    def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
+        return dict(self.info)
+
+    def abort(self) -> None:
+        pass
+
+
+class WandbRun:
+    def __init__(self, run: Any, cfg: RunConfig, mode: str) -> None:
+        self.run = run
+        self.cfg = cfg
+        self.mode = mode
+        self.artifact = artifact_name(cfg.name)
+        self.logged_versions: list[int] = []
+
+    def handle(self, record: dict[str, Any], checkpoint_path: str | None) -> None:
+        epoch = int(record["epoch"])
+        values = {k: v for k, v in record.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values["is_best"] = int(bool(record.get("is_best")))
+        self.run.log(values, step=epoch)
+        if checkpoint_path:
+            metadata = storage.read_json(storage.join(checkpoint_path, "metadata.json"))
+            if should_log_model(self.cfg.wandb.log_model, metadata.get("saved_because", ""),
+                                bool(metadata.get("is_best"))):
+                self.log_model(checkpoint_path, metadata)
+
+    def log_model(self, checkpoint_path: str, metadata: dict[str, Any]) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(self.artifact, type="model", metadata=metadata)
+        aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best") else [])
+        with tempfile.TemporaryDirectory() as local:
+            for name in ("model.safetensors", "metadata.json"):
+                target = Path(local) / name
+                target.write_bytes(storage.read_bytes(storage.join(checkpoint_path, name)))
+                artifact.add_file(str(target), name=name)
+            # add_file's default "mutable" policy copies each file into W&B's staging area,
+            # so the temp dir may go once log_artifact returns.
+            self.run.log_artifact(artifact, aliases=aliases)
+        self.logged_versions.append(int(metadata["epoch"]))
+
+    def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
+        import wandb
+
+        best = summary.get("best_metrics") or {}
+        if summary.get("best_checkpoint"):
+            # The artifact's metadata and the summary come from the same file.
+            best = storage.read_json(storage.join(summary["best_checkpoint"], "metadata.json"))
+        if best:
+            self.run.summary.update(best_summary(best, summary.get("test_metrics")))
+        if plot_path:
+            step = summary["epochs_completed"] or None
+            self.run.log({"training_curves": wandb.Image(plot_path)}, step=step)
+        info = {"mode": self.mode, "artifact": self.artifact if self.logged_versions else None,
+                "logged_epochs": self.logged_versions}
+        if self.mode == "offline":
+            info["run"] = str(Path(self.run.dir).parent)
+            info["sync"] = f"wandb sync {info['run']}"
+        else:
+            info["run"] = self.run.path
+            info["url"] = self.run.url
+        self.run.finish()
+        return info
+
+    def abort(self) -> None:
+        self.run.finish(exit_code=1)
+
+
+def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
+             job_type: str = "train") -> NullRun | WandbRun:
+    """Start the W&B run before any training: a bad key or no network fails here, not later."""
+    mode = resolve_mode(cfg.wandb.mode)
+    if mode == "disabled":
+        return NullRun()
+    import wandb
+
+    # wandb writes its offline run under <dir>/wandb; keep it with the run when that is local.
+    local_dir = run_dir if not storage.is_uri(run_dir) else os.path.abspath("wandb-runs")
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        run = wandb.init(
+            project=cfg.wandb.project or cfg.name, entity=cfg.wandb.entity, name=cfg.name,
+            group=group, job_type=job_type, config=cfg.to_dict(), dir=local_dir, mode=mode,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
+                                    init_timeout=30),
+        )
+    except Exception as exc:  # wandb raises several types for auth and network failures
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"wandb.mode: could not start a W&B run in {mode} mode ({detail}); check "
+            "WANDB_API_KEY / `wandb login`, or use --set wandb.mode=offline"
+        ) from None
+    return WandbRun(run, cfg, mode)
+
+
