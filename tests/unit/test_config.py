@@ -1,0 +1,428 @@
+"""The run config: YAML + ``--set`` -> RunConfig, its plain-dict round trip, and bad input.
+
+Bad input goes through the real CLI in a subprocess: exit code 2, one line on stderr naming
+the field or file, no traceback, nothing written and Ray never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.config import UserError, apply_overrides, load_config, parse_override
+from workers.config import RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DIGITS = "workers.workloads.digits:build"
+MINIMAL = {"storage_path": "./runs", "workload": {"entrypoint": DIGITS}}
+
+DESIGN_EXAMPLE = """\
+name: digits-mlp
+storage_path: ./runs
+seed: 0
+workload:
+  entrypoint: workers.workloads.digits:build
+  params: {hidden: 64}
+engine: torch
+scaling: {num_workers: 2, use_gpu: auto, cpus_per_worker: 1}
+train: {epochs: 20, batch_size: 64, lr: 0.001, optimizer: adam, weight_decay: 0.0}
+tracker:
+  monitor: val_loss
+  mode: auto
+  min_delta: 0.0
+  patience: null
+checkpoint:
+  policy: best
+  every_n_epochs: 1
+  resume_every_n_epochs: 0
+failure: {max_failures: 0}
+wandb:
+  mode: auto
+  project: null
+  entity: null
+  log_model: policy
+tune:
+  num_samples: 4
+  max_concurrent_trials: 2
+  scheduler: fifo
+  search_space:
+    train.lr: {loguniform: [0.0001, 0.01]}
+    workload.params.hidden: {choice: [32, 64, 128]}
+"""
+
+
+def write(tmp_path: Path, data: dict[str, Any] | str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- loading valid files ------------------------------------------------------------------
+
+
+def test_minimal_file_gets_every_default(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.workload.entrypoint == DIGITS and cfg.workload.params == {}
+    assert (cfg.name, cfg.seed, cfg.engine) == ("run", 0, "torch")
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker) == (
+        2, "auto", 1.0,
+    )
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.optimizer) == (
+        20, 64, 1e-3, "adam",
+    )
+    assert (cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.resolved_mode) == (
+        "val_loss", "auto", "min",
+    )
+    assert cfg.tracker.min_delta == 0.0 and cfg.tracker.patience is None
+    assert (cfg.checkpoint.policy, cfg.checkpoint.every_n_epochs) == ("best", 1)
+    assert cfg.checkpoint.resume_every_n_epochs == 0
+    assert cfg.wandb.mode == "auto" and cfg.wandb.log_model == "policy"
+
+
+def test_design_example_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, DESIGN_EXAMPLE))
+    assert cfg.name == "digits-mlp"
+    assert cfg.workload.params == {"hidden": 64}
+    assert cfg.tune.search_space["train.lr"] == {"loguniform": [0.0001, 0.01]}
+    assert cfg.tune.search_space["workload.params.hidden"] == {"choice": [32, 64, 128]}
+
+
+@pytest.mark.parametrize("name", ["digits.yaml", "breast_cancer.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    assert cfg.workload.entrypoint.startswith("workers.workloads.")
+
+
+def test_empty_params_and_comments(tmp_path: Path) -> None:
+    text = "# a comment\nworkload:\n  entrypoint: workers.workloads.digits:build  # inline\n"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.workload.params == {}
+
+
+def test_workload_module_next_to_the_command(tmp_path: Path, monkeypatch) -> None:
+    # A user's own module in the working directory, not importing this project.
+    (tmp_path / "my_task_for_config_test.py").write_text(textwrap.dedent("""\
+        def build(width=3, depth=1):
+            raise AssertionError("load_config must not build the workload")
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_task_for_config_test", raising=False)
+    cfg = load_config(write(tmp_path, {"workload": {
+        "entrypoint": "my_task_for_config_test:build", "params": {"width": 5},
+    }}))
+    sys.modules.pop("my_task_for_config_test", None)
+    assert cfg.workload.params == {"width": 5}
+
+
+# --- --set overrides ----------------------------------------------------------------------
+
+BASE = deep_merge(MINIMAL, {
+    "workload": {"params": {"hidden": 64, "dropout": 0.25}},
+    "train": {"epochs": 12, "lr": 0.01},
+})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "attribute", "expected"),
+    [
+        (["train.lr=0.5"], "train.lr", 0.5),
+        (["train.lr=0.5"], "train.epochs", 12),  # siblings in the file are kept
+        (["train.lr=1e-3"], "train.lr", 0.001),  # YAML 1.1 reads 1e-3 as a string: coerced
+        (["train.epochs=3"], "train.epochs", 3),
+        (["train.epochs=3", "train.epochs=4"], "train.epochs", 4),  # the last one wins
+        (["train.optimizer=sgd"], "train.optimizer", "sgd"),
+        (["scaling.use_gpu=false"], "scaling.use_gpu", False),
+        (["scaling.use_gpu=true"], "scaling.use_gpu", True),
+        (["scaling.use_gpu=auto"], "scaling.use_gpu", "auto"),
+        (["scaling.cpus_per_worker=0.5"], "scaling.cpus_per_worker", 0.5),
+        (["tracker.patience=4"], "tracker.patience", 4),
+        (["tracker.patience=null"], "tracker.patience", None),
+        (["tracker.monitor=val_accuracy"], "tracker.resolved_mode", "max"),
+        (["tracker.monitor=val_accuracy", "tracker.mode=min"], "tracker.resolved_mode", "min"),
+        (["checkpoint.policy=every_n", "checkpoint.every_n_epochs=3"],
+         "checkpoint.every_n_epochs", 3),
+        (["wandb.project=my-project"], "wandb.project", "my-project"),
+        (["name=other-run"], "name", "other-run"),
+        (["name=a=b"], "name", "a=b"),  # only the first '=' separates
+        (["seed=7"], "seed", 7),
+        (["workload.params.hidden=32"], "workload.params", {"hidden": 32, "dropout": 0.25}),
+        (["workload.params.dropout=0.5"], "workload.params", {"hidden": 64, "dropout": 0.5}),
+        (["workload.params={hidden: 8}"], "workload.params", {"hidden": 8}),
+        (["workload.params.split_seed=3", "workload.params.hidden=16"], "workload.params",
+         {"hidden": 16, "dropout": 0.25, "split_seed": 3}),
+        (["failure.max_failures=-1"], "failure.max_failures", -1),
+        (["tune.search_space={}"], "tune.search_space", {}),
+    ],
+)
+def test_set_overrides(tmp_path: Path, overrides: list[str], attribute: str, expected: Any) -> None:
+    value: Any = load_config(write(tmp_path, BASE), overrides)
+    for part in attribute.split("."):
+        value = getattr(value, part)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_set_creates_missing_sections(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"workload": {"entrypoint": "x:y"}}),
+                      [f"workload.entrypoint={DIGITS}", "tracker.min_delta=0.01"])
+    assert cfg.workload.entrypoint == DIGITS and cfg.tracker.min_delta == 0.01
+
+
+def test_set_does_not_touch_the_parsed_file(tmp_path: Path) -> None:
+    data = {"train": {"lr": 0.1}}
+    assert apply_overrides(data, ["train.lr=0.2"]) == {"train": {"lr": 0.2}}
+    assert data == {"train": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize(
+    ("item", "path", "value"),
+    [
+        ("train.lr=0.01", ["train", "lr"], 0.01),
+        ("a=1", ["a"], 1),
+        (" a.b =2", ["a", "b"], 2),
+        ("a=true", ["a"], True),
+        ("a=null", ["a"], None),
+        ("a=[1, 2]", ["a"], [1, 2]),
+        ("a={x: 1}", ["a"], {"x": 1}),
+        ("a='7'", ["a"], "7"),
+        ("a=", ["a"], ""),
+        ("a=x: y: z", ["a"], "x: y: z"),  # not YAML: the literal string
+        ("a=b=c", ["a"], "b=c"),
+    ],
+)
+def test_parse_override(item: str, path: list[str], value: Any) -> None:
+    assert parse_override(item) == (path, value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["foo"], "--set 'foo': expected KEY=VALUE"),
+        (["=1"], "expected KEY=VALUE"),
+        (["train.lr.x=1"], "train.lr: Input should be a valid number"),
+        (["train=1", "train.lr=0.1"], "--set 'train.lr=0.1': train is a value, not a section"),
+        (["train.lrr=0.1"], "train.lrr: unknown key"),
+        (["bogus.key=1"], "bogus: unknown key"),
+        (["train.lr=.nan"], "train.lr:"),
+        (["train.weight_decay=.inf"], "train.weight_decay: must be a finite number"),
+        (["tracker.min_delta=.inf"], "tracker.min_delta: must be a finite number"),
+    ],
+)
+def test_bad_overrides_in_process(tmp_path: Path, overrides: list[str], match: str) -> None:
+    with pytest.raises(UserError, match=re.escape(match)):
+        load_config(write(tmp_path, MINIMAL), overrides)
+
+
+# --- the plain-dict round trip that crosses into Ray ----------------------------------------
+
+ROUND_TRIP = {
+    "minimal": (MINIMAL, []),
+    "design_example": (yaml.safe_load(DESIGN_EXAMPLE), []),
+    "overridden": (BASE, [
+        "scaling.use_gpu=false", "tracker.patience=3", "tracker.mode=max",
+        "tracker.monitor=val_mcc", "checkpoint.policy=every_n", "wandb.mode=disabled",
+        "workload.params.hidden=16", "name=custom", "scaling.cpus_per_worker=0.5",
+        "train.weight_decay=0.0001", "failure.max_failures=-1",
+    ]),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUND_TRIP))
+def test_round_trip_through_a_plain_dict(tmp_path: Path, case: str) -> None:
+    data, overrides = ROUND_TRIP[case]
+    cfg = load_config(write(tmp_path, data), overrides)
+    plain = cfg.to_dict()
+    assert RunConfig.model_validate(plain) == cfg
+    # What Ray and metadata.json carry is strict JSON.
+    via_json = json.loads(json.dumps(plain, allow_nan=False))
+    assert via_json == plain
+    assert RunConfig.model_validate(via_json) == cfg
+    # And written back as a config file, it loads to the same config.
+    assert load_config(write(tmp_path, yaml.safe_dump(plain), "again.yaml")) == cfg
+
+
+# --- bad input through the real CLI -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    id: str
+    config: dict[str, Any] | str | None  # dict: dumped as YAML; str: the file's text
+    args: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()  # each must appear in the error line
+    config_arg: str = "cfg.yaml"
+    files: dict[str, str] = field(default_factory=dict)  # extra files next to the config
+
+
+def bad(case_id: str, change: dict[str, Any] | None, names: str | tuple[str, ...], *args: str,
+        **kw: Any) -> Bad:
+    config = deep_merge(MINIMAL, change) if change is not None else MINIMAL
+    return Bad(case_id, config, args, (names,) if isinstance(names, str) else names, **kw)
+
+
+BAD_INPUTS = [
+    Bad("missing_file", None, names=("missing.yaml", "not found"), config_arg="missing.yaml"),
+    Bad("invalid_yaml", "workload: {entrypoint: [unclosed\nname: x\n", names=("cfg.yaml",)),
+    Bad("top_level_list", "- workload\n- train\n", names=("cfg.yaml", "list")),
+    Bad("config_is_a_directory", None, names=("cfgdir",), config_arg="cfgdir"),
+    Bad("empty_file", "", names=("workload", "required")),
+    Bad("missing_workload", {"name": "x", "storage_path": "./runs"},
+        names=("workload", "required")),
+    bad("unknown_top_level_key", {"optimiser": "adam"}, ("optimiser", "unknown key")),
+    bad("unknown_nested_key", {"train": {"lrr": 0.1}}, ("train.lrr", "unknown key")),
+    bad("wrong_type", {"train": {"epochs": "ten"}}, ("train.epochs", "ten")),
+    bad("negative_lr", {"train": {"lr": -1}}, "train.lr"),
+    bad("zero_epochs", {"train": {"epochs": 0}}, "train.epochs"),
+    bad("zero_workers", {"scaling": {"num_workers": 0}}, "scaling.num_workers"),
+    bad("negative_min_delta", {"tracker": {"min_delta": -0.1}}, "tracker.min_delta"),
+    bad("bad_policy", {"checkpoint": {"policy": "sometimes"}}, ("checkpoint.policy", "sometimes")),
+    bad("bad_mode", {"tracker": {"mode": "up"}}, ("tracker.mode", "up")),
+    bad("bad_optimizer", {"train": {"optimizer": "lion"}}, ("train.optimizer", "lion")),
+    bad("bad_use_gpu", {"scaling": {"use_gpu": "maybe"}}, "scaling.use_gpu"),
+    bad("entrypoint_without_colon", {"workload": {"entrypoint": "workers.workloads.digits"}},
+        "workload.entrypoint"),
+    bad("entrypoint_module_missing", {"workload": {"entrypoint": "no_such_module_xyz:build"}},
+        ("workload.entrypoint", "no_such_module_xyz")),
+    bad("entrypoint_module_raises", {"workload": {"entrypoint": "broken_task:build"}},
+        ("workload.entrypoint", "broken_task", "boom"),
+        files={"broken_task.py": "raise RuntimeError('boom')\n\ndef build():\n    pass\n"}),
+    bad("entrypoint_function_missing",
+        {"workload": {"entrypoint": "workers.workloads.digits:no_such_function"}},
+        ("workload.entrypoint", "no_such_function")),
+    bad("params_not_accepted", {"workload": {"params": {"hiddn": 3}}},
+        ("workload.params", "hiddn")),
+    bad("params_not_a_mapping", {"workload": {"params": [1, 2]}}, "workload.params"),
+    bad("monitor_test_loss", {"tracker": {"monitor": "test_loss"}},
+        ("tracker.monitor", "test_loss")),
+    bad("name_with_slash", {"name": "a/b"}, "name"),
+    bad("patience_zero", {"tracker": {"patience": 0}}, "tracker.patience"),
+    bad("set_without_equals", None, "--set 'foo'", "--set", "foo"),
+    bad("set_unknown_key", None, ("train.lrr", "unknown key"), "--set", "train.lrr=0.1"),
+    bad("set_unknown_section", None, ("optimizer", "unknown key"), "--set", "optimizer.lr=1"),
+    bad("set_below_a_value", None, "train.lr", "--set", "train.lr.x=1"),
+    bad("set_nan_lr", None, "train.lr", "--set", "train.lr=.nan"),
+    bad("set_inf_weight_decay", None, "train.weight_decay", "--set", "train.weight_decay=.inf"),
+    bad("set_name_with_slash", None, "name", "--set", "name=../elsewhere"),
+    bad("resume_and_overwrite", None, "--overwrite", "--resume", "--overwrite"),
+    bad("unknown_option", None, "--bogus", "--bogus"),
+]
+
+# If anything imports Ray while rejecting a config, this stand-in is found first: it leaves a
+# marker file and fails the import. (Not a mock: no test here wants Ray to do anything.)
+RAY_GUARD = """\
+import os
+open(os.environ["RAY_GUARD_MARKER_DIR"] + "/" + os.environ["RAY_GUARD_CASE"], "w").close()
+raise ImportError("Ray was imported while rejecting a bad config")
+"""
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    created: set[str]  # entries of the case's directory that the CLI added
+    ray_imported: bool
+
+
+def cli_env(guard: Path, markers: Path, case_id: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(guard), str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    env.update(PYTHONDONTWRITEBYTECODE="1", RAY_GUARD_MARKER_DIR=str(markers),
+               RAY_GUARD_CASE=case_id)
+    return env
+
+
+def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResult:
+    cwd = root / case.id
+    cwd.mkdir()
+    if isinstance(case.config, dict):
+        (cwd / case.config_arg).write_text(yaml.safe_dump(case.config))
+    elif isinstance(case.config, str):
+        (cwd / case.config_arg).write_text(case.config)
+    if case.config_arg == "cfgdir":
+        (cwd / "cfgdir").mkdir()
+    for name, text in case.files.items():
+        (cwd / name).write_text(text)
+    before = set(os.listdir(cwd))
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", case.config_arg, *case.args],
+        cwd=cwd, env=cli_env(guard, markers, case.id), capture_output=True, text=True,
+        timeout=120,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr,
+                     set(os.listdir(cwd)) - before, (markers / case.id).exists())
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
+    """Every bad input at once, two subprocesses at a time (each is mostly importing torch)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    guard, markers = root / "_guard", root / "_markers"
+    (guard / "ray").mkdir(parents=True)
+    (guard / "ray" / "__init__.py").write_text(RAY_GUARD)
+    markers.mkdir()
+    # The guard itself must work, or "Ray was never imported" would prove nothing.
+    check = subprocess.run([sys.executable, "-c", "import ray"], cwd=root, capture_output=True,
+                           env=cli_env(guard, markers, "_self_check"), timeout=60)
+    assert check.returncode != 0 and (markers / "_self_check").exists()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c.id: pool.submit(run_bad_input, c, root, guard, markers) for c in BAD_INPUTS}
+        return {case_id: future.result() for case_id, future in futures.items()}
+
+
+def test_bad_inputs_are_distinct_and_many() -> None:
+    ids = [c.id for c in BAD_INPUTS]
+    assert len(set(ids)) == len(ids) >= 18
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in BAD_INPUTS if isinstance(c.config, dict) and not (c.args or c.files)],
+    ids=lambda c: c.id,
+)
+def test_bad_files_in_process(tmp_path: Path, case: Bad) -> None:
+    # The same files without a subprocess (MINIMAL itself loads: see the first test above).
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path, case.config))  # type: ignore[arg-type]
+    for name in case.names:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.id)
+def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], case: Bad) -> None:
+    result = cli_results[case.id]
+    output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr, output
+    assert result.returncode == 2, output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error: "), output
+    for name in case.names:
+        assert name in lines[0], f"{name!r} not in {lines[0]!r}"
+    assert result.stdout == "", output
+    assert not result.ray_imported, "Ray was imported"
+    assert result.created == set(), f"the CLI wrote {sorted(result.created)}"
