@@ -14,7 +14,8 @@ from orchestrator.cluster import check_resources, init_ray
 from orchestrator.config import UserError
 from orchestrator.recorder import HISTORY_FILE, RunRecorder
 from workers.config import RunConfig
-from workers.loop import RANK_KEY, train_loop
+from workers.engines import train_loop_for
+from workers.loop import RANK_KEY
 from workers.policy import ray_keep_settings
 
 SUMMARY_FILE = "summary.json"
@@ -58,7 +59,7 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = Non
     if use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop,
+        train_loop_for(cfg.engine),
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
