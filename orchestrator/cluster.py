@@ -24,6 +24,19 @@ def ray_env_vars() -> dict[str, str]:
     return env
 
 
+def attaches_to_cluster() -> bool:
+    import ray
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def local_resources() -> dict[str, Any]:
+    """What a local Ray started here will have: checked before starting it."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
 def init_ray() -> bool:
     """Attach to a running cluster (RAY_ADDRESS, or under ``ray job submit``), else start one.
 
@@ -36,6 +49,11 @@ def init_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return False
+    # Ray 2.60 turns token authentication on for the local cluster it starts and says so
+    # on stderr at WARNING; that is the right default, not something to alarm users with.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     ray.init(
         runtime_env={"env_vars": ray_env_vars()},
         include_dashboard=False,

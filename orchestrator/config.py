@@ -7,6 +7,7 @@ and what would be valid; the CLI prints it and exits 2 before anything is starte
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,28 @@ from workers.config import RunConfig
 from workers.workload import WorkloadError, check_params
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a string, users mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
@@ -26,8 +49,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
+    if any(not part for part in key.strip().split(".")):
+        raise UserError(f"--set {item!r}: {key!r} has an empty part; use dotted names "
+                        "like train.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = yaml_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw  # not YAML: keep it as the literal string
     return key.strip().split("."), value
@@ -48,9 +74,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# pydantic appends the union member it tried ("bool", "literal['auto']") to an error's path.
+_UNION_MEMBER = re.compile(r"^(bool|int|float|str|none|literal\[.*\]|function-.*)$")
+
+
 def format_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
+    loc = [str(p) for p in first["loc"]]
+    while loc and _UNION_MEMBER.match(loc[-1]):
+        loc.pop()
+    where = ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see the README's config reference)"
@@ -72,7 +105,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read config file ({type(exc).__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

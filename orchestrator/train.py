@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.cluster import check_resources, init_ray
+from orchestrator.cluster import attaches_to_cluster, check_resources, init_ray, local_resources
 from orchestrator.config import UserError
 from orchestrator.recorder import HISTORY_FILE, RunRecorder
 from workers.config import RunConfig
@@ -201,6 +201,8 @@ def run_training(
 
     run_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if not attaches_to_cluster():
+        check_resources(cfg, local_resources())  # fail before starting Ray at all
     init_ray()
     use_gpu = check_resources(cfg, ray.cluster_resources())
     if mode == "overwrite":

@@ -8,9 +8,12 @@ schema, so both sides agree on every default.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+
+# Counts are strict integers: YAML's `true` or `2.5` is a mistake, not 1 or 2.
+Int = Annotated[int, Strict()]
 
 
 class _Section(BaseModel):
@@ -31,14 +34,14 @@ class WorkloadConfig(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=1, description="data-parallel workers (one per GPU or slot)")
+    num_workers: Int = Field(2, ge=1, description="data-parallel workers (one per GPU or slot)")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the cluster has any")
     cpus_per_worker: float = Field(1.0, gt=0)
 
 
 class TrainSection(_Section):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1, description="per worker")
+    epochs: Int = Field(20, ge=1)
+    batch_size: Int = Field(64, ge=1, description="per worker")
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
@@ -48,7 +51,7 @@ class TrackerSection(_Section):
     monitor: str = Field("val_loss", description="a reported metric: train_* or val_*")
     mode: Literal["auto", "min", "max"] = "auto"
     min_delta: float = Field(0.0, ge=0)
-    patience: int | None = Field(None, ge=1, description="stop after N epochs without improvement")
+    patience: Int | None = Field(None, ge=1, description="stop after N epochs without improvement")
 
     @field_validator("monitor")
     @classmethod
@@ -76,12 +79,12 @@ def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
 
 class CheckpointSection(_Section):
     policy: Literal["best", "every_n", "all", "last", "none"] = "best"
-    every_n_epochs: int = Field(1, ge=1, description="for policy every_n")
-    resume_every_n_epochs: int = Field(0, ge=0, description="extra full-state checkpoints; 0: off")
+    every_n_epochs: Int = Field(1, ge=1, description="for policy every_n")
+    resume_every_n_epochs: Int = Field(0, ge=0, description="extra full-state checkpoints; 0: off")
 
 
 class FailureSection(_Section):
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
+    max_failures: Int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
 
 
 class WandbSection(_Section):
@@ -92,16 +95,16 @@ class WandbSection(_Section):
 
 
 class TuneSection(_Section):
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
+    num_samples: Int = Field(4, ge=1)
+    max_concurrent_trials: Int = Field(2, ge=1)
     scheduler: Literal["fifo", "asha"] = "fifo"
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class RunConfig(_Section):
     name: str = Field("run", min_length=1)
-    storage_path: str = "./runs"
-    seed: int = Field(0, ge=0)
+    storage_path: str = Field("./runs", min_length=1)
+    seed: Int = Field(0, ge=0)
     workload: WorkloadConfig
     engine: Literal["torch", "fastai"] = "torch"
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -112,6 +115,11 @@ class RunConfig(_Section):
     wandb: WandbSection = Field(default_factory=WandbSection)
     tune: TuneSection = Field(default_factory=TuneSection)
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_as_name(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("name")
     @classmethod
     def _safe_dir_name(cls, value: str) -> str:
@@ -121,7 +129,8 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _finite_numbers(self) -> RunConfig:
-        for section, key in (("train", "lr"), ("train", "weight_decay"), ("tracker", "min_delta")):
+        for section, key in (("train", "lr"), ("train", "weight_decay"), ("tracker", "min_delta"),
+                             ("scaling", "cpus_per_worker")):
             value = getattr(getattr(self, section), key)
             if not math.isfinite(value):
                 raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")

@@ -35,10 +35,11 @@ def import_entrypoint(entrypoint: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure in user code is a bad entrypoint
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise WorkloadError(
             f"workload.entrypoint: cannot import module {module_name!r} "
-            f"({type(exc).__name__}: {exc}); it must be importable from the working directory "
-            "or PYTHONPATH"
+            f"({type(exc).__name__}: {first_line}); it must be importable from the working "
+            "directory or PYTHONPATH"
         ) from exc
     func = getattr(module, func_name, None)
     if not callable(func):

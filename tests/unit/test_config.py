@@ -174,6 +174,9 @@ BASE = deep_merge(MINIMAL, {
          {"hidden": 16, "dropout": 0.25, "split_seed": 3}),
         (["failure.max_failures=-1"], "failure.max_failures", -1),
         (["tune.search_space={}"], "tune.search_space", {}),
+        # YAML 1.2 floats everywhere, also where no schema coerces them (free-form params).
+        (["workload.params.dropout=1e-3"], "workload.params", {"hidden": 64, "dropout": 0.001}),
+        (["name=2024"], "name", "2024"),
     ],
 )
 def test_set_overrides(tmp_path: Path, overrides: list[str], attribute: str, expected: Any) -> None:
@@ -326,6 +329,14 @@ BAD_INPUTS = [
     bad("set_inf_weight_decay", None, "train.weight_decay", "--set", "train.weight_decay=.inf"),
     bad("set_name_with_slash", None, "name", "--set", "name=../elsewhere"),
     bad("resume_and_overwrite", None, "--overwrite", "--resume", "--overwrite"),
+    bad("set_empty_key_part", None, ("--set '.lr=1'", "empty part"), "--set", ".lr=1"),
+    bad("empty_storage_path", {"storage_path": ""}, "storage_path"),
+    bad("epochs_bool", {"train": {"epochs": True}}, "train.epochs"),
+    bad("infinite_cpus_per_worker", {"scaling": {"cpus_per_worker": float("inf")}},
+        "scaling.cpus_per_worker"),
+    bad("import_error_over_two_lines", {"workload": {"entrypoint": "two_lines:build"}},
+        ("workload.entrypoint", "line one"),
+        files={"two_lines.py": "raise RuntimeError('line one\\nline two')\n"}),
     bad("unknown_option", None, "--bogus", "--bogus"),
 ]
 
