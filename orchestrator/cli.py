@@ -1,4 +1,4 @@
-"""The command line: ``orchestrator train | best`` (also ``python -m orchestrator``).
+"""The command line: ``orchestrator train | tune | best`` (also ``python -m orchestrator``).
 
 Exit codes: 0 success, 1 training failed, 2 bad input (one line on stderr, nothing started).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from orchestrator.config import UserError
@@ -31,9 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="delete an existing run of this name and start afresh")
 
-    best = sub.add_parser("best", help="print a run's best model and its metrics")
-    best.add_argument("path", help="a run directory (local path or URI)")
-    best.add_argument("--json", action="store_true", help="print summary.json as JSON")
+    tune = sub.add_parser("tune", help="run a Ray Tune search over tune.search_space")
+    tune.add_argument("config", help="YAML config file")
+    tune.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
+    again = tune.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an interrupted search: finished trials are not rerun")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete an existing search of this name and start afresh")
+
+    best = sub.add_parser("best", help="print a run's best model, or a search's leaderboard")
+    best.add_argument("path", help="a run or search directory (local path or URI)")
+    best.add_argument("--json", action="store_true",
+                      help="print summary.json (a run) or leaderboard.json (a search)")
     return parser
 
 
@@ -49,26 +61,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from orchestrator.report import print_leaderboard
+    from orchestrator.tune import LEADERBOARD_FILE, run_search
+
+    board = run_search(cfg, resume=args.resume, overwrite=args.overwrite)
+    from orchestrator import storage
+
+    print_leaderboard(storage.read_json(
+        storage.join(storage.resolve(cfg.storage_path), cfg.name, LEADERBOARD_FILE)))
+    return 0 if all(row["status"] != "error" for row in board) else 1
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from orchestrator import storage
-    from orchestrator.report import print_summary
-    from orchestrator.train import SUMMARY_FILE
+    from orchestrator.report import print_leaderboard, print_summary
+    from orchestrator.summary import SUMMARY_FILE
+    from orchestrator.tune import LEADERBOARD_FILE
 
-    path = storage.join(storage.resolve(args.path), SUMMARY_FILE)
-    if not storage.exists(path):
-        raise UserError(f"{args.path}: no {SUMMARY_FILE} here; pass a finished run's directory")
-    summary = storage.read_json(path)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_summary(summary)
-    return 0
+    root = storage.resolve(args.path)
+    for name, show in ((LEADERBOARD_FILE, print_leaderboard), (SUMMARY_FILE, print_summary)):
+        path = storage.join(root, name)
+        if storage.exists(path):
+            record = storage.read_json(path)
+            if args.json:
+                print(json.dumps(record, indent=2))
+            else:
+                show(record)
+            return 0
+    raise UserError(f"{args.path}: no {SUMMARY_FILE} or {LEADERBOARD_FILE} here; pass a "
+                    "finished run's or search's directory")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray folds look-alike log lines from different processes into "[repeated Nx]": that
+    # would hide epochs of concurrent trials. Read by Ray when it starts, so set it first.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "best": cmd_best}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

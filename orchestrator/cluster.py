@@ -56,7 +56,10 @@ def init_ray() -> bool:
     )
     ray.init(
         runtime_env={"env_vars": ray_env_vars()},
-        include_dashboard=False,
+        # Not for show: Ray Train's PlacementGroupCleaner asks the dashboard's state API whether
+        # a controller died, to free its workers' CPUs (a Tune trial stopped by its scheduler).
+        # It listens on 127.0.0.1 only.
+        include_dashboard=True,
         logging_level=logging.WARNING,
     )
     return True

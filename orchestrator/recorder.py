@@ -16,6 +16,18 @@ from ray.train import UserCallback
 from orchestrator import storage
 
 HISTORY_FILE = "history.json"
+# Models waiting to be logged to W&B: Ray may delete a checkpoint (num_to_keep) before the
+# driver gets to it, so the callback sets a copy aside (a hard link where storage is local).
+STAGING_DIR = "wandb_staging"
+STAGED_FILES = ("model.safetensors", "metadata.json")
+
+
+def stage_checkpoint(run_dir: str, checkpoint_name: str) -> str:
+    source = storage.join(run_dir, checkpoint_name)
+    target = storage.join(run_dir, STAGING_DIR, checkpoint_name)
+    for name in STAGED_FILES:
+        storage.link_or_copy(storage.join(source, name), storage.join(target, name))
+    return target
 INTERNAL_KEYS = ("checkpoint_rank",)
 
 
@@ -42,8 +54,11 @@ class RunRecorder(UserCallback):
     """``events``: an optional ``ray.util.queue.Queue`` through which the driver receives each
     (record, persisted checkpoint path) as it happens, to log it to W&B from its own process."""
 
-    def __init__(self, run_dir: str, total_epochs: int, monitor: str, events: Any = None) -> None:
+    def __init__(self, run_dir: str, total_epochs: int, monitor: str, events: Any = None,
+                 label: str | None = None, log_model: str | None = None) -> None:
         self.run_dir = run_dir
+        self.label = label
+        self.log_model = log_model  # the wandb.log_model choice; None: W&B is off
         self.total_epochs = total_epochs
         self.monitor = monitor
         self.events = events
@@ -59,11 +74,23 @@ class RunRecorder(UserCallback):
             self._history = storage.read_json(path)["history"] if storage.exists(path) else []
         return self._history
 
+    def _stage(self, checkpoint_name: str) -> str | None:
+        from orchestrator.wandb_run import should_log_model
+
+        if self.log_model is None:
+            return None
+        path = storage.join(self.run_dir, checkpoint_name, "metadata.json")
+        metadata = storage.read_json(path)
+        if not should_log_model(self.log_model, metadata["saved_because"], metadata["is_best"]):
+            return None
+        return stage_checkpoint(self.run_dir, checkpoint_name)
+
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
         self._history = merge_history(self._load(), record)
         storage.write_json(self.history_path, {"history": self._history})
+        staged = self._stage(record["checkpoint"]) if checkpoint else None
         if self.events is not None:
-            path = storage.join(self.run_dir, record["checkpoint"]) if checkpoint else None
-            self.events.put((record, path))
-        print(progress_line(record, self.total_epochs, self.monitor), flush=True)
+            self.events.put((record, staged))
+        line = progress_line(record, self.total_epochs, self.monitor)
+        print(f"[{self.label}] {line}" if self.label else line, flush=True)

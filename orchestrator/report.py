@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -38,8 +39,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def make_console() -> Console:
+    # Logs and CI are not terminals: rich would squeeze tables into 80 columns there.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     if summary.get("best_epoch") is None:
         console.print(f"{summary['name']}: no epoch improved {summary['monitor']} (all NaN/inf?)")
     else:
@@ -48,3 +54,30 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     console.print(f"best model: {where}" if where else
                   f"best model: not saved (checkpoint policy {summary['policy']!r})")
     console.print(f"summary:    {summary['run_dir']}/summary.json")
+
+
+def leaderboard_table(board: dict[str, Any]) -> Table:
+    monitor = board["monitor"]
+    rows = board["trials"]
+    keys = sorted({k for r in rows for k in r["hyperparameters"]})
+    others = sorted({k for r in rows for k in (r["best_metrics"] or {})
+                     if k.startswith("val_") and k != monitor})[:3]
+    table = Table(title=f"{board['name']}: trials by best {monitor} ({board['mode']})",
+                  title_justify="left")
+    for column in ["#", "trial", *keys, "best epoch", f"best {monitor}", *others, "status"]:
+        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+    for r in rows:
+        best = r["best_metrics"] or {}
+        table.add_row(str(r["rank"]), r["trial_id"],
+                      *(_fmt(r["hyperparameters"].get(k, "")) for k in keys),
+                      _fmt(r["best_epoch"]), _fmt(best.get(monitor, "")),
+                      *(_fmt(best.get(k, "")) for k in others), r["status"])
+    return table
+
+
+def print_leaderboard(board: dict[str, Any], console: Console | None = None) -> None:
+    console = console or make_console()
+    console.print(leaderboard_table(board))
+    console.print(f"best model: {board['best_model']}" if board.get("best_model")
+                  else "best model: none (no trial saved one)")
+    console.print(f"leaderboard: {board['experiment_dir']}/leaderboard.json")

@@ -51,6 +51,15 @@ def is_nonempty_dir(path: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
 
 
+def list_dirs(path: str) -> list[str]:
+    """Names of the sub-directories of ``path`` (empty when it does not exist)."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def delete_dir(path: str) -> None:
     fs, p = _fs(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:
@@ -66,6 +75,18 @@ def write_bytes(path: str, data: bytes) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as out:
         out.write(data)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """A hard link on a local disk (no bytes written), a copy elsewhere."""
+    if not is_uri(source) and not is_uri(target):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy
+    write_bytes(target, read_bytes(source))
 
 
 def read_bytes(path: str) -> bytes:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import posixpath
 import re
 import sys
-import tempfile
 import threading
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.cluster import attaches_to_cluster, check_resources, init_ray, local_resources
 from orchestrator.config import UserError
-from orchestrator.recorder import HISTORY_FILE, RunRecorder
+from orchestrator.recorder import RunRecorder
+from orchestrator.summary import finalize_run
 from workers.config import RunConfig
 from workers.engines import train_loop_for
 from workers.loop import RANK_KEY
 from workers.policy import ray_keep_settings
-
-SUMMARY_FILE = "summary.json"
-PLOT_FILE = "training_curves.png"
 
 
 class TrainingError(Exception):
@@ -50,7 +46,12 @@ def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
     return "fresh"
 
 
-def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = None) -> Any:
+def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = None,
+                  callbacks: tuple[Any, ...] | list[Any] = (), label: str | None = None,
+                  log_model: str | None = None) -> Any:
+    """``events``: the queue to the driver's W&B logging; ``callbacks``: extra Ray Train
+    callbacks (Tune's report callback); ``label``: prefix of the progress lines;
+    ``log_model``: the wandb.log_model choice when W&B is on (models are staged for it)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -71,68 +72,15 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = Non
             checkpoint_config=CheckpointConfig(
                 **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY)
             ),
-            callbacks=[RunRecorder(run_dir, cfg.train.epochs, cfg.tracker.monitor, events)],
+            callbacks=[
+                RunRecorder(run_dir, cfg.train.epochs, cfg.tracker.monitor, events, label,
+                            log_model),
+                *callbacks,
+            ],
             # Ray's per-report INFO lines would drown the one progress line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-
-
-def kept_checkpoints(result: Any, run_dir: str) -> list[dict[str, Any]]:
-    """The checkpoints Ray kept, oldest first: epoch, path and whether it holds the best."""
-    kept = []
-    for checkpoint, metrics in result.best_checkpoints or []:
-        kept.append({
-            "epoch": int(metrics["epoch"]),
-            "path": storage.join(run_dir, posixpath.basename(checkpoint.path)),
-            "is_best": bool(metrics.get("is_best", False)),
-            "checkpoint": checkpoint,
-        })
-    return sorted(kept, key=lambda c: c["epoch"])
-
-
-def evaluate_test_split(cfg: RunConfig, checkpoint: Any, use_gpu: bool) -> dict[str, float] | None:
-    """The test split, once, with the best weights, in one Ray task next to the data."""
-    import ray
-
-    from workers.restore import evaluate_checkpoint
-
-    task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    return ray.get(task.remote(cfg.to_dict(), checkpoint, "test"))
-
-
-def summarize(
-    cfg: RunConfig, run_dir: str, result: Any, use_gpu: bool, mode: str
-) -> dict[str, Any]:
-    from workers.tracker import BestTracker
-
-    history = storage.read_json(storage.join(run_dir, HISTORY_FILE))["history"]
-    best = next((r for r in reversed(history) if r.get("is_best")), None)
-    kept = kept_checkpoints(result, run_dir)
-    best_ckpt = next((c for c in kept if best and c["epoch"] == best["epoch"]), None)
-    test_metrics = None
-    if best_ckpt is not None:
-        test_metrics = evaluate_test_split(cfg, best_ckpt["checkpoint"], use_gpu)
-    tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode)
-    metric_keys = lambda r: {k: v for k, v in r.items() if k != "checkpoint"}  # noqa: E731
-    return {
-        "name": cfg.name,
-        "run_dir": run_dir,
-        "start": mode,
-        "monitor": tracker.monitor,
-        "mode": tracker.mode,
-        "policy": cfg.checkpoint.policy,
-        "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
-        "best_epoch": best["epoch"] if best else None,
-        "best_metrics": metric_keys(best) if best else None,
-        "test_metrics": test_metrics,
-        "epochs_completed": history[-1]["epoch"] if history else 0,
-        "epochs_planned": cfg.train.epochs,
-        "stopped_early": bool(history) and history[-1]["epoch"] < cfg.train.epochs,
-        "checkpoints": [{k: v for k, v in c.items() if k != "checkpoint"} for c in kept],
-        "history": history,
-        "config": cfg.to_dict(),
-    }
 
 
 class EventPump:
@@ -175,22 +123,6 @@ class EventPump:
                 print(f"warning: W&B logging failed: {self.errors[-1]}", file=sys.stderr)
 
 
-def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
-    from orchestrator.plots import training_curves_png
-
-    if not summary["history"]:
-        return None
-    png = training_curves_png(summary["history"], summary["monitor"], summary["best_epoch"])
-    path = storage.join(run_dir, PLOT_FILE)
-    storage.write_bytes(path, png)
-    if storage.is_uri(path):  # W&B needs a local file
-        local = tempfile.NamedTemporaryFile(suffix=".png", delete=False)
-        local.write(png)
-        local.close()
-        return local.name
-    return path
-
-
 def run_training(
     cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say: Any = print
 ) -> dict[str, Any]:
@@ -223,13 +155,14 @@ def run_training(
         f"monitor {cfg.tracker.monitor}, W&B {getattr(wb, 'mode', 'disabled')}")
 
     pump = EventPump(wb) if not isinstance(wb, NullRun) else None
-    trainer = build_trainer(cfg, run_dir, use_gpu, pump.queue if pump else None)
+    trainer = build_trainer(cfg, run_dir, use_gpu, pump.queue if pump else None,
+                            log_model=cfg.wandb.log_model if pump else None)
     try:
         if pump:
             with pump:
-                result = trainer.fit()
+                trainer.fit()
         else:
-            result = trainer.fit()
+            trainer.fit()
     except TrainingFailedError as exc:
         wb.abort()
         message = _user_error_in(exc)
@@ -242,11 +175,5 @@ def run_training(
         wb.abort()
         raise
 
-    summary = summarize(cfg, run_dir, result, use_gpu, mode)
-    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
-    if pump and pump.errors:
-        summary["wandb"]["errors"] = pump.errors
-    if summary["wandb"].get("sync"):
-        say(f"W&B offline run: {summary['wandb']['run']}  (upload: {summary['wandb']['sync']})")
-    storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
-    return summary
+    return finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode, say=say,
+                        wandb_errors=pump.errors if pump else [])

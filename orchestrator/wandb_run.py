@@ -11,6 +11,7 @@ metadata, so the two can never disagree), ``test_*`` and the training-curve plot
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import re
@@ -75,30 +76,33 @@ class NullRun:
 
 
 class WandbRun:
-    def __init__(self, run: Any, cfg: RunConfig, mode: str) -> None:
+    def __init__(self, run: Any, cfg: RunConfig, mode: str, label: str) -> None:
         self.run = run
         self.cfg = cfg
         self.mode = mode
-        self.artifact = artifact_name(cfg.name)
+        self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []
 
-    def handle(self, record: dict[str, Any], checkpoint_path: str | None) -> None:
+    def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
+        """One epoch; ``staged_model``: a model the recorder set aside for W&B (deleted here)."""
         epoch = int(record["epoch"])
         values = {k: v for k, v in record.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         values["is_best"] = int(bool(record.get("is_best")))
         self.run.log(values, step=epoch)
-        if checkpoint_path:
-            metadata = storage.read_json(storage.join(checkpoint_path, "metadata.json"))
-            if should_log_model(self.cfg.wandb.log_model, metadata.get("saved_because", ""),
-                                bool(metadata.get("is_best"))):
-                self.log_model(checkpoint_path, metadata)
+        if staged_model:
+            self.log_model(staged_model, storage.read_json(storage.join(staged_model,
+                                                                        "metadata.json")))
+            storage.delete_dir(staged_model)
 
-    def log_model(self, checkpoint_path: str, metadata: dict[str, Any]) -> None:
+    def log_model(self, checkpoint_path: str, metadata: dict[str, Any], *,
+                  name: str | None = None, aliases: list[str] | None = None) -> None:
         import wandb
 
-        artifact = wandb.Artifact(self.artifact, type="model", metadata=metadata)
-        aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best") else [])
+        artifact = wandb.Artifact(name or self.artifact, type="model", metadata=metadata)
+        if aliases is None:
+            aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best")
+                                                         else [])
         with tempfile.TemporaryDirectory() as local:
             for name in ("model.safetensors", "metadata.json"):
                 target = Path(local) / name
@@ -121,8 +125,25 @@ class WandbRun:
         if plot_path:
             step = summary["epochs_completed"] or None
             self.run.log({"training_curves": wandb.Image(plot_path)}, step=step)
-        info = {"mode": self.mode, "artifact": self.artifact if self.logged_versions else None,
-                "logged_epochs": self.logged_versions}
+        return self._close({"artifact": self.artifact if self.logged_versions else None,
+                            "logged_epochs": self.logged_versions})
+
+    def finish_search(self, board: list[dict[str, Any]]) -> dict[str, Any]:
+        """The experiment's run: the leaderboard as a table, the winner in the summary."""
+        import wandb
+
+        columns = ["rank", "trial_id", "status", "best_epoch", "hyperparameters", "best"]
+        monitor = self.cfg.tracker.monitor
+        table = wandb.Table(columns=columns, data=[
+            [r["rank"], r["trial_id"], r["status"], r["best_epoch"],
+             json.dumps(r["hyperparameters"]), r[f"best_{monitor}"]] for r in board])
+        self.run.log({"leaderboard": table})
+        self.run.summary.update({"best_trial": board[0]["trial_id"],
+                                 f"best_{monitor}": board[0][f"best_{monitor}"]})
+        return self._close({"artifact": f"{self.cfg.name}-best-model"})
+
+    def _close(self, info: dict[str, Any]) -> dict[str, Any]:
+        info = {"mode": self.mode, **info}
         if self.mode == "offline":
             info["run"] = str(Path(self.run.dir).parent)
             info["sync"] = f"wandb sync {info['run']}"
@@ -137,7 +158,7 @@ class WandbRun:
 
 
 def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
-             job_type: str = "train") -> NullRun | WandbRun:
+             job_type: str = "train", label: str | None = None) -> NullRun | WandbRun:
     """Start the W&B run before any training: a bad key or no network fails here, not later."""
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
@@ -149,7 +170,8 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
     Path(local_dir).mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(
-            project=cfg.wandb.project or cfg.name, entity=cfg.wandb.entity, name=cfg.name,
+            project=cfg.wandb.project or cfg.name, entity=cfg.wandb.entity,
+            name=label or cfg.name, reinit="create_new",
             group=group, job_type=job_type, config=cfg.to_dict(), dir=local_dir, mode=mode,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
                                     init_timeout=30),
@@ -160,6 +182,6 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
             f"wandb.mode: could not start a W&B run in {mode} mode ({detail}); check "
             "WANDB_API_KEY / `wandb login`, or use --set wandb.mode=offline"
         ) from None
-    return WandbRun(run, cfg, mode)
+    return WandbRun(run, cfg, mode, label or cfg.name)
 
 

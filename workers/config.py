@@ -45,6 +45,12 @@ class TrainSection(_Section):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["auto", "one_cycle", "constant"] = Field(
+        "auto",
+        description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "
+        "peak) or constant (fit, lr throughout); auto: one_cycle for engine fastai, constant "
+        "for torch, whose loop has no other",
+    )
 
 
 class TrackerSection(_Section):
@@ -95,10 +101,13 @@ class WandbSection(_Section):
 
 
 class TuneSection(_Section):
-    num_samples: Int = Field(4, ge=1)
+    num_samples: Int = Field(4, ge=1, description="draws of the non-grid keys, per grid point")
     max_concurrent_trials: Int = Field(2, ge=1)
     scheduler: Literal["fifo", "asha"] = "fifo"
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grace_period: Int = Field(1, ge=1, description="asha: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor")
+    seed: Int | None = Field(None, ge=0, description="search seed; default: the run's seed")
+    search_space: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunConfig(_Section):
@@ -134,7 +143,17 @@ class RunConfig(_Section):
             value = getattr(getattr(self, section), key)
             if not math.isfinite(value):
                 raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")
+        if self.train.schedule == "one_cycle" and self.engine != "fastai":
+            raise ValueError("train.schedule: one_cycle needs engine: fastai (the torch engine "
+                             "trains at a constant lr); use constant or auto")
         return self
+
+    @property
+    def schedule(self) -> Literal["one_cycle", "constant"]:
+        """``train.schedule`` with ``auto`` resolved for this run's engine."""
+        if self.train.schedule == "auto":
+            return "one_cycle" if self.engine == "fastai" else "constant"
+        return self.train.schedule
 
     def to_dict(self) -> dict[str, Any]:
         """The plain, JSON-safe form that crosses into Ray (and into metadata.json)."""

@@ -1,4 +1,8 @@
-"""One real local Ray for the whole integration session (Ray's start-up dominates small runs)."""
+"""One real local Ray per test module (Ray's start-up dominates small runs).
+
+Not one per session: the CLI tests start their own Ray in a subprocess, and two local Rays on
+one machine confuse Ray's address discovery (its placement-group cleaner among others).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from workers.config import RunConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 

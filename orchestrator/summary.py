@@ -1,0 +1,113 @@
+"""A finished (or stopped) run's record, built from what is in storage.
+
+Everything here reads the run directory (``history.json`` and the checkpoint directories),
+never a Ray ``Result``: a Tune trial stopped early by its scheduler, whose process is gone,
+is summarised exactly like a run that ended normally.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.recorder import HISTORY_FILE, STAGING_DIR
+from workers.checkpointing import METADATA_FILE, MODEL_FILE
+from workers.config import RunConfig, resolve_mode
+
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training_curves.png"
+
+
+def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """Complete checkpoints in storage, oldest first: epoch, path and is_best."""
+    kept = []
+    for name in storage.list_dirs(run_dir):
+        path = storage.join(run_dir, name)
+        if not name.startswith("checkpoint_") or not (
+            storage.exists(storage.join(path, METADATA_FILE))
+            and storage.exists(storage.join(path, MODEL_FILE))
+        ):
+            continue  # not a checkpoint, or an upload that never finished
+        metadata = storage.read_json(storage.join(path, METADATA_FILE))
+        kept.append({"epoch": int(metadata["epoch"]), "path": path,
+                     "is_best": bool(metadata["is_best"])})
+    return sorted(kept, key=lambda c: c["epoch"])
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, HISTORY_FILE)
+    return storage.read_json(path)["history"] if storage.exists(path) else []
+
+
+def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
+                        use_gpu: bool) -> dict[str, float] | None:
+    """The test split, once, with the best weights, in one Ray task next to the data."""
+    import ray
+    from ray.train import Checkpoint
+
+    from workers.restore import evaluate_checkpoint
+
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+
+
+def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dict[str, Any]:
+    history = read_history(run_dir)
+    best = next((r for r in reversed(history) if r.get("is_best")), None)
+    kept = kept_checkpoints(run_dir)
+    best_ckpt = next((c for c in kept if best and c["epoch"] == best["epoch"]), None)
+    test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu) if best_ckpt else None
+    return {
+        "name": cfg.name,
+        "run_dir": run_dir,
+        "start": start,
+        "monitor": cfg.tracker.monitor,
+        "mode": resolve_mode(cfg.tracker.monitor, cfg.tracker.mode),
+        "policy": cfg.checkpoint.policy,
+        "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
+        "best_epoch": best["epoch"] if best else None,
+        "best_metrics": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
+        "test_metrics": test_metrics,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "epochs_planned": cfg.train.epochs,
+        "stopped_early": bool(history) and history[-1]["epoch"] < cfg.train.epochs,
+        "checkpoints": kept,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+
+
+def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
+    """The training curves as a PNG in the run directory; returns a local path for W&B."""
+    from orchestrator.plots import training_curves_png
+
+    if not summary["history"]:
+        return None
+    png = training_curves_png(summary["history"], summary["monitor"], summary["best_epoch"])
+    path = storage.join(run_dir, PLOT_FILE)
+    storage.write_bytes(path, png)
+    if storage.is_uri(path):  # W&B needs a local file
+        with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as local:
+            local.write(png)
+        return local.name
+    return path
+
+
+def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start: str,
+                 say: Any = print, wandb_errors: list[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json, the plot and the W&B run's last words, in that order of dependence."""
+    summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start)
+    summary.update(extra or {})
+    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
+    storage.delete_dir(storage.join(run_dir, STAGING_DIR))  # models W&B never got (aborted)
+    if wandb_errors:
+        summary["wandb"]["errors"] = wandb_errors
+        print(f"warning: {len(wandb_errors)} W&B logging call(s) failed; see summary.json",
+              file=sys.stderr)
+    if summary["wandb"].get("sync"):
+        say(f"W&B offline run: {summary['wandb']['run']}  (upload: {summary['wandb']['sync']})")
+    storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
+    return summary
