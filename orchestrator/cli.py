@@ -73,7 +73,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     print_leaderboard(storage.read_json(
         storage.join(storage.resolve(cfg.storage_path), cfg.name, LEADERBOARD_FILE)))
-    return 0 if all(row["status"] != "error" for row in board) else 1
+    statuses = {row["status"] for row in board}
+    if "interrupted" in statuses:
+        return 130
+    return 1 if "error" in statuses else 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:

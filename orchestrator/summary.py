@@ -101,6 +101,7 @@ def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start:
     """summary.json, the plot and the W&B run's last words, in that order of dependence."""
     summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start)
     summary.update(extra or {})
+    wb.catch_up(summary["history"], run_dir)
     summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
     storage.delete_dir(storage.join(run_dir, STAGING_DIR))  # models W&B never got (aborted)
     if wandb_errors:

@@ -42,6 +42,7 @@ from workers.config import RunConfig, resolve_mode
 from workers.workload import WorkloadError, check_params
 
 SEARCH_FILE = "search.json"
+DONE_FILE = "trial_done.json"  # written the moment Tune reports a trial ended
 LEADERBOARD_FILE = "leaderboard.json"
 BEST_DIR = "best_model"
 
@@ -115,7 +116,8 @@ class TrialLogger:
     event loop, where waiting for a CPU to evaluate a test split could stall the search.
     """
 
-    def __init__(self, configs: dict[str, RunConfig], experiment: str) -> None:
+    def __init__(self, configs: dict[str, RunConfig], trials: dict[str, Trial],
+                 experiment: str) -> None:
         from ray.tune import Callback
 
         logger = self
@@ -125,27 +127,34 @@ class TrialLogger:
                 logger.on_result(trial.config["trial"]["trial_id"], result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                logger.ended[trial.config["trial"]["trial_id"]] = False
+                logger.mark_done(trial.config["trial"]["trial_id"], errored=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                logger.ended[trial.config["trial"]["trial_id"]] = True
+                logger.mark_done(trial.config["trial"]["trial_id"], errored=True)
 
         self.callback = _Callback()
         self.configs = configs
+        self.trials = trials
         self.experiment = experiment
         self.runs: dict[str, Any] = {}
-        self.ended: dict[str, bool] = {}  # trial id -> errored
         self.errors: dict[str, list[str]] = {}
 
     def run_dir(self, trial_id: str) -> str:
         cfg = self.configs[trial_id]
         return storage.join(storage.resolve(cfg.storage_path), cfg.name)
 
+    def mark_done(self, trial_id: str, *, errored: bool) -> None:
+        """Recorded at once (a small file), so that even if this driver is killed before it
+        summarises the trial, a resumed search knows not to train it again."""
+        storage.write_json(storage.join(self.run_dir(trial_id), DONE_FILE), {"errored": errored})
+
     def wandb_run(self, trial_id: str) -> Any:
         if trial_id not in self.runs:
             self.runs[trial_id] = open_run(
                 self.configs[trial_id], self.run_dir(trial_id), group=self.experiment,
                 job_type="trial", label=f"{self.experiment}-{trial_id}",
+                extra={"trial_id": trial_id,
+                       "hyperparameters": self.trials[trial_id].overrides},
             )
         return self.runs[trial_id]
 
@@ -164,20 +173,25 @@ class TrialLogger:
         except Exception as exc:  # noqa: BLE001 - W&B must not stop the search
             self.errors.setdefault(trial_id, []).append(f"{type(exc).__name__}: {exc}")
 
-    def finish_trials(self, trials: dict[str, Trial], use_gpu: bool, say: Any) -> None:
-        for trial_id, errored in sorted(self.ended.items()):
+    def finish_trials(self, use_gpu: bool, say: Any) -> None:
+        """Summarise every ended trial not summarised yet (also those of an earlier, killed
+        driver): summary.json, test split, plot, and W&B caught up from the run's history."""
+        for trial_id in sorted(self.configs):
+            run_dir = self.run_dir(trial_id)
+            done = storage.join(run_dir, DONE_FILE)
+            if not storage.exists(done) or storage.exists(storage.join(run_dir, SUMMARY_FILE)):
+                continue
             summary = finalize_run(
-                self.configs[trial_id], self.run_dir(trial_id), self.wandb_run(trial_id),
+                self.configs[trial_id], run_dir, self.wandb_run(trial_id),
                 use_gpu=use_gpu, start="tune", say=lambda *_: None,
                 wandb_errors=self.errors.get(trial_id),
-                extra={"trial_id": trial_id, "hyperparameters": trials[trial_id].overrides,
-                       "errored": errored},
+                extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
+                       "errored": storage.read_json(done)["errored"]},
             )
             self.runs.pop(trial_id)
             value = (summary["best_metrics"] or {}).get(summary["monitor"])
             say(f"[{trial_id}] {trial_status(summary)}: best {summary['monitor']}={value} "
                 f"at epoch {summary['best_epoch']} of {summary['epochs_completed']}")
-        self.ended.clear()
 
     def abort_unfinished(self) -> None:
         for run in self.runs.values():
@@ -241,11 +255,12 @@ def trial_summary_path(cfg: RunConfig) -> str:
 
 
 def pending_trials(trials: list[Trial], configs: dict[str, RunConfig]) -> list[Trial]:
-    """Trials without a finished summary (never started, interrupted, or errored)."""
+    """Trials that did not end (never started or interrupted), or ended in an error."""
     pending = []
     for trial in trials:
-        path = trial_summary_path(configs[trial.trial_id])
-        if not storage.exists(path) or storage.read_json(path).get("errored"):
+        cfg = configs[trial.trial_id]
+        done = storage.join(storage.resolve(cfg.storage_path), cfg.name, DONE_FILE)
+        if not storage.exists(done) or storage.read_json(done)["errored"]:
             pending.append(trial)
     return pending
 
@@ -322,13 +337,16 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} already "
         f"finished), {cfg.tune.max_concurrent_trials} at a time, scheduler {cfg.tune.scheduler}, "
         f"in {experiment_dir}")
-    logger = TrialLogger(configs, cfg.name)
+    logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name)
+    for trial in todo:  # an errored trial runs again: its old verdict goes
+        for name in (DONE_FILE, SUMMARY_FILE):
+            storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
     try:
         if todo:
             log_model = None if isinstance(search_run, NullRun) else cfg.wandb.log_model
             run_tuner(cfg, todo, configs, logger, experiment_dir, log_model)
     finally:
-        logger.finish_trials({t.trial_id: t for t in trials}, use_gpu, say)
+        logger.finish_trials(use_gpu, say)
         logger.abort_unfinished()
 
     summaries = []

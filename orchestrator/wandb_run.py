@@ -68,6 +68,9 @@ class NullRun:
     def handle(self, record: dict[str, Any], checkpoint_path: str | None) -> None:
         pass
 
+    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
+        pass
+
     def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
         return dict(self.info)
 
@@ -76,12 +79,15 @@ class NullRun:
 
 
 class WandbRun:
-    def __init__(self, run: Any, cfg: RunConfig, mode: str, label: str) -> None:
+    def __init__(self, run: Any, cfg: RunConfig, mode: str, label: str,
+                 extra_metadata: dict[str, Any] | None = None) -> None:
         self.run = run
+        self.extra_metadata = extra_metadata or {}  # e.g. a trial's id and hyperparameters
         self.cfg = cfg
         self.mode = mode
         self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []
+        self.last_epoch = 0
 
     def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
         """One epoch; ``staged_model``: a model the recorder set aside for W&B (deleted here)."""
@@ -90,15 +96,31 @@ class WandbRun:
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         values["is_best"] = int(bool(record.get("is_best")))
         self.run.log(values, step=epoch)
+        self.last_epoch = max(self.last_epoch, epoch)
         if staged_model:
             self.log_model(staged_model, storage.read_json(storage.join(staged_model,
                                                                         "metadata.json")))
             storage.delete_dir(staged_model)
 
+    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
+        """Log what never reached this process live, from the run's own record: epochs whose
+        results a scheduler dropped when it stopped a trial, and the models staged for them."""
+        from orchestrator.recorder import STAGING_DIR
+
+        for record in history:
+            if record["epoch"] <= self.last_epoch:
+                continue
+            staged = None
+            if record.get("checkpoint"):
+                staged = storage.join(run_dir, STAGING_DIR, record["checkpoint"])
+                staged = staged if storage.exists(staged) else None
+            self.handle(record, staged)
+
     def log_model(self, checkpoint_path: str, metadata: dict[str, Any], *,
                   name: str | None = None, aliases: list[str] | None = None) -> None:
         import wandb
 
+        metadata = {**metadata, **self.extra_metadata}
         artifact = wandb.Artifact(name or self.artifact, type="model", metadata=metadata)
         if aliases is None:
             aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best")
@@ -158,7 +180,9 @@ class WandbRun:
 
 
 def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
-             job_type: str = "train", label: str | None = None) -> NullRun | WandbRun:
+             job_type: str = "train", label: str | None = None,
+             extra: dict[str, Any] | None = None) -> NullRun | WandbRun:
+    """``extra``: added to the run's config and to every model artifact's metadata."""
     """Start the W&B run before any training: a bad key or no network fails here, not later."""
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
@@ -172,7 +196,8 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
         run = wandb.init(
             project=cfg.wandb.project or cfg.name, entity=cfg.wandb.entity,
             name=label or cfg.name, reinit="create_new",
-            group=group, job_type=job_type, config=cfg.to_dict(), dir=local_dir, mode=mode,
+            group=group, job_type=job_type, config={**cfg.to_dict(), **(extra or {})},
+            dir=local_dir, mode=mode,
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
                                     init_timeout=30),
         )
@@ -182,6 +207,6 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
             f"wandb.mode: could not start a W&B run in {mode} mode ({detail}); check "
             "WANDB_API_KEY / `wandb login`, or use --set wandb.mode=offline"
         ) from None
-    return WandbRun(run, cfg, mode, label or cfg.name)
+    return WandbRun(run, cfg, mode, label or cfg.name, extra)
 
 

@@ -48,7 +48,7 @@ def artifacts(run_dir: str) -> list[dict]:
         record = json.loads(line)
         if record.get("type") == "artifact":
             artifact = record["artifact"]
-            artifact["metadata"] = json.loads(artifact["metadata"])
+            artifact["metadata"] = json.loads(artifact.get("metadata") or "{}")
             found.append(artifact)
     return found
 

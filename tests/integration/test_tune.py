@@ -1,0 +1,141 @@
+"""Ray Tune searches: 4 real trials of 1 worker each, 2 at a time, on the 2 CPUs here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import UserError
+from orchestrator.tune import run_search
+from tests.integration.conftest import REPO, assert_close, overfit_config
+from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
+from workers.checkpointing import load_metadata
+from workers.config import RunConfig
+from workers.restore import evaluate_split
+
+pytestmark = pytest.mark.integration
+
+# The validation loss falls as the two classes separate: the best trial is the most separated.
+SEPARATIONS = [1.0, 0.7, 0.3, 0.1]  # the best first, so ASHA has something to cut against
+
+
+def search_config(root: Path, name: str, **tune: object) -> RunConfig:
+    cfg = overfit_config(
+        root, name=name, scaling={"num_workers": 1}, train={"epochs": 4, "batch_size": 16},
+        wandb={"mode": "offline"},
+    )
+    data = cfg.to_dict()
+    data["tune"] = {"num_samples": 1, "max_concurrent_trials": 2,
+                    "search_space": {"workload.params.separation": {"grid": SEPARATIONS}},
+                    **tune}
+    return RunConfig.model_validate(data)
+
+
+def test_search_with_asha_leaderboard_wandb_and_best_model(wandb_env, ray_local):  # noqa: F811
+    cfg = search_config(wandb_env, "search", scheduler="asha", grace_period=1,
+                        reduction_factor=2)
+    started = time.perf_counter()
+    board = run_search(cfg)
+    print(f"4-trial search took {time.perf_counter() - started:.1f} s")
+    experiment = Path(cfg.storage_path) / "search"
+
+    # The leaderboard is ordered by the best val_loss, which follows the separation.
+    order = [row["hyperparameters"]["workload.params.separation"] for row in board]
+    assert order == sorted(SEPARATIONS, reverse=True)
+    losses = [row["best_val_loss"] for row in board]
+    assert losses == sorted(losses)
+    saved = json.loads((experiment / "leaderboard.json").read_text())
+    assert [r["trial_id"] for r in saved["trials"]] == [r["trial_id"] for r in board]
+
+    stopped = [row for row in board if row["status"] == "stopped early"]
+    assert stopped, "ASHA stopped no trial"
+    for row in board:
+        summary = json.loads((experiment / "trials" / row["trial_id"] / "summary.json")
+                             .read_text())
+        history = summary["history"]
+        best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"]
+        assert row["best_epoch"] == best_epoch
+        # Every trial, stopped early or not, has its best model in W&B with that epoch's data.
+        logged = artifacts(row["wandb"]["run"])
+        best = [a for a in logged if "best" in a["aliases"]][-1]
+        assert f"epoch-{best_epoch}" in best["aliases"]
+        assert best["metadata"]["val_loss"] == history[best_epoch - 1]["val_loss"]
+        assert best["metadata"]["hyperparameters"] == row["hyperparameters"]
+        assert best["metadata"]["trial_id"] == row["trial_id"]
+        final = run_summary(row["wandb"]["run"])
+        assert final["best_val_loss"] == row["best_val_loss"]
+        assert final["best_epoch"] == best_epoch
+    assert all(len(r["best_metrics"]) > 0 for r in stopped)
+
+    # The exported overall best model reproduces its recorded validation loss.
+    best_dir = experiment / "best_model"
+    metadata = load_metadata(best_dir)
+    assert metadata["trial_id"] == board[0]["trial_id"]
+    assert metadata["hyperparameters"] == board[0]["hyperparameters"]
+    trial_cfg = RunConfig.model_validate(metadata["config"])
+    recomputed = evaluate_split(trial_cfg, best_dir, "val")
+    assert_close(recomputed["val_loss"], board[0]["best_val_loss"])
+    # ... and is findable in W&B: the search's own run logged it as <experiment>-best-model.
+    models = [a for a in artifacts(saved["wandb"]["run"]) if a["type"] == "model"]
+    assert [a["name"] for a in models] == ["search-best-model"]
+    assert "best" in models[0]["aliases"]
+    assert models[0]["metadata"]["trial_id"] == board[0]["trial_id"]
+
+
+def test_invalid_search_spaces_fail_before_any_trial(tmp_path):
+    base = search_config(tmp_path, "bad").to_dict()
+    cases = {
+        "unknown key": {"train.lrr": {"choice": [1]}},
+        "empty choice": {"train.lr": {"choice": []}},
+        "low above high": {"train.lr": {"loguniform": [0.1, 0.001]}},
+        "rejected value": {"train.lr": {"choice": [0.1, -1.0]}},
+        "unknown param": {"workload.params.colour": {"choice": ["red"]}},
+        "unknown kind": {"train.lr": {"normal": [0, 1]}},
+    }
+    for what, space in cases.items():
+        data = {**base, "tune": {**base["tune"], "search_space": space}}
+        with pytest.raises(UserError, match=r"^tune\.search_space"):
+            run_search(RunConfig.model_validate(data))
+        assert not (tmp_path / "runs" / "bad").exists(), what
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    cfg = search_config(tmp_path, "interrupted", max_concurrent_trials=1).to_dict()
+    cfg["wandb"]["mode"] = "disabled"
+    cfg["train"]["epochs"] = 3
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]
+    trial_dir = tmp_path / "runs" / "interrupted" / "trials" / "trial-000"
+    first_done = trial_dir / "trial_done.json"
+
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not first_done.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert first_done.exists(), "the first trial never finished"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, output[-3000:]
+    before = (trial_dir / "history.json").read_text()
+    board = json.loads((trial_dir.parents[1] / "leaderboard.json").read_text())["trials"]
+    assert any(r["status"] == "interrupted" for r in board), board
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "1 already finished" in resumed.stdout or "already finished" in resumed.stdout
+    assert (trial_dir / "history.json").read_text() == before  # not trained again
+    board = json.loads((trial_dir.parents[1] / "leaderboard.json").read_text())["trials"]
+    assert sorted(r["status"] for r in board) == ["completed"] * 4
+    order = [r["hyperparameters"]["workload.params.separation"] for r in board]
+    assert order == sorted(SEPARATIONS, reverse=True)
