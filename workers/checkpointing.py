@@ -5,7 +5,10 @@ A checkpoint directory holds:
 - ``train_state.pt``: optimizer state, epoch and tracker state, loadable with
   ``torch.load(weights_only=True)``;
 - ``metadata.json``: the epoch, every metric of that epoch, monitor, mode, is_best, the
-  run's config and seed.
+  run's config and seed;
+- optionally (the fastai engine's improvements) ``learner.pth``: the same weights as a
+  ``torch.save``'d state dict, the format of fastai's ``learn.save``, so that ``learn.load``
+  reads it (and so does ``torch.load(weights_only=True)``).
 
 ``snapshot`` copies tensors into host memory (the only part that blocks training);
 ``write_checkpoint_dir`` serializes that copy, each file atomically. ``AsyncSaver`` runs the
@@ -31,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
+LEARNER_FILE = "learner.pth"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -67,25 +71,34 @@ class Snapshot:
     weights: dict[str, torch.Tensor]
     train_state: dict[str, Any]
     metadata: dict[str, Any]
+    torch_weights_file: str | None = None  # also write ``weights`` with torch.save under this
 
 
 def snapshot(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     train_state: dict[str, Any],
     metadata: dict[str, Any],
+    torch_weights_file: str | None = None,
 ) -> Snapshot:
+    """``optimizer``: anything with ``state_dict()`` (a torch optimizer, or an adapter)."""
     weights = {k: v.contiguous() for k, v in _to_host(model.state_dict()).items()}
     state = {"optimizer": _to_host(optimizer.state_dict()), **train_state}
-    return Snapshot(weights, state, metadata)
+    return Snapshot(weights, state, metadata, torch_weights_file)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def write_checkpoint_dir(snap: Snapshot, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / MODEL_FILE, safetensors_bytes(snap.weights))
-    buffer = io.BytesIO()
-    torch.save(snap.train_state, buffer)
-    atomic_write_bytes(directory / STATE_FILE, buffer.getvalue())
+    if snap.torch_weights_file:
+        atomic_write_bytes(directory / snap.torch_weights_file, torch_bytes(snap.weights))
+    atomic_write_bytes(directory / STATE_FILE, torch_bytes(snap.train_state))
     # metadata last: a directory with metadata.json is complete.
     atomic_write_json(directory / METADATA_FILE, snap.metadata)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,39 +119,48 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    import ray.train
+def require_monitor(monitor: str, reported: Iterable[str]) -> None:
+    names = sorted(reported)
+    if monitor not in names:
+        raise MonitorNotReportedError(
+            f"tracker.monitor: {monitor!r} is not reported by this run; "
+            f"it reports: {', '.join(names)}"
+        )
 
-    cfg = RunConfig.model_validate(config)
-    # Ray Train logs every report at INFO on each worker; one progress line per epoch (from the
-    # controller) is what a user reads.
-    from ray.train.v2._internal.execution import context as train_context
 
-    # (that module's logger is named after its file path, not its module name)
-    train_context.logger.setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    is_rank_zero = rank == 0
+@dataclass
+class EpochReporter:
+    """The end of every epoch, the same for every engine: rank 0's tracker decides (improved?
+    save? stop?) and snapshots the model if the policy says so; every rank reports."""
 
-    s = setup(cfg, rank, world_size)
-    tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
-                          cfg.tracker.patience) if is_rank_zero else None
-    if tracker is not None and s.tracker_state is not None:
-        tracker.load_state_dict(s.tracker_state)
-    saver = AsyncSaver()
+    cfg: RunConfig
+    tracker: BestTracker | None  # rank 0 only
+    saver: AsyncSaver
+    model: torch.nn.Module  # the unwrapped model whose weights are saved
+    optimizer: Any  # anything with state_dict() (see checkpointing.snapshot)
+    device: torch.device
+    world_size: int
+    # Also write the weights as a torch.save'd state dict under this name in checkpoints that
+    # hold an improvement (the fastai engine's file for ``learn.load``).
+    torch_weights_file: str | None = None
 
-    for epoch in range(s.start_epoch, cfg.train.epochs + 1):
-        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
-        s.train_loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device)
-        record: dict[str, Any] = {"epoch": epoch, **evaluate_epoch(s, train_loss)}
+    @classmethod
+    def create(cls, cfg: RunConfig, is_rank_zero: bool, tracker_state: dict[str, Any] | None,
+               **parts: Any) -> EpochReporter:
+        tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
+                              cfg.tracker.patience) if is_rank_zero else None
+        if tracker is not None and tracker_state is not None:
+            tracker.load_state_dict(tracker_state)
+        return cls(cfg, tracker, AsyncSaver(), **parts)
+
+    def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
+        """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
+        import ray.train
+
+        cfg, tracker = self.cfg, self.tracker
+        record: dict[str, Any] = {"epoch": epoch, **values}
         metrics = dict(record)
-        if cfg.tracker.monitor not in metrics:  # identical on all ranks: all raise together
-            raise MonitorNotReportedError(
-                f"tracker.monitor: {cfg.tracker.monitor!r} is not reported by this run; "
-                f"it reports: {', '.join(sorted(k for k in metrics if k != 'epoch'))}"
-            )
+        require_monitor(cfg.tracker.monitor, values)  # identical on all ranks: all raise together
 
         snap, dir_name, stop = None, None, False
         if tracker is not None:
@@ -165,22 +175,52 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics["is_best"] = decision.improved
             metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
             if save.save:
-                saver.wait()  # the previous save must finish before its memory is reused
+                self.saver.wait()  # the previous save must finish before its memory is reused
                 snap = snapshot(
-                    s.plain, s.optimizer,
+                    self.model, self.optimizer,
                     {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
                     {**record, "monitor": tracker.monitor, "mode": tracker.mode,
                      "is_best": decision.improved, "saved_because": save.reason,
-                     "world_size": world_size, "seed": cfg.seed, "config": cfg.to_dict()},
+                     "world_size": self.world_size, "seed": cfg.seed, "config": cfg.to_dict()},
+                    torch_weights_file=self.torch_weights_file if decision.improved else None,
                 )
                 dir_name = f"checkpoint_epoch{epoch:04d}_{time.time_ns()}"
-        stop = broadcast_flag(stop, s.device)
+        stop = broadcast_flag(stop, self.device)
         metrics["epoch_seconds"] = time.perf_counter() - started
 
         if snap is not None:
-            saver.report(metrics, snap, dir_name)
+            self.saver.report(metrics, snap, dir_name)
         else:
             ray.train.report(metrics)
-        if stop:
+        return stop
+
+
+def quiet_ray_train_logs() -> None:
+    # Ray Train logs every report at INFO on each worker; one progress line per epoch (from the
+    # controller) is what a user reads.
+    from ray.train.v2._internal.execution import context as train_context
+
+    # (that module's logger is named after its file path, not its module name)
+    train_context.logger.setLevel(logging.WARNING)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = RunConfig.model_validate(config)
+    quiet_ray_train_logs()
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    s = setup(cfg, rank, world_size)
+    reporter = EpochReporter.create(cfg, rank == 0, s.tracker_state, model=s.plain,
+                                    optimizer=s.optimizer, device=s.device,
+                                    world_size=world_size)
+    for epoch in range(s.start_epoch, cfg.train.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
+        s.train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device)
+        if reporter.report(epoch, evaluate_epoch(s, train_loss), started):
             break
-    saver.wait()
+    reporter.saver.wait()
