@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,19 @@ def check_params(entrypoint: str, params: dict[str, Any]) -> None:
 REQUIRED = ("model", "train_dataset", "val_dataset", "loss_fn")
 
 
+def is_fastai_learner(obj: Any) -> bool:
+    """Without importing fastai: a Learner exists only if its module was imported."""
+    learner = sys.modules.get("fastai.learner")
+    return learner is not None and isinstance(obj, learner.Learner)
+
+
 def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
+    """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it)."""
     workload = import_entrypoint(entrypoint)(**params)
+    if is_fastai_learner(workload):
+        from workers.fastai_learner import learner_workload
+
+        workload = learner_workload(workload)
     missing = [name for name in REQUIRED if getattr(workload, name, None) is None]
     if missing:
         raise WorkloadError(

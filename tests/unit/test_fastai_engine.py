@@ -1,0 +1,153 @@
+"""The fastai engine's parts that need no Ray: sharding, Learner workloads, state, config."""
+
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.data.core import DataLoaders
+from fastai.metrics import F1Score
+from pydantic import ValidationError
+
+from orchestrator.config import format_validation_error, load_config
+from tests.workloads.overfit_fastai import build as overfit_learner
+from workers.config import RunConfig
+from workers.evaluation import evaluate_dataset
+from workers.fastai_engine import PlainOptimizerState, RankShardDL
+from workers.fastai_learner import AvgMetricStats
+from workers.workload import WorkloadError, build_workload
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def indices_dl(n: int, bs: int, shuffle: bool, drop_last: bool = False):
+    """A fastai loader over 0..n-1, so each batch shows which samples it holds."""
+    data = torch.utils.data.TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    dls = DataLoaders.from_dsets(data, data, bs=bs, num_workers=0)
+    return dls.train.new(shuffle=shuffle, drop_last=drop_last)
+
+
+def shard_batches(dl, rank: int, world: int, *, pad: bool, epoch: int = 1) -> list[list[int]]:
+    shard = RankShardDL(dl, rank, world, pad=pad, seed=0)
+    shard.set_epoch(epoch)
+    batches = [x.tolist() for x, _ in shard]
+    assert len(batches) == len(shard)  # fastai's schedules count on len(dl)
+    return batches
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_shards_cover_every_sample_exactly_once(world):
+    dl = indices_dl(101, bs=8, shuffle=False)
+    seen = []
+    for rank in range(world):
+        samples = sum(shard_batches(dl, rank, world, pad=False), [])
+        assert samples == list(range(rank, 101, world))  # strided, as evaluation.shard
+        seen += samples
+    assert sorted(seen) == list(range(101))
+
+
+def test_training_shards_are_equal_disjoint_and_reshuffled_each_epoch():
+    dl = indices_dl(101, bs=8, shuffle=True)
+    epoch1 = [sum(shard_batches(dl, rank, 2, pad=True, epoch=1), []) for rank in range(2)]
+    assert len(epoch1[0]) == len(epoch1[1]) == 51  # the same number of DDP steps on each rank
+    together = epoch1[0] + epoch1[1]
+    assert set(together) == set(range(101)) and len(together) == 102  # one sample wraps around
+    again = [sum(shard_batches(dl, rank, 2, pad=True, epoch=1), []) for rank in range(2)]
+    assert again == epoch1  # the order depends on the seed and epoch only (resume)
+    epoch2 = sum(shard_batches(dl, 0, 2, pad=True, epoch=2), [])
+    assert epoch2 != epoch1[0]
+
+
+def test_drop_last_counts_full_batches_only():
+    dl = indices_dl(101, bs=8, shuffle=True, drop_last=True)
+    assert [len(b) for b in shard_batches(dl, 1, 2, pad=True)] == [8] * 6
+
+
+def test_a_learner_workload_scores_as_learn_validate():
+    random.seed(0)
+    torch.manual_seed(0)
+    workload = build_workload("tests.workloads.overfit_fastai:build", {})
+    learn = workload.extras["learner"]
+    assert workload.model is learn.model and workload.loss_fn is learn.loss_func
+    assert workload.test_dataset is learn.dls.loaders[2].dataset
+    assert [type(m) for m in workload.metrics] == [AvgMetricStats]
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, lr=2e-3)
+        val_loss, accuracy = learn.validate()
+    ours = evaluate_dataset(learn.model, workload.val_dataset, workload.loss_fn, workload.metrics,
+                            split="val", batch_size=7, device=torch.device("cpu"))
+    assert ours["val_loss"] == pytest.approx(val_loss, rel=1e-6)
+    assert ours["val_accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
+def test_a_learner_metric_that_is_not_an_average_is_refused():
+    learn = overfit_learner()
+    learn.metrics = [F1Score()]
+    from workers.fastai_learner import mergeable_metrics
+
+    with pytest.raises(WorkloadError, match="f1_score.*not a per-sample average"):
+        mergeable_metrics(learn)
+
+
+def test_fastai_optimizer_state_loads_without_pickle_and_restores():
+    torch.manual_seed(0)
+    learn = overfit_learner()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=2e-3)
+    buffer = io.BytesIO()
+    torch.save(PlainOptimizerState(learn).state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # no L, no numpy scalars
+
+    fresh = overfit_learner()
+    fresh.create_opt()
+    PlainOptimizerState.load(fresh, state, torch.device("cpu"))
+    assert fresh.opt.hypers == learn.opt.hypers
+    for ours, theirs in zip(fresh.opt.state_dict()["state"], learn.opt.state_dict()["state"],
+                            strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
+
+
+def test_schedule_resolves_per_engine_and_one_cycle_needs_fastai():
+    base = {"workload": {"entrypoint": "m:f"}}
+    assert RunConfig.model_validate(base).schedule == "constant"
+    assert RunConfig.model_validate({**base, "engine": "fastai"}).schedule == "one_cycle"
+    constant = {**base, "engine": "fastai", "train": {"schedule": "constant"}}
+    assert RunConfig.model_validate(constant).schedule == "constant"
+    with pytest.raises(ValidationError) as info:
+        RunConfig.model_validate({**base, "train": {"schedule": "one_cycle"}})
+    assert format_validation_error(info.value).startswith(
+        "train.schedule: one_cycle needs engine: fastai")
+
+
+def test_builtin_fastai_config_and_workload():
+    cfg = load_config(REPO / "configs/digits_fastai.yaml")
+    assert (cfg.engine, cfg.schedule, cfg.wandb.mode) == ("fastai", "one_cycle", "disabled")
+    workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    learn = workload.extras["learner"]
+    assert len(workload.train_dataset) + len(workload.val_dataset) + \
+        len(workload.test_dataset) == 1797  # scikit-learn's bundled digits, no download
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(2, 1e-2)
+        _, accuracy = learn.validate(ds_idx=2)
+    assert accuracy > 0.8
+
+
+def test_the_torch_engine_never_imports_fastai():
+    code = (
+        "import sys, workers.loop, workers.engines, workers.restore, orchestrator.train\n"
+        "from workers.workload import build_workload\n"
+        "build_workload('workers.workloads.digits:build', {})\n"
+        "workers.engines.train_loop_for('torch')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastai'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert out.strip() == "[]"
