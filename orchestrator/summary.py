@@ -36,6 +36,29 @@ def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda c: c["epoch"])
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
+    """Delete checkpoint directories Ray never registered: uploads that completed while their
+    worker group was failing. Ray does not know them, so it would never delete them, and they
+    would break "best and latest only". Skipped if Ray's snapshot cannot be read."""
+    path = storage.join(run_dir, RAY_SNAPSHOT)
+    try:
+        snapshot = storage.read_json(path)
+        results = list(snapshot["checkpoint_results"])
+        if snapshot.get("latest_checkpoint_result"):
+            results.append(snapshot["latest_checkpoint_result"])
+        tracked = {r["checkpoint_dir_name"] for r in results}
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    orphans = [name for name in storage.list_dirs(run_dir)
+               if name.startswith("checkpoint_") and name not in tracked]
+    for name in orphans:
+        storage.delete_dir(storage.join(run_dir, name))
+    return orphans
+
+
 def read_history(run_dir: str) -> list[dict[str, Any]]:
     path = storage.join(run_dir, HISTORY_FILE)
     return storage.read_json(path)["history"] if storage.exists(path) else []
@@ -54,6 +77,7 @@ def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
 
 
 def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dict[str, Any]:
+    remove_unregistered_checkpoints(run_dir)
     history = read_history(run_dir)
     best = next((r for r in reversed(history) if r.get("is_best")), None)
     kept = kept_checkpoints(run_dir)
