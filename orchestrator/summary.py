@@ -52,6 +52,8 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
         tracked = {r["checkpoint_dir_name"] for r in results}
     except (OSError, KeyError, TypeError, ValueError):
         return []
+    # ... nor any that a report registered (the recorder saw it), in case the snapshot lags.
+    tracked |= {r["checkpoint"] for r in read_history(run_dir) if r.get("checkpoint")}
     orphans = [name for name in storage.list_dirs(run_dir)
                if name.startswith("checkpoint_") and name not in tracked]
     for name in orphans:
