@@ -16,8 +16,16 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_HEALTH_CHECK_S = "0.1"
 
 
+# Ray Train gives a worker group 60 s to start; on a loaded 2-core machine starting Python
+# workers that import torch can take longer, and each timed-out attempt leaves its workers
+# starting while the next one waits for their CPUs. 600 s; a user's own setting wins.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = "600"
+
+
 def ray_env_vars() -> dict[str, str]:
-    env = {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)}
+    env = {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S),
+           START_TIMEOUT_ENV: os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)}
     # A workload module next to where the user runs the command must import in every worker.
     paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
