@@ -18,29 +18,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, *, resume: str, overwrite: str) -> None:
+    """CONFIG, --set and the explicit choice for an existing run: shared by train and tune."""
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=resume)
+    again.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train one run on Ray Train")
-    train.add_argument("config", help="YAML config file")
-    train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
-    again = train.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue an existing run of this name from its latest checkpoint")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete an existing run of this name and start afresh")
-
-    tune = sub.add_parser("tune", help="run a Ray Tune search over tune.search_space")
-    tune.add_argument("config", help="YAML config file")
-    tune.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
-    again = tune.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue an interrupted search: finished trials are not rerun")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete an existing search of this name and start afresh")
+    add_run_arguments(
+        sub.add_parser("train", help="train one run on Ray Train"),
+        resume="continue an existing run of this name from its latest checkpoint",
+        overwrite="delete an existing run of this name and start afresh",
+    )
+    add_run_arguments(
+        sub.add_parser("tune", help="run a Ray Tune search over tune.search_space"),
+        resume="continue an interrupted search: finished trials are not rerun",
+        overwrite="delete an existing search of this name and start afresh",
+    )
 
     best = sub.add_parser("best", help="print a run's best model, or a search's leaderboard")
     best.add_argument("path", help="a run or search directory (local path or URI)")
