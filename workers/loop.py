@@ -84,7 +84,13 @@ def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
             state = load_train_state(directory)
         start_epoch = int(state["epoch"]) + 1
         tracker_state = state["tracker"]
-        optimizer_state = state["optimizer"]
+        # Only full-state (resume) checkpoints hold it; from a model checkpoint the optimizer
+        # starts afresh.
+        optimizer_state = state.get("optimizer")
+        if optimizer_state is None and rank == 0:
+            logging.getLogger(__name__).warning(
+                "resuming from epoch %s without optimizer state (a model checkpoint; set "
+                "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
 
     strategy = "ddp" if world_size > 1 else None
     model = ray.train.torch.prepare_model(plain, parallel_strategy=strategy)
@@ -151,7 +157,12 @@ class EpochReporter:
                               cfg.tracker.patience) if is_rank_zero else None
         if tracker is not None and tracker_state is not None:
             tracker.load_state_dict(tracker_state)
-        return cls(cfg, tracker, AsyncSaver(), **parts)
+        saver = AsyncSaver()
+        if tracker is not None and (cfg.checkpoint.policy != "none"
+                                    or cfg.checkpoint.resume_every_n_epochs):
+            # The snapshot's memory, allocated now rather than during the first save.
+            saver.buffers.prepare(parts["model"].state_dict())
+        return cls(cfg, tracker, saver, **parts)
 
     def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
         """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
@@ -175,16 +186,23 @@ class EpochReporter:
             metrics["is_best"] = decision.improved
             metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
             if save.save:
+                save_started = time.perf_counter()
                 self.saver.wait()  # the previous save must finish before its memory is reused
+                copy_started = time.perf_counter()
                 snap = snapshot(
-                    self.model, self.optimizer,
+                    self.model, self.optimizer if save.full_state else None,
                     {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
                     {**record, "monitor": tracker.monitor, "mode": tracker.mode,
                      "is_best": decision.improved, "saved_because": save.reason,
                      "world_size": self.world_size, "seed": cfg.seed, "config": cfg.to_dict()},
                     torch_weights_file=self.torch_weights_file if decision.improved else None,
+                    buffers=self.saver.buffers,
                 )
                 dir_name = f"checkpoint_epoch{epoch:04d}_{time.time_ns()}"
+                # What this save cost the loop: the host copy, and waiting for the previous
+                # save's write if it had not finished (the write itself runs off the loop).
+                metrics["snapshot_seconds"] = time.perf_counter() - copy_started
+                metrics["save_blocked_seconds"] = time.perf_counter() - save_started
         stop = broadcast_flag(stop, self.device)
         metrics["epoch_seconds"] = time.perf_counter() - started
 

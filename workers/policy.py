@@ -12,6 +12,10 @@ from dataclasses import dataclass
 class SaveDecision:
     save: bool
     reason: str  # "best", "every_n", "all", "last", "resume" or "" when nothing is saved
+    # A resume epoch: the checkpoint also holds the optimizer state. Other saves hold what
+    # the model needs (weights, metadata, epoch and tracker state), so that an improvement
+    # blocks training only for the copy of the weights.
+    full_state: bool = False
 
 
 def decide_save(
@@ -33,10 +37,11 @@ def decide_save(
     }
     if policy not in wanted:
         raise ValueError(f"unknown checkpoint policy {policy!r}")
+    resume = bool(resume_every_n_epochs) and epoch % resume_every_n_epochs == 0
     if wanted[policy]:
-        return SaveDecision(True, policy)
-    if resume_every_n_epochs and epoch % resume_every_n_epochs == 0:
-        return SaveDecision(True, "resume")
+        return SaveDecision(True, policy, full_state=resume)
+    if resume:
+        return SaveDecision(True, "resume", full_state=True)
     return SaveDecision(False, "")
 
 

@@ -59,20 +59,21 @@ def test_decide_save_without_resume_checkpoints(
 @pytest.mark.parametrize(
     ("policy", "epoch", "improved", "is_final", "resume_n", "expected"),
     [
-        # the policy's own reason wins when both apply
-        ("best", 4, True, False, 2, SaveDecision(True, "best")),
-        ("best", 4, False, False, 2, SaveDecision(True, "resume")),
+        # the policy's own reason wins when both apply; a resume epoch saves the full state
+        ("best", 4, True, False, 2, SaveDecision(True, "best", full_state=True)),
+        ("best", 4, False, False, 2, SaveDecision(True, "resume", full_state=True)),
         ("best", 3, False, False, 2, SaveDecision(False, "")),
-        ("all", 4, False, False, 2, SaveDecision(True, "all")),
-        ("last", 4, False, False, 2, SaveDecision(True, "resume")),
-        ("last", 4, False, True, 2, SaveDecision(True, "last")),
+        ("all", 4, False, False, 2, SaveDecision(True, "all", full_state=True)),
+        ("all", 5, False, False, 2, SaveDecision(True, "all")),
+        ("last", 4, False, False, 2, SaveDecision(True, "resume", full_state=True)),
+        ("last", 4, False, True, 2, SaveDecision(True, "last", full_state=True)),
         ("last", 5, False, False, 2, SaveDecision(False, "")),
-        ("none", 3, True, True, 3, SaveDecision(True, "resume")),
-        ("none", 6, False, False, 3, SaveDecision(True, "resume")),
+        ("none", 3, True, True, 3, SaveDecision(True, "resume", full_state=True)),
+        ("none", 6, False, False, 3, SaveDecision(True, "resume", full_state=True)),
         ("none", 5, True, True, 3, SaveDecision(False, "")),
-        ("none", 1, False, False, 1, SaveDecision(True, "resume")),
+        ("none", 1, False, False, 1, SaveDecision(True, "resume", full_state=True)),
         ("every_n", 6, False, False, 4, SaveDecision(True, "every_n")),  # every_n_epochs=3 below
-        ("every_n", 4, False, False, 4, SaveDecision(True, "resume")),
+        ("every_n", 4, False, False, 4, SaveDecision(True, "resume", full_state=True)),
         ("every_n", 5, False, False, 4, SaveDecision(False, "")),
     ],
 )
@@ -109,6 +110,8 @@ def test_six_epoch_runs(
             every_n_epochs=every_n, resume_every_n_epochs=resume_n,
         )
         assert d.save == bool(d.reason)
+        # the optimizer state is saved on resume epochs, and only then
+        assert d.full_state == (d.save and resume_n > 0 and epoch % resume_n == 0)
         if d.save:
             got[epoch] = d.reason
     assert got == saved

@@ -1,0 +1,116 @@
+"""Snapshots into reused host memory, and checkpoint files on local and other filesystems."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from workers.checkpointing import (
+    MODEL_FILE,
+    HostBuffers,
+    load_metadata,
+    load_train_state,
+    load_weights,
+    snapshot,
+    write_checkpoint,
+)
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.Linear(8, 2))
+
+
+def test_buffers_are_reused_and_isolated_from_later_updates():
+    m, buffers = model(), HostBuffers()
+    first = buffers.copy(m.state_dict())
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)  # an optimizer step after the snapshot
+    assert all(torch.equal(first.views[k], expected[k]) for k in expected)
+    second = buffers.copy(m.state_dict())  # after the previous write: the same memory
+    assert second is first
+    assert all(torch.equal(second.views[k], v) for k, v in m.state_dict().items())
+
+
+def test_model_checkpoints_leave_the_optimizer_state_out():
+    m = model()
+    optimizer = torch.optim.Adam(m.parameters())
+    m(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    light = snapshot(m, None, {"epoch": 2}, {"epoch": 2}, buffers=HostBuffers())
+    full = snapshot(m, optimizer, {"epoch": 2}, {"epoch": 2})
+    assert "optimizer" not in light.train_state
+    assert full.train_state["optimizer"]["state"][0]["exp_avg"].shape == (8, 4)
+
+
+@pytest.mark.parametrize("filesystem", ["local", "subtree"])
+def test_write_checkpoint_round_trip(tmp_path, filesystem):
+    m = model()
+    snap = snapshot(m, torch.optim.SGD(m.parameters(), lr=0.1), {"epoch": 3},
+                    {"epoch": 3, "val_loss": 0.5}, buffers=HostBuffers())
+    if filesystem == "local":
+        fs, path = pafs.LocalFileSystem(), str(tmp_path / "ckpt")
+    else:  # not a LocalFileSystem: written as whole objects, as on an object store
+        fs, path = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), "ckpt"
+    write_checkpoint(snap, fs, path)
+    directory = tmp_path / "ckpt"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "metadata.json", MODEL_FILE, "train_state.pt"]  # no temp files left
+    weights = load_weights(directory)
+    assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
+    assert load_metadata(directory) == {"epoch": 3, "val_loss": 0.5}
+    assert load_train_state(directory)["epoch"] == 3
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {
+        "w": torch.randn(5, 3), "half": torch.randn(7).half(), "bf": torch.randn(3).bfloat16(),
+        "steps": torch.tensor(11), "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8), "empty": torch.zeros(0, 4),
+        "wide": torch.arange(3, dtype=torch.float64), "t": torch.randn(4, 6).t(),  # strided
+    }
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_weights_image_is_a_safetensors_file(tmp_path, where):
+    from safetensors.torch import load_file
+
+    from workers.weights_image import WeightsImage
+
+    tensors = mixed_tensors()
+    image = WeightsImage(tensors)
+    image.copy_from(tensors)
+    if where == "tmpfs":  # refuses O_DIRECT: the ordinary write
+        if not Path("/dev/shm").is_dir():
+            pytest.skip("no /dev/shm")
+        tmp_path = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        path = tmp_path / "model.safetensors"
+        image.write(path)
+        assert path.stat().st_size == image.size
+        assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+        loaded = load_file(str(path))
+    finally:
+        if where == "tmpfs":
+            shutil.rmtree(tmp_path)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_buffers_follow_a_model_that_changes_shape():
+    buffers = HostBuffers()
+    first = buffers.copy({"w": torch.ones(2, 2)})
+    assert buffers.copy({"w": torch.zeros(2, 2)}) is first
+    other = buffers.copy({"w": torch.ones(3)})
+    assert other is not first and torch.equal(other.views["w"], torch.ones(3))
+    assert buffers.copy({"w": torch.ones(2, dtype=torch.complex64)}) is None  # fresh copies

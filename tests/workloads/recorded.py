@@ -1,0 +1,80 @@
+"""A test workload that records its own weights at the end of every epoch, and makes each
+checkpoint's write start only after training has moved on.
+
+- The model counts its training steps, and on the first evaluation after training (the
+  loop evaluates right after an epoch's last optimizer step, before it saves) saves a copy
+  of its whole state dict with plain ``torch.save``: ``<record_dir>/epochNNNN-rankR.pt``.
+  These copies are the truth the checkpoints are compared with; they do not go through the
+  project's checkpoint code.
+- ``build`` wraps ``workers.checkpointing.write_checkpoint`` in this worker process: a write
+  waits (up to ``max_delay_s``) until the model has begun its second training step since
+  the epoch was recorded (so the first one's optimizer step has changed the weights), and
+  notes the step counts in ``<record_dir>/writes.jsonl``. So the weights are being changed
+  by training while their checkpoint is written; only the last epoch's write, with no
+  training after it, goes ahead after the delay.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+
+class Recorded(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, record_dir: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.record_dir = Path(record_dir)
+        self.steps = 0  # training forwards in this process (one per optimizer step)
+        self.epochs = 0
+        self.steps_at_record = 0
+        self._training_since_record = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps += 1
+            self._training_since_record = True
+        elif self._training_since_record:  # the first evaluation after an epoch's training
+            self._training_since_record = False
+            self.epochs += 1
+            self.steps_at_record = self.steps
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            torch.save(state, self.record_dir / f"epoch{self.epochs:04d}-rank{rank}.pt")
+        return self.inner(x)
+
+
+def delay_writes(model: Recorded, max_delay_s: float) -> None:
+    import workers.checkpointing as checkpointing
+
+    write = checkpointing.write_checkpoint
+
+    def delayed(snap, fs, path):  # noqa: ANN001 - the wrapped function's own arguments
+        deadline = time.monotonic() + max_delay_s
+        while model.steps < model.steps_at_record + 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        record = {"epoch": snap.metadata["epoch"], "steps_at_record": model.steps_at_record,
+                  "steps_at_write": model.steps, "t": time.time()}
+        with open(model.record_dir / "writes.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return write(snap, fs, path)
+
+    checkpointing.write_checkpoint = delayed
+
+
+def build(record_dir: str, n_train: int = 64, dim: int = 8, hidden: int = 32,
+          max_delay_s: float = 1.0) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n_train, dim, generator=gen)
+    y = (x.sum(dim=1) > 0).long()
+    model = Recorded(torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
+                                         torch.nn.Linear(hidden, 2)), record_dir)
+    delay_writes(model, max_delay_s)
+    data = torch.utils.data.TensorDataset(x, y)
+    return SimpleNamespace(model=model, train_dataset=data, val_dataset=data,
+                           loss_fn=torch.nn.functional.cross_entropy, metrics=["accuracy"])
