@@ -16,6 +16,14 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_HEALTH_CHECK_S = "0.1"
 
 
+def pace_reports() -> None:
+    """Give this process the poll interval unless the user set one. Ray Train copies the
+    variable from the process that calls ``fit()`` into its controller actor's runtime_env,
+    so this reaches the controller however the run is launched: a local Ray, a driver
+    under ``ray job submit`` (whose job runtime_env did not set it), a Tune trial."""
+    os.environ.setdefault(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
+
+
 # Ray Train gives a worker group 60 s to start; on a loaded 2-core machine starting Python
 # workers that import torch can take longer, and each timed-out attempt leaves its workers
 # starting while the next one waits for their CPUs. 600 s; a user's own setting wins.

@@ -8,7 +8,13 @@ import threading
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.cluster import attaches_to_cluster, check_resources, init_ray, local_resources
+from orchestrator.cluster import (
+    attaches_to_cluster,
+    check_resources,
+    init_ray,
+    local_resources,
+    pace_reports,
+)
 from orchestrator.config import UserError
 from orchestrator.recorder import RunRecorder
 from orchestrator.summary import finalize_run
@@ -56,6 +62,7 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, events: Any = Non
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
+    pace_reports()
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
