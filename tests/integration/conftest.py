@@ -7,6 +7,7 @@ one machine confuse Ray's address discovery (its placement-group cleaner among o
 from __future__ import annotations
 
 import copy
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,10 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def assert_close(actual: float, expected: float, rel: float = 1e-6) -> None:
     assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +25,6 @@ RUNTIME_ENV = {
     "excludes": [".venv", "runs", "wandb", ".git", "bench/results", "*.egg-info"],
     "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

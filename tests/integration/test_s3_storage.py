@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from tests.integration.conftest import REPO, assert_close
+from tests.integration.conftest import REPO, assert_close, free_port
 from workers.config import RunConfig
 from workers.evaluation import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration
 BUCKET = "ml-runs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
