@@ -182,8 +182,10 @@ class WandbRun:
 def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
              job_type: str = "train", label: str | None = None,
              extra: dict[str, Any] | None = None) -> NullRun | WandbRun:
-    """``extra``: added to the run's config and to every model artifact's metadata."""
-    """Start the W&B run before any training: a bad key or no network fails here, not later."""
+    """Start the W&B run before any training: a bad key or no network fails here, not later.
+
+    ``extra``: added to the run's config and to every model artifact's metadata.
+    """
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
         return NullRun()

@@ -190,7 +190,9 @@ def wandb_run(tmp_path, monkeypatch):
         path.mkdir()
         monkeypatch.setenv(var, str(path))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run = wandb.init(project="fastai-callbacks", dir=str(tmp_path / "wandb_dir"),
+    # mode is passed too: wandb keeps the settings of its first setup() in this process, so an
+    # earlier test's wandb use would otherwise make the environment variable go unread.
+    run = wandb.init(project="fastai-callbacks", dir=str(tmp_path / "wandb_dir"), mode="offline",
                      settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
     yield run
     run.finish()
