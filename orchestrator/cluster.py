@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from orchestrator.config import UserError
 from workers.config import RunConfig
@@ -46,11 +50,24 @@ def attaches_to_cluster() -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def local_resources() -> dict[str, Any]:
+@dataclass(frozen=True)
+class Capacity:
+    """The most of each resource a cluster can ever have, and the shapes of its nodes (one
+    worker's CPUs and GPU must fit on one node)."""
+
+    total: dict[str, float]
+    nodes: tuple[dict[str, float], ...]
+
+    def fits_one(self, need: dict[str, float]) -> bool:
+        return any(all(node.get(k, 0.0) >= v for k, v in need.items() if v) for node in self.nodes)
+
+
+def local_resources() -> Capacity:
     """What a local Ray started here will have: checked before starting it."""
     import torch
 
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return Capacity(total=node, nodes=(node,))
 
 
 def init_ray() -> bool:
@@ -81,29 +98,123 @@ def init_ray() -> bool:
     return True
 
 
-def resolve_use_gpu(cfg: RunConfig, resources: dict[str, Any]) -> bool:
-    gpus = resources.get("GPU", 0)
+def _numbers(resources: Any) -> dict[str, float]:
+    if not isinstance(resources, dict):
+        return {}
+    return {k: float(v) for k, v in resources.items() if isinstance(v, int | float) and v >= 0}
+
+
+def capacity(nodes_now: list[dict[str, Any]], config_groups: list[tuple[dict[str, Any], int]]
+             | None = None, launcher: dict[str, Any] | None = None) -> Capacity:
+    """What a cluster can ever have: its nodes now, or what its autoscaler may add, whichever
+    is more. An upper bound, so a run is refused only when no number of nodes could fit it.
+
+    ``nodes_now``: each alive node's total resources.
+    ``config_groups``: (resources, max_count) per node group the autoscaler reported to the
+    GCS (max_count -1: unbounded).
+    ``launcher``: the cluster launcher's config (``~/ray_bootstrap_config.yaml`` on its head):
+    the head node type once, each worker node type ``max_workers`` times (at most the
+    cluster's ``max_workers``).
+    """
+    now = [_numbers(node) for node in nodes_now]
+    total: dict[str, float] = {}
+    for node in now:
+        for key, value in node.items():
+            total[key] = total.get(key, 0.0) + value
+    shapes = list(now)
+    bounds: list[dict[str, float]] = []
+
+    groups: list[tuple[dict[str, float], float]] = []
+    for resources, count in config_groups or []:
+        groups.append((_numbers(resources), float("inf") if count < 0 else float(count)))
+    if launcher and isinstance(launcher.get("available_node_types"), dict):
+        cap = launcher.get("max_workers")
+        head = launcher.get("head_node_type")
+        for name, node in launcher["available_node_types"].items():
+            if not isinstance(node, dict):
+                continue
+            count = node.get("max_workers", cap if isinstance(cap, int) else 0)
+            count = 1 if name == head else int(count) if isinstance(count, int) else 0
+            if name != head and isinstance(cap, int):
+                count = min(count, cap)
+            groups.append((_numbers(node.get("resources")), float(count)))
+    if groups:
+        bound: dict[str, float] = {}
+        for resources, count in groups:
+            if count <= 0:
+                continue
+            shapes.append(resources)
+            for key, value in resources.items():
+                bound[key] = bound.get(key, 0.0) + count * value
+        bounds.append(bound)
+    for bound in bounds:
+        for key, value in bound.items():
+            total[key] = max(total.get(key, 0.0), value)
+    return Capacity(total=total, nodes=tuple(shapes))
+
+
+LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
+
+
+def cluster_capacity(local: bool) -> Capacity:
+    """``capacity`` of the cluster this process is attached to (``local``: a Ray it started,
+    which no autoscaler or launcher config can grow)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if local:
+        return capacity(nodes)
+    groups = None
+    try:  # what an autoscaler reported (private API; without it, the other sources count)
+        config = ray._private.state.state.get_cluster_config()
+        if config is not None:
+            groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs]
+    except Exception:  # noqa: BLE001
+        groups = None
+    launcher = None
+    if LAUNCHER_CONFIG.is_file():  # under `ray job submit`, the driver runs on the head node
+        try:
+            launcher = yaml.safe_load(LAUNCHER_CONFIG.read_text())
+        except (OSError, yaml.YAMLError):
+            launcher = None
+    return capacity(nodes, groups, launcher if isinstance(launcher, dict) else None)
+
+
+def resolve_use_gpu(cfg: RunConfig, resources: Capacity) -> bool:
     if cfg.scaling.use_gpu == "auto":
-        return gpus > 0
+        return resources.total.get("GPU", 0.0) > 0
     return bool(cfg.scaling.use_gpu)
 
 
-def check_resources(cfg: RunConfig, resources: dict[str, Any]) -> bool:
-    """Fail fast, instead of waiting forever, when the cluster can never fit the run."""
+def check_resources(cfg: RunConfig, resources: Capacity) -> bool:
+    """Fail fast, instead of waiting forever, when the cluster can never fit the run.
+
+    ``resources``: ``cluster_capacity()``, or ``local_resources()`` before a local start.
+    Returns whether the run uses GPUs.
+    """
     use_gpu = resolve_use_gpu(cfg, resources)
-    n = cfg.scaling.num_workers
-    cpus_needed = n * cfg.scaling.cpus_per_worker
-    cpus = resources.get("CPU", 0)
-    if cpus_needed > cpus:
+    n, per_worker = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    cpus = resources.total.get("CPU", 0.0)
+    if n * per_worker > cpus:
         raise UserError(
-            f"scaling.num_workers: {n} workers x {cfg.scaling.cpus_per_worker:g} CPU need "
-            f"{cpus_needed:g} CPUs but the cluster has {cpus:g}; use at most "
-            f"{int(cpus // cfg.scaling.cpus_per_worker)} workers or fewer scaling.cpus_per_worker"
+            f"scaling.num_workers: {n} workers x {per_worker:g} CPU need {n * per_worker:g} "
+            f"CPUs but the cluster can have at most {cpus:g}; use at most "
+            f"{int(cpus // per_worker)} workers or fewer scaling.cpus_per_worker"
         )
-    gpus = resources.get("GPU", 0)
+    gpus = resources.total.get("GPU", 0.0)
     if use_gpu and n > gpus:
         raise UserError(
-            f"scaling.num_workers: {n} workers need one GPU each but the cluster has "
-            f"{gpus:g} GPUs; use at most {int(gpus)} workers or scaling.use_gpu: false"
+            f"scaling.num_workers: {n} workers need one GPU each but the cluster can have at "
+            f"most {gpus:g} GPUs; use at most {int(gpus)} workers or scaling.use_gpu: false"
+        )
+    need = {"CPU": per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    if not resources.fits_one(need):
+        largest = max((node.get("CPU", 0.0) for node in resources.nodes
+                       if not use_gpu or node.get("GPU", 0.0) >= 1), default=0.0)
+        where = "GPU node" if use_gpu else "node"
+        raise UserError(
+            f"scaling.cpus_per_worker: one worker needs {per_worker:g} CPUs"
+            f"{' and a GPU' if use_gpu else ''} on one node, but no {where} of the cluster has "
+            f"more than {largest:g} CPUs; use scaling.cpus_per_worker <= {largest:g}"
         )
     return use_gpu

@@ -11,6 +11,7 @@ from orchestrator import storage
 from orchestrator.cluster import (
     attaches_to_cluster,
     check_resources,
+    cluster_capacity,
     init_ray,
     local_resources,
     pace_reports,
@@ -133,7 +134,6 @@ class EventPump:
 def run_training(
     cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, say: Any = print
 ) -> dict[str, Any]:
-    import ray
     from ray.train import TrainingFailedError
 
     from orchestrator.wandb_run import NullRun, open_run
@@ -142,8 +142,8 @@ def run_training(
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if not attaches_to_cluster():
         check_resources(cfg, local_resources())  # fail before starting Ray at all
-    init_ray()
-    use_gpu = check_resources(cfg, ray.cluster_resources())
+    local = init_ray()
+    use_gpu = check_resources(cfg, cluster_capacity(local))
     if mode == "overwrite":
         storage.delete_dir(run_dir)
     try:

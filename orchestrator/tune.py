@@ -22,7 +22,15 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.cluster import attaches_to_cluster, check_resources, init_ray, local_resources
+from orchestrator.cluster import (
+    Capacity,
+    attaches_to_cluster,
+    check_resources,
+    cluster_capacity,
+    init_ray,
+    local_resources,
+    resolve_use_gpu,
+)
 from orchestrator.config import UserError
 from orchestrator.recorder import STAGING_DIR
 from orchestrator.search import (
@@ -93,12 +101,12 @@ def plan_search(cfg: RunConfig, experiment_dir: str) -> list[Trial]:
 
 def run_trial(tune_config: dict[str, Any]) -> None:
     """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints)."""
-    import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = RunConfig.model_validate(tune_config["trial"]["config"])
     run_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
-    use_gpu = check_resources(cfg, ray.cluster_resources())
+    # Decided by the driver, which checked the whole cluster's capacity before the search.
+    use_gpu = tune_config["trial"]["use_gpu"]
     trainer = build_trainer(cfg, run_dir, use_gpu, callbacks=[TuneReportCallback()],
                             label=cfg.name, log_model=tune_config["trial"]["log_model"])
     trainer.fit()
@@ -285,7 +293,8 @@ def saved_trials(experiment_dir: str) -> list[Trial] | None:
 
 
 def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
-              logger: TrialLogger, experiment_dir: str, log_model: str | None) -> None:
+              logger: TrialLogger, experiment_dir: str, log_model: str | None,
+              gpus: dict[str, bool]) -> None:
     from ray import tune
 
     tuner = tune.Tuner(
@@ -294,7 +303,7 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
         param_space={"trial": tune.grid_search(
             [{"trial_id": t.trial_id, "config": configs[t.trial_id].to_dict(),
-              "log_model": log_model} for t in todo]
+              "log_model": log_model, "use_gpu": gpus[t.trial_id]} for t in todo]
         )},
         tune_config=tune.TuneConfig(
             num_samples=1, scheduler=make_scheduler(cfg),
@@ -313,26 +322,38 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
     tuner.fit()
 
 
+def check_fit(cfg: RunConfig, configs: dict[str, RunConfig], resources: Capacity) -> bool:
+    """Every trial must fit the cluster (a search may vary its scaling); whether GPUs are used."""
+    use_gpu = check_resources(cfg, resources)
+    for trial_id, trial in configs.items():
+        try:
+            check_resources(trial, resources)
+        except UserError as exc:
+            raise UserError(f"{exc} (trial {trial_id} of tune.search_space)") from None
+    return use_gpu
+
+
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                say: Any = print) -> list[dict[str, Any]]:
-    import ray
 
     experiment_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
     start = prepare_run_dir(experiment_dir, resume=resume, overwrite=overwrite)
     trials = (saved_trials(experiment_dir) if start == "resume" else None) \
         or plan_search(cfg, experiment_dir)  # every trial validated before anything starts
+    base = cfg.to_dict()
+    configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     if not attaches_to_cluster():
-        check_resources(cfg, local_resources())
-    init_ray()
-    use_gpu = check_resources(cfg, ray.cluster_resources())
+        check_fit(cfg, configs, local_resources())
+    local = init_ray()
+    cap = cluster_capacity(local)
+    use_gpu = check_fit(cfg, configs, cap)
+    gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
     if start == "overwrite":
         storage.delete_dir(experiment_dir)
     storage.write_json(storage.join(experiment_dir, SEARCH_FILE),
                        {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
     search_run = open_run(cfg, experiment_dir, job_type="search")  # fails here, not mid-search
 
-    base = cfg.to_dict()
-    configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     todo = pending_trials(trials, configs)
     say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} already "
         f"finished), {cfg.tune.max_concurrent_trials} at a time, scheduler {cfg.tune.scheduler}, "
@@ -344,7 +365,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     try:
         if todo:
             log_model = None if isinstance(search_run, NullRun) else cfg.wandb.log_model
-            run_tuner(cfg, todo, configs, logger, experiment_dir, log_model)
+            run_tuner(cfg, todo, configs, logger, experiment_dir, log_model, gpus)
     finally:
         logger.finish_trials(use_gpu, say)
         logger.abort_unfinished()
