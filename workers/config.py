@@ -45,6 +45,11 @@ class TrainSection(_Section):
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: forward passes and losses under bfloat16 autocast (GPU or CPU); the "
+        "weights, optimizer state, checkpoints, losses and metric statistics stay float32/64",
+    )
     schedule: Literal["auto", "one_cycle", "constant"] = Field(
         "auto",
         description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "

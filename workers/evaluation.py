@@ -26,6 +26,24 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 mixed precision for a forward pass (and the loss): matmuls and convolutions in
+    bfloat16, the parameters untouched (float32 master weights)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
+def as_float32(obj: Any) -> Any:
+    """Outputs of an autocast forward, in float32: losses and metrics are computed on these."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float64 else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: as_float32(v) for k, v in obj.items()}
+    return obj
+
+
 def is_class_label(target: Any) -> bool:
     if isinstance(target, bool):
         return False
@@ -68,6 +86,7 @@ def accumulate(
     loss_fn: Any,
     metrics: Sequence[Any],
     device: torch.device,
+    precision: str = "fp32",
 ) -> MeanLoss:
     """Sufficient statistics of one pass over ``loader`` with fixed weights."""
     loss = MeanLoss()
@@ -77,7 +96,9 @@ def accumulate(
     with torch.no_grad():
         for x, y in loader:
             x, y = to_device(x, device), to_device(y, device)
-            out = model(x)
+            with autocast(device, precision):
+                out = model(x)
+            out = as_float32(out)
             loss.add_batch(loss_fn(out, y).item(), len(y))
             for metric in metrics:
                 metric.update(out, y)
@@ -117,10 +138,11 @@ def evaluate_dataset(
     split: str,
     batch_size: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """A single-process evaluation of a whole split (used for the test split and for checks)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    loss = accumulate(model, loader, loss_fn, metrics, device)
+    loss = accumulate(model, loader, loss_fn, metrics, device, precision)
     vector, sizes = pack_states(loss, metrics)
     return unpack_compute(split, vector, sizes, loss, metrics)
 
@@ -131,6 +153,7 @@ def train_epoch(
     loss_fn: Any,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    precision: str = "fp32",
 ) -> MeanLoss:
     """One pass over this rank's training shard; the running loss as sufficient statistics."""
     model.train()
@@ -138,7 +161,9 @@ def train_epoch(
     for x, y in loader:
         x, y = to_device(x, device), to_device(y, device)
         optimizer.zero_grad(set_to_none=True)
-        batch_loss = loss_fn(model(x), y)
+        with autocast(device, precision):
+            out = model(x)
+        batch_loss = loss_fn(as_float32(out), y)  # backward leaves autocast, as it should
         batch_loss.backward()
         optimizer.step()
         loss.add_batch(batch_loss.item(), len(y))

@@ -35,9 +35,22 @@ from fastcore.foundation import L
 
 from workers.checkpointing import LEARNER_FILE, load_train_state, load_weights
 from workers.config import RunConfig
-from workers.evaluation import global_metrics, infer_num_classes, to_device, workload_metrics
+from workers.evaluation import (
+    as_float32,
+    autocast,
+    global_metrics,
+    infer_num_classes,
+    to_device,
+    workload_metrics,
+)
 from workers.fastai_learner import MetricColumn, learner_from_workload
-from workers.loop import EpochReporter, epoch_seed, quiet_ray_train_logs, require_monitor
+from workers.loop import (
+    EpochReporter,
+    check_precision,
+    epoch_seed,
+    quiet_ray_train_logs,
+    require_monitor,
+)
 from workers.metrics import MeanLoss
 from workers.workload import build_workload
 
@@ -141,6 +154,35 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+class Bf16Autocast(Callback):
+    """bf16 mixed precision for a Learner on any device: the forward pass and loss under
+    autocast, the predictions in float32 for the loss and metrics. (fastai's MixedPrecision
+    enters CUDA autocast only, which leaves a CPU run in float32.)"""
+
+    order = 10  # as fastai's MixedPrecision: before the metrics read the predictions
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.context = device, None
+
+    def before_batch(self) -> None:
+        self.context = autocast(self.device, "bf16")
+        self.context.__enter__()
+
+    def after_pred(self) -> None:
+        self.learn.pred = as_float32(self.pred)
+
+    def after_loss(self) -> None:
+        self._leave()
+
+    def after_cancel_batch(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+
 class ReportToRay(Callback):
     """Per epoch: exact global metrics into the Recorder's row, then the shared end of epoch."""
 
@@ -237,6 +279,7 @@ def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
     random.seed(cfg.seed)  # fastai DataLoaders seed their generators from `random`
     workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
     device = ray.train.torch.get_device()
+    check_precision(cfg.train.precision, device)
     plain = workload.model.to(device)
     learn = getattr(workload, "extras", {}).get("learner")
     if learn is None:
@@ -291,7 +334,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                     world_size=world_size, torch_weights_file=LEARNER_FILE)
     report = ReportToRay(reporter, s.plain, s.metrics, s.train_dl, rank=rank, seed=cfg.seed,
                          first_epoch=s.start_epoch - 1)
-    fit_args = {"start_epoch": s.start_epoch - 1, "cbs": [report]}
+    cbs = [report] + ([Bf16Autocast(s.device)] if cfg.train.precision == "bf16" else [])
+    fit_args = {"start_epoch": s.start_epoch - 1, "cbs": cbs}
     with s.learn.no_bar(), s.learn.no_logging():
         if cfg.schedule == "one_cycle":
             s.learn.fit_one_cycle(cfg.train.epochs, lr_max=cfg.train.lr, **fit_args)

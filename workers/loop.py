@@ -63,6 +63,14 @@ class Setup:
     device: torch.device
     start_epoch: int
     tracker_state: dict[str, Any] | None
+    precision: str = "fp32"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"train.precision: bf16 is not supported by {name} (bfloat16 needs an "
+                         "Ampere or newer GPU); use train.precision: fp32")
 
 
 def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
@@ -72,6 +80,7 @@ def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
     device = ray.train.torch.get_device()
+    check_precision(cfg.train.precision, device)
     plain = workload.model.to(device)
     num_classes = infer_num_classes(plain, workload.train_dataset, device)
     metrics = workload_metrics(workload, num_classes)
@@ -106,13 +115,13 @@ def setup(cfg: RunConfig, rank: int, world_size: int) -> Setup:
     val_loader = DataLoader(shard(workload.val_dataset, rank, world_size),
                             batch_size=cfg.train.batch_size, shuffle=False)
     return Setup(model, plain, optimizer, train_loader, val_loader, workload.loss_fn, metrics,
-                 device, start_epoch, tracker_state)
+                 device, start_epoch, tracker_state, cfg.train.precision)
 
 
 def evaluate_epoch(s: Setup, train_loss: MeanLoss) -> dict[str, float]:
     # The unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
     # with different numbers of validation batches would never all reach.
-    val_loss = accumulate(s.plain, s.val_loader, s.loss_fn, s.metrics, s.device)
+    val_loss = accumulate(s.plain, s.val_loader, s.loss_fn, s.metrics, s.device, s.precision)
     return global_metrics([("train", train_loss, []), ("val", val_loss, s.metrics)], s.device)
 
 
@@ -238,7 +247,8 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
         s.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device)
+        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device,
+                                 cfg.train.precision)
         if reporter.report(epoch, evaluate_epoch(s, train_loss), started):
             break
     reporter.saver.wait()

@@ -33,7 +33,8 @@ def evaluate_split(
     model.to(device)
     metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device))
     return evaluate_dataset(model, dataset, workload.loss_fn, metrics, split=split,
-                            batch_size=cfg.train.batch_size, device=device)
+                            batch_size=cfg.train.batch_size, device=device,
+                            precision=cfg.train.precision)
 
 
 def evaluate_checkpoint(config: dict[str, Any], checkpoint: Any, split: str):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.config import UserError
 from orchestrator.train import run_training
@@ -162,3 +163,24 @@ def test_breast_cancer_monitors_mcc(tmp_path, ray_local):
     assert summary["best_metrics"]["val_mcc"] == max(mccs)
     recomputed = evaluate_split(cfg, summary["best_checkpoint"], "val")
     assert_close(recomputed["val_mcc"], max(mccs))
+
+
+def test_bf16_mixed_precision_tracks_and_saves_float32_weights(tmp_path, ray_local):
+    from safetensors import safe_open
+
+    cfg = overfit_config(tmp_path, name="bf16", train={"epochs": 6, "precision": "bf16"})
+    summary = run_training(cfg)
+    losses = [h["val_loss"] for h in summary["history"]]
+    assert len(losses) == 6 and summary["best_metrics"]["val_loss"] == min(losses)
+    best_dir = Path(summary["best_checkpoint"])
+    assert load_metadata(best_dir)["config"]["train"]["precision"] == "bf16"
+    with safe_open(str(best_dir / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
+    # The recorded metrics are those of a bf16 evaluation of the saved weights ...
+    recomputed = evaluate_split(cfg, best_dir, "val")
+    for key, value in recomputed.items():
+        assert_close(value, summary["best_metrics"][key], rel=1e-4)
+    # ... and not of a float32 one: the run really computed in bfloat16.
+    fp32 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp32"})})
+    assert evaluate_split(fp32, best_dir, "val")["val_loss"] != pytest.approx(
+        summary["best_metrics"]["val_loss"], rel=1e-4)

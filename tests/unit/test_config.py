@@ -153,6 +153,7 @@ BASE = deep_merge(MINIMAL, {
         (["train.epochs=3"], "train.epochs", 3),
         (["train.epochs=3", "train.epochs=4"], "train.epochs", 4),  # the last one wins
         (["train.optimizer=sgd"], "train.optimizer", "sgd"),
+        (["train.precision=bf16"], "train.precision", "bf16"),
         (["scaling.use_gpu=false"], "scaling.use_gpu", False),
         (["scaling.use_gpu=true"], "scaling.use_gpu", True),
         (["scaling.use_gpu=auto"], "scaling.use_gpu", "auto"),
@@ -303,6 +304,7 @@ BAD_INPUTS = [
     bad("bad_policy", {"checkpoint": {"policy": "sometimes"}}, ("checkpoint.policy", "sometimes")),
     bad("bad_mode", {"tracker": {"mode": "up"}}, ("tracker.mode", "up")),
     bad("bad_optimizer", {"train": {"optimizer": "lion"}}, ("train.optimizer", "lion")),
+    bad("bad_precision", {"train": {"precision": "fp16"}}, ("train.precision", "fp16", "bf16")),
     bad("bad_use_gpu", {"scaling": {"use_gpu": "maybe"}}, "scaling.use_gpu"),
     bad("entrypoint_without_colon", {"workload": {"entrypoint": "workers.workloads.digits"}},
         "workload.entrypoint"),
