@@ -176,11 +176,12 @@ def test_bf16_mixed_precision_tracks_and_saves_float32_weights(tmp_path, ray_loc
     assert load_metadata(best_dir)["config"]["train"]["precision"] == "bf16"
     with safe_open(str(best_dir / "model.safetensors"), framework="pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float32}
-    # The recorded metrics are those of a bf16 evaluation of the saved weights ...
+    # The recorded metrics are those of a bf16 evaluation of the saved weights (measured: equal
+    # to ~1e-8) ...
     recomputed = evaluate_split(cfg, best_dir, "val")
     for key, value in recomputed.items():
-        assert_close(value, summary["best_metrics"][key], rel=1e-4)
-    # ... and not of a float32 one: the run really computed in bfloat16.
+        assert_close(value, summary["best_metrics"][key])
+    # ... and not of a float32 one (measured: ~3e-5 apart): the run computed in bfloat16.
     fp32 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp32"})})
     assert evaluate_split(fp32, best_dir, "val")["val_loss"] != pytest.approx(
-        summary["best_metrics"]["val_loss"], rel=1e-4)
+        summary["best_metrics"]["val_loss"], rel=1e-6)
