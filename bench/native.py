@@ -40,12 +40,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out: str,
-            niceness: int) -> None:
-    # Ray gives each 1-CPU worker one intra-op thread, and the niceness its raylet was told
-    # (RAY_worker_niceness); so does this.
+def _worker(rank: int, world_size: int, port: int, config: dict[str, Any], out: str) -> None:
+    # Ray gives each 1-CPU worker one intra-op thread; so does this.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    os.setpriority(os.PRIO_PROCESS, 0, niceness)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
     try:
@@ -83,15 +80,16 @@ def _train(rank: int, world_size: int, cfg: RunConfig, out: Path) -> None:
                                    "niceness": os.getpriority(os.PRIO_PROCESS, 0)}))
 
 
-def run_native(config: dict[str, Any], out: Path, world_size: int, niceness: int,
+def run_native(config: dict[str, Any], out: Path, world_size: int,
                on_start: Any = None) -> dict[str, Any]:
-    """Train in ``world_size`` fresh processes; ``on_start(pids)`` is called once they run."""
+    """Train in ``world_size`` fresh processes (at this process's niceness, as the Ray
+    workers of ``bench.run``); ``on_start(pids)`` is called once they run."""
     env = {"OMP_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the spawned processes
     try:
         ctx = mp.start_processes(
-            _worker, args=(world_size, free_port(), config, str(out), niceness),
+            _worker, args=(world_size, free_port(), config, str(out)),
             nprocs=world_size, join=False, start_method="spawn")
         if on_start is not None:
             on_start([p.pid for p in ctx.processes])

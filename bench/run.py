@@ -40,9 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the project's, or the variable if set)")
     p.add_argument("--pacing", default=None, metavar="S,S,...",
                    help="instead: native and bare on the small model at each poll interval")
-    p.add_argument("--niceness", type=int, default=0,
-                   help="of every training process, Ray's (RAY_worker_niceness; Ray's own "
-                        "default is 15) and native's alike")
+    p.add_argument("--niceness", type=int, default=None,
+                   help="run at this niceness (default: as started); every process of the "
+                        "benchmark, Ray's workers and native's processes alike, runs at it")
     p.add_argument("--quick", action="store_true", help="small model, 3 epochs")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"))
     args = p.parse_args(argv)
@@ -82,15 +82,17 @@ def host_copy_seconds(size: str, repeats: int = 15) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
-def start_ray(niceness: int) -> None:
+def start_ray() -> None:
     import logging
 
     import ray
 
     from orchestrator.cluster import ray_env_vars
 
-    # Read by the raylet when it starts: the niceness of every Ray worker process.
-    os.environ["RAY_worker_niceness"] = str(niceness)
+    # Read by the raylet when it starts: its workers' niceness, relative to its own (which is
+    # this process's). Ray's default, 15, would put the Ray variants, and only them, behind
+    # any other work on the machine.
+    os.environ["RAY_worker_niceness"] = "0"
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR)
     # As the project's init_ray, but the workers' and controller's output stays in Ray's logs.
@@ -108,8 +110,7 @@ def run_all(plan: list[tuple[str, str, str, str]], args: argparse.Namespace,
         load_before = os.getloadavg()[0]
         started = time.time()
         record = run_variant(variant, size, epochs=args.epochs, workers=args.workers,
-                             root=root, tag=tag, interval_s=interval,
-                             niceness=args.niceness)
+                             root=root, tag=tag, interval_s=interval)
         record.update(interval=interval, load_before=load_before,
                       load_after=os.getloadavg()[0])
         records.append(record)
@@ -166,13 +167,19 @@ def pacing_table(rows: dict[str, dict[str, Any]]) -> Any:
     return table
 
 
+def niceness(records: list[dict[str, Any]]) -> str:
+    """The training processes' niceness, which must be the same for every variant."""
+    values = sorted({n for r in records for n in r["niceness"]})
+    return str(values[0]) if len(values) == 1 else f"MIXED {values}"
+
+
 def environment() -> dict[str, Any]:
     import ray
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "ray": ray.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "driver_niceness": os.nice(0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                 for r, order in enumerate(stats.round_orders(variants, args.rounds))
                 for v in order]
 
-    start_ray(args.niceness)
+    if args.niceness is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, args.niceness)
+    start_ray()
     root = Path(tempfile.mkdtemp(prefix="bench-"))
     console = Console(record=True, width=170)
     records = run_all(plan, args, root)
@@ -227,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             stats.add_ratios(rows)
             out["summary"][size] = rows
             console.print(main_table(size, rows, out["weights_bytes"][size]))
+            if "best" in rows:
+                expected = len(out["improving_epochs"]) * out["weights_bytes"][size]
+                rows["best"]["expected_weight_bytes"] = expected
+                written = rows["best"]["written_weight_bytes"]
+                console.print(f"ours (best): weights written {written:,.0f} bytes; "
+                              f"improvements x weights = {expected:,} bytes")
             copy = out["host_copy_s"][size]
             console.print(f"host copy of the weights alone (this process, 1 thread): into "
                           f"reused buffers {copy['reused_buffers'] * 1e3:.2f} ms, into fresh "
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"(bare, median) {plain * 1e3:.1f} ms\n")
         console.print(f"{args.workers} workers, {args.epochs} epochs, improving epochs "
                       f"{out['improving_epochs']}, poll interval {interval} s, "
-                      f"{args.rounds} round(s); load average "
+                      f"{args.rounds} round(s), niceness {niceness(records)}; load average "
                       f"{min(r['load_before'] for r in records):.1f}-"
                       f"{max(r['load_after'] for r in records):.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def run_ray_variant(variant: str, cfg: RunConfig, log_dir: Path,
     }
 
 
-def run_native_variant(cfg: RunConfig, log_dir: Path, niceness: int) -> dict[str, Any]:
+def run_native_variant(cfg: RunConfig, log_dir: Path) -> dict[str, Any]:
     from bench.native import run_native
 
     log_dir.mkdir(parents=True)
@@ -126,7 +127,7 @@ def run_native_variant(cfg: RunConfig, log_dir: Path, niceness: int) -> dict[str
     started = time.time()
     with Sampler(log_dir / "no-storage", lambda: known) as sampler:
         out = run_native(cfg.to_dict(), log_dir / "native.json", cfg.scaling.num_workers,
-                         niceness, on_start=known.extend)
+                         on_start=known.extend)
     ended = time.time()
     return {
         "stamps": out["stamps"][1:],  # [0] is the start of epoch 1
@@ -141,7 +142,7 @@ def run_native_variant(cfg: RunConfig, log_dir: Path, niceness: int) -> dict[str
 
 
 def run_variant(variant: str, size: str, *, epochs: int, workers: int, root: Path,
-                tag: str, interval_s: str, niceness: int) -> dict[str, Any]:
+                tag: str, interval_s: str) -> dict[str, Any]:
     """One run of ``variant``; its storage is deleted afterwards (measured while it ran)."""
     name = f"{variant}-{size}-{tag}"
     storage = root / "storage"
@@ -149,7 +150,13 @@ def run_variant(variant: str, size: str, *, epochs: int, workers: int, root: Pat
                       name=name)
     log_dir = root / "logs" / name
     if VARIANTS[variant]["kind"] == "native":
-        record = run_native_variant(cfg, log_dir, niceness)
+        try:
+            record = run_native_variant(cfg, log_dir)
+        except Exception as exc:  # noqa: BLE001 - e.g. its free port taken meanwhile: once more
+            print(f"native run failed ({type(exc).__name__}: {exc}); running it again",
+                  file=sys.stderr)
+            shutil.rmtree(log_dir)
+            record = {**run_native_variant(cfg, log_dir), "retried_after": str(exc)}
     else:
         record = run_ray_variant(variant, cfg, log_dir, interval_s)
     shutil.rmtree(storage / name, ignore_errors=True)
