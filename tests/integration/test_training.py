@@ -185,3 +185,30 @@ def test_bf16_mixed_precision_tracks_and_saves_float32_weights(tmp_path, ray_loc
     fp32 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "fp32"})})
     assert evaluate_split(fp32, best_dir, "val")["val_loss"] != pytest.approx(
         summary["best_metrics"]["val_loss"], rel=1e-6)
+
+
+def test_processes_of_a_local_run_query_their_own_clusters_state(ray_local):
+    """Ray Train's placement-group cleaner (a detached actor started by the controller) asks
+    the state API whether the controller died. Each process must ask this run's cluster, not
+    the newest one started on the machine (/tmp/ray/ray_current_cluster)."""
+    import ray
+    from ray.dashboard.utils import get_address_for_submission_client
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ask(self) -> tuple[str | None, str]:
+            import os
+
+            return os.environ.get("RAY_API_SERVER_ADDRESS"), \
+                get_address_for_submission_client(None)
+
+    @ray.remote(num_cpus=0)
+    def from_a_detached_actor_started_by_a_task(name: str) -> tuple[str | None, str]:
+        probe = Probe.options(name=name, lifetime="detached").remote()
+        try:
+            return ray.get(probe.ask.remote())
+        finally:
+            ray.kill(probe)
+
+    own = "http://" + ray._private.worker.get_dashboard_url()
+    assert ray.get(from_a_detached_actor_started_by_a_task.remote("state-probe")) == (own, own)
