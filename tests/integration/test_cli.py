@@ -21,21 +21,36 @@ from workers.workloads.digits import build as build_digits
 pytestmark = pytest.mark.integration
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, cwd: Path, timeout: int = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_default_digits_run_and_best(tmp_path):
     runs = tmp_path / "runs"
+    home = tmp_path / "home"  # no W&B credentials (no ~/.netrc, no key): the default goes offline
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     proc = run_cli("train", str(REPO / "configs/digits.yaml"), "--set", f"storage_path={runs}",
-                   "--set", "train.epochs=4", cwd=tmp_path)
+                   "--set", "train.epochs=4", cwd=tmp_path, env={**env, "HOME": str(home)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best epoch" in proc.stdout and "best model:" in proc.stdout
 
     summary = json.loads((runs / "digits-mlp" / "summary.json").read_text())
     assert summary["epochs_completed"] == 4 and summary["test_metrics"] is not None
+    # The built-in default logs an offline W&B run beside the model, with the best epoch.
+    assert summary["wandb"]["mode"] == "offline", summary["wandb"]
+    wandb_run = Path(summary["wandb"]["run"])
+    assert wandb_run.is_relative_to(runs / "digits-mlp")
+    assert f"wandb sync {wandb_run}" in proc.stdout
+    inspected = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect",
+                                "--json", "--summary", str(wandb_run)],
+                               capture_output=True, text=True, timeout=120, check=True)
+    wb_summary = json.loads(inspected.stdout)["summary"]
+    assert wb_summary["best_epoch"] == summary["best_epoch"]
+    assert wb_summary["best_val_loss"] == summary["best_metrics"]["val_loss"]
     # A user's check: the saved weights, loaded with safetensors into the workload's model,
     # reproduce best_metrics in one plain process.
     workload = build_digits(hidden=64)
