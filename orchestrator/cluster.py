@@ -143,13 +143,6 @@ def capacity(nodes_now: list[dict[str, Any]], config_groups: list[tuple[dict[str
     cluster's ``max_workers``).
     """
     now = [_numbers(node) for node in nodes_now]
-    total: dict[str, float] = {}
-    for node in now:
-        for key, value in node.items():
-            total[key] = total.get(key, 0.0) + value
-    shapes = list(now)
-    bounds: list[dict[str, float]] = []
-
     groups: list[tuple[dict[str, float], float]] = []
     for resources, count in config_groups or []:
         groups.append((_numbers(resources), float("inf") if count < 0 else float(count)))
@@ -164,19 +157,22 @@ def capacity(nodes_now: list[dict[str, Any]], config_groups: list[tuple[dict[str
             if name != head and isinstance(cap, int):
                 count = min(count, cap)
             groups.append((_numbers(node.get("resources")), float(count)))
-    if groups:
-        bound: dict[str, float] = {}
-        for resources, count in groups:
-            if count <= 0:
-                continue
-            shapes.append(resources)
-            for key, value in resources.items():
-                bound[key] = bound.get(key, 0.0) + count * value
-        bounds.append(bound)
-    for bound in bounds:
-        for key, value in bound.items():
-            total[key] = max(total.get(key, 0.0), value)
-    return Capacity(total=total, nodes=tuple(shapes))
+    growable = [(resources, count) for resources, count in groups if count > 0]
+
+    total = _summed((node, 1.0) for node in now)
+    for key, value in _summed(growable).items():
+        total[key] = max(total.get(key, 0.0), value)
+    return Capacity(total=total, nodes=tuple(now + [resources for resources, _ in growable]))
+
+
+def _summed(groups: Any) -> dict[str, float]:
+    """Per resource, the sum over (resources, count) pairs of count x amount."""
+    out: dict[str, float] = {}
+    for resources, count in groups:
+        for key, value in resources.items():
+            if value:  # 0 of a resource on unboundedly many nodes is still 0
+                out[key] = out.get(key, 0.0) + count * value
+    return out
 
 
 LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
