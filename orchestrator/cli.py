@@ -10,7 +10,8 @@ import json
 import os
 import sys
 
-from orchestrator.config import UserError
+from orchestrator.errors import TrainingError, UserError
+from workers.names import LEADERBOARD_FILE, SUMMARY_FILE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
+    from orchestrator.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
     from orchestrator.report import print_summary
@@ -63,17 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from orchestrator.config import load_config
+    from orchestrator.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from orchestrator import storage
     from orchestrator.report import print_leaderboard
-    from orchestrator.tune import LEADERBOARD_FILE, run_search
+    from orchestrator.tune import run_search
 
     board = run_search(cfg, resume=args.resume, overwrite=args.overwrite)
-    from orchestrator import storage
-
-    print_leaderboard(storage.read_json(
-        storage.join(storage.resolve(cfg.storage_path), cfg.name, LEADERBOARD_FILE)))
+    print_leaderboard(storage.read_json(storage.join(storage.run_dir(cfg), LEADERBOARD_FILE)))
     statuses = {row["status"] for row in board}
     if "interrupted" in statuses:
         return 130
@@ -83,8 +82,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from orchestrator import storage
     from orchestrator.report import print_leaderboard, print_summary
-    from orchestrator.summary import SUMMARY_FILE
-    from orchestrator.tune import LEADERBOARD_FILE
 
     root = storage.resolve(args.path)
     for name, show in ((LEADERBOARD_FILE, print_leaderboard), (SUMMARY_FILE, print_summary)):
@@ -113,10 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        from orchestrator.train import TrainingError
-
-        if isinstance(exc, TrainingError):
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return 1
-        raise
+    except TrainingError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1

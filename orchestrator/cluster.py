@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import UserError
+from orchestrator.errors import UserError
 from workers.config import RunConfig
+from workers.private_apis import autoscaler_node_groups, dashboard_url, quiet_ray_token_setup
 
 # ray.train.report blocks until the controller polls the workers, every
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): for small epochs that is most of the
@@ -91,15 +92,11 @@ def init_ray() -> bool:
     import ray
 
     if ray.is_initialized():
-        return bool(_started_here) and _started_here[-1] == _dashboard_url()
+        return bool(_started_here) and _started_here[-1] == dashboard_url()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return False
-    # Ray 2.60 turns token authentication on for the local cluster it starts and says so
-    # on stderr at WARNING; that is the right default, not something to alarm users with.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
+    quiet_ray_token_setup()
     # Not for show: Ray Train's PlacementGroupCleaner asks the dashboard's state API whether
     # a controller died, to free its workers' CPUs (a Tune trial stopped by its scheduler).
     # It listens on 127.0.0.1 only. Left to itself, the state API in a worker looks for "the"
@@ -114,14 +111,8 @@ def init_ray() -> bool:
         dashboard_port=port,
         logging_level=logging.WARNING,
     )
-    _started_here.append(_dashboard_url())
+    _started_here.append(dashboard_url())
     return True
-
-
-def _dashboard_url() -> str:
-    import ray
-
-    return ray._private.worker.get_dashboard_url() or ""
 
 
 def _numbers(resources: Any) -> dict[str, float]:
@@ -186,13 +177,7 @@ def cluster_capacity(local: bool) -> Capacity:
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if local:
         return capacity(nodes)
-    groups = None
-    try:  # what an autoscaler reported (private API; without it, the other sources count)
-        config = ray._private.state.state.get_cluster_config()
-        if config is not None:
-            groups = [(dict(g.resources), g.max_count) for g in config.node_group_configs]
-    except Exception:  # noqa: BLE001
-        groups = None
+    groups = autoscaler_node_groups()
     launcher = None
     if LAUNCHER_CONFIG.is_file():  # under `ray job submit`, the driver runs on the head node
         try:

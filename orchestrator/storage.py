@@ -1,6 +1,6 @@
 """Run files on a local path or a pyarrow URI (s3://, gs://, file://), the same way.
 
-Local writes are atomic (temp file, fsync, rename); object stores write whole objects.
+Writes go through ``workers.files`` (atomic local files, whole objects on object stores).
 """
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from workers.checkpointing import atomic_write_bytes
+from workers.files import json_bytes, write_object
+
+if TYPE_CHECKING:
+    from workers.config import RunConfig
 
 
 def is_uri(path: str) -> bool:
@@ -24,6 +27,11 @@ def resolve(storage_path: str) -> str:
     if is_uri(storage_path):
         return storage_path
     return os.path.abspath(os.path.expanduser(storage_path))
+
+
+def run_dir(cfg: RunConfig) -> str:
+    """``<storage_path>/<name>``: a run's (or a search's) directory."""
+    return join(resolve(cfg.storage_path), cfg.name)
 
 
 def join(base: str, *parts: str) -> str:
@@ -73,14 +81,7 @@ def delete_dir(path: str) -> None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    if not is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), data)
-        return
-    fs, p = _fs(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as out:
-        out.write(data)
+    write_object(*_fs(path), data)
 
 
 def link_or_copy(source: str, target: str) -> None:
@@ -102,7 +103,7 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_json(path: str, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+    write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str) -> Any:

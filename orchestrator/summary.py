@@ -12,12 +12,17 @@ import tempfile
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.recorder import HISTORY_FILE, STAGING_DIR
-from workers.checkpointing import METADATA_FILE, MODEL_FILE
-from workers.config import RunConfig, resolve_mode
-
-SUMMARY_FILE = "summary.json"
-PLOT_FILE = "training_curves.png"
+from orchestrator.recorder import read_history
+from orchestrator.wandb_log import discard_staged
+from workers.config import RunConfig
+from workers.names import (
+    CHECKPOINT_PREFIX,
+    METADATA_FILE,
+    MODEL_FILE,
+    PLOT_FILE,
+    RAY_SNAPSHOT_FILE,
+    SUMMARY_FILE,
+)
 
 
 def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
@@ -25,7 +30,7 @@ def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
     kept = []
     for name in storage.list_dirs(run_dir):
         path = storage.join(run_dir, name)
-        if not name.startswith("checkpoint_") or not (
+        if not name.startswith(CHECKPOINT_PREFIX) or not (
             storage.exists(storage.join(path, METADATA_FILE))
             and storage.exists(storage.join(path, MODEL_FILE))
         ):
@@ -36,14 +41,11 @@ def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda c: c["epoch"])
 
 
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
 def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     """Delete checkpoint directories Ray never registered: uploads that completed while their
     worker group was failing. Ray does not know them, so it would never delete them, and they
     would break "best and latest only". Skipped if Ray's snapshot cannot be read."""
-    path = storage.join(run_dir, RAY_SNAPSHOT)
+    path = storage.join(run_dir, RAY_SNAPSHOT_FILE)
     try:
         snapshot = storage.read_json(path)
         results = list(snapshot["checkpoint_results"])
@@ -55,15 +57,10 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     # ... nor any that a report registered (the recorder saw it), in case the snapshot lags.
     tracked |= {r["checkpoint"] for r in read_history(run_dir) if r.get("checkpoint")}
     orphans = [name for name in storage.list_dirs(run_dir)
-               if name.startswith("checkpoint_") and name not in tracked]
+               if name.startswith(CHECKPOINT_PREFIX) and name not in tracked]
     for name in orphans:
         storage.delete_dir(storage.join(run_dir, name))
     return orphans
-
-
-def read_history(run_dir: str) -> list[dict[str, Any]]:
-    path = storage.join(run_dir, HISTORY_FILE)
-    return storage.read_json(path)["history"] if storage.exists(path) else []
 
 
 def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
@@ -72,7 +69,7 @@ def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
     import ray
     from ray.train import Checkpoint
 
-    from workers.restore import evaluate_checkpoint
+    from workers.saved_model import evaluate_checkpoint
 
     task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
@@ -90,7 +87,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dic
         "run_dir": run_dir,
         "start": start,
         "monitor": cfg.tracker.monitor,
-        "mode": resolve_mode(cfg.tracker.monitor, cfg.tracker.mode),
+        "mode": cfg.tracker.resolved_mode,
         "policy": cfg.checkpoint.policy,
         "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
         "best_epoch": best["epoch"] if best else None,
@@ -129,7 +126,7 @@ def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start:
     summary.update(extra or {})
     wb.catch_up(summary["history"], run_dir)
     summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
-    storage.delete_dir(storage.join(run_dir, STAGING_DIR))  # models W&B never got (aborted)
+    discard_staged(run_dir)  # models W&B never got (an aborted run)
     if wandb_errors:
         summary["wandb"]["errors"] = wandb_errors
         print(f"warning: {len(wandb_errors)} W&B logging call(s) failed; see summary.json",

@@ -16,87 +16,37 @@ ASHA stops (its process is gone) is documented exactly like one that ran to the 
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from typing import Any
 
 from orchestrator import storage
 from orchestrator.cluster import (
-    Capacity,
     attaches_to_cluster,
-    check_resources,
     cluster_capacity,
     init_ray,
     local_resources,
     resolve_use_gpu,
 )
-from orchestrator.config import UserError
-from orchestrator.recorder import STAGING_DIR
-from orchestrator.search import (
-    SearchSpaceError,
-    Trial,
-    boundary_values,
-    make_trials,
-    parse_space,
-    sample_trials,
-    set_dotted,
+from orchestrator.console import Console
+from orchestrator.errors import UserError
+from orchestrator.records import epoch_record, progress_line
+from orchestrator.search import Trial
+from orchestrator.summary import finalize_run
+from orchestrator.train import prepare_run_dir
+from orchestrator.trainer import build_trainer
+from orchestrator.tune_plan import check_fit, leaderboard, plan_search, trial_config, trial_status
+from orchestrator.wandb_log import open_run, staged_path
+from workers.config import RunConfig
+from workers.names import (
+    BEST_DIR,
+    DONE_FILE,
+    LEADERBOARD_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    SEARCH_FILE,
+    SUMMARY_FILE,
+    TUNE_DIR,
 )
-from orchestrator.summary import SUMMARY_FILE, finalize_run
-from orchestrator.train import build_trainer, prepare_run_dir
-from orchestrator.wandb_run import NullRun, open_run
-from workers.checkpointing import METADATA_FILE, MODEL_FILE
-from workers.config import RunConfig, resolve_mode
-from workers.workload import WorkloadError, check_params
-
-SEARCH_FILE = "search.json"
-DONE_FILE = "trial_done.json"  # written the moment Tune reports a trial ended
-LEADERBOARD_FILE = "leaderboard.json"
-BEST_DIR = "best_model"
-
-
-def trial_config(base: dict[str, Any], trial: Trial, experiment_dir: str) -> RunConfig:
-    from pydantic import ValidationError
-
-    from orchestrator.config import format_validation_error
-
-    data = copy.deepcopy(base)
-    for key, value in trial.overrides.items():
-        set_dotted(data, key, value)
-    data["name"] = trial.trial_id
-    data["storage_path"] = storage.join(experiment_dir, "trials")
-    # Trials log to the experiment's W&B project, grouped under its name.
-    data["wandb"]["project"] = base["wandb"]["project"] or base["name"]
-    try:
-        cfg = RunConfig.model_validate(data)
-        check_params(cfg.workload.entrypoint, cfg.workload.params)
-    except ValidationError as exc:
-        raise SearchSpaceError(_which(trial, format_validation_error(exc))) from None
-    except WorkloadError as exc:
-        raise SearchSpaceError(_which(trial, str(exc))) from None
-    return cfg
-
-
-def _which(trial: Trial, problem: str) -> str:
-    keys = ", ".join(f"{k}={v!r}" for k, v in trial.overrides.items())
-    return f"tune.search_space: the value(s) {keys} give an invalid config: {problem}"
-
-
-def plan_search(cfg: RunConfig, experiment_dir: str) -> list[Trial]:
-    """Draw the trials and validate every one of them; nothing runs before this passes."""
-    base = cfg.to_dict()
-    try:
-        params = parse_space(cfg.tune.search_space)
-        for param in params:  # each option / bound alone first, for a precise message
-            for value in boundary_values(param):
-                trial_config(base, Trial("check", {param.key: value}), experiment_dir)
-        seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
-        trials = make_trials(sample_trials(params, cfg.tune.num_samples, seed))
-        for trial in trials:
-            trial_config(base, trial, experiment_dir)
-    except SearchSpaceError as exc:
-        raise UserError(str(exc)) from None
-    return trials
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -104,28 +54,24 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = RunConfig.model_validate(tune_config["trial"]["config"])
-    run_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
     # Decided by the driver, which checked the whole cluster's capacity before the search.
     use_gpu = tune_config["trial"]["use_gpu"]
-    trainer = build_trainer(cfg, run_dir, use_gpu, callbacks=[TuneReportCallback()],
-                            label=cfg.name, log_model=tune_config["trial"]["log_model"])
+    trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
+                            log_model=tune_config["trial"]["log_model"],
+                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
-def _record(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("epoch", "is_best", "epoch_seconds")
-    return {k: v for k, v in result.items() if k in keep or k.startswith(("train_", "val_"))}
-
-
 class TrialLogger:
-    """Tune callback in the driver: each trial's epochs and models to its own W&B run, live.
+    """Tune callback in the driver: each trial's epochs to the terminal, and its epochs and
+    models to its own W&B run, live.
 
     Trials are summarised after ``tuner.fit`` returns (``finish_trials``), not inside Tune's
     event loop, where waiting for a CPU to evaluate a test split could stall the search.
     """
 
     def __init__(self, configs: dict[str, RunConfig], trials: dict[str, Trial],
-                 experiment: str) -> None:
+                 experiment: str, console: Console) -> None:
         from ray.tune import Callback
 
         logger = self
@@ -144,17 +90,18 @@ class TrialLogger:
         self.configs = configs
         self.trials = trials
         self.experiment = experiment
+        self.console = console
         self.runs: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
 
     def run_dir(self, trial_id: str) -> str:
-        cfg = self.configs[trial_id]
-        return storage.join(storage.resolve(cfg.storage_path), cfg.name)
+        return storage.run_dir(self.configs[trial_id])
 
     def mark_done(self, trial_id: str, *, errored: bool) -> None:
         """Recorded at once (a small file), so that even if this driver is killed before it
         summarises the trial, a resumed search knows not to train it again."""
         storage.write_json(storage.join(self.run_dir(trial_id), DONE_FILE), {"errored": errored})
+        self.console.advance()
 
     def wandb_run(self, trial_id: str) -> Any:
         if trial_id not in self.runs:
@@ -169,19 +116,20 @@ class TrialLogger:
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if "epoch" not in result:
             return
-        staged = None
-        if result.get("checkpoint_path"):  # the trial's recorder set the model aside for W&B
-            name = result["checkpoint_path"].rstrip("/").rsplit("/", 1)[-1]
-            staged = storage.join(self.run_dir(trial_id), STAGING_DIR, name)
-            staged = staged if storage.exists(staged) else None
+        record = epoch_record(result, result.get("checkpoint_path"))
+        cfg = self.configs[trial_id]
+        self.console.say(f"[{trial_id}] "
+                         + progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
+        # The trial's recorder set the model aside for W&B, if it is one to log.
+        staged = staged_path(self.run_dir(trial_id), record["checkpoint"])
         try:
-            self.wandb_run(trial_id).handle(_record(result), staged)
+            self.wandb_run(trial_id).handle(record, staged)
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - W&B must not stop the search
             self.errors.setdefault(trial_id, []).append(f"{type(exc).__name__}: {exc}")
 
-    def finish_trials(self, use_gpu: bool, say: Any) -> None:
+    def finish_trials(self, use_gpu: bool) -> None:
         """Summarise every ended trial not summarised yet (also those of an earlier, killed
         driver): summary.json, test split, plot, and W&B caught up from the run's history."""
         for trial_id in sorted(self.configs):
@@ -198,48 +146,14 @@ class TrialLogger:
             )
             self.runs.pop(trial_id)
             value = (summary["best_metrics"] or {}).get(summary["monitor"])
-            say(f"[{trial_id}] {trial_status(summary)}: best {summary['monitor']}={value} "
-                f"at epoch {summary['best_epoch']} of {summary['epochs_completed']}")
+            self.console.say(f"[{trial_id}] {trial_status(summary)}: best {summary['monitor']}="
+                             f"{value} at epoch {summary['best_epoch']} of "
+                             f"{summary['epochs_completed']}")
 
     def abort_unfinished(self) -> None:
         for run in self.runs.values():
             run.abort()
         self.runs.clear()
-
-
-def trial_status(summary: dict[str, Any]) -> str:
-    if summary.get("errored"):
-        return "error"
-    if summary.get("interrupted"):
-        return "interrupted"
-    return "stopped early" if summary.get("stopped_early") else "completed"
-
-
-def leaderboard(summaries: list[dict[str, Any]], monitor: str, mode: str) -> list[dict[str, Any]]:
-    """Trials sorted by their best monitored value (trials without one last)."""
-    def key(s: dict[str, Any]) -> tuple[int, float]:
-        value = (s.get("best_metrics") or {}).get(monitor)
-        if value is None or not math.isfinite(value):
-            return (1, 0.0)
-        return (0, value if mode == "min" else -value)
-
-    rows = []
-    for rank, s in enumerate(sorted(summaries, key=key), start=1):
-        best = s.get("best_metrics") or {}
-        rows.append({
-            "rank": rank,
-            "trial_id": s["trial_id"],
-            "hyperparameters": s["hyperparameters"],
-            "status": trial_status(s),
-            "best_epoch": s.get("best_epoch"),
-            "epochs_completed": s.get("epochs_completed"),
-            f"best_{monitor}": best.get(monitor),
-            "best_metrics": best,
-            "test_metrics": s.get("test_metrics"),
-            "best_checkpoint": s.get("best_checkpoint"),
-            "wandb": s.get("wandb"),
-        })
-    return rows
 
 
 def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
@@ -259,7 +173,7 @@ def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
 
 
 def trial_summary_path(cfg: RunConfig) -> str:
-    return storage.join(storage.resolve(cfg.storage_path), cfg.name, SUMMARY_FILE)
+    return storage.join(storage.run_dir(cfg), SUMMARY_FILE)
 
 
 def pending_trials(trials: list[Trial], configs: dict[str, RunConfig]) -> list[Trial]:
@@ -267,7 +181,7 @@ def pending_trials(trials: list[Trial], configs: dict[str, RunConfig]) -> list[T
     pending = []
     for trial in trials:
         cfg = configs[trial.trial_id]
-        done = storage.join(storage.resolve(cfg.storage_path), cfg.name, DONE_FILE)
+        done = storage.join(storage.run_dir(cfg), DONE_FILE)
         if not storage.exists(done) or storage.read_json(done)["errored"]:
             pending.append(trial)
     return pending
@@ -280,7 +194,7 @@ def make_scheduler(cfg: RunConfig) -> Any:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration", metric=cfg.tracker.monitor,
-        mode=resolve_mode(cfg.tracker.monitor, cfg.tracker.mode), max_t=cfg.train.epochs,
+        mode=cfg.tracker.resolved_mode, max_t=cfg.train.epochs,
         grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
     )
 
@@ -293,7 +207,7 @@ def saved_trials(experiment_dir: str) -> list[Trial] | None:
 
 
 def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
-              logger: TrialLogger, experiment_dir: str, log_model: str | None,
+              logger: TrialLogger, experiment_dir: str, log_model: str,
               gpus: dict[str, bool]) -> None:
     from ray import tune
 
@@ -315,28 +229,17 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         ),
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage.join(experiment_dir, "_tune"),
+            storage_path=storage.join(experiment_dir, TUNE_DIR),
             callbacks=[logger.callback], verbose=0,
         ),
     )
     tuner.fit()
 
 
-def check_fit(cfg: RunConfig, configs: dict[str, RunConfig], resources: Capacity) -> bool:
-    """Every trial must fit the cluster (a search may vary its scaling); whether GPUs are used."""
-    use_gpu = check_resources(cfg, resources)
-    for trial_id, trial in configs.items():
-        try:
-            check_resources(trial, resources)
-        except UserError as exc:
-            raise UserError(f"{exc} (trial {trial_id} of tune.search_space)") from None
-    return use_gpu
-
-
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-               say: Any = print) -> list[dict[str, Any]]:
-
-    experiment_dir = storage.join(storage.resolve(cfg.storage_path), cfg.name)
+               console: Console | None = None) -> list[dict[str, Any]]:
+    console = console or Console()
+    experiment_dir = storage.run_dir(cfg)
     start = prepare_run_dir(experiment_dir, resume=resume, overwrite=overwrite)
     trials = (saved_trials(experiment_dir) if start == "resume" else None) \
         or plan_search(cfg, experiment_dir)  # every trial validated before anything starts
@@ -355,19 +258,21 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     search_run = open_run(cfg, experiment_dir, job_type="search")  # fails here, not mid-search
 
     todo = pending_trials(trials, configs)
-    say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} already "
+    console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} already "
         f"finished), {cfg.tune.max_concurrent_trials} at a time, scheduler {cfg.tune.scheduler}, "
         f"in {experiment_dir}")
-    logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name)
+    logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name, console)
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
     try:
         if todo:
-            log_model = None if isinstance(search_run, NullRun) else cfg.wandb.log_model
-            run_tuner(cfg, todo, configs, logger, experiment_dir, log_model, gpus)
+            with console.progress(len(trials), f"{cfg.name} trials"):
+                console.advance(completed=len(trials) - len(todo))
+                run_tuner(cfg, todo, configs, logger, experiment_dir,
+                          search_run.log_model_setting, gpus)
     finally:
-        logger.finish_trials(use_gpu, say)
+        logger.finish_trials(use_gpu)
         logger.abort_unfinished()
 
     summaries = []
@@ -376,25 +281,15 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         summaries.append(storage.read_json(path) if storage.exists(path) else {
             "trial_id": trial.trial_id, "hyperparameters": trial.overrides, "interrupted": True,
         })
-    mode = resolve_mode(cfg.tracker.monitor, cfg.tracker.mode)
+    mode = cfg.tracker.resolved_mode
     board = leaderboard(summaries, cfg.tracker.monitor, mode)
     best_dir = export_best(board, experiment_dir)
     storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
         "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
         "mode": mode, "best_model": best_dir, "trials": board,
-        "wandb": finish_search_run(search_run, board, best_dir),
+        "wandb": search_run.finish_search(board, best_dir),
     })
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
     if unfinished:
-        say(f"{len(unfinished)} trial(s) did not finish; continue with --resume")
+        console.say(f"{len(unfinished)} trial(s) did not finish; continue with --resume")
     return board
-
-
-def finish_search_run(run: Any, board: list[dict[str, Any]], best_dir: str | None) -> dict:
-    """The experiment's own W&B run: the leaderboard and the overall best model, findable."""
-    if isinstance(run, NullRun) or best_dir is None:
-        return run.finish({"best_metrics": None, "history": []}, None)
-    metadata = storage.read_json(storage.join(best_dir, METADATA_FILE))
-    run.log_model(best_dir, metadata, name=f"{run.cfg.name}-best-model",
-                  aliases=["best", board[0]["trial_id"]])
-    return run.finish_search(board)

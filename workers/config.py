@@ -77,10 +77,10 @@ class TrackerSection(_Section):
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:
-        return resolve_mode(self.monitor, self.mode)
+        return monitor_mode(self.monitor, self.mode)
 
 
-def resolve_mode(monitor: str, mode: str) -> Literal["min", "max"]:
+def monitor_mode(monitor: str, mode: str) -> Literal["min", "max"]:
     """``auto``: a name containing 'loss' or 'error' is minimised, anything else maximised."""
     if mode in ("min", "max"):
         return mode  # type: ignore[return-value]

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from workers.config import resolve_mode
+from workers.config import monitor_mode
+from workers.errors import UserInputError
 
 
-class MonitorNotReportedError(ValueError):
+class MonitorNotReportedError(UserInputError):
     """The monitored metric is not among the metrics the run reports (a config error)."""
 
 
@@ -40,7 +41,7 @@ class BestTracker:
         if patience is not None and patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {patience}")
         self.monitor = monitor
-        self.mode = resolve_mode(monitor, mode)
+        self.mode = monitor_mode(monitor, mode)
         self.min_delta = min_delta
         self.patience = patience
         self.best_value: float | None = None

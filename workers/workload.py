@@ -10,25 +10,13 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from workers.protocol import Workload, WorkloadError
 
-class WorkloadError(ValueError):
-    """The workload cannot be imported or does not follow the protocol (a user error)."""
-
-
-@dataclass
-class Workload:
-    model: torch.nn.Module
-    train_dataset: Any
-    val_dataset: Any
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    test_dataset: Any = None
-    metrics: list[Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Workload", "WorkloadError", "build_workload", "check_params", "import_entrypoint"]
 
 
 def import_entrypoint(entrypoint: str) -> Callable[..., Any]:
@@ -74,7 +62,7 @@ def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
     """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it)."""
     workload = import_entrypoint(entrypoint)(**params)
     if is_fastai_learner(workload):
-        from workers.fastai_learner import learner_workload
+        from workers.engines.fastai.learner import learner_workload
 
         workload = learner_workload(workload)
     missing = [name for name in REQUIRED if getattr(workload, name, None) is None]

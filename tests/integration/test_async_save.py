@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.train import run_training
 from tests.integration.conftest import checkpoint_dirs, overfit_config
-from workers.checkpointing import load_metadata, load_train_state, load_weights
+from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 
 pytestmark = pytest.mark.integration
 

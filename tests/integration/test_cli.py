@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tests.integration.conftest import REPO, assert_close
-from workers.checkpointing import load_weights
+from workers.checkpoint.load import load_weights
 from workers.config import RunConfig
-from workers.evaluation import evaluate_dataset, workload_metrics
+from workers.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration

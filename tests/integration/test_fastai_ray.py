@@ -9,8 +9,9 @@ import torch
 
 from orchestrator.train import run_training
 from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
-from workers.checkpointing import LEARNER_FILE, load_metadata, load_train_state
-from workers.restore import evaluate_split
+from workers.checkpoint.load import load_metadata, load_train_state
+from workers.names import LEARNER_FILE
+from workers.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
 

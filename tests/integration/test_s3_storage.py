@@ -20,7 +20,7 @@ from safetensors.torch import load
 
 from tests.integration.conftest import REPO, assert_close, free_port
 from workers.config import RunConfig
-from workers.evaluation import evaluate_dataset, workload_metrics
+from workers.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration

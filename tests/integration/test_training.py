@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config import UserError
+from orchestrator.errors import UserError
 from orchestrator.train import run_training
 from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
-from workers.checkpointing import load_metadata, load_train_state
-from workers.restore import evaluate_split
+from workers.checkpoint.load import load_metadata, load_train_state
+from workers.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
 

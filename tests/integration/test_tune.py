@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import UserError
+from orchestrator.errors import UserError
 from orchestrator.tune import run_search
 from tests.integration.conftest import REPO, assert_close, overfit_config
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
-from workers.checkpointing import load_metadata
+from workers.checkpoint.load import load_metadata
 from workers.config import RunConfig
-from workers.restore import evaluate_split
+from workers.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
 

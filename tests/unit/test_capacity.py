@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator.cluster import Capacity, capacity, check_resources
-from orchestrator.config import UserError
+from orchestrator.errors import UserError
 from workers.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,15 +10,10 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from workers.checkpointing import (
-    MODEL_FILE,
-    HostBuffers,
-    load_metadata,
-    load_train_state,
-    load_weights,
-    snapshot,
-    write_checkpoint,
-)
+from workers.checkpoint.load import load_metadata, load_train_state, load_weights
+from workers.checkpoint.snapshot import HostBuffers, snapshot
+from workers.checkpoint.writer import write_checkpoint
+from workers.names import MODEL_FILE
 
 
 def model() -> torch.nn.Module:
@@ -84,7 +79,7 @@ def mixed_tensors() -> dict[str, torch.Tensor]:
 def test_weights_image_is_a_safetensors_file(tmp_path, where):
     from safetensors.torch import load_file
 
-    from workers.weights_image import WeightsImage
+    from workers.checkpoint.weights_image import WeightsImage
 
     tensors = mixed_tensors()
     image = WeightsImage(tensors)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.config import UserError, apply_overrides, load_config, parse_override
+from orchestrator.config_file import apply_overrides, load_config, parse_override
+from orchestrator.errors import UserError
 from workers.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

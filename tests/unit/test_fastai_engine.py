@@ -14,12 +14,12 @@ from fastai.data.core import DataLoaders
 from fastai.metrics import F1Score
 from pydantic import ValidationError
 
-from orchestrator.config import format_validation_error, load_config
+from orchestrator.config_file import format_validation_error, load_config
 from tests.workloads.overfit_fastai import build as overfit_learner
 from workers.config import RunConfig
-from workers.evaluation import evaluate_dataset
-from workers.fastai_engine import PlainOptimizerState, RankShardDL
-from workers.fastai_learner import AvgMetricStats
+from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
+from workers.engines.fastai.learner import AvgMetricStats
+from workers.steps import evaluate_dataset
 from workers.workload import WorkloadError, build_workload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def test_a_learner_workload_scores_as_learn_validate():
 def test_a_learner_metric_that_is_not_an_average_is_refused():
     learn = overfit_learner()
     learn.metrics = [F1Score()]
-    from workers.fastai_learner import mergeable_metrics
+    from workers.engines.fastai.learner import mergeable_metrics
 
     with pytest.raises(WorkloadError, match="f1_score.*not a per-sample average"):
         mergeable_metrics(learn)
@@ -142,10 +142,10 @@ def test_builtin_fastai_config_and_workload():
 
 def test_the_torch_engine_never_imports_fastai():
     code = (
-        "import sys, workers.loop, workers.engines, workers.restore, orchestrator.train\n"
+        "import sys, workers.engines.torch_engine, workers.saved_model, orchestrator.train\n"
         "from workers.workload import build_workload\n"
         "build_workload('workers.workloads.digits:build', {})\n"
-        "workers.engines.train_loop_for('torch')\n"
+        "import workers.engines; workers.engines.train_loop_for('torch')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastai'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers.evaluation import accumulate, as_float32, evaluate_dataset, train_epoch
 from workers.metrics import build_metrics
+from workers.steps import accumulate, as_float32, evaluate_dataset, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -105,7 +105,7 @@ def test_fastai_learner_trains_and_validates_under_bf16_on_cpu() -> None:
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
-    from workers.fastai_engine import Bf16Autocast
+    from workers.engines.fastai.engine import Bf16Autocast
 
     torch.manual_seed(0)
     model = Probe()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wandb_run import artifact_name, best_summary, resolve_mode, should_log_model
+from orchestrator.wandb_log import artifact_name, best_summary, should_log_model, wandb_mode
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,10 +36,10 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.delenv("NETRC", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert resolve_mode("auto") == "offline"
+    assert wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert resolve_mode("auto") == "online"
-    assert resolve_mode("disabled") == "disabled" and resolve_mode("offline") == "offline"
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled" and wandb_mode("offline") == "offline"
 
 
 def test_best_summary_keys_come_from_one_record():
@@ -58,7 +58,7 @@ def test_disabled_imports_nothing_from_wandb():
     code = (
         "import sys\n"
         "from workers.config import RunConfig\n"
-        "from orchestrator.wandb_run import open_run, NullRun\n"
+        "from orchestrator.wandb_log import open_run, NullRun\n"
         "cfg = RunConfig.model_validate({'workload': {'entrypoint': 'a:b'},"
         " 'wandb': {'mode': 'disabled'}})\n"
         "assert isinstance(open_run(cfg, '/nonexistent'), NullRun)\n"

@@ -6,7 +6,7 @@ checkpoint's write start only after training has moved on.
   of its whole state dict with plain ``torch.save``: ``<record_dir>/epochNNNN-rankR.pt``.
   These copies are the truth the checkpoints are compared with; they do not go through the
   project's checkpoint code.
-- ``build`` wraps ``workers.checkpointing.write_checkpoint`` in this worker process: a write
+- ``build`` wraps ``workers.checkpoint.writer.write_checkpoint`` in this worker process: a write
   waits (up to ``max_delay_s``) until the model has begun its second training step since
   the epoch was recorded (so the first one's optimizer step has changed the weights), and
   notes the step counts in ``<record_dir>/writes.jsonl``. So the weights are being changed
@@ -50,7 +50,7 @@ class Recorded(torch.nn.Module):
 
 
 def delay_writes(model: Recorded, max_delay_s: float) -> None:
-    import workers.checkpointing as checkpointing
+    import workers.checkpoint.writer as checkpointing
 
     write = checkpointing.write_checkpoint
 

@@ -1,4 +1,4 @@
-"""Training and evaluation steps, usable inside a Ray worker or in a plain process.
+"""The steps of an epoch (train, evaluate, global metrics), in a Ray worker or a plain process.
 
 Validation shards are strided slices of the dataset (rank r takes r, r+W, r+2W, ...), never
 padded, so every sample is counted exactly once across ranks whatever the set size.

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from orchestrator.errors import UserError
 from workers.config import RunConfig
 from workers.workload import WorkloadError, check_params
 
@@ -39,10 +40,6 @@ _Loader.add_implicit_resolver(
 
 def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

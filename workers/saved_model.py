@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from workers.checkpointing import load_weights
+from workers.checkpoint.load import load_weights
 from workers.config import RunConfig
-from workers.evaluation import evaluate_dataset, infer_num_classes, workload_metrics
+from workers.steps import evaluate_dataset, infer_num_classes, workload_metrics
 from workers.workload import build_workload
 
 

@@ -1,4 +1,4 @@
-"""Weights & Biases: one run per training run, logged from the driver process only.
+"""Weights & Biases, all of it: one run per training run, logged from the driver process only.
 
 The controller's ``RunRecorder`` streams each epoch's record (and the checkpoint it
 persisted, if any) to the driver; ``WandbRun.handle`` logs the metrics with the epoch as the
@@ -6,7 +6,8 @@ step and logs persisted models as versions of one ``model`` artifact, whose meta
 checkpoint's ``metadata.json``. ``finish`` writes ``best_*`` (from the best checkpoint's own
 metadata, so the two can never disagree), ``test_*`` and the training-curve plot.
 
-``NullRun`` is the do-nothing twin (``wandb.mode: disabled``): wandb is never imported.
+``NullRun`` is the complete do-nothing twin (``wandb.mode: disabled``): the same methods,
+wandb never imported, so callers never ask whether W&B is on.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import UserError
+from orchestrator.errors import UserError
 from workers.config import RunConfig
+from workers.names import METADATA_FILE, STAGED_FILES, STAGING_DIR
 
 
 def has_credentials() -> bool:
@@ -34,7 +36,8 @@ def has_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def resolve_mode(setting: str) -> str:
+def wandb_mode(setting: str) -> str:
+    """``wandb.mode`` with ``auto`` resolved: online with credentials, else offline."""
     if setting == "auto":
         return "online" if has_credentials() else "offline"
     return setting
@@ -50,6 +53,27 @@ def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
     return saved_because != "resume"
 
 
+def stage_checkpoint(run_dir: str, checkpoint_name: str) -> str:
+    source = storage.join(run_dir, checkpoint_name)
+    target = storage.join(run_dir, STAGING_DIR, checkpoint_name)
+    for name in STAGED_FILES:
+        storage.link_or_copy(storage.join(source, name), storage.join(target, name))
+    return target
+
+
+def staged_path(run_dir: str, checkpoint_name: str | None) -> str | None:
+    """Where ``stage_checkpoint`` put that checkpoint's model, if it is (still) there."""
+    if not checkpoint_name:
+        return None
+    path = storage.join(run_dir, STAGING_DIR, checkpoint_name)
+    return path if storage.exists(path) else None
+
+
+def discard_staged(run_dir: str) -> None:
+    """Drop models set aside for W&B that it never got (a run stopped before logging them)."""
+    storage.delete_dir(storage.join(run_dir, STAGING_DIR))
+
+
 def artifact_name(run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{run_name}-model")
 
@@ -63,16 +87,22 @@ def best_summary(best: dict[str, Any], test: dict[str, Any] | None) -> dict[str,
 
 
 class NullRun:
-    info: dict[str, Any] = {"mode": "disabled", "run": None, "artifact": None}
+    """W&B off: every method of ``WandbRun``, doing nothing."""
 
-    def handle(self, record: dict[str, Any], checkpoint_path: str | None) -> None:
+    mode = "disabled"
+    log_model_setting = "none"  # what the controller stages for this run: nothing
+
+    def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
         pass
 
     def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
         pass
 
     def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
-        return dict(self.info)
+        return {"mode": self.mode, "run": None, "artifact": None}
+
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
+        return {"mode": self.mode, "run": None, "artifact": None}
 
     def abort(self) -> None:
         pass
@@ -85,6 +115,7 @@ class WandbRun:
         self.extra_metadata = extra_metadata or {}  # e.g. a trial's id and hyperparameters
         self.cfg = cfg
         self.mode = mode
+        self.log_model_setting = cfg.wandb.log_model
         self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []
         self.last_epoch = 0
@@ -99,22 +130,15 @@ class WandbRun:
         self.last_epoch = max(self.last_epoch, epoch)
         if staged_model:
             self.log_model(staged_model, storage.read_json(storage.join(staged_model,
-                                                                        "metadata.json")))
+                                                                        METADATA_FILE)))
             storage.delete_dir(staged_model)
 
     def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
         """Log what never reached this process live, from the run's own record: epochs whose
         results a scheduler dropped when it stopped a trial, and the models staged for them."""
-        from orchestrator.recorder import STAGING_DIR
-
         for record in history:
-            if record["epoch"] <= self.last_epoch:
-                continue
-            staged = None
-            if record.get("checkpoint"):
-                staged = storage.join(run_dir, STAGING_DIR, record["checkpoint"])
-                staged = staged if storage.exists(staged) else None
-            self.handle(record, staged)
+            if record["epoch"] > self.last_epoch:
+                self.handle(record, staged_path(run_dir, record.get("checkpoint")))
 
     def log_model(self, checkpoint_path: str, metadata: dict[str, Any], *,
                   name: str | None = None, aliases: list[str] | None = None) -> None:
@@ -126,7 +150,7 @@ class WandbRun:
             aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best")
                                                          else [])
         with tempfile.TemporaryDirectory() as local:
-            for name in ("model.safetensors", "metadata.json"):
+            for name in STAGED_FILES:
                 target = Path(local) / name
                 target.write_bytes(storage.read_bytes(storage.join(checkpoint_path, name)))
                 artifact.add_file(str(target), name=name)
@@ -141,7 +165,7 @@ class WandbRun:
         best = summary.get("best_metrics") or {}
         if summary.get("best_checkpoint"):
             # The artifact's metadata and the summary come from the same file.
-            best = storage.read_json(storage.join(summary["best_checkpoint"], "metadata.json"))
+            best = storage.read_json(storage.join(summary["best_checkpoint"], METADATA_FILE))
         if best:
             self.run.summary.update(best_summary(best, summary.get("test_metrics")))
         if plot_path:
@@ -150,10 +174,16 @@ class WandbRun:
         return self._close({"artifact": self.artifact if self.logged_versions else None,
                             "logged_epochs": self.logged_versions})
 
-    def finish_search(self, board: list[dict[str, Any]]) -> dict[str, Any]:
-        """The experiment's run: the leaderboard as a table, the winner in the summary."""
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
+        """The experiment's run: the overall best model (findable as ``<name>-best-model``,
+        alias ``best``), the leaderboard as a table, the winner in the summary."""
         import wandb
 
+        if best_dir is None:
+            return self.finish({"best_metrics": None, "history": []}, None)
+        metadata = storage.read_json(storage.join(best_dir, METADATA_FILE))
+        self.log_model(best_dir, metadata, name=f"{self.cfg.name}-best-model",
+                       aliases=["best", board[0]["trial_id"]])
         columns = ["rank", "trial_id", "status", "best_epoch", "hyperparameters", "best"]
         monitor = self.cfg.tracker.monitor
         table = wandb.Table(columns=columns, data=[
@@ -186,7 +216,7 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
 
     ``extra``: added to the run's config and to every model artifact's metadata.
     """
-    mode = resolve_mode(cfg.wandb.mode)
+    mode = wandb_mode(cfg.wandb.mode)
     if mode == "disabled":
         return NullRun()
     import wandb

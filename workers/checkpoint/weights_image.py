@@ -19,10 +19,11 @@ import errno
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from workers.files import atomic_path
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -83,19 +84,12 @@ class WeightsImage:
         return memoryview(self.buffer.numpy())[:self.size]
 
     def write(self, path: Path) -> None:
-        """Atomically: a temp file in the same directory, written and fsynced, renamed."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
+        """Atomically (``workers.files.atomic_path``), with O_DIRECT where the filesystem
+        allows it."""
+        with atomic_path(path) as tmp:
             if not self._write_direct(tmp):
                 with open(tmp, "wb") as f:
                     f.write(self.file_bytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def _write_direct(self, tmp: str) -> bool:
         """Write with O_DIRECT; False where the filesystem refuses it."""
@@ -114,7 +108,6 @@ class WeightsImage:
             while done < len(view):
                 done += os.write(fd, view[done:])
             os.ftruncate(fd, self.size)  # the padding to a whole block goes
-            os.fsync(fd)
             return True
         except OSError as exc:
             if exc.errno == errno.EINVAL:

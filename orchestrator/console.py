@@ -1,0 +1,68 @@
+"""What the user sees while a run goes: one line per epoch, and in a terminal a progress bar.
+
+In a terminal, a rich progress bar (epochs, or trials in a search, with elapsed time and ETA)
+stays at the bottom and each epoch's line is printed above it. Elsewhere (job logs, CI,
+a pipe) there is no bar, only the plain lines, flushed as they come.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import Any
+
+
+class Console:
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar: Any = None
+        self._task: Any = None
+
+    def say(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def progress(self, total: int, description: str) -> Console:
+        """Use as ``with console.progress(n, "epochs"):`` around the work; ``advance`` moves
+        the bar (nothing happens outside a terminal)."""
+        if self.interactive:
+            from rich.console import Console as RichConsole
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=RichConsole(file=self.stream), transient=True,
+            )
+            self._task = self._bar.add_task(description, total=total)
+        return self
+
+    def advance(self, completed: int | None = None) -> None:
+        """One step more, or ``completed`` steps done in all (a resumed run starts later)."""
+        if self._bar is None:
+            return
+        if completed is None:
+            self._bar.advance(self._task)
+        else:
+            self._bar.update(self._task, completed=completed)
+
+    def __enter__(self) -> Console:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -1,0 +1,42 @@
+"""What went wrong, in the user's terms: the two kinds of failure and how each is recognised.
+
+- ``UserError``: bad input (config, arguments, workload, resources); one line, exit code 2,
+  nothing started or written. Errors of this kind raised inside Ray workers
+  (``workers.errors.UserInputError``) arrive inside Ray's ``WorkerGroupError``; they are found
+  there by type, never by matching text.
+- ``TrainingError``: training itself failed (exit code 1).
+"""
+
+from __future__ import annotations
+
+from workers.errors import UserInputError
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+class TrainingError(Exception):
+    """Training itself failed (exit code 1)."""
+
+
+def _causes(exc: BaseException | None):
+    """``exc`` and what it wraps: Ray's task errors (``cause``) and Python's chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+
+
+def user_error_in(exc: BaseException) -> str | None:
+    """The message of the user's mistake that made a Ray Train run fail, if that is what
+    happened: a ``UserInputError`` raised in any worker (the same on every rank)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for failure in [exc, *failures.values()]:
+        # The innermost match is the original exception (Ray's wrapper of the same type
+        # carries a traceback as its message).
+        found = [c for c in _causes(failure) if isinstance(c, UserInputError)]
+        if found:
+            return str(found[-1]).strip().splitlines()[0]
+    return None

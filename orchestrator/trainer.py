@@ -1,0 +1,91 @@
+"""Ray Train wiring: the ``TorchTrainer`` for a run, and the driver's end of its event queue."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.cluster import pace_reports
+from orchestrator.recorder import RunRecorder
+from workers.config import RunConfig
+from workers.engines import train_loop_for
+from workers.names import RANK_KEY
+from workers.policy import ray_keep_settings
+
+
+def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
+                  events: Any = None, callbacks: tuple[Any, ...] | list[Any] = ()) -> Any:
+    """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
+    ``events``: the queue to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
+    callbacks (Tune's report callback)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    pace_reports()
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_for(cfg.engine),
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RayRunConfig(
+            name=cfg.name,
+            storage_path=storage.resolve(cfg.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(
+                **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY)
+            ),
+            callbacks=[RunRecorder(run_dir, log_model, events), *callbacks],
+            # Ray's per-report INFO lines would drown the one progress line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+class EventPump:
+    """Drains the controller's event queue on a driver thread while ``fit`` runs, handing each
+    (record, staged model) to ``handle`` (print the epoch, log it to W&B).
+
+    A failure there (W&B's network, say) must not kill an hour of training: it is reported
+    and kept in ``errors``, never raised.
+    """
+
+    def __init__(self, handle: Callable[[dict[str, Any], str | None], None]) -> None:
+        from ray.util.queue import Queue
+
+        self.handle = handle
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.errors: list[str] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="run-events", daemon=True)
+
+    def __enter__(self) -> EventPump:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                record, staged = self.queue.get(timeout=0.2)
+            except Empty:
+                if self._done.is_set():
+                    return
+                continue
+            try:
+                self.handle(record, staged)
+            except Exception as exc:  # noqa: BLE001 - logged and summarised, never fatal
+                self.errors.append(f"epoch {record.get('epoch')}: {type(exc).__name__}: {exc}")
+                print(f"warning: W&B logging failed: {self.errors[-1]}", file=sys.stderr)

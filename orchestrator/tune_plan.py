@@ -1,0 +1,114 @@
+"""Planning a search, no Ray and no training: each trial's config (validated before any
+trial starts), whether the trials fit the cluster, and the leaderboard of finished trials."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.cluster import Capacity, check_resources
+from orchestrator.errors import UserError
+from orchestrator.search import (
+    SearchSpaceError,
+    Trial,
+    boundary_values,
+    make_trials,
+    parse_space,
+    sample_trials,
+    set_dotted,
+)
+from workers.config import RunConfig
+from workers.names import TRIALS_DIR
+from workers.workload import WorkloadError, check_params
+
+
+def trial_config(base: dict[str, Any], trial: Trial, experiment_dir: str) -> RunConfig:
+    from pydantic import ValidationError
+
+    from orchestrator.config_file import format_validation_error
+
+    data = copy.deepcopy(base)
+    for key, value in trial.overrides.items():
+        set_dotted(data, key, value)
+    data["name"] = trial.trial_id
+    data["storage_path"] = storage.join(experiment_dir, TRIALS_DIR)
+    # Trials log to the experiment's W&B project, grouped under its name.
+    data["wandb"]["project"] = base["wandb"]["project"] or base["name"]
+    try:
+        cfg = RunConfig.model_validate(data)
+        check_params(cfg.workload.entrypoint, cfg.workload.params)
+    except ValidationError as exc:
+        raise SearchSpaceError(_which(trial, format_validation_error(exc))) from None
+    except WorkloadError as exc:
+        raise SearchSpaceError(_which(trial, str(exc))) from None
+    return cfg
+
+
+def _which(trial: Trial, problem: str) -> str:
+    keys = ", ".join(f"{k}={v!r}" for k, v in trial.overrides.items())
+    return f"tune.search_space: the value(s) {keys} give an invalid config: {problem}"
+
+
+def plan_search(cfg: RunConfig, experiment_dir: str) -> list[Trial]:
+    """Draw the trials and validate every one of them; nothing runs before this passes."""
+    base = cfg.to_dict()
+    try:
+        params = parse_space(cfg.tune.search_space)
+        for param in params:  # each option / bound alone first, for a precise message
+            for value in boundary_values(param):
+                trial_config(base, Trial("check", {param.key: value}), experiment_dir)
+        seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
+        trials = make_trials(sample_trials(params, cfg.tune.num_samples, seed))
+        for trial in trials:
+            trial_config(base, trial, experiment_dir)
+    except SearchSpaceError as exc:
+        raise UserError(str(exc)) from None
+    return trials
+
+
+def trial_status(summary: dict[str, Any]) -> str:
+    if summary.get("errored"):
+        return "error"
+    if summary.get("interrupted"):
+        return "interrupted"
+    return "stopped early" if summary.get("stopped_early") else "completed"
+
+
+def leaderboard(summaries: list[dict[str, Any]], monitor: str, mode: str) -> list[dict[str, Any]]:
+    """Trials sorted by their best monitored value (trials without one last)."""
+    def key(s: dict[str, Any]) -> tuple[int, float]:
+        value = (s.get("best_metrics") or {}).get(monitor)
+        if value is None or not math.isfinite(value):
+            return (1, 0.0)
+        return (0, value if mode == "min" else -value)
+
+    rows = []
+    for rank, s in enumerate(sorted(summaries, key=key), start=1):
+        best = s.get("best_metrics") or {}
+        rows.append({
+            "rank": rank,
+            "trial_id": s["trial_id"],
+            "hyperparameters": s["hyperparameters"],
+            "status": trial_status(s),
+            "best_epoch": s.get("best_epoch"),
+            "epochs_completed": s.get("epochs_completed"),
+            f"best_{monitor}": best.get(monitor),
+            "best_metrics": best,
+            "test_metrics": s.get("test_metrics"),
+            "best_checkpoint": s.get("best_checkpoint"),
+            "wandb": s.get("wandb"),
+        })
+    return rows
+
+
+def check_fit(cfg: RunConfig, configs: dict[str, RunConfig], resources: Capacity) -> bool:
+    """Every trial must fit the cluster (a search may vary its scaling); whether GPUs are used."""
+    use_gpu = check_resources(cfg, resources)
+    for trial_id, trial in configs.items():
+        try:
+            check_resources(trial, resources)
+        except UserError as exc:
+            raise UserError(f"{exc} (trial {trial_id} of tune.search_space)") from None
+    return use_gpu

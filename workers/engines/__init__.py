@@ -1,0 +1,21 @@
+"""The per-worker training loops, one per ``engine`` (imported lazily: fastai is heavy).
+
+Both start with ``workers.runtime.start_worker`` and end every epoch with
+``workers.reporter.EpochReporter``; they differ only in who runs the epochs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+ENGINES = {
+    "torch": "workers.engines.torch_engine:train_loop",
+    "fastai": "workers.engines.fastai.engine:train_loop",
+}
+
+
+def train_loop_for(engine: str) -> Callable[[dict[str, Any]], None]:
+    module, _, name = ENGINES[engine].partition(":")
+    return getattr(importlib.import_module(module), name)

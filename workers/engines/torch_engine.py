@@ -1,0 +1,91 @@
+"""``engine: torch``: the project's own epoch loop on every Ray Train rank.
+
+Per epoch: train on this rank's shard -> evaluate this rank's validation shard -> one
+all-reduce of every split's sufficient statistics -> identical metrics on all ranks ->
+``EpochReporter`` (rank 0's tracker, checkpoint policy, ``ray.train.report``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from workers.config import RunConfig
+from workers.reporter import EpochReporter
+from workers.runtime import Worker, start_worker
+from workers.steps import (
+    accumulate,
+    global_metrics,
+    infer_num_classes,
+    shard,
+    train_epoch,
+    workload_metrics,
+)
+
+
+def make_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@dataclass
+class TorchParts:
+    """What the torch loop trains with, on one rank."""
+
+    model: torch.nn.Module  # DDP-wrapped when world_size > 1
+    plain: torch.nn.Module  # the unwrapped model whose weights are saved
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    metrics: list[Any]
+
+
+def setup(worker: Worker) -> TorchParts:
+    import ray.train.torch
+
+    cfg, workload = worker.cfg, worker.workload
+    plain = workload.model
+    metrics = workload_metrics(workload, infer_num_classes(plain, workload.train_dataset,
+                                                           worker.device))
+    model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
+    optimizer = make_optimizer(cfg, plain.parameters())
+    if worker.restored.optimizer_state is not None:
+        optimizer.load_state_dict(worker.restored.optimizer_state)
+    sampler = DistributedSampler(workload.train_dataset, num_replicas=worker.world_size,
+                                 rank=worker.rank, shuffle=True, seed=cfg.seed)
+    train_loader = DataLoader(workload.train_dataset, batch_size=cfg.train.batch_size,
+                              sampler=sampler)
+    val_loader = DataLoader(shard(workload.val_dataset, worker.rank, worker.world_size),
+                            batch_size=cfg.train.batch_size, shuffle=False)
+    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics)
+
+
+def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
+    """Train on this rank's shard, then the global metrics (identical on every rank)."""
+    w, p = worker, parts
+    p.train_loader.sampler.set_epoch(epoch)
+    train_loss = train_epoch(p.model, p.train_loader, w.workload.loss_fn, p.optimizer,
+                             w.device, w.cfg.train.precision)
+    # The unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
+    # with different numbers of validation batches would never all reach.
+    val_loss = accumulate(p.plain, p.val_loader, w.workload.loss_fn, p.metrics, w.device,
+                          w.cfg.train.precision)
+    return global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)], w.device)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    worker = start_worker(config)
+    parts = setup(worker)
+    reporter = EpochReporter.create(worker, parts.plain, parts.optimizer)
+    for epoch in worker.epochs():
+        started = time.perf_counter()
+        if reporter.report(epoch, run_epoch(worker, parts, epoch), started):
+            break
+    reporter.finish()

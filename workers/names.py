@@ -1,0 +1,37 @@
+"""Names that are part of the public contract, defined once: files on disk, reported keys.
+
+The driver (``orchestrator``) and the workers both read them from here, so a file or key can
+never be spelled two ways.
+"""
+
+from __future__ import annotations
+
+# A checkpoint directory (see workers.checkpoint).
+MODEL_FILE = "model.safetensors"  # the unwrapped model's weights
+METADATA_FILE = "metadata.json"  # the epoch, every metric of it, monitor, mode, config
+STATE_FILE = "train_state.pt"  # epoch, tracker, seed (+ optimizer in resume checkpoints)
+LEARNER_FILE = "learner.pth"  # fastai engine: the weights in learn.save's format
+CHECKPOINT_PREFIX = "checkpoint_"
+
+# A run directory, <storage_path>/<name>/.
+HISTORY_FILE = "history.json"  # every epoch's record, written as the run goes
+SUMMARY_FILE = "summary.json"  # the finished (or stopped) run's record
+PLOT_FILE = "training_curves.png"
+# Models waiting to be logged to W&B: Ray may delete a checkpoint (num_to_keep) before the
+# driver gets to it, so the controller sets a copy aside (a hard link where storage is local).
+STAGING_DIR = "wandb_staging"
+STAGED_FILES = (MODEL_FILE, METADATA_FILE)
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own
+
+# A search directory (orchestrator tune).
+SEARCH_FILE = "search.json"  # the trials, drawn up front: resume reads it
+DONE_FILE = "trial_done.json"  # in a trial's run directory, the moment Tune reports its end
+LEADERBOARD_FILE = "leaderboard.json"
+BEST_DIR = "best_model"  # the overall best model
+TRIALS_DIR = "trials"
+TUNE_DIR = "_tune"  # Ray Tune's own bookkeeping
+
+# Reported every epoch besides the split metrics: the tracker's ranking, which Ray uses as the
+# checkpoint score (see policy.ray_keep_settings). Internal: not part of the epoch's record.
+RANK_KEY = "checkpoint_rank"
+INTERNAL_KEYS = (RANK_KEY,)

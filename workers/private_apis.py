@@ -1,0 +1,59 @@
+"""Every private (underscore) API of Ray and fastai that the project uses, in one place.
+
+Each has a reason and a fallback where one exists; a Ray or fastai upgrade means checking this
+file, nothing else. Imports are inside the functions: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO on each worker; the driver prints one line per
+    epoch instead. That module's logger is named after its file path, not its module name,
+    so it can only be reached through the module."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.WARNING)
+
+
+def quiet_ray_token_setup() -> None:
+    """Ray 2.60 turns token authentication on for a local cluster it starts and says so at
+    WARNING on stderr; that is the right default, not something to alarm users with."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
+
+
+def dashboard_url() -> str:
+    """The dashboard of the Ray this process is connected to ("" if none)."""
+    import ray
+
+    return ray._private.worker.get_dashboard_url() or ""
+
+
+def autoscaler_node_groups() -> list[tuple[dict[str, Any], int]] | None:
+    """(resources, max_count) per node group an autoscaler reported to the GCS (max_count -1:
+    unbounded); None when no autoscaler reported or the API is not there."""
+    import ray
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: without it, other sources count
+        return None
+    if config is None:
+        return None
+    return [(dict(g.resources), g.max_count) for g in config.node_group_configs]
+
+
+def fastai_fake_loader(dl: Any, like: Any) -> Any:
+    """fastai's ``_FakeLoader`` (the torch DataLoader a fastai DataLoader iterates through)
+    for ``dl``, with the settings of ``like`` (another loader's): fastai's public
+    ``DistributedDL`` cannot be used under gloo on CPU (see engines.fastai.data)."""
+    from fastai.data.load import _FakeLoader
+
+    return _FakeLoader(dl, like.pin_memory, like.num_workers, like.timeout,
+                       persistent_workers=like.persistent_workers,
+                       pin_memory_device=like.pin_memory_device)

@@ -1,0 +1,129 @@
+"""The end of every epoch, the same for every engine.
+
+Rank 0's tracker decides (improved? save? stop?) and snapshots the model if the checkpoint
+policy says so; the stop decision is broadcast; every rank calls ``ray.train.report`` (rank 0
+with the checkpoint, the others with none).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from workers.checkpoint.snapshot import snapshot
+from workers.checkpoint.writer import AsyncSaver
+from workers.config import RunConfig
+from workers.names import CHECKPOINT_PREFIX, RANK_KEY
+from workers.policy import decide_save
+from workers.runtime import Worker
+from workers.tracker import BestTracker, MonitorNotReportedError
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, made identical on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def require_monitor(monitor: str, reported: Iterable[str]) -> None:
+    names = sorted(reported)
+    if monitor not in names:
+        raise MonitorNotReportedError(
+            f"tracker.monitor: {monitor!r} is not reported by this run; "
+            f"it reports: {', '.join(names)}"
+        )
+
+
+@dataclass
+class EpochReporter:
+    cfg: RunConfig
+    tracker: BestTracker | None  # rank 0 only
+    saver: AsyncSaver
+    model: torch.nn.Module  # the unwrapped model whose weights are saved
+    optimizer: Any  # anything with state_dict() (see checkpoint.snapshot)
+    device: torch.device
+    world_size: int
+    # Also write the weights as a torch.save'd state dict under this name in checkpoints that
+    # hold an improvement (the fastai engine's file for ``learn.load``).
+    torch_weights_file: str | None = None
+
+    @classmethod
+    def create(cls, worker: Worker, model: torch.nn.Module, optimizer: Any,
+               torch_weights_file: str | None = None) -> EpochReporter:
+        cfg = worker.cfg
+        tracker = None
+        if worker.is_rank_zero:
+            tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
+                                  cfg.tracker.patience)
+            if worker.restored.tracker_state is not None:
+                tracker.load_state_dict(worker.restored.tracker_state)
+        saver = AsyncSaver()
+        if tracker is not None and (cfg.checkpoint.policy != "none"
+                                    or cfg.checkpoint.resume_every_n_epochs):
+            # The snapshot's memory, allocated now rather than during the first save.
+            saver.buffers.prepare(model.state_dict())
+        return cls(cfg, tracker, saver, model, optimizer, worker.device, worker.world_size,
+                   torch_weights_file)
+
+    def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
+        """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
+        import ray.train
+
+        record: dict[str, Any] = {"epoch": epoch, **values}
+        metrics = dict(record)
+        require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
+        snap, stop = None, False
+        if self.tracker is not None:
+            snap, stop = self._decide(epoch, record, metrics)
+        stop = broadcast_flag(stop, self.device)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        if snap is not None:
+            self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}epoch{epoch:04d}_"
+                              f"{time.time_ns()}")
+        else:
+            ray.train.report(metrics)
+        return stop
+
+    def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any]):
+        """Rank 0: the tracker's verdict, and the snapshot if the policy saves this epoch."""
+        cfg, tracker = self.cfg, self.tracker
+        decision = tracker.update(epoch, record)
+        save = decide_save(
+            cfg.checkpoint.policy, epoch, improved=decision.improved,
+            is_final=decision.should_stop or epoch == cfg.train.epochs,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
+        )
+        metrics["is_best"] = decision.improved
+        metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
+        if not save.save:
+            return None, decision.should_stop
+        save_started = time.perf_counter()
+        self.saver.wait()  # the previous save must finish before its memory is reused
+        copy_started = time.perf_counter()
+        snap = snapshot(
+            self.model, self.optimizer if save.full_state else None,
+            {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
+            {**record, "monitor": tracker.monitor, "mode": tracker.mode,
+             "is_best": decision.improved, "saved_because": save.reason,
+             "world_size": self.world_size, "seed": cfg.seed, "config": cfg.to_dict()},
+            torch_weights_file=self.torch_weights_file if decision.improved else None,
+            buffers=self.saver.buffers,
+        )
+        # What this save cost the loop: the host copy, and waiting for the previous save's
+        # write if it had not finished (the write itself runs off the loop).
+        metrics["snapshot_seconds"] = time.perf_counter() - copy_started
+        metrics["save_blocked_seconds"] = time.perf_counter() - save_started
+        return snap, decision.should_stop
+
+    def finish(self) -> None:
+        """Wait for the last save in flight."""
+        self.saver.wait()
