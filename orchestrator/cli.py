@@ -27,6 +27,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, resume: str, overwrite
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help=resume)
     again.add_argument("--overwrite", action="store_true", help=overwrite)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own output (start-up, controller and worker logs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +57,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from orchestrator.console import Console
     from orchestrator.report import print_summary
     from orchestrator.train import run_training
 
-    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite,
+                           console=Console(verbose=args.verbose))
     print_summary(summary)
     return 0
 
@@ -68,10 +72,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from orchestrator import storage
+    from orchestrator.console import Console
     from orchestrator.report import print_leaderboard
     from orchestrator.tune import run_search
 
-    board = run_search(cfg, resume=args.resume, overwrite=args.overwrite)
+    board = run_search(cfg, resume=args.resume, overwrite=args.overwrite,
+                       console=Console(verbose=args.verbose))
     print_leaderboard(storage.read_json(storage.join(storage.run_dir(cfg), LEADERBOARD_FILE)))
     statuses = {row["status"] for row in board}
     if "interrupted" in statuses:

@@ -84,19 +84,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray() -> bool:
+def init_ray(verbose: bool = False) -> bool:
     """Attach to a running cluster (RAY_ADDRESS, or under ``ray job submit``), else start one.
 
-    Returns True when the Ray this process uses is a local one it started.
+    Unless ``verbose``, Ray's own output stays out of the terminal: its start-up lines, and
+    what its processes print (the Train controller's and workers' logs, prefixed and
+    coloured by Ray); the driver prints each epoch itself. Ray's error messages to the driver
+    (a worker died, a node was lost) are shown either way. Returns True when the Ray this
+    process uses is a local one it started.
     """
     import ray
 
     if ray.is_initialized():
         return bool(_started_here) and _started_here[-1] == dashboard_url()
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING,
+             "log_to_driver": verbose}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING)
+        ray.init(**quiet)
         return False
-    quiet_ray_token_setup()
+    if not verbose:
+        quiet_ray_token_setup()
     # Not for show: Ray Train's PlacementGroupCleaner asks the dashboard's state API whether
     # a controller died, to free its workers' CPUs (a Tune trial stopped by its scheduler).
     # It listens on 127.0.0.1 only. Left to itself, the state API in a worker looks for "the"
@@ -109,7 +116,7 @@ def init_ray() -> bool:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        logging_level=logging.WARNING,
+        **quiet,
     )
     _started_here.append(dashboard_url())
     return True

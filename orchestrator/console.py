@@ -13,8 +13,11 @@ from typing import Any
 
 
 class Console:
-    def __init__(self, stream: Any = None) -> None:
+    """``verbose``: Ray's own output is shown too (see ``cluster.init_ray``)."""
+
+    def __init__(self, stream: Any = None, verbose: bool = False) -> None:
         self.stream = stream or sys.stdout
+        self.verbose = verbose
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar: Any = None
         self._task: Any = None

@@ -40,3 +40,15 @@ def user_error_in(exc: BaseException) -> str | None:
         if found:
             return str(found[-1]).strip().splitlines()[0]
     return None
+
+
+def failure_summary(exc: BaseException) -> str:
+    """One line for a failed run: the original exception of the first failed worker (or of
+    the controller), as ``Type: message``, without Ray's wrapping and traceback."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    origin = next(iter(failures.values()), None) or getattr(exc, "controller_failure", None) \
+        or exc
+    innermost = list(_causes(origin))[-1]
+    cause = getattr(innermost, "cause", None) or innermost
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -13,7 +13,7 @@ from orchestrator.cluster import (
     local_resources,
 )
 from orchestrator.console import Console
-from orchestrator.errors import TrainingError, UserError, user_error_in
+from orchestrator.errors import TrainingError, UserError, failure_summary, user_error_in
 from orchestrator.records import progress_line
 from orchestrator.summary import finalize_run
 from orchestrator.trainer import EventPump, build_trainer
@@ -54,7 +54,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if not attaches_to_cluster():
         check_resources(cfg, local_resources())  # fail before starting Ray at all
-    local = init_ray()
+    local = init_ray(console.verbose)
     use_gpu = check_resources(cfg, cluster_capacity(local))
     if mode == "overwrite":
         storage.delete_dir(run_dir)
@@ -69,7 +69,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
                 f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, W&B {wb.mode}")
 
+    seen = {"epoch": 0}
+
     def handle(record: dict[str, Any], staged: str | None) -> None:
+        if record["epoch"] <= seen["epoch"]:  # Ray restarted the workers (max_failures)
+            console.say(f"workers restarted: training again from epoch {record['epoch']} "
+                        "(the latest checkpoint)")
+        seen["epoch"] = record["epoch"]
         console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
         console.advance(completed=record["epoch"])
         wb.handle(record, staged)
@@ -87,7 +93,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             if mode != "resume":  # nothing of a run that never could work is left behind
                 storage.delete_dir(run_dir)
             raise UserError(message) from None
-        raise TrainingError(f"training failed: {exc}") from exc
+        raise TrainingError(f"training failed: {failure_summary(exc)} (rerun with --verbose "
+                            "to see the workers' logs)") from exc
     except BaseException:
         wb.abort()
         raise

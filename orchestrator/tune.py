@@ -247,7 +247,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     if not attaches_to_cluster():
         check_fit(cfg, configs, local_resources())
-    local = init_ray()
+    local = init_ray(console.verbose)
     cap = cluster_capacity(local)
     use_gpu = check_fit(cfg, configs, cap)
     gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
