@@ -16,11 +16,11 @@ train: $(STAMP)
 	$(VENV)/bin/orchestrator train configs/digits.yaml --overwrite
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator workers tests
+	$(VENV)/bin/ruff check orchestrator workers tests bench
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator workers tests
+	$(VENV)/bin/ruff check orchestrator workers tests bench
 
 clean:
 	rm -rf runs .pytest_cache

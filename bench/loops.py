@@ -1,6 +1,6 @@
 """The baselines' per-worker loops on Ray Train: the project's training steps, their saving.
 
-Both reuse the project's ``setup``, ``train_epoch`` and ``evaluate_epoch`` (so the training,
+Both reuse the project's ``start_worker``, ``setup`` and ``run_epoch`` (so the training,
 the data, the seeds and the one all-reduce of metric statistics are the project's), and
 differ only in how they save. They report what they wrote (``WRITTEN_KEY``) and how long
 the save itself took (``SAVE_KEY``) for the benchmark's accounting.
@@ -23,25 +23,16 @@ from typing import Any
 import torch
 
 from bench.probes import SAVE_KEY, WRITTEN_KEY
-from workers.config import RunConfig
-from workers.evaluation import train_epoch
-from workers.loop import epoch_seed, evaluate_epoch, quiet_ray_train_logs, setup
+from workers.engines.torch_engine import run_epoch, setup
+from workers.runtime import start_worker
 
 
 def _epochs(config: dict[str, Any]):
-    """Yield (epoch, setup, metrics) after each epoch's training and global metrics."""
-    import ray.train
-
-    cfg = RunConfig.model_validate(config)
-    quiet_ray_train_logs()
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    s = setup(cfg, rank, world_size)
-    for epoch in range(s.start_epoch, cfg.train.epochs + 1):
-        torch.manual_seed(epoch_seed(cfg.seed, rank, epoch))
-        s.train_loader.sampler.set_epoch(epoch)
-        train_loss = train_epoch(s.model, s.train_loader, s.loss_fn, s.optimizer, s.device)
-        yield epoch, s, rank, {"epoch": epoch, **evaluate_epoch(s, train_loss)}
+    """Yield (epoch, parts, rank, metrics) after each epoch's training and global metrics."""
+    worker = start_worker(config)
+    parts = setup(worker)
+    for epoch in worker.epochs():
+        yield epoch, parts, worker.rank, {"epoch": epoch, **run_epoch(worker, parts, epoch)}
 
 
 def naive_loop(config: dict[str, Any]) -> None:

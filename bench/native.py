@@ -22,7 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from workers.config import RunConfig
-from workers.evaluation import (
+from workers.engines.torch_engine import make_optimizer
+from workers.runtime import epoch_seed
+from workers.steps import (
     accumulate,
     global_metrics,
     infer_num_classes,
@@ -30,7 +32,6 @@ from workers.evaluation import (
     train_epoch,
     workload_metrics,
 )
-from workers.loop import epoch_seed, make_optimizer
 from workers.workload import build_workload
 
 

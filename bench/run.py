@@ -59,7 +59,7 @@ def host_copy_seconds(size: str, repeats: int = 15) -> dict[str, float]:
     import torch
 
     from bench.workload import build
-    from workers.checkpointing import HostBuffers, _to_host
+    from workers.checkpoint.snapshot import HostBuffers, to_host
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def host_copy_seconds(size: str, repeats: int = 15) -> dict[str, float]:
             return statistics.median(times)
 
         return {"reused_buffers": timed(lambda: buffers.copy(weights)),
-                "fresh_memory": timed(lambda: _to_host(weights))}
+                "fresh_memory": timed(lambda: to_host(weights))}
     finally:
         torch.set_num_threads(threads)
 

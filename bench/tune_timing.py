@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +30,16 @@ def search(root: Path, name: str, concurrent: int) -> RunConfig:
 
 def main() -> None:
     from orchestrator.cluster import init_ray
+    from orchestrator.console import Console as RunConsole
     from orchestrator.tune import run_search
 
     root = Path(tempfile.mkdtemp(prefix="tune-timing-"))
     init_ray()
-    quiet = lambda *_: None  # noqa: E731
+    quiet = RunConsole(stream=open(os.devnull, "w"))  # for the whole run
     rows = []
     for name, concurrent in (("concurrent-2", 2), ("one-by-one", 1)):
         started = time.perf_counter()
-        run_search(search(root, name, concurrent), say=quiet)
+        run_search(search(root, name, concurrent), console=quiet)
         rows.append((name, concurrent, time.perf_counter() - started))
     table = Table(title="4 trials x 4 epochs, 1 worker each, on 2 CPUs")
     for column in ("search", "trials at a time", "wall s", "vs one-by-one"):

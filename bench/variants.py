@@ -77,7 +77,7 @@ def _baseline_trainer(variant: str, cfg: RunConfig, callbacks: list[Any]) -> Any
 
 def run_ray_variant(variant: str, cfg: RunConfig, log_dir: Path,
                     interval_s: str) -> dict[str, Any]:
-    from orchestrator.train import build_trainer
+    from orchestrator.trainer import build_trainer
 
     log_dir.mkdir(parents=True)
     run_dir = Path(cfg.storage_path) / cfg.name

@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from orchestrator.cluster import init_ray
+    from orchestrator.console import Console as RunConsole
     from orchestrator.train import run_training
 
     root = Path(tempfile.mkdtemp(prefix="wandb-overhead-"))
@@ -41,14 +42,14 @@ def main() -> None:
         os.environ[var] = str(root / var.lower())
         Path(os.environ[var]).mkdir()
     init_ray()
-    quiet = lambda *_: None  # noqa: E731
-    run_training(config(root, "warm-up", "disabled", 2), say=quiet)  # worker start-up, imports
+    quiet = RunConsole(stream=open(os.devnull, "w"))  # for the whole run
+    run_training(config(root, "warm-up", "disabled", 2), console=quiet)  # worker start-up, imports
     times: dict[str, list[float]] = {"disabled": [], "offline": []}
     for i in range(args.repeats):
         order = ("disabled", "offline") if i % 2 == 0 else ("offline", "disabled")
         for mode in order:
             started = time.perf_counter()
-            run_training(config(root, f"{mode}-{i}", mode, args.epochs), say=quiet)
+            run_training(config(root, f"{mode}-{i}", mode, args.epochs), console=quiet)
             times[mode].append(time.perf_counter() - started)
 
     table = Table(title=f"W&B cost, {args.epochs}-epoch digits run, 2 workers, "

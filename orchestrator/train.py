@@ -43,13 +43,12 @@ def start_line(cfg: RunConfig, run_dir: str, mode: str) -> str:
     }[mode]
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 console: Console | None = None) -> dict[str, Any]:
-    from ray.train import TrainingFailedError
-
+def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
+              console: Console) -> tuple[str, str, bool, Any]:
+    """Everything checked and opened before training: the run directory's fate, the
+    cluster's capacity, the W&B run. Returns (run_dir, start mode, use_gpu, W&B run)."""
     from orchestrator.wandb_log import open_run
 
-    console = console or Console()
     run_dir = storage.run_dir(cfg)
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if not attaches_to_cluster():
@@ -68,7 +67,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     console.say(f"{cfg.scaling.num_workers} workers on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
                 f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, W&B {wb.mode}")
+    return run_dir, mode, use_gpu, wb
 
+
+def epoch_handler(cfg: RunConfig, wb: Any, console: Console):
+    """What the driver does with each epoch's record: print it, log it to W&B."""
     seen = {"epoch": 0}
 
     def handle(record: dict[str, Any], staged: str | None) -> None:
@@ -80,7 +83,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         console.advance(completed=record["epoch"])
         wb.handle(record, staged)
 
-    pump = EventPump(handle)
+    return handle
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 console: Console | None = None) -> dict[str, Any]:
+    from ray.train import TrainingFailedError
+
+    console = console or Console()
+    run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
+                                           console=console)
+    pump = EventPump(epoch_handler(cfg, wb, console))
     trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
                             events=pump.queue)
     try:

@@ -236,6 +236,27 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
     tuner.fit()
 
 
+def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
+                      experiment_dir: str, search_run: Any) -> list[dict[str, Any]]:
+    """leaderboard.json from every trial's summary (a trial without one did not finish), the
+    overall best model exported, and the search's W&B run finished with both."""
+    summaries = []
+    for trial in trials:
+        path = trial_summary_path(configs[trial.trial_id])
+        summaries.append(storage.read_json(path) if storage.exists(path) else {
+            "trial_id": trial.trial_id, "hyperparameters": trial.overrides, "interrupted": True,
+        })
+    mode = cfg.tracker.resolved_mode
+    board = leaderboard(summaries, cfg.tracker.monitor, mode)
+    best_dir = export_best(board, experiment_dir)
+    storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
+        "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
+        "mode": mode, "best_model": best_dir, "trials": board,
+        "wandb": search_run.finish_search(board, best_dir),
+    })
+    return board
+
+
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                console: Console | None = None) -> list[dict[str, Any]]:
     console = console or Console()
@@ -258,9 +279,9 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     search_run = open_run(cfg, experiment_dir, job_type="search")  # fails here, not mid-search
 
     todo = pending_trials(trials, configs)
-    console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} already "
-        f"finished), {cfg.tune.max_concurrent_trials} at a time, scheduler {cfg.tune.scheduler}, "
-        f"in {experiment_dir}")
+    console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} "
+                f"already finished), {cfg.tune.max_concurrent_trials} at a time, scheduler "
+                f"{cfg.tune.scheduler}, in {experiment_dir}")
     logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name, console)
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
@@ -275,20 +296,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         logger.finish_trials(use_gpu)
         logger.abort_unfinished()
 
-    summaries = []
-    for trial in trials:
-        path = trial_summary_path(configs[trial.trial_id])
-        summaries.append(storage.read_json(path) if storage.exists(path) else {
-            "trial_id": trial.trial_id, "hyperparameters": trial.overrides, "interrupted": True,
-        })
-    mode = cfg.tracker.resolved_mode
-    board = leaderboard(summaries, cfg.tracker.monitor, mode)
-    best_dir = export_best(board, experiment_dir)
-    storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
-        "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
-        "mode": mode, "best_model": best_dir, "trials": board,
-        "wandb": search_run.finish_search(board, best_dir),
-    })
+    board = write_leaderboard(cfg, trials, configs, experiment_dir, search_run)
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
     if unfinished:
         console.say(f"{len(unfinished)} trial(s) did not finish; continue with --resume")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastai.callback.progress  # noqa: F401 - registers Learner.no_bar, as fastai.basics does
+import fastai.callback.schedule  # noqa: F401 - registers Learner.fit_one_cycle
 import pytest
 import torch
 from fastai.data.core import DataLoaders

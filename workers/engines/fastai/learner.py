@@ -24,11 +24,13 @@ from fastai.learner import AvgMetric, Learner, Metric
 from fastai.optimizer import SGD, Adam
 
 from workers.config import RunConfig
+from workers.metrics import MeanLoss
 from workers.protocol import Workload, WorkloadError
 
 
-class AvgMetricStats:
-    """A fastai ``AvgMetric`` as the project's mergeable metric: (sum of value * n, n).
+class AvgMetricStats(MeanLoss):
+    """A fastai ``AvgMetric`` as the project's mergeable metric: (sum of value * n, n), the
+    same sufficient statistics as a mean loss.
 
     fastai averages ``func(pred, *targets)`` over a split weighting each batch by its size;
     summing the same two numbers across ranks gives exactly the single-process value.
@@ -37,23 +39,10 @@ class AvgMetricStats:
     def __init__(self, metric: AvgMetric) -> None:
         self.func = metric.func
         self.name = metric.name
-        self.reset()
-
-    def reset(self) -> None:
-        self._total = 0.0
-        self._count = 0.0
+        super().__init__()
 
     def update(self, output: torch.Tensor, *targets: torch.Tensor) -> None:
-        n = len(targets[0])
-        self._total += float(self.func(output.detach(), *targets)) * n
-        self._count += n
-
-    def state(self) -> torch.Tensor:
-        return torch.tensor([self._total, self._count], dtype=torch.float64)
-
-    def compute(self, state: torch.Tensor) -> float:
-        total, count = state.tolist()
-        return total / count if count else float("nan")
+        self.add_batch(float(self.func(output.detach(), *targets)), len(targets[0]))
 
 
 def mergeable_metrics(learn: Learner) -> list[AvgMetricStats]:

@@ -1,0 +1,81 @@
+"""The CLI's commands that start no training stay light, and a worker's user error is found
+by its type inside Ray's worker-group error (no Ray started: the error objects are built)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import failure_summary, user_error_in
+from workers.errors import WorkloadError
+from workers.tracker import MonitorNotReportedError
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "ray", "wandb", "fastai")
+
+PROBE = (
+    "import runpy, sys\n"
+    "sys.argv = ['orchestrator', *sys.argv[1:]]\n"
+    "try:\n"
+    "    runpy.run_module('orchestrator', run_name='__main__')\n"
+    "except SystemExit:\n"
+    "    pass\n"
+    f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+    "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
+)
+
+
+def imports_of(tmp_path: Path, *args: str) -> tuple[str, subprocess.CompletedProcess]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=60, env={"PYTHONPATH": str(REPO)})
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("HEAVY="))
+    return line.removeprefix("HEAVY="), proc
+
+
+def test_help_imports_no_torch_ray_or_wandb(tmp_path):
+    heavy, proc = imports_of(tmp_path, "--help")
+    assert "orchestrator train" in proc.stdout or "train" in proc.stdout
+    assert heavy == ""
+
+
+def test_best_imports_no_torch_ray_or_wandb(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "name": "run", "run_dir": str(run), "best_epoch": 2, "epochs_completed": 3,
+        "monitor": "val_loss", "mode": "min", "policy": "best", "best_checkpoint": None,
+        "best_metrics": {"epoch": 2, "val_loss": 0.5}, "test_metrics": None}))
+    heavy, proc = imports_of(tmp_path, "best", str(run))
+    assert "best epoch 2 of 3" in proc.stdout
+    assert heavy == ""
+
+
+def _worker_group_error(exc: Exception):
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    try:
+        raise exc
+    except Exception as raised:  # noqa: BLE001 - wrapped as Ray wraps a worker's exception
+        wrapped = RayTaskError("train_fn", "Traceback (most recent call last): ...", raised)
+        wrapped = wrapped.as_instanceof_cause()
+    return WorkerGroupError("rank 0 failed", {0: wrapped, 1: wrapped})
+
+
+@pytest.mark.parametrize("exc", [
+    MonitorNotReportedError("tracker.monitor: 'val_auc' is not reported by this run"),
+    WorkloadError("workload.entrypoint: mod returned an object without model"),
+])
+def test_user_errors_are_found_by_type_in_a_worker_group_error(exc):
+    message = user_error_in(_worker_group_error(exc))
+    assert message == str(exc)
+
+
+def test_other_failures_are_not_user_errors_and_name_the_original_exception():
+    error = _worker_group_error(RuntimeError("CUDA out of memory\nmore details"))
+    assert user_error_in(error) is None
+    assert failure_summary(error) == "RuntimeError: CUDA out of memory"
