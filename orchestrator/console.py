@@ -22,6 +22,14 @@ class Console:
         self._bar: Any = None
         self._task: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray Tune pickles its callbacks (and so this) into its experiment state; a stream
+        # cannot be pickled, and a copy restored elsewhere prints to its own stdout.
+        return {"verbose": self.verbose}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(verbose=state["verbose"])
+
     def say(self, line: str) -> None:
         if self._bar is not None:
             self._bar.console.print(line, markup=False, highlight=False)
