@@ -21,12 +21,13 @@ from workers.config import RunConfig
 from workers.names import CHECKPOINT_PREFIX, RANK_KEY
 from workers.policy import decide_save
 from workers.runtime import Worker
+from workers.steps import distributed
 from workers.tracker import BestTracker, MonitorNotReportedError
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, made identical on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)

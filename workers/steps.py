@@ -105,9 +105,40 @@ def accumulate(
     return loss
 
 
+def distributed() -> bool:
+    """Whether there are other ranks to agree with."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics, or any other) on every rank.
+
+    DDP broadcasts rank 0's buffers before each training forward, but that forward then
+    updates each rank's running statistics from its own batch: after an epoch every rank holds
+    different buffers, and only rank 0's are saved. Evaluating after this, every rank scores
+    its shard with the model rank 0 saves (the parameters are already identical: DDP averages
+    the gradients). One broadcast per dtype, the buffers packed into one flat tensor.
+    """
+    if not distributed():
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in model.buffers():  # the same order on every rank: the same module tree
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for (dtype, _), buffers in groups.items():
+        wire = torch.uint8 if dtype == torch.bool else dtype  # gloo and NCCL take no bool
+        flat = torch.cat([b.detach().reshape(-1).to(wire) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for buffer in buffers:
+            n = buffer.numel()
+            with torch.no_grad():
+                buffer.copy_(flat[offset:offset + n].view_as(buffer).to(dtype))
+            offset += n
+
+
 def all_reduce_sum(vector: torch.Tensor, device: torch.device) -> torch.Tensor:
     """SUM across ranks in float64 (on the device for NCCL, which cannot reduce CPU tensors)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not distributed():
         return vector
     on_device = vector.to(device)
     dist.all_reduce(on_device, op=dist.ReduceOp.SUM)

@@ -116,3 +116,17 @@ def test_standard_workload_with_constant_schedule(tmp_path, ray_local):
     recomputed = evaluate_split(cfg, best_dir, "val")
     for key, value in recomputed.items():
         assert_close(value, summary["best_metrics"][key])
+
+
+def test_a_batchnorm_learners_record_is_that_of_its_saved_weights(tmp_path, ray_local):
+    """The same guarantee under fastai's own loop: per-rank BatchNorm statistics never reach
+    the recorded metrics; they are those of the weights and buffers rank 0 saved."""
+    cfg = fastai_config(tmp_path, "fastai-batchnorm",
+                        workload={**LEARNER_WORKLOAD, "params": {"norm": True}})
+    summary = run_training(cfg)
+    best_dir = Path(summary["best_checkpoint"])
+    assert summary["best_epoch"] >= 2
+    for key, value in evaluate_split(cfg, best_dir, "val").items():
+        assert_close(value, summary["best_metrics"][key])
+    for key, value in evaluate_split(cfg, best_dir, "test").items():
+        assert_close(value, summary["test_metrics"][key])

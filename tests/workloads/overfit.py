@@ -49,17 +49,23 @@ def build(
     fail_after_steps: int | None = None,
     marker: str | None = None,
     with_test: bool = True,
+    norm: bool = False,
+    dropout: float = 0.0,
 ) -> SimpleNamespace:
+    """``norm``: BatchNorm after each hidden layer (buffers that training updates per rank);
+    ``dropout``: after each hidden layer."""
     gen = torch.Generator().manual_seed(1234)
     x_train, y_train = _blobs(n_train, gen, dim, separation)
     flip = torch.rand(n_train, generator=gen) < noise
     y_train = torch.where(flip, 1 - y_train, y_train)
     x_val, y_val = _blobs(n_val, gen, dim, separation)
     x_test, y_test = _blobs(n_val, gen, dim, separation)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(), torch.nn.Linear(hidden, 2),
-    )
+    def block(n_in: int) -> list[torch.nn.Module]:
+        return [torch.nn.Linear(n_in, hidden),
+                *([torch.nn.BatchNorm1d(hidden)] if norm else []),
+                torch.nn.ReLU(), *([torch.nn.Dropout(dropout)] if dropout else [])]
+
+    model = torch.nn.Sequential(*block(dim), *block(hidden), torch.nn.Linear(hidden, 2))
     return SimpleNamespace(
         model=FailOnce(model, fail_after_steps, marker),
         train_dataset=torch.utils.data.TensorDataset(x_train, y_train),

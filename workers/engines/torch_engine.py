@@ -19,6 +19,7 @@ from workers.reporter import EpochReporter
 from workers.runtime import Worker, start_worker
 from workers.steps import (
     accumulate,
+    broadcast_buffers,
     global_metrics,
     infer_num_classes,
     shard,
@@ -73,8 +74,10 @@ def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]
     p.train_loader.sampler.set_epoch(epoch)
     train_loss = train_epoch(p.model, p.train_loader, w.workload.loss_fn, p.optimizer,
                              w.device, w.cfg.train.precision)
-    # The unwrapped module: DDP's forward would broadcast buffers, a collective that ranks
-    # with different numbers of validation batches would never all reach.
+    # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
+    # module, since DDP's forward would broadcast buffers, a collective that ranks with
+    # different numbers of validation batches would never all reach.
+    broadcast_buffers(p.plain)
     val_loss = accumulate(p.plain, p.val_loader, w.workload.loss_fn, p.metrics, w.device,
                           w.cfg.train.precision)
     return global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)], w.device)

@@ -35,7 +35,14 @@ from workers.metrics import MeanLoss
 from workers.names import LEARNER_FILE
 from workers.reporter import EpochReporter, require_monitor
 from workers.runtime import Worker, seed_epoch, start_worker
-from workers.steps import as_float32, autocast, global_metrics, infer_num_classes, workload_metrics
+from workers.steps import (
+    as_float32,
+    autocast,
+    broadcast_buffers,
+    global_metrics,
+    infer_num_classes,
+    workload_metrics,
+)
 
 
 class Bf16Autocast(Callback):
@@ -105,8 +112,10 @@ class ReportToRay(Callback):
         self.val_loss.reset()
         for metric in self.stats_metrics:
             metric.reset()
-        # The unwrapped module: DDP's forward may broadcast buffers, a collective that ranks
-        # with different numbers of validation batches would never all reach.
+        # The model rank 0 saves, buffers included, on every rank (see broadcast_buffers);
+        # and the unwrapped module: DDP's forward may broadcast buffers, a collective that
+        # ranks with different numbers of validation batches would never all reach.
+        broadcast_buffers(self.plain)
         self.wrapped, self.learn.model = self.learn.model, self.plain
 
     def after_validate(self) -> None:
