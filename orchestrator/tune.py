@@ -34,7 +34,14 @@ from orchestrator.search import Trial
 from orchestrator.summary import finalize_run
 from orchestrator.train import prepare_run_dir
 from orchestrator.trainer import build_trainer
-from orchestrator.tune_plan import check_fit, leaderboard, plan_search, trial_config, trial_status
+from orchestrator.tune_plan import (
+    check_fit,
+    leaderboard,
+    plan_search,
+    resumed_config,
+    trial_config,
+    trial_status,
+)
 from orchestrator.wandb_log import open_run, staged_path
 from workers.config import RunConfig
 from workers.names import (
@@ -157,9 +164,12 @@ class TrialLogger:
 
 
 def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
-    """Copy the overall best model next to the leaderboard, with who it is in its metadata."""
-    top = next((row for row in board if row["best_checkpoint"]), None)
-    if top is None:
+    """Copy the overall best model next to the leaderboard, with who it is in its metadata.
+
+    The overall best is row 0, always (as W&B's ``best`` alias and ``best_trial``): when its
+    best epoch has no model (a policy that did not save it), nothing is exported."""
+    top = board[0] if board else None
+    if top is None or not top["best_checkpoint"]:
         return None
     target = storage.join(experiment_dir, BEST_DIR)
     source = top["best_checkpoint"]
@@ -199,11 +209,10 @@ def make_scheduler(cfg: RunConfig) -> Any:
     )
 
 
-def saved_trials(experiment_dir: str) -> list[Trial] | None:
+def read_search(experiment_dir: str) -> dict[str, Any] | None:
+    """search.json: the trials drawn when the search started, and its config."""
     path = storage.join(experiment_dir, SEARCH_FILE)
-    if not storage.exists(path):
-        return None
-    return [Trial(t["trial_id"], t["overrides"]) for t in storage.read_json(path)["trials"]]
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
@@ -262,8 +271,12 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     console = console or Console()
     experiment_dir = storage.run_dir(cfg)
     start = prepare_run_dir(experiment_dir, resume=resume, overwrite=overwrite)
-    trials = (saved_trials(experiment_dir) if start == "resume" else None) \
-        or plan_search(cfg, experiment_dir)  # every trial validated before anything starts
+    saved = read_search(experiment_dir) if start == "resume" else None
+    if saved is not None:  # the search that was started, not today's config
+        cfg = resumed_config(saved["config"], cfg)
+        trials = [Trial(t["trial_id"], t["overrides"]) for t in saved["trials"]]
+    else:
+        trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
     base = cfg.to_dict()
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     if not attaches_to_cluster():

@@ -20,7 +20,7 @@ from orchestrator.search import (
     set_dotted,
 )
 from workers.config import RunConfig
-from workers.names import TRIALS_DIR
+from workers.names import SEARCH_FILE, TRIALS_DIR
 from workers.workload import WorkloadError, check_params
 
 
@@ -112,3 +112,45 @@ def check_fit(cfg: RunConfig, configs: dict[str, RunConfig], resources: Capacity
         except UserError as exc:
             raise UserError(f"{exc} (trial {trial_id} of tune.search_space)") from None
     return use_gpu
+
+
+# What a resumed search may change: how it runs, never what any trial computes. The name and
+# storage_path are how the search was found.
+RESUMABLE_KEYS = ("tune.max_concurrent_trials", "failure.max_failures", "wandb.mode",
+                  "wandb.project", "wandb.entity", "wandb.log_model")
+IDENTITY_KEYS = ("name", "storage_path")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict) or (prefix and not data):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resumed_config(saved: dict[str, Any], cfg: RunConfig) -> RunConfig:
+    """The config a search was started with (from its search.json), with only the
+    ``RESUMABLE_KEYS`` taken from ``cfg``; any other difference is refused (exit 2)."""
+    current = cfg.to_dict()
+    before, now = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k, "<unset>") != now.get(k, "<unset>")
+                     and not _under(k, RESUMABLE_KEYS + IDENTITY_KEYS))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5
+                                          else "")
+        raise UserError(
+            f"--resume: {shown} differ from the search being resumed (its config is in "
+            f"{SEARCH_FILE}); undo the change, or start a new search with another name or "
+            f"--overwrite (a resume may change only {', '.join(RESUMABLE_KEYS)})")
+    merged = copy.deepcopy(saved)
+    for key in (*RESUMABLE_KEYS, *IDENTITY_KEYS):
+        if key in now:
+            set_dotted(merged, key, now[key])
+    return RunConfig.model_validate(merged)

@@ -130,8 +130,17 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     board = json.loads((trial_dir.parents[1] / "leaderboard.json").read_text())["trials"]
     assert any(r["status"] == "interrupted" for r in board), board
 
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=400)
+    # A resume continues the search that was saved: a changed setting that would change
+    # what trials compute is refused at once, naming it; nothing is touched.
+    changed = subprocess.run([*command, "--resume", "--set", "train.epochs=5"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert changed.stderr.count("\n") == 1 and "train.epochs" in changed.stderr
+    assert (trial_dir / "history.json").read_text() == before
+
+    resumed = subprocess.run([*command, "--resume", "--set", "tune.max_concurrent_trials=2"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "1 already finished" in resumed.stdout or "already finished" in resumed.stdout
     assert (trial_dir / "history.json").read_text() == before  # not trained again

@@ -1,0 +1,65 @@
+"""Planning a search without Ray: what a resume may change, and which trial is the best."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.tune import export_best
+from orchestrator.tune_plan import resumed_config
+from workers.config import RunConfig
+
+
+def config(**changes) -> RunConfig:
+    data = {"name": "s", "workload": {"entrypoint": "workers.workloads.digits:build"},
+            "tune": {"search_space": {"train.lr": {"choice": [0.1, 0.01]}}}}
+    for dotted, value in changes.items():
+        node = data
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return RunConfig.model_validate(data)
+
+
+def test_a_resume_keeps_the_saved_search_and_takes_only_settings_that_change_no_result():
+    saved = config(train__epochs=3).to_dict()
+    cfg = resumed_config(saved, config(train__epochs=3, tune__max_concurrent_trials=1,
+                                       wandb__mode="disabled", storage_path="/elsewhere"))
+    assert cfg.train.epochs == 3
+    assert cfg.tune.max_concurrent_trials == 1 and cfg.wandb.mode == "disabled"
+    assert cfg.storage_path == "/elsewhere"
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"train__epochs": 5}, "train.epochs"),
+    ({"tune__search_space": {"train.lr": {"choice": [0.5]}}}, "tune.search_space.train.lr"),
+    ({"workload__params": {"hidden": 8}}, "workload.params.hidden"),
+    ({"tune__num_samples": 9}, "tune.num_samples"),
+])
+def test_a_resume_with_a_changed_result_setting_is_refused_naming_it(change, named):
+    saved = config().to_dict()
+    with pytest.raises(UserError, match=rf"^--resume: .*{named}") as raised:
+        resumed_config(saved, config(**change))
+    assert "\n" not in str(raised.value)
+
+
+def _row(trial_id: str, checkpoint: str | None) -> dict:
+    return {"trial_id": trial_id, "hyperparameters": {"train.lr": 0.1},
+            "best_checkpoint": checkpoint}
+
+
+def test_the_exported_best_is_row_zero_or_nothing(tmp_path: Path):
+    source = tmp_path / "trials" / "t1" / "checkpoint_epoch0002_1"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(b"weights")
+    (source / "metadata.json").write_text(json.dumps({"epoch": 2}))
+    # Row 0's best epoch has no saved model: no other trial's model may stand in for it.
+    assert export_best([_row("t0", None), _row("t1", str(source))], str(tmp_path)) is None
+    assert not (tmp_path / "best_model").exists()
+    exported = Path(export_best([_row("t1", str(source))], str(tmp_path)))
+    assert json.loads((exported / "metadata.json").read_text())["trial_id"] == "t1"
+    assert (exported / "model.safetensors").read_bytes() == b"weights"
