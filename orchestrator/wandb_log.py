@@ -118,7 +118,12 @@ class WandbRun:
         self.log_model_setting = cfg.wandb.log_model
         self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []
+        self.best_alias_epoch: int | None = None  # the epoch of the version W&B calls best
         self.last_epoch = 0
+        # Curves over the epoch, not W&B's step: epochs trained again after a restart are
+        # logged again (W&B drops rows whose step it has passed) and land on their epoch.
+        run.define_metric("epoch")
+        run.define_metric("*", step_metric="epoch")
 
     def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
         """One epoch; ``staged_model``: a model the recorder set aside for W&B (deleted here)."""
@@ -126,7 +131,7 @@ class WandbRun:
         values = {k: v for k, v in record.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         values["is_best"] = int(bool(record.get("is_best")))
-        self.run.log(values, step=epoch)
+        self.run.log(values)
         self.last_epoch = max(self.last_epoch, epoch)
         if staged_model:
             self.log_model(staged_model, storage.read_json(storage.join(staged_model,
@@ -147,8 +152,12 @@ class WandbRun:
         metadata = {**metadata, **self.extra_metadata}
         artifact = wandb.Artifact(name or self.artifact, type="model", metadata=metadata)
         if aliases is None:
-            aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if metadata.get("is_best")
-                                                         else [])
+            # While the run goes, ``best`` marks the newest improvement only where every
+            # improvement is saved (policy best); ``finish`` puts it on the best epoch's version.
+            live_best = metadata.get("is_best") and self.cfg.checkpoint.policy == "best"
+            aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if live_best else [])
+        if "best" in aliases:
+            self.best_alias_epoch = int(metadata["epoch"])
         with tempfile.TemporaryDirectory() as local:
             for name in STAGED_FILES:
                 target = Path(local) / name
@@ -157,7 +166,8 @@ class WandbRun:
             # add_file's default "mutable" policy copies each file into W&B's staging area,
             # so the temp dir may go once log_artifact returns.
             self.run.log_artifact(artifact, aliases=aliases)
-        self.logged_versions.append(int(metadata["epoch"]))
+        if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
+            self.logged_versions.append(int(metadata["epoch"]))
 
     def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
         import wandb
@@ -168,11 +178,23 @@ class WandbRun:
             best = storage.read_json(storage.join(summary["best_checkpoint"], METADATA_FILE))
         if best:
             self.run.summary.update(best_summary(best, summary.get("test_metrics")))
+        self._move_best_alias(summary)
         if plot_path:
-            step = summary["epochs_completed"] or None
-            self.run.log({"training_curves": wandb.Image(plot_path)}, step=step)
+            self.run.log({"training_curves": wandb.Image(plot_path),
+                          "epoch": summary["epochs_completed"]})
         return self._close({"artifact": self.artifact if self.logged_versions else None,
                             "logged_epochs": self.logged_versions})
+
+    def _move_best_alias(self, summary: dict[str, Any]) -> None:
+        """``best`` on the version of the summary's best epoch: logged again with that alias
+        (the same files: W&B keeps one version and moves the alias) when the alias sits
+        elsewhere, or on no version (a policy that logs other models, or a stopped run)."""
+        epoch, path = summary.get("best_epoch"), summary.get("best_checkpoint")
+        if (path is None or self.log_model_setting == "none"
+                or self.best_alias_epoch == epoch):
+            return
+        metadata = storage.read_json(storage.join(path, METADATA_FILE))
+        self.log_model(path, metadata, aliases=[f"epoch-{epoch}", "best"])
 
     def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
         """The experiment's run: the overall best model (findable as ``<name>-best-model``,

@@ -53,6 +53,18 @@ def artifacts(run_dir: str) -> list[dict]:
     return found
 
 
+def history_rows(run_dir: str) -> list[dict]:
+    """Every logged row, in order."""
+    rows = [json.loads(line) for line in inspect(run_dir).splitlines()]
+    return [r["history"]["item"] for r in rows if r.get("type") == "history"]
+
+
+def best_holders(logged: list[dict]) -> list[dict]:
+    """The versions logged with the ``best`` alias, in order: W&B moves the alias to the
+    newest of them."""
+    return [a for a in logged if "best" in a["aliases"]]
+
+
 def md5_b64(path: Path) -> str:
     return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 
@@ -94,8 +106,9 @@ def test_best_artifact_carries_the_best_epochs_metadata(wandb_env, ray_local):
         assert final[f"best_{key}"] == meta[key]
     for key, value in summary["test_metrics"].items():
         assert final[key] == value
-    # Every epoch logged, with the epoch as the step; the curves plot logged and on disk.
-    assert final["_step"] == 8 and final["epoch"] == 8
+    # Every epoch logged, on the epoch axis; the curves plot logged and on disk.
+    epochs = [r["epoch"] for r in history_rows(run_dir) if "val_loss" in r]
+    assert epochs == list(range(1, 9)) and final["epoch"] == 8
     assert "training_curves.format" in json.dumps(final) or "training_curves" in final
     assert (Path(summary["run_dir"]) / "training_curves.png").stat().st_size > 1000
 
@@ -123,6 +136,41 @@ def test_log_model_choices(wandb_env, ray_local, checkpoint, log_model, expected
     if expected == "improvements":
         expected = [h["epoch"] for h in summary["history"] if h["is_best"]]
     logged = artifacts(summary["wandb"]["run"])
-    assert [a["metadata"]["epoch"] for a in logged] == expected
+    # One version per model (a moved alias logs the same files again: the same version).
+    assert list(dict.fromkeys(a["metadata"]["epoch"] for a in logged)) == expected
+    digests = {}
     for artifact in logged:
-        assert ("best" in artifact["aliases"]) == artifact["metadata"]["is_best"]
+        digest = artifact["manifest"]["contents"][0]["digest"]
+        assert digests.setdefault(artifact["metadata"]["epoch"], digest) == digest
+    # ``best`` ends on the summary's best epoch, and only where that epoch's model exists.
+    holders = best_holders(logged)
+    if summary["best_checkpoint"] and log_model != "none":
+        assert holders[-1]["metadata"]["epoch"] == summary["best_epoch"]
+    else:
+        assert holders == []
+    if checkpoint["policy"] != "best":  # never on an improvement that a later one beat
+        assert {a["metadata"]["epoch"] for a in holders} <= {summary["best_epoch"]}
+
+
+def test_wandb_mirrors_the_history_after_a_restart(wandb_env, ray_local):
+    """Epochs trained again after a worker failure are logged again on the epoch axis (not
+    dropped as past steps): the last row of each epoch is history.json's record."""
+    marker = wandb_env / "failed-once"
+    # 2 steps an epoch; resume checkpoints at epochs 3 and 6; the failure is in epoch 8, after
+    # epoch 7 was reported, so epoch 7 is trained again from epoch 6's checkpoint.
+    cfg = overfit_config(wandb_env, name="wb-restart", train={"epochs": 8},
+                         failure={"max_failures": 1}, checkpoint={"resume_every_n_epochs": 3},
+                         workload={"params": {"fail_after_steps": 15, "marker": str(marker)}},
+                         wandb={"mode": "offline"})
+    summary = run_training(cfg)
+    assert marker.exists(), "the injected failure did not happen"
+    rows = [r for r in history_rows(summary["wandb"]["run"]) if "val_loss" in r]
+    assert len(rows) > 8, "no epoch was trained again"
+    last = {r["epoch"]: r for r in rows}
+    assert sorted(last) == list(range(1, 9))
+    for record in summary["history"]:
+        assert last[record["epoch"]]["val_loss"] == record["val_loss"]
+        assert last[record["epoch"]]["is_best"] == int(record["is_best"])
+    holders = best_holders(artifacts(summary["wandb"]["run"]))
+    assert holders[-1]["metadata"]["epoch"] == summary["best_epoch"]
+    assert run_summary(summary["wandb"]["run"])["best_epoch"] == summary["best_epoch"]
