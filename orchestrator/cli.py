@@ -87,6 +87,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     from orchestrator import storage
+    from orchestrator.checkpoints import verify_checkpoint
     from orchestrator.report import print_leaderboard, print_summary
 
     root = storage.resolve(args.path)
@@ -94,6 +95,10 @@ def cmd_best(args: argparse.Namespace) -> int:
         path = storage.join(root, name)
         if storage.exists(path):
             record = storage.read_json(path)
+            best = record.get("best_model") or record.get("best_checkpoint")
+            problem = verify_checkpoint(best) if best else None
+            if problem:
+                raise UserError(f"{best}: the best model is damaged: {problem}")
             if args.json:
                 print(json.dumps(record, indent=2))
             else:

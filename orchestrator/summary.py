@@ -12,33 +12,33 @@ import tempfile
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.checkpoints import kept_checkpoints
 from orchestrator.recorder import read_history
+from orchestrator.records import epoch_record
 from orchestrator.wandb_log import discard_staged
 from workers.config import RunConfig
 from workers.names import (
     CHECKPOINT_PREFIX,
-    METADATA_FILE,
-    MODEL_FILE,
+    HISTORY_FILE,
     PLOT_FILE,
     RAY_SNAPSHOT_FILE,
     SUMMARY_FILE,
 )
 
 
-def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
-    """Complete checkpoints in storage, oldest first: epoch, path and is_best."""
-    kept = []
-    for name in storage.list_dirs(run_dir):
-        path = storage.join(run_dir, name)
-        if not name.startswith(CHECKPOINT_PREFIX) or not (
-            storage.exists(storage.join(path, METADATA_FILE))
-            and storage.exists(storage.join(path, MODEL_FILE))
-        ):
-            continue  # not a checkpoint, or an upload that never finished
-        metadata = storage.read_json(storage.join(path, METADATA_FILE))
-        kept.append({"epoch": int(metadata["epoch"]), "path": path,
-                     "is_best": bool(metadata["is_best"])})
-    return sorted(kept, key=lambda c: c["epoch"])
+def repair_history(history: list[dict[str, Any]],
+                   kept: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The history completed from the kept checkpoints' own metadata.
+
+    A run stopped after Ray registered a checkpoint (and deleted the one it replaced) but
+    before the recorder saw that report has a model in storage that history.json does not
+    name; its metadata holds every metric of its epoch. Returns (history, whether it changed).
+    """
+    by_epoch = {record["epoch"]: record for record in history}
+    missing = [c for c in kept if c["epoch"] not in by_epoch]
+    for checkpoint in missing:
+        by_epoch[checkpoint["epoch"]] = epoch_record(checkpoint["metadata"], checkpoint["path"])
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)], bool(missing)
 
 
 def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
@@ -77,10 +77,17 @@ def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
 
 def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dict[str, Any]:
     remove_unregistered_checkpoints(run_dir)
-    history = read_history(run_dir)
-    best = next((r for r in reversed(history) if r.get("is_best")), None)
     kept = kept_checkpoints(run_dir)
-    best_ckpt = next((c for c in kept if best and c["epoch"] == best["epoch"]), None)
+    history, repaired = repair_history(read_history(run_dir), kept)
+    if repaired:
+        storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
+    # The tracker's best (improvements only ever get better): its model, if the policy kept it.
+    best = next((r for r in reversed(history) if r.get("is_best")), None)
+    # The checkpoint the record names; else one of that epoch (a record repaired from it).
+    candidates = [c for c in kept if best and c["epoch"] == best["epoch"]]
+    best_ckpt = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
+                      .endswith("/" + str(best.get("checkpoint")))), None) \
+        or (candidates[-1] if candidates else None)
     test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu) if best_ckpt else None
     return {
         "name": cfg.name,
@@ -96,7 +103,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dic
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "epochs_planned": cfg.train.epochs,
         "stopped_early": bool(history) and history[-1]["epoch"] < cfg.train.epochs,
-        "checkpoints": kept,
+        "checkpoints": [{k: c[k] for k in ("epoch", "path", "is_best")} for c in kept],
         "history": history,
         "config": cfg.to_dict(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.checkpoints import resume_point
 from orchestrator.cluster import (
     attaches_to_cluster,
     check_resources,
@@ -51,6 +52,12 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
 
     run_dir = storage.run_dir(cfg)
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if mode == "resume":  # nothing intact to resume from: exit 2 before anything starts
+        chosen, damaged = resume_point(run_dir)
+        for problem in damaged:
+            console.say(f"warning: damaged checkpoint skipped: {problem}")
+        if damaged:
+            console.say(f"resuming from {chosen}, the newest intact checkpoint")
     if not attaches_to_cluster():
         check_resources(cfg, local_resources())  # fail before starting Ray at all
     local = init_ray(console.verbose)

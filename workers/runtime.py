@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint.load import load_train_state, load_weights
+from workers.checkpoint.load import load_intact
 from workers.config import RunConfig
 from workers.errors import UserInputError
 from workers.private_apis import quiet_ray_train_reports
@@ -56,12 +56,15 @@ def restore(model: torch.nn.Module, rank: int) -> Restored:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Restored()
-    with checkpoint.as_directory() as directory:
-        model.load_state_dict(load_weights(directory))
-        state = load_train_state(directory)
+    weights, state, damaged = load_intact(checkpoint)  # the same choice on every rank
+    model.load_state_dict(weights)
+    log = logging.getLogger(__name__)
+    if damaged and rank == 0:
+        log.warning("damaged checkpoint(s) skipped: %s; resumed from epoch %s",
+                    "; ".join(damaged), state["epoch"])
     optimizer_state = state.get("optimizer")
     if optimizer_state is None and rank == 0:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "resuming from epoch %s without optimizer state (a model checkpoint; set "
             "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
     return Restored(int(state["epoch"]) + 1, state["tracker"], optimizer_state)

@@ -91,3 +91,52 @@ def test_training_on_s3_storage(s3_server, tmp_path):
     metadata = json.load(io.BytesIO(client.get_object(
         Bucket=BUCKET, Key=f"{best_key}/metadata.json")["Body"].read()))
     assert metadata["epoch"] == summary["best_epoch"]
+
+
+def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path):
+    """The first write of epochs 1 and 2 fails as a network error to the object store does;
+    Ray Train retries it while training goes on and snapshots the next epoch. Each kept
+    checkpoint must still hold its own epoch's weights (recorded in training, by torch.save)."""
+    port = s3_server["port"]
+    uri = f"s3://{BUCKET}/retry?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    config = {
+        "name": "retried", "storage_path": uri, "seed": 0,
+        "workload": {"entrypoint": "tests.workloads.recorded:build",
+                     "params": {"record_dir": str(record_dir), "max_delay_s": 5.0,
+                                "fail_first_write_of": [1, 2]}},
+        "scaling": {"num_workers": 2}, "train": {"epochs": 4, "batch_size": 8, "lr": 0.01},
+        "checkpoint": {"policy": "all"}, "wandb": {"mode": "disabled"},
+    }
+    (tmp_path / "retry.yaml").write_text(json.dumps(config))
+    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "train", "retry.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    writes = [json.loads(line) for line in (record_dir / "writes.jsonl").read_text().split()]
+    failed = [w for w in writes if w["failed"]]
+    assert [w["epoch"] for w in failed] == [1, 2], writes
+    for w in failed:  # each retry came after training had recorded the next epoch
+        retry = next(x for x in writes if x["epoch"] == w["epoch"] and x["attempt"] == 2)
+        assert retry["steps_at_record"] > w["steps_at_record"], (w, retry)
+
+    client = s3_server["client"]
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="retry/retried/summary.json")
+                         ["Body"].read())
+    kept = sorted(c["path"] for c in summary["checkpoints"])
+    assert len(kept) == 4
+    for path in kept:
+        key = path.split("?")[0].removeprefix(f"s3://{BUCKET}/")
+        metadata = json.loads(client.get_object(Bucket=BUCKET, Key=f"{key}/metadata.json")
+                              ["Body"].read())
+        blob = client.get_object(Bucket=BUCKET, Key=f"{key}/model.safetensors")["Body"].read()
+        assert metadata["files"]["model.safetensors"]["size"] == len(blob)
+        saved = load(blob)
+        truth = torch.load(record_dir / f"epoch{metadata['epoch']:04d}-rank0.pt",
+                           weights_only=True)
+        for name, tensor in truth.items():
+            assert torch.equal(saved[name], tensor), (metadata["epoch"], name)
+    losses = {h["epoch"]: h["val_loss"] for h in summary["history"]}
+    assert summary["best_epoch"] == min(losses, key=losses.get)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from orchestrator.console import Console
 from orchestrator.errors import UserError
+from orchestrator.summary import summarize
 from orchestrator.train import run_training
 from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
-from workers.checkpoint.load import load_metadata, load_train_state
+from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 from workers.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
@@ -212,3 +216,79 @@ def test_processes_of_a_local_run_query_their_own_clusters_state(ray_local):
 
     own = "http://" + ray._private.worker.get_dashboard_url()
     assert ray.get(from_a_detached_actor_started_by_a_task.remote("state-probe")) == (own, own)
+
+
+def test_a_batchnorm_models_record_is_that_of_its_saved_weights(tmp_path, ray_local):
+    """After an epoch each rank's BatchNorm statistics come from its own last batch; the
+    metrics recorded must still be those of the weights and buffers rank 0 saved."""
+    cfg = overfit_config(tmp_path, name="batchnorm", train={"epochs": 8},
+                         workload={"params": {"norm": True, "dropout": 0.2}})
+    summary = run_training(cfg)
+    history = summary["history"]
+    losses = [h["val_loss"] for h in history]
+    assert 1 < summary["best_epoch"] < len(losses), losses  # the metric peaks mid-run
+    assert sum(h["is_best"] for h in history) >= 2  # more than one improvement
+    best_dir = Path(summary["best_checkpoint"])
+    assert any("running_mean" in k for k in load_weights(best_dir))
+
+    # Scored again in one plain process, on the whole (odd-sized) validation and test sets.
+    for key, value in evaluate_split(cfg, best_dir, "val").items():
+        assert_close(value, summary["best_metrics"][key])
+    for key, value in evaluate_split(cfg, best_dir, "test").items():
+        assert_close(value, summary["test_metrics"][key])
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_on_resume(tmp_path, ray_local):
+    common = {"checkpoint": {"policy": "all", "resume_every_n_epochs": 1}}
+    first = run_training(overfit_config(tmp_path, name="damaged", train={"epochs": 4},
+                                        **common))
+    run_dir = Path(first["run_dir"])
+    kept = checkpoint_dirs(run_dir)
+    assert [load_metadata(d)["epoch"] for d in kept] == [1, 2, 3, 4]
+    model_file = kept[-1] / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:-64])  # a write cut short
+
+    out = io.StringIO()
+    resumed = run_training(overfit_config(tmp_path, name="damaged", train={"epochs": 6},
+                                          **common), resume=True, console=Console(stream=out))
+    warnings = [line for line in out.getvalue().splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and f"{kept[-1].name}/model.safetensors" in warnings[0]
+    # Continued from epoch 3, the newest intact checkpoint: epoch 4 was trained again, the
+    # same way (resume checkpoints hold the optimizer; seeds are per epoch).
+    assert [h["epoch"] for h in resumed["history"]] == list(range(1, 7))
+    assert_close(resumed["history"][3]["val_loss"], first["history"][3]["val_loss"], rel=1e-5)
+
+    for directory in checkpoint_dirs(run_dir):  # now every one of them is damaged
+        (directory / "model.safetensors").write_bytes(b"not weights")
+    history = (run_dir / "history.json").read_bytes()
+    with pytest.raises(UserError, match="^--resume: no intact checkpoint") as raised:
+        run_training(overfit_config(tmp_path, name="damaged", train={"epochs": 8}, **common),
+                     resume=True)
+    assert "\n" not in str(raised.value)
+    assert (run_dir / "history.json").read_bytes() == history  # nothing touched
+
+
+def test_a_run_stopped_before_its_last_report_was_recorded_names_its_best(tmp_path,
+                                                                          ray_local):
+    """Ray registers a checkpoint (deleting the one it replaces) before the controller's
+    recorder sees that report; a run stopped in between still has its best model named."""
+    cfg = overfit_config(tmp_path, name="unrecorded", train={"epochs": 6})
+    summary = run_training(cfg)
+    run_dir, best = Path(summary["run_dir"]), summary["best_epoch"]
+    # What such a stop leaves: history.json ends before the best epoch's report, and only the
+    # best epoch's checkpoint is in storage (Ray deleted the one it replaced).
+    history = json.loads((run_dir / "history.json").read_text())["history"]
+    (run_dir / "history.json").write_text(json.dumps(
+        {"history": [r for r in history if r["epoch"] < best]}))
+    for directory in checkpoint_dirs(run_dir):
+        if directory != Path(summary["best_checkpoint"]):
+            shutil.rmtree(directory)
+
+    again = summarize(cfg, str(run_dir), use_gpu=False, start="resume")
+    assert again["best_epoch"] == best
+    assert again["best_checkpoint"] == summary["best_checkpoint"]
+    assert again["test_metrics"] == pytest.approx(summary["test_metrics"])
+    for key in ("val_loss", "val_accuracy", "train_loss"):
+        assert again["best_metrics"][key] == summary["best_metrics"][key]
+    repaired = json.loads((run_dir / "history.json").read_text())["history"]
+    assert [r["epoch"] for r in repaired] == list(range(1, best + 1))

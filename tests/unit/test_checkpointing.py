@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from workers.checkpoint.integrity import damage, newest_intact
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 from workers.checkpoint.snapshot import HostBuffers, snapshot
 from workers.checkpoint.writer import write_checkpoint
@@ -61,8 +63,40 @@ def test_write_checkpoint_round_trip(tmp_path, filesystem):
         "metadata.json", MODEL_FILE, "train_state.pt"]  # no temp files left
     weights = load_weights(directory)
     assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
-    assert load_metadata(directory) == {"epoch": 3, "val_loss": 0.5}
+    # The model file's size and sha256 are recorded: what was written, byte for byte.
+    written = (directory / MODEL_FILE).read_bytes()
+    assert load_metadata(directory) == {
+        "epoch": 3, "val_loss": 0.5,
+        "files": {MODEL_FILE: {"size": len(written),
+                               "sha256": hashlib.sha256(written).hexdigest()}}}
     assert load_train_state(directory)["epoch"] == 3
+
+
+def test_damaged_files_are_named_and_the_newest_intact_checkpoint_is_chosen(tmp_path):
+    m = model()
+    for epoch in (2, 4, 6):
+        snap = snapshot(m, None, {"epoch": epoch}, {"epoch": epoch}, buffers=HostBuffers())
+        write_checkpoint(snap, pafs.LocalFileSystem(), str(tmp_path / f"ckpt{epoch}"))
+
+    def check(name: str) -> str | None:
+        directory = tmp_path / name
+        return damage(load_metadata(directory), lambda f: (directory / f).read_bytes())
+
+    names = [(epoch, f"ckpt{epoch}") for epoch in (2, 4, 6)]
+    assert newest_intact(names, check) == ("ckpt6", [])
+    model_file = tmp_path / "ckpt6" / MODEL_FILE
+    model_file.write_bytes(model_file.read_bytes()[:-100])  # truncated, as by a full disk
+    flipped = tmp_path / "ckpt4" / MODEL_FILE
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 1  # the same size, one bit off
+    flipped.write_bytes(bytes(data))
+    chosen, damaged = newest_intact(names, check)
+    assert chosen == "ckpt2"
+    assert damaged == [f"ckpt6/{MODEL_FILE} has {len(model_file.read_bytes())} bytes, "
+                       f"{len(model_file.read_bytes()) + 100} were written",
+                       f"ckpt4/{MODEL_FILE} does not match its sha256"]
+    (tmp_path / "ckpt2" / MODEL_FILE).unlink()
+    assert newest_intact(names, check) == (None, [*damaged, f"ckpt2/{MODEL_FILE} is missing"])
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,32 +50,48 @@ class Recorded(torch.nn.Module):
         return self.inner(x)
 
 
-def delay_writes(model: Recorded, max_delay_s: float) -> None:
+def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[int]) -> None:
     import workers.checkpoint.writer as checkpointing
 
     write = checkpointing.write_checkpoint
+    attempts: dict[int, int] = {}
+
+    def wait_for(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + max_delay_s
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     def delayed(snap, fs, path):  # noqa: ANN001 - the wrapped function's own arguments
-        deadline = time.monotonic() + max_delay_s
-        while model.steps < model.steps_at_record + 2 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        record = {"epoch": snap.metadata["epoch"], "steps_at_record": model.steps_at_record,
+        epoch = snap.metadata["epoch"]
+        attempts[epoch] = attempt = attempts.get(epoch, 0) + 1
+        if attempt > 1:  # Ray's retry: let training record the next epoch and snapshot it
+            wait_for(lambda: model.epochs > epoch)
+            time.sleep(0.5)
+        wait_for(lambda: model.steps >= model.steps_at_record + 2)
+        record = {"epoch": epoch, "attempt": attempt, "steps_at_record": model.steps_at_record,
                   "steps_at_write": model.steps, "t": time.time()}
+        failing = epoch in fail_first_write_of and attempt == 1
         with open(model.record_dir / "writes.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "failed": failing}) + "\n")
+        if failing:  # a token Ray Train retries uploads on
+            raise OSError(f"AWS Error NETWORK_CONNECTION during PutObject (injected by "
+                          f"tests/workloads/recorded.py for epoch {epoch})")
         return write(snap, fs, path)
 
     checkpointing.write_checkpoint = delayed
 
 
 def build(record_dir: str, n_train: int = 64, dim: int = 8, hidden: int = 32,
-          max_delay_s: float = 1.0) -> SimpleNamespace:
+          max_delay_s: float = 1.0, fail_first_write_of: list[int] | None = None,
+          ) -> SimpleNamespace:
+    """``fail_first_write_of``: epochs whose first write fails as an object store's network
+    error does (Ray Train retries it, while training goes on)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(n_train, dim, generator=gen)
     y = (x.sum(dim=1) > 0).long()
     model = Recorded(torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
                                          torch.nn.Linear(hidden, 2)), record_dir)
-    delay_writes(model, max_delay_s)
+    delay_writes(model, max_delay_s, fail_first_write_of or [])
     data = torch.utils.data.TensorDataset(x, y)
     return SimpleNamespace(model=model, train_dataset=data, val_dataset=data,
                            loss_fn=torch.nn.functional.cross_entropy, metrics=["accuracy"])

@@ -1,15 +1,21 @@
-"""Reading a checkpoint directory back: nothing here can run code from the files."""
+"""Reading a checkpoint back: nothing here can run code from the files, and nothing is
+trusted before its recorded size and sha256 are checked (``integrity``)."""
 
 from __future__ import annotations
 
+import io
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
-from workers.names import METADATA_FILE, MODEL_FILE, STATE_FILE
+from workers.checkpoint.integrity import damage, newest_intact
+from workers.errors import UserInputError
+from workers.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, STATE_FILE
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -22,3 +28,55 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
 
 def load_metadata(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / METADATA_FILE).read_text())
+
+
+def _read(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _check(fs: Any, path: str) -> str | None:
+    try:
+        metadata = json.loads(_read(fs, f"{path}/{METADATA_FILE}"))
+    except (OSError, ValueError):
+        return f"{METADATA_FILE} is missing or not JSON"
+    return damage(metadata, lambda name: _read(fs, f"{path}/{name}"))
+
+
+def _siblings(fs: Any, path: str) -> list[tuple[int, str]]:
+    """(epoch, path) of the other checkpoints in the same run directory."""
+    import pyarrow.fs as pafs
+
+    parent = posixpath.dirname(path.rstrip("/"))
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(parent, recursive=False)):
+        if (info.type != pafs.FileType.Directory or info.path.rstrip("/") == path.rstrip("/")
+                or not info.base_name.startswith(CHECKPOINT_PREFIX)):
+            continue
+        try:
+            found.append((int(json.loads(_read(fs, f"{info.path}/{METADATA_FILE}"))["epoch"]),
+                          info.path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an upload that never finished: not a candidate
+    return found
+
+
+def load_intact(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Weights and train state of ``checkpoint`` (a ``ray.train.Checkpoint``) or, when its
+    files do not match their recorded digests, of the newest intact checkpoint beside it.
+    Returns (weights, train state, what was found damaged); no intact one: a user error."""
+    fs, path = checkpoint.filesystem, checkpoint.path
+    problem = _check(fs, path)
+    damaged: list[str] = []
+    if problem is not None:
+        chosen, others = newest_intact(_siblings(fs, path), lambda p: _check(fs, p))
+        damaged = [f"{path}/{problem}", *others]
+        if chosen is None:
+            raise UserInputError(
+                f"--resume: no intact checkpoint to resume from ({'; '.join(damaged)}); "
+                "start afresh with --overwrite")
+        path = chosen
+    weights = load_safetensors(_read(fs, f"{path}/{MODEL_FILE}"))
+    state = torch.load(io.BytesIO(_read(fs, f"{path}/{STATE_FILE}")), weights_only=True,
+                       map_location="cpu")
+    return weights, state, damaged

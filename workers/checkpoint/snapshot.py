@@ -45,6 +45,12 @@ class HostBuffers:
             self.image = WeightsImage(tensors, pin=any(t.is_cuda for t in tensors.values()))
         return self.image
 
+    def retire(self, image: WeightsImage | None) -> None:
+        """Never reuse ``image``: a write of it failed and may be retried (Ray retries an
+        upload), so its bytes must stay those of its epoch; the next snapshot gets new memory."""
+        if image is not None and self.image is image:
+            self.image = None
+
     def copy(self, tensors: dict[str, torch.Tensor]) -> WeightsImage | None:
         """The image holding a copy of ``tensors`` (see ``prepare``)."""
         image = self.prepare(tensors)

@@ -17,10 +17,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 from safetensors.torch import save as safetensors_bytes
-from safetensors.torch import save_file as safetensors_file
 
+from workers.checkpoint.integrity import FILES_KEY, file_digest
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
-from workers.files import atomic_path, json_bytes, write_object
+from workers.files import json_bytes, write_object
 from workers.names import METADATA_FILE, MODEL_FILE, STATE_FILE
 
 
@@ -37,46 +37,47 @@ def _torch_weights(snap: Snapshot) -> bytes:
     return torch_bytes(weights)
 
 
-def _files(snap: Snapshot) -> dict[str, Any]:
-    """Every file but the model's, in writing order (metadata last)."""
-    files: dict[str, Any] = {}
-    if snap.torch_weights_file:
-        files[snap.torch_weights_file] = _torch_weights(snap)
-    files[STATE_FILE] = torch_bytes(snap.train_state)
-    files[METADATA_FILE] = json_bytes(snap.metadata)
-    return files
-
-
 def write_checkpoint(snap: Snapshot, fs: pafs.FileSystem, path: str) -> None:
-    """Write ``snap`` as the checkpoint directory ``path`` of a pyarrow filesystem."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        if snap.image is not None:  # one sequential write of the reused image
-            snap.image.write(directory / MODEL_FILE)
-        else:
-            with atomic_path(directory / MODEL_FILE) as tmp:
-                safetensors_file(snap.weights, tmp)
+    """Write ``snap`` as the checkpoint directory ``path`` of a pyarrow filesystem: every
+    model file, with its size and sha256 recorded in ``metadata.json``, written last."""
+    model = snap.image.file_bytes() if snap.image is not None else safetensors_bytes(snap.weights)
+    models: dict[str, Any] = {MODEL_FILE: model}
+    if snap.torch_weights_file:
+        models[snap.torch_weights_file] = _torch_weights(snap)
+    snap.metadata[FILES_KEY] = {name: file_digest(data) for name, data in models.items()}
+    if isinstance(fs, pafs.LocalFileSystem) and snap.image is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        snap.image.write(Path(path) / MODEL_FILE)  # one sequential (O_DIRECT) write
     else:
-        fs.create_dir(path, recursive=True)
-        model = (snap.image.file_bytes() if snap.image is not None
-                 else safetensors_bytes(snap.weights))
         write_object(fs, f"{path}/{MODEL_FILE}", model)
-    for name, data in _files(snap).items():
+    rest = [*list(models.items())[1:], (STATE_FILE, torch_bytes(snap.train_state)),
+            (METADATA_FILE, json_bytes(snap.metadata))]  # metadata last: then it is complete
+    for name, data in rest:
         write_object(fs, f"{path}/{name}", data)
 
 
 class AsyncSaver:
     """Hands a snapshot to Ray's upload thread, which writes it straight into the run's
-    storage; at most one save in flight. ``buffers``: the reused host memory for snapshots."""
+    storage; at most one save in flight. ``buffers``: the reused host memory for snapshots.
+
+    ``wait`` returns once the latest snapshot's write has ended. A write that failed retires
+    its memory before it ends (see ``write``), so whatever Ray retries keeps its own bytes.
+    """
 
     def __init__(self) -> None:
         self.buffers = HostBuffers()
-        self._idle = threading.Event()
-        self._idle.set()
+        self._done = threading.Condition()
+        self._in_flight: Snapshot | None = None
 
     def wait(self) -> None:
-        self._idle.wait()
+        with self._done:
+            self._done.wait_for(lambda: self._in_flight is None)
+
+    def _ended(self, snap: Snapshot) -> None:
+        with self._done:
+            if self._in_flight is snap:  # a retried older write ending changes nothing
+                self._in_flight = None
+                self._done.notify_all()
 
     def report(self, metrics: dict[str, Any], snap: Snapshot, dir_name: str) -> None:
         import ray.train
@@ -95,10 +96,17 @@ class AsyncSaver:
                 path = storage.build_checkpoint_path_from_name(name)
                 write_checkpoint(snap, fs, path)
                 return ray.train.Checkpoint(path=path, filesystem=fs)
+            except BaseException:
+                # Ray may call this again for the same epoch (it retries uploads that failed
+                # on a transient object-store error) while training goes on: the next
+                # snapshot must not be copied into the memory this one is written from.
+                self.buffers.retire(snap.image)
+                raise
             finally:
-                self._idle.set()
+                self._ended(snap)
 
-        self._idle.clear()
+        with self._done:
+            self._in_flight = snap
         try:
             # The checkpoint passed here is only handed to ``write``: nothing is staged, so
             # there is no local copy for Ray to delete (by default it would delete this path).
@@ -112,5 +120,5 @@ class AsyncSaver:
                 delete_local_checkpoint_after_upload=False,
             )
         except BaseException:
-            self._idle.set()  # nothing was handed over
+            self._ended(snap)  # nothing was handed over
             raise
