@@ -115,7 +115,7 @@ def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
-    writes = [json.loads(line) for line in (record_dir / "writes.jsonl").read_text().split()]
+    writes = [json.loads(line) for line in (record_dir / "writes.jsonl").read_text().splitlines()]
     failed = [w for w in writes if w["failed"]]
     assert [w["epoch"] for w in failed] == [1, 2], writes
     for w in failed:  # each retry came after training had recorded the next epoch
