@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from orchestrator.errors import TrainingError, UserError
@@ -108,6 +109,12 @@ def cmd_best(args: argparse.Namespace) -> int:
                     "finished run's or search's directory")
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run or search where it stopped."""
+    sets = [part for item in args.overrides for part in ("--set", item)]
+    return shlex.join(["orchestrator", args.command, args.config, *sets, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ray folds look-alike log lines from different processes into "[repeated Nx]": that
     # would hide epochs of concurrent trials. Read by Ray when it starts, so set it first.
@@ -122,5 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except TrainingError as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        prefix = "error: " if exc.exit_code == 1 else ""
+        print(f"{prefix}{str(exc).splitlines()[0]}; continue with: {resume_command(args)}",
+              file=sys.stderr)
+        return exc.exit_code

@@ -17,7 +17,13 @@ class UserError(Exception):
 
 
 class TrainingError(Exception):
-    """Training itself failed (exit code 1)."""
+    """The run did not end by itself: it failed (exit code 1) or was interrupted (130 for
+    SIGINT, 143 for SIGTERM). Its message says what happened, in one line; the CLI adds the
+    command that continues the run."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _causes(exc: BaseException | None):

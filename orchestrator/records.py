@@ -6,6 +6,7 @@ both pass through ``epoch_record``, so a trial's W&B run and a plain run's carry
 
 from __future__ import annotations
 
+import math
 import posixpath
 from typing import Any
 
@@ -29,6 +30,12 @@ def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[s
 def merge_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
     """Drop records at or after the new epoch (a re-trained stretch), then append."""
     return [r for r in history if r["epoch"] < record["epoch"]] + [record]
+
+
+def nonfinite(record: dict[str, Any]) -> list[str]:
+    """The epoch's losses and metrics that are NaN or infinite."""
+    return [k for k, v in record.items() if k.startswith(("train_", "val_"))
+            and isinstance(v, float) and not math.isfinite(v)]
 
 
 def progress_line(record: dict[str, Any], total_epochs: int, monitor: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.checkpoints import kept_checkpoints
 from orchestrator.recorder import read_history
-from orchestrator.records import epoch_record
+from orchestrator.records import epoch_record, nonfinite
 from orchestrator.wandb_log import discard_staged
 from workers.config import RunConfig
 from workers.names import (
@@ -75,24 +75,37 @@ def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
     return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
 
 
-def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dict[str, Any]:
+def best_of(history: list[dict[str, Any]],
+            kept: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The tracker's best record (improvements only ever get better) and its checkpoint, if
+    the policy kept it: the one the record names, else one of that epoch (a repaired record)."""
+    best = next((r for r in reversed(history) if r.get("is_best")), None)
+    candidates = [c for c in kept if best and c["epoch"] == best["epoch"]]
+    named = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
+                  .endswith("/" + str(best.get("checkpoint")))), None)
+    return best, named or (candidates[-1] if candidates else None)
+
+
+def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
+              status: str | None = None) -> dict[str, Any]:
+    """``status``: ``interrupted`` or ``failed`` for a run that did not end by itself (no
+    test split then: it is evaluated once, when the run ends); default: from the history."""
     remove_unregistered_checkpoints(run_dir)
     kept = kept_checkpoints(run_dir)
     history, repaired = repair_history(read_history(run_dir), kept)
     if repaired:
         storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
-    # The tracker's best (improvements only ever get better): its model, if the policy kept it.
-    best = next((r for r in reversed(history) if r.get("is_best")), None)
-    # The checkpoint the record names; else one of that epoch (a record repaired from it).
-    candidates = [c for c in kept if best and c["epoch"] == best["epoch"]]
-    best_ckpt = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
-                      .endswith("/" + str(best.get("checkpoint")))), None) \
-        or (candidates[-1] if candidates else None)
-    test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu) if best_ckpt else None
+    best, best_ckpt = best_of(history, kept)
+    stopped_early = bool(history) and history[-1]["epoch"] < cfg.train.epochs
+    status = status or ("stopped_early" if stopped_early else "completed")
+    test_metrics = None
+    if best_ckpt and status in ("completed", "stopped_early"):
+        test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
     return {
         "name": cfg.name,
         "run_dir": run_dir,
         "start": start,
+        "status": status,
         "monitor": cfg.tracker.monitor,
         "mode": cfg.tracker.resolved_mode,
         "policy": cfg.checkpoint.policy,
@@ -102,7 +115,9 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str) -> dic
         "test_metrics": test_metrics,
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "epochs_planned": cfg.train.epochs,
-        "stopped_early": bool(history) and history[-1]["epoch"] < cfg.train.epochs,
+        "stopped_early": stopped_early,
+        # A diverged last epoch (train.stop_on_nonfinite): what was not finite.
+        "nonfinite": nonfinite(history[-1]) if history else [],
         "checkpoints": [{k: c[k] for k in ("epoch", "path", "is_best")} for c in kept],
         "history": history,
         "config": cfg.to_dict(),
@@ -127,12 +142,14 @@ def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
 
 def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start: str,
                  say: Any = print, wandb_errors: list[str] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None,
+                 status: str | None = None) -> dict[str, Any]:
     """summary.json, the plot and the W&B run's last words, in that order of dependence."""
-    summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start)
+    summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start, status=status)
     summary.update(extra or {})
     wb.catch_up(summary["history"], run_dir)
-    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir))
+    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir),
+                                 exit_code=0 if status is None else 1)
     discard_staged(run_dir)  # models W&B never got (an aborted run)
     if wandb_errors:
         summary["wandb"]["errors"] = wandb_errors

@@ -15,10 +15,12 @@ from orchestrator.cluster import (
 )
 from orchestrator.console import Console
 from orchestrator.errors import TrainingError, UserError, failure_summary, user_error_in
-from orchestrator.records import progress_line
+from orchestrator.interrupts import Interrupted, SignalGuard
+from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run
 from orchestrator.trainer import EventPump, build_trainer
 from workers.config import RunConfig
+from workers.names import FAILURE_LOG
 
 
 def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
@@ -87,36 +89,79 @@ def epoch_handler(cfg: RunConfig, wb: Any, console: Console):
                         "(the latest checkpoint)")
         seen["epoch"] = record["epoch"]
         console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
+        bad = nonfinite(record)
+        if bad and cfg.train.stop_on_nonfinite:
+            console.say(f"epoch {record['epoch']}: {', '.join(bad)} not finite; the run stops "
+                        "here (train.stop_on_nonfinite) and keeps its best so far")
         console.advance(completed=record["epoch"])
         wb.handle(record, staged)
 
     return handle
 
 
-def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 console: Console | None = None) -> dict[str, Any]:
+def where_it_stands(summary: dict[str, Any]) -> str:
+    """After which epoch a run stopped, and its best so far."""
+    text = f"after epoch {summary['epochs_completed']} of {summary['epochs_planned']}"
+    best = summary.get("best_metrics")
+    if best:
+        value = best.get(summary["monitor"])
+        where = summary["best_checkpoint"] or "not saved by this checkpoint policy"
+        text += (f"; best so far: epoch {summary['best_epoch']}, {summary['monitor']}="
+                 f"{value:.6g} ({where})")
+    return text
+
+
+def fit(trainer: Any, guard: SignalGuard, run_dir: str) -> tuple[str, str, int] | None:
+    """Run ``trainer.fit()``; None when it ended by itself, else why it stopped:
+    (status, what happened, exit code). A user's mistake raises ``UserError``."""
+    from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
-    console = console or Console()
-    run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
-                                           console=console)
-    pump = EventPump(epoch_handler(cfg, wb, console))
-    trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
-                            events=pump.queue)
     try:
-        with console.progress(cfg.train.epochs, cfg.name), pump:
-            trainer.fit()
+        guard.run(trainer.fit)
     except TrainingFailedError as exc:
-        wb.abort()
         message = user_error_in(exc)
         if message:
+            raise UserError(message) from None
+        log = storage.join(run_dir, FAILURE_LOG)  # the workers' tracebacks, not printed
+        storage.write_bytes(log, f"{exc}\n".encode())
+        return "failed", f"training failed: {failure_summary(exc)} (details: {log})", 1
+    except RayActorError as exc:  # the controller (or its node) is gone
+        return "failed", f"the Ray Train controller died ({type(exc).__name__})", 1
+    except Interrupted as exc:
+        return "interrupted", f"interrupted by {exc}", exc.exit_code
+    return None
+
+
+def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+                 console: Console | None = None) -> dict[str, Any]:
+    """One run, to its end: its summary. A run that fails or is interrupted still writes
+    its summary (status ``failed`` or ``interrupted``) and raises ``TrainingError``."""
+    console = console or Console()
+    with SignalGuard() as guard:  # a signal from here on stops the run cleanly
+        run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
+                                               console=console)
+        pump = EventPump(epoch_handler(cfg, wb, console))
+        trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
+                                events=pump.queue)
+        try:
+            with console.progress(cfg.train.epochs, cfg.name), pump:
+                stopped = fit(trainer, guard, run_dir)
+        except UserError:
+            wb.abort()
             if mode != "resume":  # nothing of a run that never could work is left behind
                 storage.delete_dir(run_dir)
-            raise UserError(message) from None
-        raise TrainingError(f"training failed: {failure_summary(exc)} (rerun with --verbose "
-                            "to see the workers' logs)") from exc
-    except BaseException:
-        wb.abort()
-        raise
-    return finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode, say=console.say,
-                        wandb_errors=pump.errors)
+            raise
+        except BaseException:
+            wb.abort()
+            raise
+        status, what, code = stopped or (None, "", 0)
+        if status == "interrupted":  # the workers and the controller stop (a local Ray too)
+            import ray
+
+            ray.shutdown()
+        summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
+                               say=console.say, wandb_errors=pump.errors, status=status)
+    if stopped:
+        raise TrainingError(f"{what} {where_it_stands(summary)}", exit_code=code)
+    return summary

@@ -98,7 +98,8 @@ class NullRun:
     def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
         pass
 
-    def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any], plot_path: str | None,
+               exit_code: int = 0) -> dict[str, Any]:
         return {"mode": self.mode, "run": None, "artifact": None}
 
     def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
@@ -169,7 +170,9 @@ class WandbRun:
         if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
             self.logged_versions.append(int(metadata["epoch"]))
 
-    def finish(self, summary: dict[str, Any], plot_path: str | None) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any], plot_path: str | None,
+               exit_code: int = 0) -> dict[str, Any]:
+        """``exit_code``: not 0 for a run that stopped before its end (W&B marks it failed)."""
         import wandb
 
         best = summary.get("best_metrics") or {}
@@ -183,7 +186,7 @@ class WandbRun:
             self.run.log({"training_curves": wandb.Image(plot_path),
                           "epoch": summary["epochs_completed"]})
         return self._close({"artifact": self.artifact if self.logged_versions else None,
-                            "logged_epochs": self.logged_versions})
+                            "logged_epochs": self.logged_versions}, exit_code)
 
     def _move_best_alias(self, summary: dict[str, Any]) -> None:
         """``best`` on the version of the summary's best epoch: logged again with that alias
@@ -216,7 +219,7 @@ class WandbRun:
                                  f"best_{monitor}": board[0][f"best_{monitor}"]})
         return self._close({"artifact": f"{self.cfg.name}-best-model"})
 
-    def _close(self, info: dict[str, Any]) -> dict[str, Any]:
+    def _close(self, info: dict[str, Any], exit_code: int = 0) -> dict[str, Any]:
         info = {"mode": self.mode, **info}
         if self.mode == "offline":
             info["run"] = str(Path(self.run.dir).parent)
@@ -224,7 +227,7 @@ class WandbRun:
         else:
             info["run"] = self.run.path
             info["url"] = self.run.url
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
         return info
 
     def abort(self) -> None:

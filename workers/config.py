@@ -50,6 +50,9 @@ class TrainSection(_Section):
         description="bf16: forward passes and losses under bfloat16 autocast (GPU or CPU); the "
         "weights, optimizer state, checkpoints, losses and metric statistics stay float32/64",
     )
+    stop_on_nonfinite: bool = Field(
+        True, description="stop the run at the first epoch whose loss or a metric is NaN or "
+        "infinite (such an epoch never becomes the best either way)")
     schedule: Literal["auto", "one_cycle", "constant"] = Field(
         "auto",
         description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "

@@ -21,6 +21,7 @@ PLOT_FILE = "training_curves.png"
 # driver gets to it, so the controller sets a copy aside (a hard link where storage is local).
 STAGING_DIR = "wandb_staging"
 STAGED_FILES = (MODEL_FILE, METADATA_FILE)
+FAILURE_LOG = "failure.log"  # a failed run's worker tracebacks (the terminal gets one line)
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own
 
 # A search directory (orchestrator tune).

@@ -7,6 +7,7 @@ with the checkpoint, the others with none).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,9 +82,12 @@ class EpochReporter:
         record: dict[str, Any] = {"epoch": epoch, **values}
         metrics = dict(record)
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
-        snap, stop = None, False
+        # Identical values on every rank, so every rank decides the same.
+        diverged = self.cfg.train.stop_on_nonfinite and not all(
+            math.isfinite(v) for v in values.values())
+        snap, stop = None, diverged
         if self.tracker is not None:
-            snap, stop = self._decide(epoch, record, metrics)
+            snap, stop = self._decide(epoch, record, metrics, diverged)
         stop = broadcast_flag(stop, self.device)
         metrics["epoch_seconds"] = time.perf_counter() - started
         if snap is not None:
@@ -93,20 +97,22 @@ class EpochReporter:
             ray.train.report(metrics)
         return stop
 
-    def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any]):
+    def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
+                diverged: bool):
         """Rank 0: the tracker's verdict, and the snapshot if the policy saves this epoch."""
         cfg, tracker = self.cfg, self.tracker
         decision = tracker.update(epoch, record)
+        stop = decision.should_stop or diverged
         save = decide_save(
             cfg.checkpoint.policy, epoch, improved=decision.improved,
-            is_final=decision.should_stop or epoch == cfg.train.epochs,
+            is_final=stop or epoch == cfg.train.epochs,
             every_n_epochs=cfg.checkpoint.every_n_epochs,
             resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
         )
         metrics["is_best"] = decision.improved
         metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
         if not save.save:
-            return None, decision.should_stop
+            return None, stop
         save_started = time.perf_counter()
         self.saver.wait()  # the previous save must finish before its memory is reused
         copy_started = time.perf_counter()
@@ -123,7 +129,7 @@ class EpochReporter:
         # write if it had not finished (the write itself runs off the loop).
         metrics["snapshot_seconds"] = time.perf_counter() - copy_started
         metrics["save_blocked_seconds"] = time.perf_counter() - save_started
-        return snap, decision.should_stop
+        return snap, stop
 
     def finish(self) -> None:
         """Wait for the last save in flight."""

@@ -292,3 +292,19 @@ def test_a_run_stopped_before_its_last_report_was_recorded_names_its_best(tmp_pa
         assert again["best_metrics"][key] == summary["best_metrics"][key]
     repaired = json.loads((run_dir / "history.json").read_text())["history"]
     assert [r["epoch"] for r in repaired] == list(range(1, best + 1))
+
+
+def test_a_diverged_run_stops_and_keeps_its_best(tmp_path, ray_local):
+    # 2 steps an epoch: NaN outputs (then NaN weights) from the 7th step, in epoch 4.
+    cfg = overfit_config(tmp_path, name="diverged", train={"epochs": 8},
+                         workload={"params": {"nan_after_steps": 6}})
+    out = io.StringIO()
+    summary = run_training(cfg, console=Console(stream=out))
+    assert summary["epochs_completed"] == 4 and summary["status"] == "stopped_early"
+    assert "train_loss" in summary["nonfinite"] and "val_loss" in summary["nonfinite"]
+    assert "epoch 4: train_loss" in out.getvalue() and "train.stop_on_nonfinite" in out.getvalue()
+    assert 1 <= summary["best_epoch"] <= 3
+    weights = load_weights(Path(summary["best_checkpoint"]))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+    for key, value in evaluate_split(cfg, Path(summary["best_checkpoint"]), "val").items():
+        assert_close(value, summary["best_metrics"][key])

@@ -23,14 +23,21 @@ def _blobs(
 
 
 class FailOnce(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None):
+    def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None,
+                 nan_after_steps: int | None = None):
         super().__init__()
+        self.nan_after_steps = nan_after_steps
+        self.trained_steps = 0
         self.inner = inner
         self.fail_after_steps = fail_after_steps
         self.marker = marker
         self.steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.trained_steps += 1
+        if self.nan_after_steps is not None and self.trained_steps > self.nan_after_steps:
+            return self.inner(x) * float("nan")  # diverged: NaN losses, NaN weights
         if self.training and self.fail_after_steps is not None:
             self.steps += 1
             if self.steps > self.fail_after_steps and not Path(self.marker).exists():
@@ -51,9 +58,11 @@ def build(
     with_test: bool = True,
     norm: bool = False,
     dropout: float = 0.0,
+    nan_after_steps: int | None = None,
 ) -> SimpleNamespace:
     """``norm``: BatchNorm after each hidden layer (buffers that training updates per rank);
-    ``dropout``: after each hidden layer."""
+    ``dropout``: after each hidden layer; ``nan_after_steps``: outputs are NaN from then on,
+    as in a diverged run."""
     gen = torch.Generator().manual_seed(1234)
     x_train, y_train = _blobs(n_train, gen, dim, separation)
     flip = torch.rand(n_train, generator=gen) < noise
@@ -67,7 +76,7 @@ def build(
 
     model = torch.nn.Sequential(*block(dim), *block(hidden), torch.nn.Linear(hidden, 2))
     return SimpleNamespace(
-        model=FailOnce(model, fail_after_steps, marker),
+        model=FailOnce(model, fail_after_steps, marker, nan_after_steps),
         train_dataset=torch.utils.data.TensorDataset(x_train, y_train),
         val_dataset=torch.utils.data.TensorDataset(x_val, y_val),
         test_dataset=torch.utils.data.TensorDataset(x_test, y_test) if with_test else None,

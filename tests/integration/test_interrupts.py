@@ -1,0 +1,134 @@
+"""Real signals to a real ``orchestrator train`` process (found by its pid), and a real
+SIGKILL of the Ray Train controller: every run ends with its record written, one line saying
+what happened and how to continue, and ``--resume`` continues it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import REPO, overfit_config
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 8
+
+
+def ray_pids() -> set[int]:
+    """Processes of any local Ray: its daemons and its workers."""
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|^ray::"], capture_output=True,
+                         text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def epochs_done(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "history.json").read_text())["history"])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture
+def cli_run(tmp_path):
+    cfg = overfit_config(tmp_path, name="signals", train={"epochs": EPOCHS})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    # A poll each second: every epoch lasts about a second, time enough to signal mid-run.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    command = [sys.executable, "-m", "orchestrator", "train", "run.yaml"]
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*command, *extra], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    return start, tmp_path / "runs" / "signals"
+
+
+def stop_with(proc: subprocess.Popen, run_dir: Path, signum: int, after: int):
+    wait_for(lambda: epochs_done(run_dir) >= after or proc.poll() is not None, 240,
+             f"epoch {after}")
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return out, err
+
+
+def last_line(err: str, out: str) -> str:
+    """What the user is told last: one line, with the command that continues the run."""
+    assert "Traceback" not in out + err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.endswith("; continue with: orchestrator train run.yaml --resume"), err[-2000:]
+    return last
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_sigterm_then_sigint_then_resume(cli_run):
+    start, run_dir = cli_run
+    before = ray_pids()
+
+    proc = start()
+    out, err = stop_with(proc, run_dir, signal.SIGTERM, after=2)
+    assert proc.returncode == 143, err[-3000:]
+    line = last_line(err, out)
+    assert line.startswith("interrupted by SIGTERM after epoch")
+    summary = summary_of(run_dir)
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 2
+    assert summary["best_epoch"] is not None
+    assert (Path(summary["best_checkpoint"]) / "model.safetensors").is_file()
+    assert f"epoch {summary['best_epoch']}" in line
+    # The local Ray and its workers are gone with the run: nothing left behind.
+    wait_for(lambda: ray_pids() <= before, 30, "Ray's processes to exit")
+
+    proc = start("--resume")
+    done_before = summary["epochs_completed"]
+    out, err = stop_with(proc, run_dir, signal.SIGINT, after=done_before + 1)
+    assert proc.returncode == 130, err[-3000:]
+    assert last_line(err, out).startswith("interrupted by SIGINT")
+    assert summary_of(run_dir)["status"] == "interrupted"
+    wait_for(lambda: ray_pids() <= before, 30, "Ray's processes to exit")
+
+    proc = start("--resume")
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    final = summary_of(run_dir)
+    assert final["status"] == "completed" and final["epochs_completed"] == EPOCHS
+    assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
+    assert final["test_metrics"] is not None
+
+
+def test_a_killed_controller_is_one_line_and_resume_continues(cli_run):
+    start, run_dir = cli_run
+    proc = start()
+    wait_for(lambda: epochs_done(run_dir) >= 2, 240, "epoch 2")
+    controller = subprocess.run(["pgrep", "-n", "-f", "^ray::TrainController"],
+                                capture_output=True, text=True).stdout.split()
+    assert controller, "no Ray Train controller process found"
+    os.kill(int(controller[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    assert last_line(err, out).startswith("error: the Ray Train controller died")
+    assert summary_of(run_dir)["status"] == "failed"
+
+    proc = start("--resume")
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    final = summary_of(run_dir)
+    assert final["status"] == "completed"
+    assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
