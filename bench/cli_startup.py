@@ -10,6 +10,7 @@ table gives the median wall time and its ratio to the bare interpreter.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -25,10 +26,16 @@ from rich.table import Table
 def sample_run(root: Path) -> Path:
     """A finished run's directory as ``orchestrator best`` reads it: its summary.json."""
     run = root / "sample-run"
-    run.mkdir()
+    best = run / "checkpoint_epoch0003"
+    best.mkdir(parents=True)
+    weights = bytes(range(256)) * 4096  # 1 MiB: ``best`` checks the file's sha256
+    (best / "model.safetensors").write_bytes(weights)
+    (best / "metadata.json").write_text(json.dumps({"epoch": 3, "files": {
+        "model.safetensors": {"size": len(weights),
+                              "sha256": hashlib.sha256(weights).hexdigest()}}}))
     summary = {"name": "sample-run", "run_dir": str(run), "best_epoch": 3,
                "epochs_completed": 5, "monitor": "val_loss", "mode": "min", "policy": "best",
-               "best_checkpoint": str(run / "checkpoint_epoch0003"),
+               "best_checkpoint": str(best),
                "best_metrics": {"epoch": 3, "train_loss": 0.1, "val_loss": 0.2},
                "test_metrics": {"test_loss": 0.25}}
     (run / "summary.json").write_text(json.dumps(summary))
