@@ -36,20 +36,21 @@ from orchestrator.train import prepare_run_dir
 from orchestrator.trainer import build_trainer
 from orchestrator.tune_plan import (
     check_fit,
+    export_best,
     leaderboard,
+    pending_trials,
     plan_search,
+    read_search,
     resumed_config,
     trial_config,
     trial_status,
+    trial_summary_path,
 )
 from orchestrator.wandb_log import open_run, staged_path
 from workers.config import RunConfig
 from workers.names import (
-    BEST_DIR,
     DONE_FILE,
     LEADERBOARD_FILE,
-    METADATA_FILE,
-    MODEL_FILE,
     SEARCH_FILE,
     SUMMARY_FILE,
     TUNE_DIR,
@@ -163,40 +164,6 @@ class TrialLogger:
         self.runs.clear()
 
 
-def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
-    """Copy the overall best model next to the leaderboard, with who it is in its metadata.
-
-    The overall best is row 0, always (as W&B's ``best`` alias and ``best_trial``): when its
-    best epoch has no model (a policy that did not save it), nothing is exported."""
-    top = board[0] if board else None
-    if top is None or not top["best_checkpoint"]:
-        return None
-    target = storage.join(experiment_dir, BEST_DIR)
-    source = top["best_checkpoint"]
-    metadata = storage.read_json(storage.join(source, METADATA_FILE))
-    metadata.update({"trial_id": top["trial_id"], "hyperparameters": top["hyperparameters"],
-                     "source_checkpoint": source})
-    storage.write_bytes(storage.join(target, MODEL_FILE),
-                        storage.read_bytes(storage.join(source, MODEL_FILE)))
-    storage.write_json(storage.join(target, METADATA_FILE), metadata)
-    return target
-
-
-def trial_summary_path(cfg: RunConfig) -> str:
-    return storage.join(storage.run_dir(cfg), SUMMARY_FILE)
-
-
-def pending_trials(trials: list[Trial], configs: dict[str, RunConfig]) -> list[Trial]:
-    """Trials that did not end (never started or interrupted), or ended in an error."""
-    pending = []
-    for trial in trials:
-        cfg = configs[trial.trial_id]
-        done = storage.join(storage.run_dir(cfg), DONE_FILE)
-        if not storage.exists(done) or storage.read_json(done)["errored"]:
-            pending.append(trial)
-    return pending
-
-
 def make_scheduler(cfg: RunConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -207,12 +174,6 @@ def make_scheduler(cfg: RunConfig) -> Any:
         mode=cfg.tracker.resolved_mode, max_t=cfg.train.epochs,
         grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
     )
-
-
-def read_search(experiment_dir: str) -> dict[str, Any] | None:
-    """search.json: the trials drawn when the search started, and its config."""
-    path = storage.join(experiment_dir, SEARCH_FILE)
-    return storage.read_json(path) if storage.exists(path) else None
 
 
 def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],

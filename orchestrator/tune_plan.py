@@ -1,5 +1,6 @@
 """Planning a search, no Ray and no training: each trial's config (validated before any
-trial starts), whether the trials fit the cluster, and the leaderboard of finished trials."""
+trial starts), whether the trials fit the cluster, which are still to run, what a resume may
+change, and the leaderboard of finished trials with the overall best model exported."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from orchestrator.search import (
     set_dotted,
 )
 from workers.config import RunConfig
-from workers.names import SEARCH_FILE, TRIALS_DIR
+from workers.names import (
+    BEST_DIR,
+    DONE_FILE,
+    METADATA_FILE,
+    MODEL_FILE,
+    SEARCH_FILE,
+    SUMMARY_FILE,
+    TRIALS_DIR,
+)
 from workers.workload import WorkloadError, check_params
 
 
@@ -154,3 +163,43 @@ def resumed_config(saved: dict[str, Any], cfg: RunConfig) -> RunConfig:
         if key in now:
             set_dotted(merged, key, now[key])
     return RunConfig.model_validate(merged)
+
+
+def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
+    """Copy the overall best model next to the leaderboard, with who it is in its metadata.
+
+    The overall best is row 0, always (as W&B's ``best`` alias and ``best_trial``): when its
+    best epoch has no model (a policy that did not save it), nothing is exported."""
+    top = board[0] if board else None
+    if top is None or not top["best_checkpoint"]:
+        return None
+    target = storage.join(experiment_dir, BEST_DIR)
+    source = top["best_checkpoint"]
+    metadata = storage.read_json(storage.join(source, METADATA_FILE))
+    metadata.update({"trial_id": top["trial_id"], "hyperparameters": top["hyperparameters"],
+                     "source_checkpoint": source})
+    storage.write_bytes(storage.join(target, MODEL_FILE),
+                        storage.read_bytes(storage.join(source, MODEL_FILE)))
+    storage.write_json(storage.join(target, METADATA_FILE), metadata)
+    return target
+
+
+def trial_summary_path(cfg: RunConfig) -> str:
+    return storage.join(storage.run_dir(cfg), SUMMARY_FILE)
+
+
+def pending_trials(trials: list[Trial], configs: dict[str, RunConfig]) -> list[Trial]:
+    """Trials that did not end (never started or interrupted), or ended in an error."""
+    pending = []
+    for trial in trials:
+        cfg = configs[trial.trial_id]
+        done = storage.join(storage.run_dir(cfg), DONE_FILE)
+        if not storage.exists(done) or storage.read_json(done)["errored"]:
+            pending.append(trial)
+    return pending
+
+
+def read_search(experiment_dir: str) -> dict[str, Any] | None:
+    """search.json: the trials drawn when the search started, and its config."""
+    path = storage.join(experiment_dir, SEARCH_FILE)
+    return storage.read_json(path) if storage.exists(path) else None

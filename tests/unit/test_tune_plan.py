@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.tune import export_best
-from orchestrator.tune_plan import resumed_config
+from orchestrator.tune_plan import export_best, resumed_config
 from workers.config import RunConfig
 
 
