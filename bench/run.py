@@ -182,27 +182,78 @@ def environment() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "driver_niceness": os.nice(0)}
 
 
+def plan_runs(args: argparse.Namespace, interval: str) -> list[tuple[str, str, str, str]]:
+    """(size, variant, round label, poll interval) of every run, orders alternated by round."""
+    from bench import stats
+
+    if args.pacing:
+        return [("small", v, f"i{interval}-r{r}", interval)
+                for interval in args.pacing.split(",") for r in range(args.rounds)
+                for v in (["native", "bare"] if r % 2 == 0 else ["bare", "native"])]
+    return [(size, v, f"r{r}", interval) for size in args.sizes.split(",")
+            for r, order in enumerate(stats.round_orders(args.variants.split(","), args.rounds))
+            for v in order]
+
+
+def report_pacing(console: Any, out: dict[str, Any], records: list[dict[str, Any]],
+                  args: argparse.Namespace) -> None:
+    from bench import stats
+
+    out["pacing"] = {}
+    for iv in args.pacing.split(","):
+        rows = {v: stats.summarize([r for r in records
+                                    if r["variant"] == v and r["interval"] == iv], 0.0)
+                for v in ("native", "bare")}
+        stats.add_ratios(rows)
+        out["pacing"][iv] = rows
+    console.print(pacing_table(out["pacing"]))
+
+
+def report_sizes(console: Any, out: dict[str, Any], records: list[dict[str, Any]],
+                 args: argparse.Namespace, interval: str) -> None:
+    from bench import stats
+    from bench.workload import build, weights_bytes
+
+    variants = args.variants.split(",")
+    out["weights_bytes"], out["host_copy_s"], out["summary"] = {}, {}, {}
+    for size in args.sizes.split(","):
+        out["weights_bytes"][size] = weights_bytes(build(size).model)
+        out["host_copy_s"][size] = host_copy_seconds(size)
+        runs = {v: [r for r in records if r["variant"] == v and r["size"] == size]
+                for v in variants}
+        plain = stats.plain_report_median(runs.get("bare", [])) or 0.0
+        rows = {v: stats.summarize(runs[v], plain) for v in variants}
+        stats.add_ratios(rows)
+        out["summary"][size] = rows
+        console.print(main_table(size, rows, out["weights_bytes"][size]))
+        if "best" in rows:
+            expected = len(out["improving_epochs"]) * out["weights_bytes"][size]
+            rows["best"]["expected_weight_bytes"] = expected
+            written = rows["best"]["written_weight_bytes"]
+            console.print(f"ours (best): weights written {written:,.0f} bytes; "
+                          f"improvements x weights = {expected:,} bytes")
+        copy = out["host_copy_s"][size]
+        console.print(f"host copy of the weights alone (this process, 1 thread): into "
+                      f"reused buffers {copy['reused_buffers'] * 1e3:.2f} ms, into fresh "
+                      f"memory {copy['fresh_memory'] * 1e3:.2f} ms; plain report "
+                      f"(bare, median) {plain * 1e3:.1f} ms\n")
+    console.print(f"{args.workers} workers, {args.epochs} epochs, improving epochs "
+                  f"{out['improving_epochs']}, poll interval {interval} s, "
+                  f"{args.rounds} round(s), niceness {niceness(records)}; load average "
+                  f"{min(r['load_before'] for r in records):.1f}-"
+                  f"{max(r['load_after'] for r in records):.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    from bench import stats
     from bench.variants import HEALTH_CHECK_ENV
-    from bench.workload import build, improving_epochs, weights_bytes
+    from bench.workload import improving_epochs
     from orchestrator.cluster import DEFAULT_HEALTH_CHECK_S
 
     args = parse_args(argv)
-    sizes = args.sizes.split(",")
     interval = args.interval or os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
-    if args.pacing:
-        plan = [("small", v, f"i{interval}-r{r}", interval)
-                for interval in args.pacing.split(",") for r in range(args.rounds)
-                for v in (["native", "bare"] if r % 2 == 0 else ["bare", "native"])]
-    else:
-        variants = args.variants.split(",")
-        plan = [(size, v, f"r{r}", interval) for size in sizes
-                for r, order in enumerate(stats.round_orders(variants, args.rounds))
-                for v in order]
-
+    plan = plan_runs(args, interval)
     if args.niceness is not None:
         os.setpriority(os.PRIO_PROCESS, 0, args.niceness)
     start_ray()
@@ -216,42 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         "improving_epochs": improving_epochs(args.epochs), "runs": records,
     }
     if args.pacing:
-        out["pacing"] = {}
-        for iv in args.pacing.split(","):
-            rows = {v: stats.summarize([r for r in records
-                                        if r["variant"] == v and r["interval"] == iv], 0.0)
-                    for v in ("native", "bare")}
-            stats.add_ratios(rows)
-            out["pacing"][iv] = rows
-        console.print(pacing_table(out["pacing"]))
+        report_pacing(console, out, records, args)
     else:
-        out["weights_bytes"], out["host_copy_s"], out["summary"] = {}, {}, {}
-        for size in sizes:
-            out["weights_bytes"][size] = weights_bytes(build(size).model)
-            out["host_copy_s"][size] = host_copy_seconds(size)
-            runs = {v: [r for r in records if r["variant"] == v and r["size"] == size]
-                    for v in variants}
-            plain = stats.plain_report_median(runs.get("bare", [])) or 0.0
-            rows = {v: stats.summarize(runs[v], plain) for v in variants}
-            stats.add_ratios(rows)
-            out["summary"][size] = rows
-            console.print(main_table(size, rows, out["weights_bytes"][size]))
-            if "best" in rows:
-                expected = len(out["improving_epochs"]) * out["weights_bytes"][size]
-                rows["best"]["expected_weight_bytes"] = expected
-                written = rows["best"]["written_weight_bytes"]
-                console.print(f"ours (best): weights written {written:,.0f} bytes; "
-                              f"improvements x weights = {expected:,} bytes")
-            copy = out["host_copy_s"][size]
-            console.print(f"host copy of the weights alone (this process, 1 thread): into "
-                          f"reused buffers {copy['reused_buffers'] * 1e3:.2f} ms, into fresh "
-                          f"memory {copy['fresh_memory'] * 1e3:.2f} ms; plain report "
-                          f"(bare, median) {plain * 1e3:.1f} ms\n")
-        console.print(f"{args.workers} workers, {args.epochs} epochs, improving epochs "
-                      f"{out['improving_epochs']}, poll interval {interval} s, "
-                      f"{args.rounds} round(s), niceness {niceness(records)}; load average "
-                      f"{min(r['load_before'] for r in records):.1f}-"
-                      f"{max(r['load_after'] for r in records):.1f}")
+        report_sizes(console, out, records, args, interval)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     args.out.with_suffix(".txt").write_text(console.export_text())
