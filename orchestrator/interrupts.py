@@ -34,6 +34,7 @@ class SignalGuard:
         self.received: list[int] = []
         self._previous: dict[int, Any] = {}
         self._active = threading.current_thread() is threading.main_thread()
+        self._thread: threading.Thread | None = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received:
@@ -51,8 +52,10 @@ class SignalGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """``fn()``'s result or exception, or ``Interrupted`` as soon as a signal arrives."""
+    def run(self, fn: Callable[[], Any], tick: Callable[[], None] = lambda: None) -> Any:
+        """``fn()``'s result or exception, or ``Interrupted`` as soon as a signal arrives.
+        ``tick``: called about ten times a second while waiting; what it raises stops the
+        wait (``fn`` is left running: the caller stops Ray)."""
         if not self._active:  # not the main thread (a Tune trial): no signals here
             return fn()
         for signum in SIGNALS:  # again: ray.init installs a SIGTERM handler of its own
@@ -65,12 +68,19 @@ class SignalGuard:
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 outcome["error"] = exc
 
-        thread = threading.Thread(target=target, name="fit", daemon=True)
+        thread = self._thread = threading.Thread(target=target, name="fit", daemon=True)
         thread.start()
         while thread.is_alive() and not self.received:
             thread.join(0.1)
+            tick()
         if self.received:
             raise Interrupted(self.received[0])
         if "error" in outcome:
             raise outcome["error"]
         return outcome.get("value")
+
+    def wait_for_fit(self, timeout: float) -> bool:
+        """After ``run`` was interrupted: whether the fit thread ended within ``timeout``."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()

@@ -18,6 +18,8 @@ from orchestrator.records import epoch_record, merge_history
 from orchestrator.wandb_log import should_log_model, stage_checkpoint
 from workers.names import HISTORY_FILE, METADATA_FILE
 
+CONTROLLER = "controller"  # an event carrying the controller actor's own handle
+
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
     path = storage.join(run_dir, HISTORY_FILE)
@@ -34,6 +36,7 @@ class RunRecorder(UserCallback):
         self.log_model = log_model
         self.events = events
         self._history: list[dict[str, Any]] | None = None
+        self._introduced = False
 
     def _stage(self, checkpoint_name: str) -> str | None:
         if self.log_model == "none":
@@ -50,5 +53,11 @@ class RunRecorder(UserCallback):
         self._history = merge_history(self._history, record)
         storage.write_json(storage.join(self.run_dir, HISTORY_FILE), {"history": self._history})
         staged = self._stage(record["checkpoint"]) if checkpoint else None
-        if self.events is not None:
-            self.events.put((record, staged))
+        if self.events is None:
+            return
+        if not self._introduced:  # once: the driver may have to stop this controller
+            import ray
+
+            self.events.put((CONTROLLER, ray.get_runtime_context().current_actor))
+            self._introduced = True
+        self.events.put((record, staged))

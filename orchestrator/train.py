@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import storage
@@ -18,7 +19,8 @@ from orchestrator.errors import TrainingError, UserError, failure_summary, user_
 from orchestrator.interrupts import Interrupted, SignalGuard
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run
-from orchestrator.trainer import EventPump, build_trainer
+from orchestrator.trainer import EventPump, build_trainer, stop_training
+from orchestrator.watchdog import Watchdog, WorkersLost, needs
 from workers.config import RunConfig
 from workers.names import FAILURE_LOG
 
@@ -111,25 +113,39 @@ def where_it_stands(summary: dict[str, Any]) -> str:
     return text
 
 
-def fit(trainer: Any, guard: SignalGuard, run_dir: str) -> tuple[str, str, int] | None:
-    """Run ``trainer.fit()``; None when it ended by itself, else why it stopped:
-    (status, what happened, exit code). A user's mistake raises ``UserError``."""
+@dataclass(frozen=True)
+class Stopped:
+    """Why a run did not end by itself."""
+
+    status: str  # summary.json's: interrupted | failed
+    what: str  # one line
+    exit_code: int
+    stop_ray: bool  # Ray Train may still be running it (or waiting for workers)
+
+
+def fit(trainer: Any, guard: SignalGuard, run_dir: str, watchdog: Watchdog) -> Stopped | None:
+    """Run ``trainer.fit()``; None when it ended by itself. A user's mistake raises
+    ``UserError``."""
     from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
     try:
-        guard.run(trainer.fit)
+        guard.run(trainer.fit, watchdog.tick)
     except TrainingFailedError as exc:
         message = user_error_in(exc)
         if message:
             raise UserError(message) from None
         log = storage.join(run_dir, FAILURE_LOG)  # the workers' tracebacks, not printed
         storage.write_bytes(log, f"{exc}\n".encode())
-        return "failed", f"training failed: {failure_summary(exc)} (details: {log})", 1
+        return Stopped("failed", f"training failed: {failure_summary(exc)} (details: {log})",
+                       1, False)
     except RayActorError as exc:  # the controller (or its node) is gone
-        return "failed", f"the Ray Train controller died ({type(exc).__name__})", 1
+        return Stopped("failed", f"the Ray Train controller died ({type(exc).__name__})", 1,
+                       False)
+    except WorkersLost as exc:
+        return Stopped("failed", str(exc), 1, True)
     except Interrupted as exc:
-        return "interrupted", f"interrupted by {exc}", exc.exit_code
+        return Stopped("interrupted", f"interrupted by {exc}", exc.exit_code, True)
     return None
 
 
@@ -142,11 +158,12 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
                                                console=console)
         pump = EventPump(epoch_handler(cfg, wb, console))
+        watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
         trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
                                 events=pump.queue)
         try:
             with console.progress(cfg.train.epochs, cfg.name), pump:
-                stopped = fit(trainer, guard, run_dir)
+                stopped = fit(trainer, guard, run_dir, watchdog)
         except UserError:
             wb.abort()
             if mode != "resume":  # nothing of a run that never could work is left behind
@@ -155,13 +172,12 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         except BaseException:
             wb.abort()
             raise
-        status, what, code = stopped or (None, "", 0)
-        if status == "interrupted":  # the workers and the controller stop (a local Ray too)
-            import ray
-
-            ray.shutdown()
+        if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
+            stop_training(pump.controller, guard)
         summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
-                               say=console.say, wandb_errors=pump.errors, status=status)
+                               say=console.say, wandb_errors=pump.errors,
+                               status=stopped.status if stopped else None)
     if stopped:
-        raise TrainingError(f"{what} {where_it_stands(summary)}", exit_code=code)
+        raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
+                            exit_code=stopped.exit_code)
     return summary

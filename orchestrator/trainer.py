@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.cluster import pace_reports
-from orchestrator.recorder import RunRecorder
+from orchestrator.recorder import CONTROLLER, RunRecorder
 from workers.config import RunConfig
 from workers.engines import train_loop_for
 from workers.names import RANK_KEY
@@ -58,11 +58,18 @@ class EventPump:
     """
 
     def __init__(self, handle: Callable[[dict[str, Any], str | None], None]) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.handle = handle
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train places its controller: a node lost elsewhere
+        # must not take the run's record stream with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.errors: list[str] = []
+        self.controller: Any = None  # the Train controller's actor handle, once it reported
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="run-events", daemon=True)
 
@@ -80,12 +87,34 @@ class EventPump:
         while True:
             try:
                 record, staged = self.queue.get(timeout=0.2)
+                if record == CONTROLLER:
+                    self.controller = staged
+                    continue
             except Empty:
                 if self._done.is_set():
                     return
                 continue
+            except Exception as exc:  # noqa: BLE001 - the queue is gone (Ray shut down)
+                self.errors.append(f"event queue: {type(exc).__name__}")
+                return
             try:
                 self.handle(record, staged)
             except Exception as exc:  # noqa: BLE001 - logged and summarised, never fatal
                 self.errors.append(f"epoch {record.get('epoch')}: {type(exc).__name__}: {exc}")
                 print(f"warning: W&B logging failed: {self.errors[-1]}", file=sys.stderr)
+
+
+def stop_training(controller: Any, guard: Any) -> None:
+    """Stop a fit that is still running (interrupted, or waiting for lost workers), then Ray.
+    The controller goes first (its workers, actors it owns, go with it), so that the thread
+    blocked in ``fit`` returns before Ray shuts down under it; a save in flight is cut short,
+    which its atomic writes make a checkpoint directory without metadata.json: never used."""
+    import ray
+
+    if controller is not None:
+        try:
+            ray.kill(controller, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    if guard.wait_for_fit(timeout=30):
+        ray.shutdown()  # a local Ray goes entirely; an attached driver disconnects

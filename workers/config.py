@@ -99,6 +99,9 @@ class CheckpointSection(_Section):
 
 class FailureSection(_Section):
     max_failures: Int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
+    worker_wait_s: Int = Field(
+        900, ge=1, description="how long a run whose workers were lost (a node gone) waits "
+        "for the cluster to have room for them again before it stops")
 
 
 class WandbSection(_Section):

@@ -1,0 +1,112 @@
+"""A node lost from a real two-node cluster (two ``ray start`` nodes on this machine, the
+second one's raylet SIGKILLed by its pid): the fixed-size run says it waits, once a minute,
+then stops after ``failure.worker_wait_s`` with one line and its record written."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import REPO, free_port, overfit_config
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+              "runtime-env-agent-port", "object-manager-port")
+
+
+def start_node(env: dict, *args: str) -> subprocess.Popen:
+    own = [f"--{flag}={free_port()}" for flag in PORT_FLAGS]  # none of Ray's fixed defaults
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1",
+                             "--disable-usage-stats", *own, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def alive_nodes(env: dict) -> int:
+    code = ("import ray, logging; ray.init(logging_level=logging.ERROR); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    home = tmp_path / "home"  # Ray looks for ~/.ray/auth_token: never the real home
+    home.mkdir()
+    port, node_port = free_port(), free_port()
+    # The nodes' workers import the project and its test workloads from the repository.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")  # short: socket paths
+    head = start_node(env, "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                      f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                      f"--node-manager-port={free_port()}")
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    second = None
+    try:
+        deadline = time.monotonic() + 120
+        while alive_nodes(env) < 1:
+            assert time.monotonic() < deadline, "the head node did not come up"
+            time.sleep(1)
+        second = start_node(env, f"--address=127.0.0.1:{port}",
+                            f"--node-manager-port={node_port}")
+        while alive_nodes(env) < 2:
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+        yield {"env": env, "node_manager_port": node_port}
+    finally:
+        for proc in (second, head):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+
+
+def test_a_lost_node_stops_a_fixed_size_run_after_worker_wait_s(two_nodes, tmp_path):
+    cfg = overfit_config(tmp_path, name="node-lost", train={"epochs": 60},
+                         scaling={"num_workers": 2, "use_gpu": False},
+                         failure={"max_failures": 3, "worker_wait_s": 20},
+                         checkpoint={"resume_every_n_epochs": 2})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**two_nodes["env"], "PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", "run.yaml"],
+                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    history = tmp_path / "runs" / "node-lost" / "history.json"
+    deadline = time.monotonic() + 240
+    while not (history.exists() and len(json.loads(history.read_text())["history"]) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+
+    raylet = subprocess.run(
+        ["pgrep", "-f", f"raylet.*--node_manager_port={two_nodes['node_manager_port']}"],
+        capture_output=True, text=True).stdout.split()
+    assert len(raylet) == 1, raylet
+    os.kill(int(raylet[0]), signal.SIGKILL)  # the second node is gone, and nothing replaces it
+    lost_at = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    waited = time.monotonic() - lost_at
+
+    assert proc.returncode == 1, err[-6000:] + out[-3000:]
+    assert "Traceback" not in out + err, (out + err)[-3000:]
+    assert any(line.startswith("waiting since") for line in out.splitlines()), out[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the cluster had no room for the run's workers"), last
+    assert last.endswith("continue with: orchestrator train run.yaml --resume"), last
+    assert waited < 20 + 120, waited  # the limit, plus Ray noticing the node is gone
+    summary = json.loads(history.with_name("summary.json").read_text())
+    assert summary["status"] == "failed" and summary["epochs_completed"] >= 3
+    assert (Path(summary["best_checkpoint"]) / "model.safetensors").is_file()
