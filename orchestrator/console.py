@@ -21,6 +21,7 @@ class Console:
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar: Any = None
         self._task: Any = None
+        self.gone = False  # the stream's reader closed it
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray Tune pickles its callbacks (and so this) into its experiment state; a stream
@@ -31,10 +32,17 @@ class Console:
         self.__init__(verbose=state["verbose"])
 
     def say(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
-        else:
-            print(line, file=self.stream, flush=True)
+        """One line for the user. A reader that went away (``| head``) must not stop the
+        run: the lines are dropped from then on (history.json and summary.json keep all)."""
+        if self.gone:
+            return
+        try:
+            if self._bar is not None:
+                self._bar.console.print(line, markup=False, highlight=False)
+            else:
+                print(line, file=self.stream, flush=True)
+        except BrokenPipeError:
+            self.gone = True
 
     def progress(self, total: int, description: str) -> Console:
         """Use as ``with console.progress(n, "epochs"):`` around the work; ``advance`` moves

@@ -79,3 +79,18 @@ def test_other_failures_are_not_user_errors_and_name_the_original_exception():
     error = _worker_group_error(RuntimeError("CUDA out of memory\nmore details"))
     assert user_error_in(error) is None
     assert failure_summary(error) == "RuntimeError: CUDA out of memory"
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_run():
+    import io
+
+    from orchestrator.console import Console
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    console = Console(stream=ClosedPipe())
+    console.say("epoch 1/3 ...")  # as `orchestrator train ... | head -1` does
+    console.say("epoch 2/3 ...")
+    assert console.gone
