@@ -18,7 +18,7 @@ from orchestrator.console import Console
 from orchestrator.errors import TrainingError, UserError, failure_summary, user_error_in
 from orchestrator.interrupts import Interrupted, SignalGuard
 from orchestrator.records import nonfinite, progress_line
-from orchestrator.summary import finalize_run
+from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.trainer import EventPump, build_trainer, stop_training
 from orchestrator.watchdog import Watchdog, WorkersLost, needs
 from workers.config import RunConfig
@@ -57,6 +57,7 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
     run_dir = storage.run_dir(cfg)
     mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if mode == "resume":  # nothing intact to resume from: exit 2 before anything starts
+        remove_unregistered_checkpoints(run_dir)  # what a killed run left in flight
         chosen, damaged = resume_point(run_dir)
         for problem in damaged:
             console.say(f"warning: damaged checkpoint skipped: {problem}")

@@ -116,5 +116,7 @@ def stop_training(controller: Any, guard: Any) -> None:
             ray.kill(controller, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-    if guard.wait_for_fit(timeout=30):
-        ray.shutdown()  # a local Ray goes entirely; an attached driver disconnects
+        guard.wait_for_fit(timeout=30)
+    # Without its handle (stopped before the first report), the controller goes with Ray:
+    # a local Ray goes entirely; on a cluster, the actors this driver owns die with it.
+    ray.shutdown()

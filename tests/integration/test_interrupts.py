@@ -19,14 +19,22 @@ from tests.integration.conftest import REPO, overfit_config
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 8
+EPOCHS = 9
 
 
-def ray_pids() -> set[int]:
-    """Processes of any local Ray: its daemons and its workers."""
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|^ray::"], capture_output=True,
+def ray_pids(pattern: str = "raylet|gcs_server|^ray::") -> set[int]:
+    """Live processes of any local Ray: its daemons and its workers (not zombies: a process
+    that exited whose parent died is reaped by init, which a container may not run)."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
                          text=True).stdout
-    return {int(pid) for pid in out.split()}
+    return {int(pid) for pid in out.split() if not _zombie(pid)}
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True  # gone already
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -45,7 +53,8 @@ def epochs_done(run_dir: Path) -> int:
 
 @pytest.fixture
 def cli_run(tmp_path):
-    cfg = overfit_config(tmp_path, name="signals", train={"epochs": EPOCHS})
+    cfg = overfit_config(tmp_path, name="signals", train={"epochs": EPOCHS},
+                         checkpoint={"resume_every_n_epochs": 1})  # resumes where it stopped
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     # A poll each second: every epoch lasts about a second, time enough to signal mid-run.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
@@ -61,7 +70,7 @@ def cli_run(tmp_path):
 def stop_with(proc: subprocess.Popen, run_dir: Path, signum: int, after: int):
     wait_for(lambda: epochs_done(run_dir) >= after or proc.poll() is not None, 240,
              f"epoch {after}")
-    assert proc.poll() is None, proc.communicate()
+    assert proc.poll() is None, "\n".join(proc.communicate())
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     return out, err
@@ -79,11 +88,21 @@ def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def test_sigterm_then_sigint_then_resume(cli_run):
+def test_sigint_sigterm_and_a_killed_driver_then_resume(cli_run):
     start, run_dir = cli_run
     before = ray_pids()
 
+    # Ctrl-C while the workers start (before any report): the controller goes with Ray.
     proc = start()
+    wait_for(lambda: run_dir.is_dir() or proc.poll() is not None, 240, "the run to start")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert last_line(err, out).startswith("interrupted by SIGINT after epoch 0 of")
+    assert summary_of(run_dir)["status"] == "interrupted"
+    wait_for(lambda: ray_pids() <= before, 30, "Ray's processes to exit")
+
+    proc = start("--resume")
     out, err = stop_with(proc, run_dir, signal.SIGTERM, after=2)
     assert proc.returncode == 143, err[-3000:]
     line = last_line(err, out)
@@ -104,6 +123,14 @@ def test_sigterm_then_sigint_then_resume(cli_run):
     assert summary_of(run_dir)["status"] == "interrupted"
     wait_for(lambda: ray_pids() <= before, 30, "Ray's processes to exit")
 
+    # The driver itself SIGKILLed: nothing can be said, but its local Ray goes with it and
+    # --resume continues from what was saved.
+    proc = start("--resume")
+    stop_with(proc, run_dir, signal.SIGKILL, after=summary_of(run_dir)["epochs_completed"] + 1)
+    assert proc.returncode == -signal.SIGKILL
+    training = "^ray::(TrainController|RayTrainWorker)"
+    wait_for(lambda: not ray_pids(training), 30, "the controller and workers to exit")
+
     proc = start("--resume")
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -111,6 +138,11 @@ def test_sigterm_then_sigint_then_resume(cli_run):
     assert final["status"] == "completed" and final["epochs_completed"] == EPOCHS
     assert [h["epoch"] for h in final["history"]] == list(range(1, EPOCHS + 1))
     assert final["test_metrics"] is not None
+    # Storage holds the best and the latest only, whatever each stop left in flight.
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) <= 2 and Path(final["best_checkpoint"]).name in kept, kept
+    # Ray's agents notice their raylet is gone about a minute after the driver's SIGKILL.
+    wait_for(lambda: ray_pids() <= before, 120, "Ray's processes to exit")
 
 
 def test_a_killed_controller_is_one_line_and_resume_continues(cli_run):

@@ -96,20 +96,24 @@ def test_other_policies_write_what_they_promise(tmp_path, ray_local, policy, ext
         assert summary["best_checkpoint"] is None and summary["test_metrics"] is None
 
 
-def test_restart_after_a_worker_failure_keeps_the_best(tmp_path, ray_local):
+def test_workers_killed_mid_epoch_and_mid_write_restart_with_the_same_best(tmp_path,
+                                                                          ray_local):
     common = {"train": {"epochs": 8}, "checkpoint": {"resume_every_n_epochs": 1}}
     reference = run_training(overfit_config(tmp_path, name="reference", **common))
 
-    marker = tmp_path / "failed-once"
-    # 16 samples per rank, batch 8: 2 steps an epoch; the 14th step is in epoch 7.
+    marker = tmp_path / "killed-once"
+    # 16 samples per rank, batch 8: 2 steps an epoch; the 8th step is in epoch 4, where a
+    # worker SIGKILLs itself; then rank 0 SIGKILLs itself writing epoch 6's model file,
+    # between its temporary file and the rename.
     cfg = overfit_config(
-        tmp_path, name="restarted", failure={"max_failures": 1},
-        workload={"params": {"fail_after_steps": 13, "marker": str(marker)}}, **common,
+        tmp_path, name="restarted", failure={"max_failures": 2},
+        workload={"params": {"fail_after_steps": 7, "fail_with": "sigkill",
+                             "kill_writing_epoch": 6, "marker": str(marker)}}, **common,
     )
     summary = run_training(cfg)
-    assert marker.exists(), "the injected failure did not happen"
+    assert marker.exists() and Path(f"{marker}.write").exists(), "a kill did not happen"
 
-    # Restored from the latest checkpoint (epoch 6), with the tracker's memory of the best:
+    # Restored from the latest checkpoint each time, with the tracker's memory of the best:
     # the run ends exactly where the uninterrupted one does.
     assert summary["best_epoch"] == reference["best_epoch"]
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 9))
@@ -118,9 +122,13 @@ def test_restart_after_a_worker_failure_keeps_the_best(tmp_path, ray_local):
         assert got["is_best"] == ref["is_best"]
     best_dir = Path(summary["best_checkpoint"])
     assert load_metadata(best_dir)["epoch"] == summary["best_epoch"]
-    kept = checkpoint_dirs(Path(summary["run_dir"]))
+    run_dir = Path(summary["run_dir"])
+    kept = checkpoint_dirs(run_dir)
     assert len(kept) == 2 and best_dir in kept  # the best and the latest (epoch 8)
     assert load_metadata(kept[-1])["epoch"] == 8
+    # The half-written epoch 6 left nothing behind: no directory, no temporary file.
+    leftovers = [p for d in run_dir.glob("checkpoint_*") for p in d.rglob(".*")]
+    assert leftovers == [], leftovers
 
 
 def test_rerun_is_explicit_and_resume_continues(tmp_path, ray_local):

@@ -3,11 +3,16 @@
 Two Gaussian blobs; the small training set has a share of its labels flipped, so a wide MLP
 first learns the signal and then memorises the noise (overconfident on validation).
 Optionally fails once, mid-training, to exercise restarts: after ``fail_after_steps``
-training steps the model raises, unless ``marker`` exists (it is created just before).
+training steps the model raises (``fail_with: raise``) or its process SIGKILLs itself
+(``fail_with: sigkill``), unless ``marker`` exists (it is created just before).
+``kill_writing_epoch``: the process writing that epoch's ``model.safetensors`` SIGKILLs itself
+between the temporary file and the rename, once (``marker`` + ``.write``).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,8 +29,9 @@ def _blobs(
 
 class FailOnce(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None,
-                 nan_after_steps: int | None = None):
+                 nan_after_steps: int | None = None, fail_with: str = "raise"):
         super().__init__()
+        self.fail_with = fail_with
         self.nan_after_steps = nan_after_steps
         self.trained_steps = 0
         self.inner = inner
@@ -42,8 +48,27 @@ class FailOnce(torch.nn.Module):
             self.steps += 1
             if self.steps > self.fail_after_steps and not Path(self.marker).exists():
                 Path(self.marker).touch()
+                if self.fail_with == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError("injected failure (tests/workloads/overfit.py)")
         return self.inner(x)
+
+
+def _kill_before_rename(epoch_tag: str, marker: str) -> None:
+    """In this process, the first rename of a temporary file onto ``model.safetensors`` in a
+    checkpoint directory of that epoch is replaced by a SIGKILL of the process: the temporary
+    file is written and fsynced, the final name never appears."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        target = Path(dst)
+        if (target.name == "model.safetensors" and epoch_tag in target.parent.name
+                and not Path(marker).exists()):
+            Path(marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
 
 
 def build(
@@ -59,10 +84,14 @@ def build(
     norm: bool = False,
     dropout: float = 0.0,
     nan_after_steps: int | None = None,
+    fail_with: str = "raise",
+    kill_writing_epoch: int | None = None,
 ) -> SimpleNamespace:
     """``norm``: BatchNorm after each hidden layer (buffers that training updates per rank);
     ``dropout``: after each hidden layer; ``nan_after_steps``: outputs are NaN from then on,
     as in a diverged run."""
+    if kill_writing_epoch is not None:
+        _kill_before_rename(f"epoch{kill_writing_epoch:04d}", f"{marker}.write")
     gen = torch.Generator().manual_seed(1234)
     x_train, y_train = _blobs(n_train, gen, dim, separation)
     flip = torch.rand(n_train, generator=gen) < noise
@@ -76,7 +105,7 @@ def build(
 
     model = torch.nn.Sequential(*block(dim), *block(hidden), torch.nn.Linear(hidden, 2))
     return SimpleNamespace(
-        model=FailOnce(model, fail_after_steps, marker, nan_after_steps),
+        model=FailOnce(model, fail_after_steps, marker, nan_after_steps, fail_with),
         train_dataset=torch.utils.data.TensorDataset(x_train, y_train),
         val_dataset=torch.utils.data.TensorDataset(x_val, y_val),
         test_dataset=torch.utils.data.TensorDataset(x_test, y_test) if with_test else None,
