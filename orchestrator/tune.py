@@ -17,6 +17,7 @@ ASHA stops (its process is gone) is documented exactly like one that ran to the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator import storage
@@ -28,7 +29,8 @@ from orchestrator.cluster import (
     resolve_use_gpu,
 )
 from orchestrator.console import Console
-from orchestrator.errors import UserError
+from orchestrator.errors import TrainingError, UserError
+from orchestrator.interrupts import Interrupted, SignalGuard
 from orchestrator.records import epoch_record, progress_line
 from orchestrator.search import Trial
 from orchestrator.summary import finalize_run
@@ -89,10 +91,12 @@ class TrialLogger:
                 logger.on_result(trial.config["trial"]["trial_id"], result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                logger.mark_done(trial.config["trial"]["trial_id"], errored=False)
+                if not logger.stopping():  # stopped by a signal: it resumes
+                    logger.mark_done(trial.config["trial"]["trial_id"], errored=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                logger.mark_done(trial.config["trial"]["trial_id"], errored=True)
+                if not logger.stopping():
+                    logger.mark_done(trial.config["trial"]["trial_id"], errored=True)
 
         self.callback = _Callback()
         self.configs = configs
@@ -101,6 +105,7 @@ class TrialLogger:
         self.console = console
         self.runs: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
+        self.stopping: Callable[[], bool] = lambda: False
 
     def run_dir(self, trial_id: str) -> str:
         return storage.run_dir(self.configs[trial_id])
@@ -164,6 +169,24 @@ class TrialLogger:
         self.runs.clear()
 
 
+class SignalStop:
+    """A Tune stopper that ends the whole search once ``guard`` received a signal: Tune stops
+    every running trial, and ``tuner.fit`` returns with Ray still up. Tune saves its stoppers
+    with its experiment state: pickled, it is one that never stops."""
+
+    def __init__(self, guard: SignalGuard | None) -> None:
+        self.guard = guard
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"guard": None}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        return bool(self.guard and self.guard.received)
+
+
 def make_scheduler(cfg: RunConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -178,8 +201,14 @@ def make_scheduler(cfg: RunConfig) -> Any:
 
 def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
               logger: TrialLogger, experiment_dir: str, log_model: str,
-              gpus: dict[str, bool]) -> None:
+              gpus: dict[str, bool], guard: SignalGuard) -> None:
+    """The search, until it ends or a signal stops it (``Interrupted`` once its running
+    trials were stopped: trials that ended stay done, the others resume)."""
     from ray import tune
+    from ray.tune.stopper import Stopper
+
+    class _Stop(SignalStop, Stopper):
+        pass
 
     tuner = tune.Tuner(
         # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),
@@ -200,10 +229,14 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage.join(experiment_dir, TUNE_DIR),
-            callbacks=[logger.callback], verbose=0,
+            callbacks=[logger.callback], verbose=0, stop=_Stop(guard),
         ),
     )
-    tuner.fit()
+    try:
+        guard.run(tuner.fit)
+    except Interrupted:
+        guard.wait_for_fit(timeout=120)  # Tune stops the running trials (SignalStop)
+        raise
 
 
 def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
@@ -260,18 +293,26 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
-    try:
-        if todo:
-            with console.progress(len(trials), f"{cfg.name} trials"):
-                console.advance(completed=len(trials) - len(todo))
-                run_tuner(cfg, todo, configs, logger, experiment_dir,
-                          search_run.log_model_setting, gpus)
-    finally:
-        logger.finish_trials(use_gpu)
-        logger.abort_unfinished()
-
-    board = write_leaderboard(cfg, trials, configs, experiment_dir, search_run)
+    interrupted = None
+    with SignalGuard() as guard:
+        logger.stopping = lambda: bool(guard.received)
+        try:
+            if todo:
+                with console.progress(len(trials), f"{cfg.name} trials"):
+                    console.advance(completed=len(trials) - len(todo))
+                    run_tuner(cfg, todo, configs, logger, experiment_dir,
+                              search_run.log_model_setting, gpus, guard)
+        except Interrupted as exc:
+            interrupted = exc
+        finally:
+            logger.finish_trials(use_gpu)
+            logger.abort_unfinished()
+        board = write_leaderboard(cfg, trials, configs, experiment_dir, search_run)
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
+    if interrupted:
+        raise TrainingError(f"interrupted by {interrupted}: {len(board) - len(unfinished)} of "
+                            f"{len(board)} trials done, {len(unfinished)} to run again",
+                            exit_code=interrupted.exit_code)
     if unfinished:
         console.say(f"{len(unfinished)} trial(s) did not finish; continue with --resume")
     return board

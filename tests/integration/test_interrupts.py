@@ -9,39 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, overfit_config
+from tests.integration.conftest import REPO, overfit_config, ray_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 9
-
-
-def ray_pids(pattern: str = "raylet|gcs_server|^ray::") -> set[int]:
-    """Live processes of any local Ray: its daemons and its workers (not zombies: a process
-    that exited whose parent died is reaped by init, which a container may not run)."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
-                         text=True).stdout
-    return {int(pid) for pid in out.split() if not _zombie(pid)}
-
-
-def _zombie(pid: str) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True  # gone already
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def epochs_done(run_dir: Path) -> int:

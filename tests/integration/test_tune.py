@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.tune import run_search
-from tests.integration.conftest import REPO, assert_close, overfit_config
+from tests.integration.conftest import REPO, assert_close, overfit_config, ray_pids, wait_for
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
 from workers.config import RunConfig
@@ -117,18 +118,25 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     trial_dir = tmp_path / "runs" / "interrupted" / "trials" / "trial-000"
     first_done = trial_dir / "trial_done.json"
 
+    ray_before = ray_pids()
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not first_done.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert first_done.exists(), "the first trial never finished"
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    output, _ = proc.communicate(timeout=180)
-    assert proc.returncode != 0, output[-3000:]
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted by SIGTERM: [1-3] of 4 trials done, [1-3] to run again; "
+                        r"continue with: orchestrator tune tune\.yaml --resume", last), last
+    wait_for(lambda: ray_pids() <= ray_before, 60, "Ray's processes to exit")
     before = (trial_dir / "history.json").read_text()
     board = json.loads((trial_dir.parents[1] / "leaderboard.json").read_text())["trials"]
     assert any(r["status"] == "interrupted" for r in board), board
+    assert next(r for r in board if r["trial_id"] == "trial-000")["status"] == "completed"
 
     # A resume continues the search that was saved: a changed setting that would change
     # what trials compute is refused at once, naming it; nothing is touched.
