@@ -48,6 +48,12 @@ def user_error_in(exc: BaseException) -> str | None:
     return None
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def failure_summary(exc: BaseException) -> str:
     """One line for a failed run: the original exception of the first failed worker (or of
     the controller), as ``Type: message``, without Ray's wrapping and traceback."""
@@ -55,6 +61,4 @@ def failure_summary(exc: BaseException) -> str:
     origin = next(iter(failures.values()), None) or getattr(exc, "controller_failure", None) \
         or exc
     innermost = list(_causes(origin))[-1]
-    cause = getattr(innermost, "cause", None) or innermost
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return one_line(getattr(innermost, "cause", None) or innermost)

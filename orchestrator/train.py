@@ -15,7 +15,13 @@ from orchestrator.cluster import (
     local_resources,
 )
 from orchestrator.console import Console
-from orchestrator.errors import TrainingError, UserError, failure_summary, user_error_in
+from orchestrator.errors import (
+    TrainingError,
+    UserError,
+    failure_summary,
+    one_line,
+    user_error_in,
+)
 from orchestrator.interrupts import Interrupted, SignalGuard
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
@@ -137,9 +143,12 @@ def fit(trainer: Any, guard: SignalGuard, run_dir: str, watchdog: Watchdog) -> S
         if message:
             raise UserError(message) from None
         log = storage.join(run_dir, FAILURE_LOG)  # the workers' tracebacks, not printed
-        storage.write_bytes(log, f"{exc}\n".encode())
-        return Stopped("failed", f"training failed: {failure_summary(exc)} (details: {log})",
-                       1, False)
+        try:
+            storage.write_bytes(log, f"{exc}\n".encode())
+            details = f" (details: {log})"
+        except OSError:  # the storage itself is what failed: the line says enough
+            details = ""
+        return Stopped("failed", f"training failed: {failure_summary(exc)}{details}", 1, False)
     except RayActorError as exc:  # the controller (or its node) is gone
         return Stopped("failed", f"the Ray Train controller died ({type(exc).__name__})", 1,
                        False)
@@ -175,9 +184,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             raise
         if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
             stop_training(pump.controller, guard)
-        summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
-                               say=console.say, wandb_errors=pump.errors,
-                               status=stopped.status if stopped else None)
+        try:
+            summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
+                                   say=console.say, wandb_errors=pump.errors,
+                                   status=stopped.status if stopped else None)
+        except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
+            what = stopped.what if stopped else "the run ended"
+            raise TrainingError(f"{what}; the storage did not take its summary either "
+                                f"({one_line(exc)[:160]}); when it is reachable again",
+                                exit_code=1) from None
     if stopped:
         raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
                             exit_code=stopped.exit_code)

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from tests.integration.conftest import REPO, assert_close, free_port
+from tests.integration.conftest import REPO, assert_close, free_port, overfit_config, wait_for
+from tests.integration.outage import Outage
 from workers.config import RunConfig
 from workers.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
@@ -140,3 +141,58 @@ def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path):
             assert torch.equal(saved[name], tensor), (metadata["epoch"], name)
     losses = {h["epoch"]: h["val_loss"] for h in summary["history"]}
     assert summary["best_epoch"] == min(losses, key=losses.get)
+
+
+def test_object_store_down_during_uploads_then_resume(s3_server, tmp_path):
+    """The endpoint goes away mid-run (connections refused, open ones cut) and stays away
+    until the run gave up; it comes back with everything it held, and --resume continues."""
+    proxy = Outage(s3_server["port"], free_port())
+    uri = (f"s3://{BUCKET}/outage?endpoint_override=127.0.0.1:{proxy.port}&scheme=http"
+           "&region=us-east-1")
+    cfg = overfit_config(tmp_path, name="outage", storage_path=uri, train={"epochs": 6},
+                         failure={"max_failures": 2}, checkpoint={"resume_every_n_epochs": 1})
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg.to_dict()))
+    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
+    command = [sys.executable, "-m", "orchestrator", "train", "run.yaml"]
+    client = s3_server["client"]
+
+    def history() -> list[dict]:
+        try:
+            body = client.get_object(Bucket=BUCKET, Key="outage/outage/history.json")["Body"]
+            return json.loads(body.read())["history"]
+        except client.exceptions.NoSuchKey:
+            return []
+
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(history()) >= 2 or proc.poll() is not None, 240, "epoch 2")
+    proxy.down()
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proxy.up()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training failed: OSError: ") and "Could not connect" in last
+    assert last.endswith("; continue with: orchestrator train run.yaml --resume"), last
+    stopped_at = len(history())
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    summary = json.loads(client.get_object(Bucket=BUCKET, Key="outage/outage/summary.json")
+                         ["Body"].read())
+    # Nothing lost: every epoch once, the first ones as they were, the best the best of all.
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 7))
+    assert stopped_at >= 2
+    losses = [h["val_loss"] for h in summary["history"]]
+    assert summary["best_epoch"] == losses.index(min(losses)) + 1
+    best_key = summary["best_checkpoint"].split("?")[0].removeprefix(f"s3://{BUCKET}/")
+    metadata = json.loads(client.get_object(Bucket=BUCKET, Key=f"{best_key}/metadata.json")
+                          ["Body"].read())
+    blob = client.get_object(Bucket=BUCKET, Key=f"{best_key}/model.safetensors")["Body"].read()
+    assert metadata["epoch"] == summary["best_epoch"]
+    assert metadata["files"]["model.safetensors"]["size"] == len(blob)
+    assert summary["status"] == "completed" and summary["test_metrics"] is not None
