@@ -207,7 +207,7 @@ def check_resources(cfg: RunConfig, resources: Capacity) -> bool:
     Returns whether the run uses GPUs.
     """
     use_gpu = resolve_use_gpu(cfg, resources)
-    n, per_worker = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    n, per_worker = cfg.scaling.min_workers, cfg.scaling.cpus_per_worker  # elastic: its min
     cpus = resources.total.get("CPU", 0.0)
     if n * per_worker > cpus:
         raise UserError(

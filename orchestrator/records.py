@@ -14,7 +14,7 @@ from workers.names import INTERNAL_KEYS
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
 RECORD_KEYS = ("epoch", "is_best", "epoch_seconds", "snapshot_seconds",
-               "save_blocked_seconds")
+               "save_blocked_seconds", "workers")
 
 
 def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[str, Any]:

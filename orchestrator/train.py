@@ -82,7 +82,7 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
             storage.delete_dir(run_dir)
         raise
     console.say(start_line(cfg, run_dir, mode))
-    console.say(f"{cfg.scaling.num_workers} workers on "
+    console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
                 f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, W&B {wb.mode}")
     return run_dir, mode, use_gpu, wb
@@ -90,13 +90,18 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
 
 def epoch_handler(cfg: RunConfig, wb: Any, console: Console):
     """What the driver does with each epoch's record: print it, log it to W&B."""
-    seen = {"epoch": 0}
+    seen = {"epoch": 0, "workers": None}
 
     def handle(record: dict[str, Any], staged: str | None) -> None:
         if record["epoch"] <= seen["epoch"]:  # Ray restarted the workers (max_failures)
             console.say(f"workers restarted: training again from epoch {record['epoch']} "
                         "(the latest checkpoint)")
-        seen["epoch"] = record["epoch"]
+        workers = record.get("workers")
+        if seen["workers"] not in (None, workers):  # an elastic run resized
+            console.say(f"the cluster changed: epoch {record['epoch']} trained on {workers} "
+                        f"worker{'s' if workers != 1 else ''} (was {seen['workers']}), from "
+                        "the latest checkpoint")
+        seen["epoch"], seen["workers"] = record["epoch"], workers
         console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
         bad = nonfinite(record)
         if bad and cfg.train.stop_on_nonfinite:

@@ -29,11 +29,13 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    workers = cfg.scaling.num_workers  # [min, max]: Ray Train's elastic worker group
     return TorchTrainer(
         train_loop_for(cfg.engine),
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=tuple(workers) if isinstance(workers, list) else workers,
+            use_gpu=use_gpu, resources_per_worker=resources,
         ),
         run_config=RayRunConfig(
             name=cfg.name,

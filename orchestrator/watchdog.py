@@ -87,5 +87,5 @@ class Watchdog:
 
 
 def needs(cfg: Any, use_gpu: bool) -> dict[str, float]:
-    n = cfg.scaling.num_workers
+    n = cfg.scaling.min_workers  # an elastic run continues on its minimum
     return {"CPU": n * cfg.scaling.cpus_per_worker, "GPU": float(n) if use_gpu else 0.0}

@@ -34,9 +34,39 @@ class WorkloadConfig(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: Int = Field(2, ge=1, description="data-parallel workers (one per GPU or slot)")
+    num_workers: Int | list[Int] = Field(
+        2, description="data-parallel workers (one per GPU or slot); [min, max]: an elastic "
+        "run, on as many workers as the cluster has room for, at least min")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the cluster has any")
     cpus_per_worker: float = Field(1.0, gt=0)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _count_or_range(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"must be at least 1, got {value}")
+            return value
+        if len(value) != 2 or not 1 <= value[0] <= value[1]:
+            raise ValueError(f"an elastic range is [min, max] with 1 <= min <= max, got {value}")
+        return value[0] if value[0] == value[1] else value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def describe_workers(self) -> str:
+        if isinstance(self.num_workers, list):
+            return f"{self.num_workers[0]}-{self.num_workers[1]} workers (elastic)"
+        return f"{self.num_workers} workers"
 
 
 class TrainSection(_Section):

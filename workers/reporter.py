@@ -80,7 +80,7 @@ class EpochReporter:
         import ray.train
 
         record: dict[str, Any] = {"epoch": epoch, **values}
-        metrics = dict(record)
+        metrics = dict(record, workers=self.world_size)  # an elastic run's may change
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
         # Identical values on every rank, so every rank decides the same.
         diverged = self.cfg.train.stop_on_nonfinite and not all(
