@@ -34,46 +34,57 @@ def start_node(env: dict, *args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def alive_nodes(env: dict) -> int:
+def alive_node_ports(env: dict) -> set[int]:
+    """The node manager ports of the cluster's live nodes."""
     code = ("import ray, logging; ray.init(logging_level=logging.ERROR); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+            "print(*[n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
-    return int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+    return {int(p) for p in proc.stdout.split()} if proc.returncode == 0 else set()
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    home = tmp_path / "home"  # Ray looks for ~/.ray/auth_token: never the real home
-    home.mkdir()
-    port, node_port = free_port(), free_port()
+def wait_for_node(env: dict, node_port: int, what: str) -> None:
+    deadline = time.monotonic() + 180
+    while node_port not in alive_node_ports(env):
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    """One head node (1 CPU) for the module; each test adds the second node it loses."""
+    home = tmp_path_factory.mktemp("home")  # Ray looks for ~/.ray/auth_token: not the real ~
+    port, head_port = free_port(), free_port()
     # The nodes' workers import the project and its test workloads from the repository.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")  # short: socket paths
-    head = start_node(env, "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                      f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                      f"--node-manager-port={free_port()}")
+    nodes = [start_node(env, "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                        f"--node-manager-port={head_port}")]
     env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    second = None
     try:
-        deadline = time.monotonic() + 120
-        while alive_nodes(env) < 1:
-            assert time.monotonic() < deadline, "the head node did not come up"
-            time.sleep(1)
-        second = start_node(env, f"--address=127.0.0.1:{port}",
-                            f"--node-manager-port={node_port}")
-        while alive_nodes(env) < 2:
-            assert time.monotonic() < deadline, "the second node did not join"
-            time.sleep(1)
-        yield {"env": env, "node_manager_port": node_port}
+        wait_for_node(env, head_port, "the head node")
+        yield {"env": env, "port": port, "nodes": nodes}
     finally:
-        for proc in (second, head):
-            if proc is not None:
+        for proc in reversed(nodes):
+            try:
                 os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=60)
+
+
+@pytest.fixture
+def two_nodes(head_node):
+    node_port = free_port()
+    env = head_node["env"]
+    head_node["nodes"].append(start_node(env, f"--address=127.0.0.1:{head_node['port']}",
+                                         f"--node-manager-port={node_port}"))
+    wait_for_node(env, node_port, "the second node")
+    return {"env": env, "node_manager_port": node_port}
 
 
 def kill_second_node(two_nodes: dict) -> None:

@@ -159,6 +159,12 @@ BASE = deep_merge(MINIMAL, {
         (["scaling.use_gpu=true"], "scaling.use_gpu", True),
         (["scaling.use_gpu=auto"], "scaling.use_gpu", "auto"),
         (["scaling.cpus_per_worker=0.5"], "scaling.cpus_per_worker", 0.5),
+        (["scaling.num_workers=[1, 4]"], "scaling.num_workers", [1, 4]),
+        (["scaling.num_workers=[1, 4]"], "scaling.min_workers", 1),
+        (["scaling.num_workers=[1, 4]"], "scaling.max_workers", 4),
+        (["scaling.num_workers=[1, 4]"], "scaling.elastic", True),
+        (["scaling.num_workers=[3, 3]"], "scaling.num_workers", 3),  # not elastic at all
+        (["scaling.num_workers=3"], "scaling.elastic", False),
         (["tracker.patience=4"], "tracker.patience", 4),
         (["tracker.patience=null"], "tracker.patience", None),
         (["tracker.monitor=val_accuracy"], "tracker.resolved_mode", "max"),
@@ -233,6 +239,10 @@ def test_parse_override(item: str, path: list[str], value: Any) -> None:
         (["train.lr=.nan"], "train.lr:"),
         (["train.weight_decay=.inf"], "train.weight_decay: must be a finite number"),
         (["tracker.min_delta=.inf"], "tracker.min_delta: must be a finite number"),
+        (["scaling.num_workers=0"], "scaling.num_workers: must be at least 1, got 0"),
+        (["scaling.num_workers=[2, 1]"], "scaling.num_workers: an elastic range is [min, max]"),
+        (["scaling.num_workers=[0, 2]"], "scaling.num_workers: an elastic range is [min, max]"),
+        (["scaling.num_workers=[1, 2, 3]"], "scaling.num_workers: an elastic range is"),
     ],
 )
 def test_bad_overrides_in_process(tmp_path: Path, overrides: list[str], match: str) -> None:
