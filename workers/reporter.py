@@ -121,7 +121,8 @@ class EpochReporter:
             {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
              "is_best": decision.improved, "saved_because": save.reason,
-             "world_size": self.world_size, "seed": cfg.seed, "config": cfg.to_dict()},
+             "world_size": self.world_size, "workers": self.world_size,  # as in the record
+             "seed": cfg.seed, "config": cfg.to_dict()},
             torch_weights_file=self.torch_weights_file if decision.improved else None,
             buffers=self.saver.buffers,
         )
