@@ -58,6 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from orchestrator import storage
+    from orchestrator.ownership import prepare_run_dir
+
+    # What becomes of an existing run directory is decided before Ray is even imported.
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
     from orchestrator.console import Console
     from orchestrator.report import print_summary
     from orchestrator.train import run_training
@@ -73,6 +78,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from orchestrator import storage
+    from orchestrator.ownership import prepare_run_dir
+
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
     from orchestrator.console import Console
     from orchestrator.report import print_leaderboard
     from orchestrator.tune import run_search

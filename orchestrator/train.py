@@ -23,27 +23,13 @@ from orchestrator.errors import (
     user_error_in,
 )
 from orchestrator.interrupts import Interrupted, SignalGuard
+from orchestrator.ownership import SetAside, mark, prepare_run_dir
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.trainer import EventPump, build_trainer, stop_training
 from orchestrator.watchdog import Watchdog, WorkersLost, needs
 from workers.config import RunConfig
 from workers.names import FAILURE_LOG
-
-
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
-    """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
-    existing = storage.is_nonempty_dir(run_dir)
-    if existing and not (resume or overwrite):
-        raise UserError(
-            f"{run_dir}: a run with this name already exists; pass --resume to continue it, "
-            "--overwrite to replace it, or choose another name (--set name=...)"
-        )
-    if existing and resume:
-        return "resume"
-    if existing and overwrite:
-        return "overwrite"
-    return "fresh"
 
 
 def start_line(cfg: RunConfig, run_dir: str, mode: str) -> str:
@@ -73,14 +59,19 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
         check_resources(cfg, local_resources())  # fail before starting Ray at all
     local = init_ray(console.verbose)
     use_gpu = check_resources(cfg, cluster_capacity(local))
-    if mode == "overwrite":
-        storage.delete_dir(run_dir)
+    old_run = SetAside(run_dir) if mode == "overwrite" else None
     try:
         wb = open_run(cfg, run_dir)  # before training: a bad key or no network fails here
     except UserError:
-        if mode != "resume":
+        if old_run is not None:
+            old_run.restore()  # the old run stays as it was
+        elif mode != "resume":
             storage.delete_dir(run_dir)
         raise
+    if old_run is not None:
+        old_run.discard()  # everything was checked: now the old run goes
+    if mode != "resume":
+        mark(run_dir, "run")
     console.say(start_line(cfg, run_dir, mode))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "

@@ -351,6 +351,21 @@ BAD_INPUTS = [
         ("workload.entrypoint", "line one"),
         files={"two_lines.py": "raise RuntimeError('line one\\nline two')\n"}),
     bad("unknown_option", None, "--bogus", "--bogus"),
+    # Never delete what is not ours: a directory without the run marker, or one holding the
+    # working directory, is refused before anything starts; its files stay.
+    bad("overwrite_not_a_run", {"storage_path": "./x", "name": "important"},
+        ("--overwrite", "x/important", "not created by this tool"), "--overwrite",
+        files={"x/important/thesis.txt": "years of work\n"}),
+    bad("overwrite_the_working_directory", {"storage_path": "..",
+                                            "name": "overwrite_the_working_directory"},
+        ("--overwrite", "holds the working directory"), "--overwrite"),
+    bad("overwrite_a_copied_marker_above_cwd", {"storage_path": "..",
+                                                "name": "overwrite_a_copied_marker_above_cwd"},
+        ("--overwrite", "holds the working directory"), "--overwrite",
+        files={".orchestrator-run.json": "{}"}),
+    bad("resume_not_a_run", {"storage_path": "./x", "name": "important"},
+        ("--resume", "x/important", "not a run or search"), "--resume",
+        files={"x/important/thesis.txt": "years of work\n"}),
 ]
 
 # If anything imports Ray while rejecting a config, this stand-in is found first: it leaves a
@@ -369,6 +384,7 @@ class CliResult:
     stderr: str
     created: set[str]  # entries of the case's directory that the CLI added
     ray_imported: bool
+    files_kept: bool  # the case's own files are all there, unchanged
 
 
 def cli_env(guard: Path, markers: Path, case_id: str) -> dict[str, str]:
@@ -391,6 +407,7 @@ def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResul
     if case.config_arg == "cfgdir":
         (cwd / "cfgdir").mkdir()
     for name, text in case.files.items():
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
         (cwd / name).write_text(text)
     before = set(os.listdir(cwd))
     proc = subprocess.run(
@@ -398,8 +415,10 @@ def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResul
         cwd=cwd, env=cli_env(guard, markers, case.id), capture_output=True, text=True,
         timeout=120,
     )
+    kept = all((cwd / name).is_file() and (cwd / name).read_text() == text
+               for name, text in case.files.items())
     return CliResult(proc.returncode, proc.stdout, proc.stderr,
-                     set(os.listdir(cwd)) - before, (markers / case.id).exists())
+                     set(os.listdir(cwd)) - before, (markers / case.id).exists(), kept)
 
 
 @pytest.fixture(scope="module")
@@ -450,3 +469,4 @@ def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], cas
     assert result.stdout == "", output
     assert not result.ray_imported, "Ray was imported"
     assert result.created == set(), f"the CLI wrote {sorted(result.created)}"
+    assert result.files_kept, "the CLI changed or deleted the user's files"

@@ -1,0 +1,96 @@
+"""Which directories are this project's to replace, and replacing one only once nothing can
+fail any more.
+
+A run (or search) directory gets a marker file when it is created. ``--overwrite`` deletes
+only a directory that has it, never one holding the working directory or the home directory,
+and only after the config, the cluster and the W&B run were checked: until then the old run
+is set aside (a rename, on a local disk) and put back if anything fails.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from orchestrator import storage
+from orchestrator.errors import UserError
+from workers.names import HISTORY_FILE, RUN_MARKER, SEARCH_FILE
+
+
+def mark(run_dir: str, kind: str) -> None:
+    """Record that this project created ``run_dir`` (``kind``: run | search)."""
+    storage.write_json(storage.join(run_dir, RUN_MARKER),
+                       {"created_by": "orchestrator", "kind": kind,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def is_ours(run_dir: str) -> bool:
+    return storage.exists(storage.join(run_dir, RUN_MARKER))
+
+
+def _holds(directory: Path, other: Path) -> bool:
+    return other == directory or directory in other.parents
+
+
+def check_deletable(run_dir: str) -> None:
+    """Refuse (exit 2, one line) to delete ``run_dir`` unless this project created it."""
+    if not storage.is_uri(run_dir):
+        path = Path(run_dir).resolve()
+        for what, other in (("the working directory", Path.cwd()),
+                            ("your home directory", Path.home())):
+            if _holds(path, other.resolve()):
+                raise UserError(f"--overwrite: {run_dir} holds {what}; it is never deleted: "
+                                "choose another name or storage_path")
+    if not is_ours(run_dir):
+        raise UserError(f"--overwrite: {run_dir} was not created by this tool (it has no "
+                        f"{RUN_MARKER}), so it is left as it is: choose another name or "
+                        "storage_path, or remove it yourself")
+
+
+def check_resumable(run_dir: str) -> None:
+    """A resume writes and prunes checkpoints there: only in a run of this project (or one
+    made before markers existed, which has its history or search file)."""
+    if not any(storage.exists(storage.join(run_dir, name))
+               for name in (RUN_MARKER, HISTORY_FILE, SEARCH_FILE)):
+        raise UserError(f"--resume: {run_dir} is not a run or search of this tool (no "
+                        f"{RUN_MARKER}, {HISTORY_FILE} or {SEARCH_FILE}); nothing was touched")
+
+
+class SetAside:
+    """The old run of an ``--overwrite``, out of the way until the new one is sure to start:
+    renamed next to itself on a local disk (``restore`` puts it back); left in place on an
+    object store, where nothing is written to the run directory before ``discard``."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.aside: str | None = None
+        if not storage.is_uri(run_dir):
+            path = Path(run_dir)
+            self.aside = str(path.with_name(f".{path.name}.replaced-{os.getpid()}"))
+            os.rename(path, self.aside)
+
+    def restore(self) -> None:
+        if self.aside is not None:
+            storage.delete_dir(self.run_dir)  # what the failed start wrote, if anything
+            os.rename(self.aside, self.run_dir)
+
+    def discard(self) -> None:
+        storage.delete_dir(self.aside if self.aside is not None else self.run_dir)
+
+
+def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
+    """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
+    existing = storage.is_nonempty_dir(run_dir)
+    if existing and not (resume or overwrite):
+        raise UserError(
+            f"{run_dir}: a run with this name already exists; pass --resume to continue it, "
+            "--overwrite to replace it, or choose another name (--set name=...)"
+        )
+    if existing and resume:
+        check_resumable(run_dir)
+        return "resume"
+    if existing and overwrite:
+        check_deletable(run_dir)  # before anything else: only a run of ours is replaced
+        return "overwrite"
+    return "fresh"

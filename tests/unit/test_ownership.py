@@ -1,0 +1,88 @@
+"""Which run directories may be replaced, and replacing one only once the new run can start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.ownership import (
+    SetAside,
+    check_deletable,
+    is_ours,
+    mark,
+    prepare_run_dir,
+)
+from workers.names import RUN_MARKER
+
+
+def a_run(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "history.json").write_text('{"history": []}')
+    mark(str(path), "run")
+    return path
+
+
+def test_a_marked_run_may_be_overwritten(tmp_path: Path) -> None:
+    run = a_run(tmp_path / "runs" / "mine")
+    assert is_ours(str(run))
+    assert prepare_run_dir(str(run), resume=False, overwrite=True) == "overwrite"
+    assert prepare_run_dir(str(run), resume=True, overwrite=False) == "resume"
+
+
+def test_a_directory_without_the_marker_is_never_overwritten(tmp_path: Path) -> None:
+    other = tmp_path / "x" / "important"
+    other.mkdir(parents=True)
+    (other / "thesis.txt").write_text("years of work")
+    with pytest.raises(UserError, match="not created by this tool") as info:
+        prepare_run_dir(str(other), resume=False, overwrite=True)
+    assert RUN_MARKER in str(info.value)
+    with pytest.raises(UserError, match="not a run or search"):
+        prepare_run_dir(str(other), resume=True, overwrite=False)
+    assert (other / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_directory_holding_the_working_or_home_directory_is_never_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = a_run(tmp_path / "runs" / "mine")  # marked, even
+    (run / "src").mkdir()
+    monkeypatch.chdir(run / "src")
+    with pytest.raises(UserError, match="holds the working directory"):
+        check_deletable(str(run))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(run))
+    with pytest.raises(UserError, match="holds your home directory"):
+        check_deletable(str(run))
+
+
+def test_an_existing_run_needs_an_explicit_choice(tmp_path: Path) -> None:
+    run = a_run(tmp_path / "runs" / "mine")
+    with pytest.raises(UserError, match="--resume.*--overwrite"):
+        prepare_run_dir(str(run), resume=False, overwrite=False)
+    assert prepare_run_dir(str(tmp_path / "runs" / "new"), resume=False,
+                           overwrite=False) == "fresh"
+
+
+def test_set_aside_restores_the_old_run_when_the_new_one_cannot_start(tmp_path: Path) -> None:
+    run = a_run(tmp_path / "runs" / "mine")
+    (run / "model.safetensors").write_bytes(b"old weights")
+    old = SetAside(str(run))
+    assert not run.exists()  # out of the way of the new run
+    run.mkdir()
+    (run / "wandb").mkdir()  # what a failed start wrote
+    old.restore()
+    assert (run / "model.safetensors").read_bytes() == b"old weights"
+    assert not (run / "wandb").exists()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+
+def test_set_aside_discards_the_old_run_once_the_new_one_starts(tmp_path: Path) -> None:
+    run = a_run(tmp_path / "runs" / "mine")
+    (run / "model.safetensors").write_bytes(b"old weights")
+    old = SetAside(str(run))
+    run.mkdir()
+    (run / "new.txt").write_text("new run")
+    old.discard()
+    assert sorted(p.name for p in run.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
