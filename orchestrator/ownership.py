@@ -48,6 +48,23 @@ def check_deletable(run_dir: str) -> None:
                         "storage_path, or remove it yourself")
 
 
+def check_storage(run_dir: str) -> None:
+    """A local storage path must be (or become) a writable directory: said before anything
+    starts, naming the path."""
+    if storage.is_uri(run_dir):
+        return
+    path = Path(run_dir)
+    for parent in [path, *path.parents]:
+        if parent.exists() or parent.is_symlink():
+            break
+    if not parent.is_dir():
+        raise UserError(f"storage_path: {parent} is a file, not a directory; choose a "
+                        "directory for the runs")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"storage_path: {parent} is not writable; choose a directory you can "
+                        "write to")
+
+
 def check_resumable(run_dir: str) -> None:
     """A resume writes and prunes checkpoints there: only in a run of this project (or one
     made before markers existed, which has its history or search file)."""
@@ -81,6 +98,7 @@ class SetAside:
 
 def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
     """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
+    check_storage(run_dir)
     existing = storage.is_nonempty_dir(run_dir)
     if existing and not (resume or overwrite):
         raise UserError(
