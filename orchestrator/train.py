@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,14 +127,15 @@ class Stopped:
     stop_ray: bool  # Ray Train may still be running it (or waiting for workers)
 
 
-def fit(trainer: Any, guard: SignalGuard, run_dir: str, watchdog: Watchdog) -> Stopped | None:
+def fit(trainer: Any, guard: SignalGuard, run_dir: str,
+        tick: Callable[[], None]) -> Stopped | None:
     """Run ``trainer.fit()``; None when it ended by itself. A user's mistake raises
-    ``UserError``."""
+    ``UserError``. ``tick``: called while waiting; raises to stop the wait."""
     from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
     try:
-        guard.run(trainer.fit, watchdog.tick)
+        guard.run(trainer.fit, tick)
     except TrainingFailedError as exc:
         message = user_error_in(exc)
         if message:
@@ -169,8 +171,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
                                 events=pump.queue)
         try:
             with console.progress(cfg.train.epochs, cfg.name), pump:
-                stopped = fit(trainer, guard, run_dir, watchdog)
+                stopped = fit(trainer, guard, run_dir, lambda: (pump.check(), watchdog.tick()))
         except UserError:
+            if guard.fit_running():  # Ray would retry it (max_failures): never useful
+                stop_training(pump.controller, guard)
             wb.abort()
             if mode != "resume":  # nothing of a run that never could work is left behind
                 storage.delete_dir(run_dir)
