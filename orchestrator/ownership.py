@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from orchestrator import storage
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, one_line
 from workers.names import HISTORY_FILE, RUN_MARKER, SEARCH_FILE
 
 
@@ -52,6 +52,11 @@ def check_storage(run_dir: str) -> None:
     """A local storage path must be (or become) a writable directory: said before anything
     starts, naming the path."""
     if storage.is_uri(run_dir):
+        try:
+            storage.exists(run_dir)
+        except OSError as exc:  # unreachable, unauthorised, no such bucket
+            raise UserError(f"storage_path: {run_dir} cannot be reached "
+                            f"({one_line(exc)[:200]})") from None
         return
     path = Path(run_dir)
     for parent in [path, *path.parents]:
@@ -67,11 +72,23 @@ def check_storage(run_dir: str) -> None:
 
 def check_resumable(run_dir: str) -> None:
     """A resume writes and prunes checkpoints there: only in a run of this project (or one
-    made before markers existed, which has its history or search file)."""
+    made before markers existed, which has its history or search file), whose records the
+    resume reads are intact."""
     if not any(storage.exists(storage.join(run_dir, name))
                for name in (RUN_MARKER, HISTORY_FILE, SEARCH_FILE)):
         raise UserError(f"--resume: {run_dir} is not a run or search of this tool (no "
                         f"{RUN_MARKER}, {HISTORY_FILE} or {SEARCH_FILE}); nothing was touched")
+    for name, key in ((HISTORY_FILE, "history"), (SEARCH_FILE, "trials")):
+        path = storage.join(run_dir, name)
+        if not storage.exists(path):
+            continue
+        try:
+            if not isinstance(storage.read_json(path)[key], list):
+                raise TypeError(f"{key} is not a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}: {exc}); "
+                            "nothing was touched: restore it, or start afresh with "
+                            "--overwrite") from None
 
 
 class SetAside:

@@ -289,6 +289,7 @@ class Bad:
     names: tuple[str, ...] = ()  # each must appear in the error line
     config_arg: str = "cfg.yaml"
     files: dict[str, str] = field(default_factory=dict)  # extra files next to the config
+    in_config: bool = True  # found by loading the config (else: by checking its storage)
 
 
 def bad(case_id: str, change: dict[str, Any] | None, names: str | tuple[str, ...], *args: str,
@@ -369,6 +370,13 @@ BAD_INPUTS = [
         ("storage_path", "notes.txt", "is a file"), files={"notes.txt": "mine\n"}),
     bad("storage_path_unknown_scheme", {"storage_path": "foo://bucket/runs"},
         ("storage_path", "unknown scheme 'foo'", "s3://")),
+    bad("storage_unreachable",
+        {"storage_path": "s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http"
+                         "&region=us-east-1"},
+        ("storage_path", "cannot be reached"), in_config=False),
+    bad("resume_damaged_history", {"storage_path": "./runs", "name": "r"},
+        ("--resume", "history.json is damaged"), "--resume",
+        files={"runs/r/.orchestrator-run.json": "{}\n", "runs/r/history.json": '{"hist'}),
     bad("resume_not_a_run", {"storage_path": "./x", "name": "important"},
         ("--resume", "x/important", "not a run or search"), "--resume",
         files={"x/important/thesis.txt": "years of work\n"}),
@@ -450,7 +458,8 @@ def test_bad_inputs_are_distinct_and_many() -> None:
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in BAD_INPUTS if isinstance(c.config, dict) and not (c.args or c.files)],
+    "case", [c for c in BAD_INPUTS
+             if isinstance(c.config, dict) and not (c.args or c.files) and c.in_config],
     ids=lambda c: c.id,
 )
 def test_bad_files_in_process(tmp_path: Path, case: Bad) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoints import resume_point
 from orchestrator.errors import UserError
 from orchestrator.ownership import (
     SetAside,
@@ -86,3 +89,22 @@ def test_set_aside_discards_the_old_run_once_the_new_one_starts(tmp_path: Path) 
     old.discard()
     assert sorted(p.name for p in run.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+
+def test_resume_skips_unreadable_metadata_and_refuses_when_nothing_is_intact(tmp_path):
+    run = a_run(tmp_path / "runs" / "mine")
+    for epoch in (1, 2):
+        ckpt = run / f"checkpoint_epoch{epoch:04d}_1"
+        ckpt.mkdir()
+        (ckpt / "model.safetensors").write_bytes(b"weights")
+        (ckpt / "metadata.json").write_text(json.dumps({
+            "epoch": epoch, "is_best": True,
+            "files": {"model.safetensors": {"size": 7, "sha256": hashlib.sha256(
+                b"weights").hexdigest()}}}))
+    (run / "checkpoint_epoch0002_1" / "metadata.json").write_text('{"epoch": 2, "is_b')
+    chosen, damaged = resume_point(str(run))
+    assert chosen == str(run / "checkpoint_epoch0001_1")
+    assert damaged == [f"{run / 'checkpoint_epoch0002_1'}/metadata.json is damaged"]
+    (run / "checkpoint_epoch0001_1" / "metadata.json").write_text("[]")
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        resume_point(str(run))
