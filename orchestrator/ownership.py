@@ -10,12 +10,13 @@ is set aside (a rename, on a local disk) and put back if anything fails.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
 from orchestrator import storage
 from orchestrator.errors import UserError, one_line
-from workers.names import HISTORY_FILE, RUN_MARKER, SEARCH_FILE
+from workers.names import HISTORY_FILE, RUN_LOCK, RUN_MARKER, SEARCH_FILE
 
 
 def mark(run_dir: str, kind: str) -> None:
@@ -46,6 +47,55 @@ def check_deletable(run_dir: str) -> None:
         raise UserError(f"--overwrite: {run_dir} was not created by this tool (it has no "
                         f"{RUN_MARKER}), so it is left as it is: choose another name or "
                         "storage_path, or remove it yourself")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def running_owner(run_dir: str) -> dict | None:
+    """The driver running this run or search now, from its lock; None if none is. A lock
+    left by a driver that died on this host is stale (its pid is gone)."""
+    path = storage.join(run_dir, RUN_LOCK)
+    try:
+        lock = storage.read_json(path) if storage.exists(path) else None
+        if lock is None or (lock["host"] == socket.gethostname()
+                            and not _alive(int(lock["pid"]))):
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None  # damaged: not evidence of anything running
+    return lock
+
+
+def lock(run_dir: str) -> None:
+    """Mark ``run_dir`` as run by this process (``unlock`` when it ends)."""
+    storage.write_json(storage.join(run_dir, RUN_LOCK), {
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def unlock(run_dir: str) -> None:
+    try:
+        path = storage.join(run_dir, RUN_LOCK)
+        if storage.exists(path) and storage.read_json(path).get("pid") == os.getpid():
+            storage.delete_file(path)
+    except (OSError, ValueError, AttributeError):
+        pass  # a lock that stays behind is stale once this process is gone
+
+
+def check_not_running(run_dir: str) -> None:
+    owner = running_owner(run_dir)
+    if owner is not None:
+        raise UserError(
+            f"{run_dir} is in use by a running driver (pid {owner['pid']} on {owner['host']}, "
+            f"since {owner['started']}); wait for it or stop it (if it is gone, delete "
+            f"{storage.join(run_dir, RUN_LOCK)})")
 
 
 def check_storage(run_dir: str) -> None:
@@ -117,6 +167,8 @@ def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
     """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
     check_storage(run_dir)
     existing = storage.is_nonempty_dir(run_dir)
+    if existing:
+        check_not_running(run_dir)  # the same name and storage, started twice
     if existing and not (resume or overwrite):
         raise UserError(
             f"{run_dir}: a run with this name already exists; pass --resume to continue it, "

@@ -24,7 +24,7 @@ from orchestrator.errors import (
     user_error_in,
 )
 from orchestrator.interrupts import Interrupted, SignalGuard
-from orchestrator.ownership import SetAside, mark, prepare_run_dir
+from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.trainer import EventPump, build_trainer, stop_training
@@ -73,6 +73,7 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
         old_run.discard()  # everything was checked: now the old run goes
     if mode != "resume":
         mark(run_dir, "run")
+    lock(run_dir)  # a second driver for the same run is refused until this one ends
     console.say(start_line(cfg, run_dir, mode))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
@@ -165,35 +166,47 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     with SignalGuard() as guard:  # a signal from here on stops the run cleanly
         run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
                                                console=console)
-        pump = EventPump(epoch_handler(cfg, wb, console))
-        watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
-        trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
-                                events=pump.queue)
         try:
-            with console.progress(cfg.train.epochs, cfg.name), pump:
-                stopped = fit(trainer, guard, run_dir, lambda: (pump.check(), watchdog.tick()))
-        except UserError:
-            if guard.fit_running():  # Ray would retry it (max_failures): never useful
-                stop_training(pump.controller, guard)
-            wb.abort()
-            if mode != "resume":  # nothing of a run that never could work is left behind
-                storage.delete_dir(run_dir)
-            raise
-        except BaseException:
-            wb.abort()
-            raise
-        if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
-            stop_training(pump.controller, guard)
-        try:
-            summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
-                                   say=console.say, wandb_errors=pump.errors,
-                                   status=stopped.status if stopped else None)
-        except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
-            what = stopped.what if stopped else "the run ended"
-            raise TrainingError(f"{what}; the storage did not take its summary either "
-                                f"({one_line(exc)[:160]}); when it is reachable again",
-                                exit_code=1) from None
+            summary, stopped = train_and_record(cfg, run_dir, mode, use_gpu, wb, guard,
+                                                console)
+        finally:
+            unlock(run_dir)
     if stopped:
         raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
                             exit_code=stopped.exit_code)
     return summary
+
+
+def train_and_record(cfg: RunConfig, run_dir: str, mode: str, use_gpu: bool, wb: Any,
+                     guard: SignalGuard,
+                     console: Console) -> tuple[dict[str, Any], Stopped | None]:
+    """Train on Ray, then write the record: (summary, why it stopped if it did)."""
+    pump = EventPump(epoch_handler(cfg, wb, console))
+    watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
+    trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
+                            events=pump.queue)
+    try:
+        with console.progress(cfg.train.epochs, cfg.name), pump:
+            stopped = fit(trainer, guard, run_dir, lambda: (pump.check(), watchdog.tick()))
+    except UserError:
+        if guard.fit_running():  # Ray would retry it (max_failures): never useful
+            stop_training(pump.controller, guard)
+        wb.abort()
+        if mode != "resume":  # nothing of a run that never could work is left behind
+            storage.delete_dir(run_dir)
+        raise
+    except BaseException:
+        wb.abort()
+        raise
+    if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
+        stop_training(pump.controller, guard)
+    try:
+        summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
+                               say=console.say, wandb_errors=pump.errors,
+                               status=stopped.status if stopped else None)
+    except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
+        what = stopped.what if stopped else "the run ended"
+        raise TrainingError(f"{what}; the storage did not take its summary either "
+                            f"({one_line(exc)[:160]}); when it is reachable again",
+                            exit_code=1) from None
+    return summary, stopped

@@ -31,7 +31,7 @@ from orchestrator.cluster import (
 from orchestrator.console import Console
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.interrupts import Interrupted, SignalGuard
-from orchestrator.ownership import SetAside, mark, prepare_run_dir
+from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
 from orchestrator.records import epoch_record, progress_line
 from orchestrator.search import Trial
 from orchestrator.summary import finalize_run
@@ -292,6 +292,17 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         old_search.discard()
     if start != "resume":
         mark(experiment_dir, "search")
+    lock(experiment_dir)
+    try:
+        return _search(cfg, trials, configs, experiment_dir, search_run, use_gpu, gpus, console)
+    finally:
+        unlock(experiment_dir)
+
+
+def _search(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
+            experiment_dir: str, search_run: Any, use_gpu: bool, gpus: dict[str, bool],
+            console: Console) -> list[dict[str, Any]]:
+    """The search itself, once its directory and W&B run are ready: the leaderboard."""
     storage.write_json(storage.join(experiment_dir, SEARCH_FILE),
                        {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
 

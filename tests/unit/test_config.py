@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -377,6 +378,11 @@ BAD_INPUTS = [
     bad("resume_damaged_history", {"storage_path": "./runs", "name": "r"},
         ("--resume", "history.json is damaged"), "--resume",
         files={"runs/r/.orchestrator-run.json": "{}\n", "runs/r/history.json": '{"hist'}),
+    bad("run_in_use", {"storage_path": "./runs", "name": "r"},
+        ("runs/r is in use by a running driver", "pid 1 on"), "--resume",
+        files={"runs/r/.orchestrator-run.json": "{}\n",
+               "runs/r/.orchestrator-lock.json": json.dumps(
+                   {"pid": 1, "host": socket.gethostname(), "started": "10:00"})}),
     bad("resume_not_a_run", {"storage_path": "./x", "name": "important"},
         ("--resume", "x/important", "not a run or search"), "--resume",
         files={"x/important/thesis.txt": "years of work\n"}),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ from orchestrator.ownership import (
     SetAside,
     check_deletable,
     is_ours,
+    lock,
     mark,
     prepare_run_dir,
+    unlock,
 )
-from workers.names import RUN_MARKER
+from workers.names import RUN_LOCK, RUN_MARKER
 
 
 def a_run(path: Path) -> Path:
@@ -108,3 +112,33 @@ def test_resume_skips_unreadable_metadata_and_refuses_when_nothing_is_intact(tmp
     (run / "checkpoint_epoch0001_1" / "metadata.json").write_text("[]")
     with pytest.raises(UserError, match="no intact checkpoint"):
         resume_point(str(run))
+
+
+def test_a_run_in_use_by_a_live_driver_is_refused_and_a_dead_ones_lock_is_stale(tmp_path):
+    run = a_run(tmp_path / "runs" / "mine")
+    driver = subprocess.Popen(["sleep", "60"])  # a live process standing for the driver
+    try:
+        (run / RUN_LOCK).write_text(json.dumps({"pid": driver.pid, "host": socket.gethostname(),
+                                                "started": "2026-11-29 10:00:00"}))
+        for flags in ({"resume": True, "overwrite": False}, {"resume": False, "overwrite": True},
+                      {"resume": False, "overwrite": False}):
+            with pytest.raises(UserError, match=f"running driver \\(pid {driver.pid} on "):
+                prepare_run_dir(str(run), **flags)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert prepare_run_dir(str(run), resume=True, overwrite=False) == "resume"  # stale now
+
+
+def test_a_lock_from_another_host_is_respected_and_only_its_owner_unlocks(tmp_path):
+    run = a_run(tmp_path / "runs" / "mine")
+    other = {"pid": 1, "host": "another-host", "started": "2026-11-29 10:00:00"}
+    (run / RUN_LOCK).write_text(json.dumps(other))
+    with pytest.raises(UserError, match="on another-host"):
+        prepare_run_dir(str(run), resume=True, overwrite=False)
+    unlock(str(run))
+    assert (run / RUN_LOCK).exists()  # not ours to remove
+    (run / RUN_LOCK).unlink()
+    lock(str(run))
+    unlock(str(run))
+    assert not (run / RUN_LOCK).exists()
