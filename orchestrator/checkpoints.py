@@ -14,8 +14,9 @@ from workers.checkpoint.integrity import damage, newest_intact
 from workers.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE
 
 
-def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
-    """Complete checkpoints in storage, oldest first: epoch, path, is_best and metadata."""
+def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """Complete checkpoints in storage, oldest first: epoch, path, is_best and metadata.
+    One whose metadata.json cannot be read is left out (and named in ``unreadable``)."""
     kept = []
     for name in storage.list_dirs(run_dir):
         path = storage.join(run_dir, name)
@@ -24,7 +25,13 @@ def kept_checkpoints(run_dir: str) -> list[dict[str, Any]]:
             and storage.exists(storage.join(path, MODEL_FILE))
         ):
             continue  # not a checkpoint, or an upload that never finished
-        metadata = storage.read_json(storage.join(path, METADATA_FILE))
+        try:
+            metadata = storage.read_json(storage.join(path, METADATA_FILE))
+            int(metadata["epoch"]), bool(metadata["is_best"])
+        except (ValueError, KeyError, TypeError):
+            if unreadable is not None:
+                unreadable.append(f"{path}/{METADATA_FILE} is damaged")
+            continue
         kept.append({"epoch": int(metadata["epoch"]), "path": path,
                      "is_best": bool(metadata["is_best"]), "metadata": metadata})
     return sorted(kept, key=lambda c: c["epoch"])
@@ -42,9 +49,11 @@ def verify_checkpoint(path: str) -> str | None:
 def resume_point(run_dir: str) -> tuple[str | None, list[str]]:
     """The checkpoint a resume continues from (the newest intact one; None when the run
     has none yet), and the damaged newer ones it skips. Only damaged ones: a user error."""
-    kept = [(c["epoch"], c["path"]) for c in kept_checkpoints(run_dir)]
+    unreadable: list[str] = []
+    kept = [(c["epoch"], c["path"]) for c in kept_checkpoints(run_dir, unreadable)]
     chosen, damaged = newest_intact(kept, verify_checkpoint)
-    if kept and chosen is None:
+    damaged = [*unreadable, *damaged]
+    if (kept or unreadable) and chosen is None:
         raise UserError(f"--resume: no intact checkpoint in {run_dir} ({'; '.join(damaged)});"
                         " start afresh with --overwrite")
     return chosen, damaged

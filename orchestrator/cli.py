@@ -58,6 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config_file import load_config
 
     cfg = load_config(args.config, args.overrides)
+    from orchestrator import storage
+    from orchestrator.ownership import prepare_run_dir
+
+    # What becomes of an existing run directory is decided before Ray is even imported.
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
     from orchestrator.console import Console
     from orchestrator.report import print_summary
     from orchestrator.train import run_training
@@ -73,6 +78,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     from orchestrator import storage
+    from orchestrator.ownership import prepare_run_dir
+
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
     from orchestrator.console import Console
     from orchestrator.report import print_leaderboard
     from orchestrator.tune import run_search
@@ -94,17 +102,30 @@ def cmd_best(args: argparse.Namespace) -> int:
     root = storage.resolve(args.path)
     for name, show in ((LEADERBOARD_FILE, print_leaderboard), (SUMMARY_FILE, print_summary)):
         path = storage.join(root, name)
-        if storage.exists(path):
+        if not storage.exists(path):
+            continue
+
+        def damaged(exc: Exception, path: str = path) -> UserError:
+            return UserError(f"{path}: damaged, not the record this tool writes "
+                             f"({type(exc).__name__}: {exc}); run the `train` or `tune` "
+                             "command again with --resume to write it again")
+
+        try:
             record = storage.read_json(path)
             best = record.get("best_model") or record.get("best_checkpoint")
-            problem = verify_checkpoint(best) if best else None
-            if problem:
-                raise UserError(f"{best}: the best model is damaged: {problem}")
-            if args.json:
-                print(json.dumps(record, indent=2))
-            else:
-                show(record)
+        except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+            raise damaged(exc) from None
+        problem = verify_checkpoint(best) if best else None
+        if problem:
+            raise UserError(f"{best}: the best model is damaged: {problem}")
+        if args.json:
+            print(json.dumps(record, indent=2))
             return 0
+        try:
+            show(record)
+        except (KeyError, TypeError, AttributeError) as exc:  # JSON, but not our shape
+            raise damaged(exc) from None
+        return 0
     raise UserError(f"{args.path}: no {SUMMARY_FILE} or {LEADERBOARD_FILE} here; pass a "
                     "finished run's or search's directory")
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from workers.errors import UserInputError
 
 
@@ -39,7 +41,12 @@ def user_error_in(exc: BaseException) -> str | None:
     """The message of the user's mistake that made a Ray Train run fail, if that is what
     happened: a ``UserInputError`` raised in any worker (the same on every rank)."""
     failures = getattr(exc, "worker_failures", None) or {}
-    for failure in [exc, *failures.values()]:
+    return user_error_among([exc, *failures.values()])
+
+
+def user_error_among(failures: Iterable[BaseException]) -> str | None:
+    """The first ``UserInputError`` message among these failures (and what they wrap)."""
+    for failure in failures:
         # The innermost match is the original exception (Ray's wrapper of the same type
         # carries a traceback as its message).
         found = [c for c in _causes(failure) if isinstance(c, UserInputError)]

@@ -79,6 +79,9 @@ class SignalGuard:
             raise outcome["error"]
         return outcome.get("value")
 
+    def fit_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_for_fit(self, timeout: float) -> bool:
         """After ``run`` was interrupted: whether the fit thread ended within ``timeout``."""
         if self._thread is not None:

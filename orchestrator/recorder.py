@@ -14,11 +14,13 @@ from typing import Any
 from ray.train import UserCallback
 
 from orchestrator import storage
+from orchestrator.errors import user_error_among
 from orchestrator.records import epoch_record, merge_history
 from orchestrator.wandb_log import should_log_model, stage_checkpoint
 from workers.names import HISTORY_FILE, METADATA_FILE
 
 CONTROLLER = "controller"  # an event carrying the controller actor's own handle
+USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
@@ -55,9 +57,20 @@ class RunRecorder(UserCallback):
         staged = self._stage(record["checkpoint"]) if checkpoint else None
         if self.events is None:
             return
+        self._introduce()
+        self.events.put((record, staged))
+
+    def _introduce(self) -> None:
         if not self._introduced:  # once: the driver may have to stop this controller
             import ray
 
             self.events.put((CONTROLLER, ray.get_runtime_context().current_actor))
             self._introduced = True
-        self.events.put((record, staged))
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
+        """A user's mistake is never retried (``failure.max_failures`` is for faults): the
+        driver is told at once and stops the run."""
+        message = user_error_among(worker_exceptions.values())
+        if message and self.events is not None:
+            self._introduce()
+            self.events.put((USER_ERROR, message))

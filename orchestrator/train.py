@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,27 +24,13 @@ from orchestrator.errors import (
     user_error_in,
 )
 from orchestrator.interrupts import Interrupted, SignalGuard
+from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.trainer import EventPump, build_trainer, stop_training
 from orchestrator.watchdog import Watchdog, WorkersLost, needs
 from workers.config import RunConfig
 from workers.names import FAILURE_LOG
-
-
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
-    """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
-    existing = storage.is_nonempty_dir(run_dir)
-    if existing and not (resume or overwrite):
-        raise UserError(
-            f"{run_dir}: a run with this name already exists; pass --resume to continue it, "
-            "--overwrite to replace it, or choose another name (--set name=...)"
-        )
-    if existing and resume:
-        return "resume"
-    if existing and overwrite:
-        return "overwrite"
-    return "fresh"
 
 
 def start_line(cfg: RunConfig, run_dir: str, mode: str) -> str:
@@ -73,14 +60,20 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
         check_resources(cfg, local_resources())  # fail before starting Ray at all
     local = init_ray(console.verbose)
     use_gpu = check_resources(cfg, cluster_capacity(local))
-    if mode == "overwrite":
-        storage.delete_dir(run_dir)
+    old_run = SetAside(run_dir) if mode == "overwrite" else None
     try:
         wb = open_run(cfg, run_dir)  # before training: a bad key or no network fails here
     except UserError:
-        if mode != "resume":
+        if old_run is not None:
+            old_run.restore()  # the old run stays as it was
+        elif mode != "resume":
             storage.delete_dir(run_dir)
         raise
+    if old_run is not None:
+        old_run.discard()  # everything was checked: now the old run goes
+    if mode != "resume":
+        mark(run_dir, "run")
+    lock(run_dir)  # a second driver for the same run is refused until this one ends
     console.say(start_line(cfg, run_dir, mode))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
@@ -135,14 +128,15 @@ class Stopped:
     stop_ray: bool  # Ray Train may still be running it (or waiting for workers)
 
 
-def fit(trainer: Any, guard: SignalGuard, run_dir: str, watchdog: Watchdog) -> Stopped | None:
+def fit(trainer: Any, guard: SignalGuard, run_dir: str,
+        tick: Callable[[], None]) -> Stopped | None:
     """Run ``trainer.fit()``; None when it ended by itself. A user's mistake raises
-    ``UserError``."""
+    ``UserError``. ``tick``: called while waiting; raises to stop the wait."""
     from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
     try:
-        guard.run(trainer.fit, watchdog.tick)
+        guard.run(trainer.fit, tick)
     except TrainingFailedError as exc:
         message = user_error_in(exc)
         if message:
@@ -172,33 +166,47 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     with SignalGuard() as guard:  # a signal from here on stops the run cleanly
         run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
                                                console=console)
-        pump = EventPump(epoch_handler(cfg, wb, console))
-        watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
-        trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
-                                events=pump.queue)
         try:
-            with console.progress(cfg.train.epochs, cfg.name), pump:
-                stopped = fit(trainer, guard, run_dir, watchdog)
-        except UserError:
-            wb.abort()
-            if mode != "resume":  # nothing of a run that never could work is left behind
-                storage.delete_dir(run_dir)
-            raise
-        except BaseException:
-            wb.abort()
-            raise
-        if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
-            stop_training(pump.controller, guard)
-        try:
-            summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
-                                   say=console.say, wandb_errors=pump.errors,
-                                   status=stopped.status if stopped else None)
-        except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
-            what = stopped.what if stopped else "the run ended"
-            raise TrainingError(f"{what}; the storage did not take its summary either "
-                                f"({one_line(exc)[:160]}); when it is reachable again",
-                                exit_code=1) from None
+            summary, stopped = train_and_record(cfg, run_dir, mode, use_gpu, wb, guard,
+                                                console)
+        finally:
+            unlock(run_dir)
     if stopped:
         raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
                             exit_code=stopped.exit_code)
     return summary
+
+
+def train_and_record(cfg: RunConfig, run_dir: str, mode: str, use_gpu: bool, wb: Any,
+                     guard: SignalGuard,
+                     console: Console) -> tuple[dict[str, Any], Stopped | None]:
+    """Train on Ray, then write the record: (summary, why it stopped if it did)."""
+    pump = EventPump(epoch_handler(cfg, wb, console))
+    watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
+    trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
+                            events=pump.queue)
+    try:
+        with console.progress(cfg.train.epochs, cfg.name), pump:
+            stopped = fit(trainer, guard, run_dir, lambda: (pump.check(), watchdog.tick()))
+    except UserError:
+        if guard.fit_running():  # Ray would retry it (max_failures): never useful
+            stop_training(pump.controller, guard)
+        wb.abort()
+        if mode != "resume":  # nothing of a run that never could work is left behind
+            storage.delete_dir(run_dir)
+        raise
+    except BaseException:
+        wb.abort()
+        raise
+    if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
+        stop_training(pump.controller, guard)
+    try:
+        summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
+                               say=console.say, wandb_errors=pump.errors,
+                               status=stopped.status if stopped else None)
+    except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
+        what = stopped.what if stopped else "the run ended"
+        raise TrainingError(f"{what}; the storage did not take its summary either "
+                            f"({one_line(exc)[:160]}); when it is reachable again",
+                            exit_code=1) from None
+    return summary, stopped

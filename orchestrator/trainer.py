@@ -9,7 +9,8 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.cluster import pace_reports
-from orchestrator.recorder import CONTROLLER, RunRecorder
+from orchestrator.errors import UserError
+from orchestrator.recorder import CONTROLLER, USER_ERROR, RunRecorder
 from workers.config import RunConfig
 from workers.engines import train_loop_for
 from workers.names import RANK_KEY
@@ -72,8 +73,14 @@ class EventPump:
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.errors: list[str] = []
         self.controller: Any = None  # the Train controller's actor handle, once it reported
+        self.user_error: str | None = None  # a worker's user error, never retried
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="run-events", daemon=True)
+
+    def check(self) -> None:
+        """Raise a worker's user error as soon as it is known (Ray would retry it)."""
+        if self.user_error:
+            raise UserError(self.user_error)
 
     def __enter__(self) -> EventPump:
         self._thread.start()
@@ -91,6 +98,9 @@ class EventPump:
                 record, staged = self.queue.get(timeout=0.2)
                 if record == CONTROLLER:
                     self.controller = staged
+                    continue
+                if record == USER_ERROR:
+                    self.user_error = self.user_error or staged
                     continue
             except Empty:
                 if self._done.is_set():

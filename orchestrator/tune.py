@@ -31,10 +31,10 @@ from orchestrator.cluster import (
 from orchestrator.console import Console
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.interrupts import Interrupted, SignalGuard
+from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
 from orchestrator.records import epoch_record, progress_line
 from orchestrator.search import Trial
 from orchestrator.summary import finalize_run
-from orchestrator.train import prepare_run_dir
 from orchestrator.trainer import build_trainer
 from orchestrator.tune_plan import (
     check_fit,
@@ -279,11 +279,32 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     cap = cluster_capacity(local)
     use_gpu = check_fit(cfg, configs, cap)
     gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
-    if start == "overwrite":
-        storage.delete_dir(experiment_dir)
+    old_search = SetAside(experiment_dir) if start == "overwrite" else None
+    try:
+        search_run = open_run(cfg, experiment_dir, job_type="search")  # not mid-search
+    except UserError:
+        if old_search is not None:
+            old_search.restore()
+        elif start != "resume":
+            storage.delete_dir(experiment_dir)
+        raise
+    if old_search is not None:
+        old_search.discard()
+    if start != "resume":
+        mark(experiment_dir, "search")
+    lock(experiment_dir)
+    try:
+        return _search(cfg, trials, configs, experiment_dir, search_run, use_gpu, gpus, console)
+    finally:
+        unlock(experiment_dir)
+
+
+def _search(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
+            experiment_dir: str, search_run: Any, use_gpu: bool, gpus: dict[str, bool],
+            console: Console) -> list[dict[str, Any]]:
+    """The search itself, once its directory and W&B run are ready: the leaderboard."""
     storage.write_json(storage.join(experiment_dir, SEARCH_FILE),
                        {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
-    search_run = open_run(cfg, experiment_dir, job_type="search")  # fails here, not mid-search
 
     todo = pending_trials(trials, configs)
     console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} "

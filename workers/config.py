@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+# What pyarrow (and so Ray Train) can write checkpoints to, besides a local path.
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
+
 # Counts are strict integers: YAML's `true` or `2.5` is a mistake, not 1 or 2.
 Int = Annotated[int, Strict()]
 
@@ -169,6 +172,15 @@ class RunConfig(_Section):
     @classmethod
     def _number_as_name(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme, sep, _ = value.partition("://")
+        if sep and scheme.lower() not in STORAGE_SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r} in {value!r}; use a local path or one "
+                             f"of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -14,6 +14,8 @@ LEARNER_FILE = "learner.pth"  # fastai engine: the weights in learn.save's forma
 CHECKPOINT_PREFIX = "checkpoint_"
 
 # A run directory, <storage_path>/<name>/.
+RUN_MARKER = ".orchestrator-run.json"  # written at its creation: only such may be deleted
+RUN_LOCK = ".orchestrator-lock.json"  # while a driver runs it: pid, host, start time
 HISTORY_FILE = "history.json"  # every epoch's record, written as the run goes
 SUMMARY_FILE = "summary.json"  # the finished (or stopped) run's record
 PLOT_FILE = "training_curves.png"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from orchestrator.console import Console
 from orchestrator.errors import UserError
 from orchestrator.summary import summarize
 from orchestrator.train import run_training
-from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
+from tests.integration.conftest import REPO, assert_close, checkpoint_dirs, overfit_config
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 from workers.saved_model import evaluate_split
 
@@ -157,6 +160,21 @@ def test_unknown_monitor_fails_after_first_epoch_naming_the_metrics(tmp_path, ra
     message = str(info.value)
     assert "tracker.monitor" in message and "val_auc" in message
     assert "val_loss" in message and "val_accuracy" in message and "\n" not in message
+    assert not (tmp_path / "runs" / "bad-monitor").exists()
+
+
+def test_a_user_error_is_never_retried_even_with_unlimited_failures(tmp_path):
+    """failure.max_failures: -1 retries faults forever; a mistake in the config is no fault."""
+    cfg = overfit_config(tmp_path, name="bad-monitor", tracker={"monitor": "val_auc"},
+                         failure={"max_failures": -1})
+    (tmp_path / "run.yaml").write_text(json.dumps(cfg.to_dict()))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "train", "run.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tracker.monitor") and "val_auc" in last, last
     assert not (tmp_path / "runs" / "bad-monitor").exists()
 
 

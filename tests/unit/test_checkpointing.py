@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 
 from workers.checkpoint.integrity import damage, newest_intact
-from workers.checkpoint.load import load_metadata, load_train_state, load_weights
+from workers.checkpoint.load import load_intact, load_metadata, load_train_state, load_weights
 from workers.checkpoint.snapshot import HostBuffers, snapshot
 from workers.checkpoint.writer import write_checkpoint
+from workers.errors import UserInputError
 from workers.names import MODEL_FILE
 
 
@@ -63,12 +67,11 @@ def test_write_checkpoint_round_trip(tmp_path, filesystem):
         "metadata.json", MODEL_FILE, "train_state.pt"]  # no temp files left
     weights = load_weights(directory)
     assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
-    # The model file's size and sha256 are recorded: what was written, byte for byte.
-    written = (directory / MODEL_FILE).read_bytes()
-    assert load_metadata(directory) == {
-        "epoch": 3, "val_loss": 0.5,
-        "files": {MODEL_FILE: {"size": len(written),
-                               "sha256": hashlib.sha256(written).hexdigest()}}}
+    # The files' sizes and sha256 are recorded: what was written, byte for byte.
+    digests = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+               for name in (MODEL_FILE, "train_state.pt")
+               for data in [(directory / name).read_bytes()]}
+    assert load_metadata(directory) == {"epoch": 3, "val_loss": 0.5, "files": digests}
     assert load_train_state(directory)["epoch"] == 3
 
 
@@ -97,6 +100,44 @@ def test_damaged_files_are_named_and_the_newest_intact_checkpoint_is_chosen(tmp_
                        f"ckpt4/{MODEL_FILE} does not match its sha256"]
     (tmp_path / "ckpt2" / MODEL_FILE).unlink()
     assert newest_intact(names, check) == (None, [*damaged, f"ckpt2/{MODEL_FILE} is missing"])
+
+
+class Payload:
+    """A pickle that would run code when loaded: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_train_state_that_would_run_code_is_refused_unrun(tmp_path):
+    m = model()
+    snap = snapshot(m, torch.optim.SGD(m.parameters(), lr=0.1), {"epoch": 3}, {"epoch": 3},
+                    buffers=HostBuffers())
+    write_checkpoint(snap, pafs.LocalFileSystem(), str(tmp_path / "ckpt"))
+    marker = tmp_path / "payload-ran"
+    state = tmp_path / "ckpt" / "train_state.pt"
+    torch.save({"epoch": 3, "optimizer": Payload(marker)}, state)  # a real pickle, with code
+
+    # Swapped in without its digest: the checkpoint is damaged, nothing is loaded from it.
+    problem = damage(load_metadata(tmp_path / "ckpt"),
+                     lambda f: (tmp_path / "ckpt" / f).read_bytes())
+    assert problem is not None and problem.startswith("train_state.pt ")
+    # And with its digest updated too: refused by the loader, one line, the payload unrun.
+    metadata = load_metadata(tmp_path / "ckpt")
+    data = state.read_bytes()
+    metadata["files"]["train_state.pt"] = {"size": len(data),
+                                           "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp_path / "ckpt" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(UserInputError) as info:
+        load_intact(SimpleNamespace(filesystem=pafs.LocalFileSystem(),
+                                    path=str(tmp_path / "ckpt")))
+    assert "train_state.pt: refused" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(pickle.UnpicklingError):
+        load_train_state(tmp_path / "ckpt")
+    assert not marker.exists(), "the payload ran"
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

@@ -54,6 +54,26 @@ def test_best_imports_no_torch_ray_or_wandb(tmp_path):
     assert heavy == ""
 
 
+@pytest.mark.parametrize(("name", "text"), [
+    ("summary.json", '{"name": "run", "best_epoch": 2, "epochs_compl'),  # cut short
+    ("summary.json", "[1, 2, 3]\n"),  # JSON, but not a record
+    ("summary.json", '{"name": "run"}\n'),  # a record without its fields
+    ("leaderboard.json", "\x00\x00\x00\n"),
+])
+def test_best_on_a_damaged_record_is_one_line_and_exit_2(tmp_path, name, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "best", str(run)], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=60,
+                          env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / name}: damaged"), lines
+    assert (run / name).read_text() == text  # read, never touched
+
+
 def _worker_group_error(exc: Exception):
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError

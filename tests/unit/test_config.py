@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -289,6 +290,7 @@ class Bad:
     names: tuple[str, ...] = ()  # each must appear in the error line
     config_arg: str = "cfg.yaml"
     files: dict[str, str] = field(default_factory=dict)  # extra files next to the config
+    in_config: bool = True  # found by loading the config (else: by checking its storage)
 
 
 def bad(case_id: str, change: dict[str, Any] | None, names: str | tuple[str, ...], *args: str,
@@ -351,6 +353,39 @@ BAD_INPUTS = [
         ("workload.entrypoint", "line one"),
         files={"two_lines.py": "raise RuntimeError('line one\\nline two')\n"}),
     bad("unknown_option", None, "--bogus", "--bogus"),
+    # Never delete what is not ours: a directory without the run marker, or one holding the
+    # working directory, is refused before anything starts; its files stay.
+    bad("overwrite_not_a_run", {"storage_path": "./x", "name": "important"},
+        ("--overwrite", "x/important", "not created by this tool"), "--overwrite",
+        files={"x/important/thesis.txt": "years of work\n"}),
+    bad("overwrite_the_working_directory", {"storage_path": "..",
+                                            "name": "overwrite_the_working_directory"},
+        ("--overwrite", "holds the working directory"), "--overwrite"),
+    bad("overwrite_a_copied_marker_above_cwd", {"storage_path": "..",
+                                                "name": "overwrite_a_copied_marker_above_cwd"},
+        ("--overwrite", "holds the working directory"), "--overwrite",
+        files={".orchestrator-run.json": "{}"}),
+    bad("storage_path_is_a_file", {"storage_path": "./notes.txt"},
+        ("storage_path", "notes.txt", "is a file"), files={"notes.txt": "mine\n"}),
+    bad("storage_path_below_a_file", {"storage_path": "./notes.txt/runs"},
+        ("storage_path", "notes.txt", "is a file"), files={"notes.txt": "mine\n"}),
+    bad("storage_path_unknown_scheme", {"storage_path": "foo://bucket/runs"},
+        ("storage_path", "unknown scheme 'foo'", "s3://")),
+    bad("storage_unreachable",
+        {"storage_path": "s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http"
+                         "&region=us-east-1"},
+        ("storage_path", "cannot be reached"), in_config=False),
+    bad("resume_damaged_history", {"storage_path": "./runs", "name": "r"},
+        ("--resume", "history.json is damaged"), "--resume",
+        files={"runs/r/.orchestrator-run.json": "{}\n", "runs/r/history.json": '{"hist'}),
+    bad("run_in_use", {"storage_path": "./runs", "name": "r"},
+        ("runs/r is in use by a running driver", "pid 1 on"), "--resume",
+        files={"runs/r/.orchestrator-run.json": "{}\n",
+               "runs/r/.orchestrator-lock.json": json.dumps(
+                   {"pid": 1, "host": socket.gethostname(), "started": "10:00"})}),
+    bad("resume_not_a_run", {"storage_path": "./x", "name": "important"},
+        ("--resume", "x/important", "not a run or search"), "--resume",
+        files={"x/important/thesis.txt": "years of work\n"}),
 ]
 
 # If anything imports Ray while rejecting a config, this stand-in is found first: it leaves a
@@ -369,6 +404,7 @@ class CliResult:
     stderr: str
     created: set[str]  # entries of the case's directory that the CLI added
     ray_imported: bool
+    files_kept: bool  # the case's own files are all there, unchanged
 
 
 def cli_env(guard: Path, markers: Path, case_id: str) -> dict[str, str]:
@@ -391,6 +427,7 @@ def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResul
     if case.config_arg == "cfgdir":
         (cwd / "cfgdir").mkdir()
     for name, text in case.files.items():
+        (cwd / name).parent.mkdir(parents=True, exist_ok=True)
         (cwd / name).write_text(text)
     before = set(os.listdir(cwd))
     proc = subprocess.run(
@@ -398,8 +435,10 @@ def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResul
         cwd=cwd, env=cli_env(guard, markers, case.id), capture_output=True, text=True,
         timeout=120,
     )
+    kept = all((cwd / name).is_file() and (cwd / name).read_text() == text
+               for name, text in case.files.items())
     return CliResult(proc.returncode, proc.stdout, proc.stderr,
-                     set(os.listdir(cwd)) - before, (markers / case.id).exists())
+                     set(os.listdir(cwd)) - before, (markers / case.id).exists(), kept)
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +464,8 @@ def test_bad_inputs_are_distinct_and_many() -> None:
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in BAD_INPUTS if isinstance(c.config, dict) and not (c.args or c.files)],
+    "case", [c for c in BAD_INPUTS
+             if isinstance(c.config, dict) and not (c.args or c.files) and c.in_config],
     ids=lambda c: c.id,
 )
 def test_bad_files_in_process(tmp_path: Path, case: Bad) -> None:
@@ -450,3 +490,4 @@ def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], cas
     assert result.stdout == "", output
     assert not result.ray_imported, "Ray was imported"
     assert result.created == set(), f"the CLI wrote {sorted(result.created)}"
+    assert result.files_kept, "the CLI changed or deleted the user's files"

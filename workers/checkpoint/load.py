@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,13 @@ def load_intact(checkpoint: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any
                 "start afresh with --overwrite")
         path = chosen
     weights = load_safetensors(_read(fs, f"{path}/{MODEL_FILE}"))
-    state = torch.load(io.BytesIO(_read(fs, f"{path}/{STATE_FILE}")), weights_only=True,
-                       map_location="cpu")
+    try:  # weights_only: a pickle that would run code is refused, never run
+        state = torch.load(io.BytesIO(_read(fs, f"{path}/{STATE_FILE}")), weights_only=True,
+                           map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserInputError(
+            f"{path}/{STATE_FILE}: refused, it is not plain tensors and values (nothing in it "
+            f"was run: {first[:120]}); resume from another checkpoint or start afresh with "
+            "--overwrite") from None
     return weights, state, damaged

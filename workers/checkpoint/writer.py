@@ -39,18 +39,21 @@ def _torch_weights(snap: Snapshot) -> bytes:
 
 def write_checkpoint(snap: Snapshot, fs: pafs.FileSystem, path: str) -> None:
     """Write ``snap`` as the checkpoint directory ``path`` of a pyarrow filesystem: every
-    model file, with its size and sha256 recorded in ``metadata.json``, written last."""
+    model file and the train state, with their sizes and sha256 recorded in
+    ``metadata.json``, written last."""
     model = snap.image.file_bytes() if snap.image is not None else safetensors_bytes(snap.weights)
     models: dict[str, Any] = {MODEL_FILE: model}
     if snap.torch_weights_file:
         models[snap.torch_weights_file] = _torch_weights(snap)
-    snap.metadata[FILES_KEY] = {name: file_digest(data) for name, data in models.items()}
+    state = torch_bytes(snap.train_state)
+    snap.metadata[FILES_KEY] = {name: file_digest(data)
+                                for name, data in [*models.items(), (STATE_FILE, state)]}
     if isinstance(fs, pafs.LocalFileSystem) and snap.image is not None:
         Path(path).mkdir(parents=True, exist_ok=True)
         snap.image.write(Path(path) / MODEL_FILE)  # one sequential (O_DIRECT) write
     else:
         write_object(fs, f"{path}/{MODEL_FILE}", model)
-    rest = [*list(models.items())[1:], (STATE_FILE, torch_bytes(snap.train_state)),
+    rest = [*list(models.items())[1:], (STATE_FILE, state),
             (METADATA_FILE, json_bytes(snap.metadata))]  # metadata last: then it is complete
     for name, data in rest:
         write_object(fs, f"{path}/{name}", data)
