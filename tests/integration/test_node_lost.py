@@ -107,9 +107,11 @@ def test_an_elastic_run_continues_on_the_node_left_with_the_same_best(two_nodes,
               "failure": {"max_failures": 2}}
     env = {**two_nodes["env"], "PYTHONPATH": str(REPO), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}
     summaries = {}
-    for name, workers in (("undisturbed", 2), ("elastic", [1, 2])):
+    # The undisturbed run stops at epoch 8: from the best (epoch 4) on it only overfits.
+    for name, workers, epochs in (("undisturbed", 2, 8), ("elastic", [1, 2], 20)):
         cfg = overfit_config(tmp_path, name=name, scaling={"num_workers": workers,
-                                                           "use_gpu": False}, **common)
+                                                           "use_gpu": False},
+                             **{**common, "train": {"epochs": epochs}})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", f"{name}.yaml"],
                                 cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
