@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from orchestrator import storage
 from orchestrator.errors import UserError, one_line
 from workers.names import HISTORY_FILE, RUN_LOCK, RUN_MARKER, SEARCH_FILE
+
+T = TypeVar("T")
 
 
 def mark(run_dir: str, kind: str) -> None:
@@ -139,6 +143,27 @@ def check_resumable(run_dir: str) -> None:
             raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}: {exc}); "
                             "nothing was touched: restore it, or start afresh with "
                             "--overwrite") from None
+
+
+def open_in(run_dir: str, mode: str, kind: str, open_record: Callable[[], T]) -> T:
+    """Open what must work before anything trains (the W&B run), then take ``run_dir``:
+    an ``--overwrite``'s old run goes only once that opened, and is put back if it did not;
+    a new directory is marked as ours (``kind``: run | search); this process locks it."""
+    old = SetAside(run_dir) if mode == "overwrite" else None
+    try:
+        opened = open_record()
+    except UserError:
+        if old is not None:
+            old.restore()  # the old run stays as it was
+        elif mode != "resume":
+            storage.delete_dir(run_dir)  # nothing of a run that could not start
+        raise
+    if old is not None:
+        old.discard()
+    if mode != "resume":
+        mark(run_dir, kind)
+    lock(run_dir)  # a second driver for the same directory is refused until unlock
+    return opened
 
 
 class SetAside:

@@ -24,7 +24,7 @@ from orchestrator.errors import (
     user_error_in,
 )
 from orchestrator.interrupts import Interrupted, SignalGuard
-from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
+from orchestrator.ownership import open_in, prepare_run_dir, unlock
 from orchestrator.records import nonfinite, progress_line
 from orchestrator.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.trainer import EventPump, build_trainer, stop_training
@@ -60,20 +60,8 @@ def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
         check_resources(cfg, local_resources())  # fail before starting Ray at all
     local = init_ray(console.verbose)
     use_gpu = check_resources(cfg, cluster_capacity(local))
-    old_run = SetAside(run_dir) if mode == "overwrite" else None
-    try:
-        wb = open_run(cfg, run_dir)  # before training: a bad key or no network fails here
-    except UserError:
-        if old_run is not None:
-            old_run.restore()  # the old run stays as it was
-        elif mode != "resume":
-            storage.delete_dir(run_dir)
-        raise
-    if old_run is not None:
-        old_run.discard()  # everything was checked: now the old run goes
-    if mode != "resume":
-        mark(run_dir, "run")
-    lock(run_dir)  # a second driver for the same run is refused until this one ends
+    # Before training: a bad key or no network fails here, with the old run (if any) intact.
+    wb = open_in(run_dir, mode, "run", lambda: open_run(cfg, run_dir))
     console.say(start_line(cfg, run_dir, mode))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "

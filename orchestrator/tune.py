@@ -31,7 +31,7 @@ from orchestrator.cluster import (
 from orchestrator.console import Console
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.interrupts import Interrupted, SignalGuard
-from orchestrator.ownership import SetAside, lock, mark, prepare_run_dir, unlock
+from orchestrator.ownership import open_in, prepare_run_dir, unlock
 from orchestrator.records import epoch_record, progress_line
 from orchestrator.search import Trial
 from orchestrator.summary import finalize_run
@@ -279,20 +279,8 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     cap = cluster_capacity(local)
     use_gpu = check_fit(cfg, configs, cap)
     gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
-    old_search = SetAside(experiment_dir) if start == "overwrite" else None
-    try:
-        search_run = open_run(cfg, experiment_dir, job_type="search")  # not mid-search
-    except UserError:
-        if old_search is not None:
-            old_search.restore()
-        elif start != "resume":
-            storage.delete_dir(experiment_dir)
-        raise
-    if old_search is not None:
-        old_search.discard()
-    if start != "resume":
-        mark(experiment_dir, "search")
-    lock(experiment_dir)
+    search_run = open_in(experiment_dir, start, "search",  # fails here, not mid-search
+                         lambda: open_run(cfg, experiment_dir, job_type="search"))
     try:
         return _search(cfg, trials, configs, experiment_dir, search_run, use_gpu, gpus, console)
     finally:

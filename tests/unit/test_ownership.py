@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from orchestrator.ownership import (
     is_ours,
     lock,
     mark,
+    open_in,
     prepare_run_dir,
     unlock,
 )
@@ -142,3 +144,22 @@ def test_a_lock_from_another_host_is_respected_and_only_its_owner_unlocks(tmp_pa
     lock(str(run))
     unlock(str(run))
     assert not (run / RUN_LOCK).exists()
+
+
+def test_an_overwrite_replaces_the_old_run_only_once_the_new_one_opened(tmp_path):
+    run = a_run(tmp_path / "runs" / "mine")
+    (run / "model.safetensors").write_bytes(b"old weights")
+
+    def bad_key():
+        (run / "wandb").mkdir(parents=True)  # W&B writes its run dir before failing
+        raise UserError("wandb: the API key was refused")
+
+    with pytest.raises(UserError, match="API key"):
+        open_in(str(run), "overwrite", "run", bad_key)
+    assert (run / "model.safetensors").read_bytes() == b"old weights"
+    assert not (run / "wandb").exists() and not (run / RUN_LOCK).exists()
+
+    assert open_in(str(run), "overwrite", "run", lambda: "opened") == "opened"
+    assert sorted(p.name for p in run.iterdir()) == sorted([RUN_LOCK, RUN_MARKER])
+    assert json.loads((run / RUN_LOCK).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
