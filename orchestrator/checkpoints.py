@@ -27,13 +27,11 @@ def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[
             continue  # not a checkpoint, or an upload that never finished
         try:
             metadata = storage.read_json(storage.join(path, METADATA_FILE))
-            int(metadata["epoch"]), bool(metadata["is_best"])
+            kept.append({"epoch": int(metadata["epoch"]), "path": path,
+                         "is_best": bool(metadata["is_best"]), "metadata": metadata})
         except (ValueError, KeyError, TypeError):
             if unreadable is not None:
                 unreadable.append(f"{path}/{METADATA_FILE} is damaged")
-            continue
-        kept.append({"epoch": int(metadata["epoch"]), "path": path,
-                     "is_best": bool(metadata["is_best"]), "metadata": metadata})
     return sorted(kept, key=lambda c: c["epoch"])
 
 
