@@ -29,7 +29,7 @@ from orchestrator.cluster import (
     resolve_use_gpu,
 )
 from orchestrator.console import Console
-from orchestrator.errors import TrainingError, UserError
+from orchestrator.errors import TrainingError, UserError, user_error_among
 from orchestrator.interrupts import Interrupted, SignalGuard
 from orchestrator.ownership import open_in, prepare_run_dir, unlock
 from orchestrator.records import epoch_record, progress_line
@@ -260,6 +260,25 @@ def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, Ru
     return board
 
 
+def check_monitor_first(cfg: RunConfig) -> None:
+    """A monitor that no trial would report is refused before any trial starts (one line,
+    exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
+    its reported names are compared with ``tracker.monitor``. Any other failure to build it
+    is left for the trials to report."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from workers.probe import check_monitor
+
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_monitor)
+    try:
+        ray.get(task.remote(cfg.to_dict()))
+    except RayTaskError as exc:
+        message = user_error_among([exc])
+        if message:
+            raise UserError(message) from None
+
+
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                console: Console | None = None) -> list[dict[str, Any]]:
     console = console or Console()
@@ -279,6 +298,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     cap = cluster_capacity(local)
     use_gpu = check_fit(cfg, configs, cap)
     gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
+    check_monitor_first(configs[trials[0].trial_id])
     search_run = open_in(experiment_dir, start, "search",  # fails here, not mid-search
                          lambda: open_run(cfg, experiment_dir, job_type="search"))
     try:

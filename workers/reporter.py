@@ -35,6 +35,11 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def epoch_metric_names(metrics: Iterable[Any]) -> list[str]:
+    """The names every epoch reports, given the validation metric objects."""
+    return ["train_loss", "val_loss", *(f"val_{m.name}" for m in metrics)]
+
+
 def require_monitor(monitor: str, reported: Iterable[str]) -> None:
     names = sorted(reported)
     if monitor not in names:

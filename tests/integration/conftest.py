@@ -7,6 +7,7 @@ one machine confuse Ray's address discovery (its placement-group cleaner among o
 from __future__ import annotations
 
 import copy
+import secrets
 import socket
 import subprocess
 import time
@@ -91,3 +92,33 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+def secret_markers() -> dict[str, str]:
+    """Marker values for the secrets a user's environment may hold (each unique to the test,
+    in the shape its owner expects: a W&B key is 40 characters)."""
+    return {"WANDB_API_KEY": secrets.token_hex(20),
+            "RAY_AUTH_TOKEN": secrets.token_hex(32),
+            "AWS_SECRET_ACCESS_KEY": "awssecret" + secrets.token_hex(16),
+            "AWS_SESSION_TOKEN": "awssession" + secrets.token_hex(16)}
+
+
+def find_secrets(markers: dict[str, str], roots: list[Path],
+                 texts: dict[str, str]) -> tuple[list[str], list[Path]]:
+    """Where any marker value appears: every regular file under ``roots`` (byte for byte) and
+    each named text (what a command printed). Returns the findings and the files read."""
+    found, read = [], []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            read.append(path)
+            found += [f"{name} in {path}" for name, value in markers.items()
+                      if value.encode() in data]
+    for where, text in texts.items():
+        found += [f"{name} in {where}" for name, value in markers.items() if value in text]
+    return found, read

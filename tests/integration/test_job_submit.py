@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, free_port
+from tests.integration.conftest import REPO, find_secrets, free_port, secret_markers
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ RUNTIME_ENV = {"excludes": [".venv", "runs", "wandb", ".git", "bench/results", "
 @pytest.fixture
 def ray_head(tmp_path):
     """A head node of our own: its own temp dir and ports, token auth on, stopped after."""
-    token = secrets.token_hex(32)
+    markers = secret_markers()  # its token, and secrets a user's environment may hold
     temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: socket paths
     gcs_port, dashboard_port = free_port(), free_port()
     # Every fixed default port of its own too: another Ray on this machine may hold them.
@@ -37,7 +36,7 @@ def ray_head(tmp_path):
         "object-manager-port")]
     home = tmp_path / "home"  # Ray looks for ~/.ray/auth_token: never the real home
     home.mkdir()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HOME": str(home),
+    env = {**os.environ, **markers, "RAY_AUTH_MODE": "token", "HOME": str(home),
            # the job's `python` is whichever is first on the head's PATH
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
@@ -61,7 +60,8 @@ def ray_head(tmp_path):
     else:
         pytest.fail("the Ray head's job server did not come up in 120 s")
     try:
-        yield {"address": address, "env": env, "client_env_without_token": client_env}
+        yield {"address": address, "env": env, "client_env_without_token": client_env,
+               "markers": markers, "scanned": [Path(temp_dir), home]}
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes
         head.wait(timeout=60)
@@ -74,6 +74,7 @@ def test_job_submit_with_token_auth(ray_head, tmp_path):
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
         "python", "-m", "orchestrator", "train", "configs/digits.yaml",
         "--set", f"storage_path={storage}", "--set", "train.epochs=3", "--set", "name=job-run",
+        "--set", "wandb.mode=offline",  # a W&B key is set (a marker): offline, by choice
     ]
     refused = subprocess.run(submit, env=ray_head["client_env_without_token"],
                              capture_output=True, text=True, timeout=120)
@@ -94,3 +95,10 @@ def test_job_submit_with_token_auth(ray_head, tmp_path):
     summary = json.loads((storage / "job-run" / "summary.json").read_text())
     assert summary["epochs_completed"] == 3
     assert (Path(summary["best_checkpoint"]) / "model.safetensors").is_file()
+
+    # Nothing the job wrote or printed, nor the head's session logs, holds a secret.
+    found, read = find_secrets(ray_head["markers"], [storage, *ray_head["scanned"]],
+                               {"job output": logs})
+    assert found == [], found
+    assert any(p.suffix == ".wandb" for p in read)
+    assert any("job-driver" in p.name for p in read), "the job's own log was not read"

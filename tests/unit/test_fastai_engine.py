@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import random
 import subprocess
 import sys
@@ -115,6 +116,29 @@ def test_fastai_optimizer_state_loads_without_pickle_and_restores():
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
+
+
+class Payload:
+    """A pickle that would run code when loaded: it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_learner_file_that_would_run_code_is_refused_by_the_documented_load(tmp_path):
+    """The README loads a checkpoint's ``learner.pth`` with ``learn.load``: a file swapped for
+    one that runs code when unpickled is refused, and its code never runs."""
+    learn = overfit_learner()
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": learn.model.state_dict(), "opt": Payload(marker)},
+               tmp_path / "learner.pth")
+    learn.path, learn.model_dir = tmp_path, "."
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        learn.load("learner", with_opt=True)
+    assert not marker.exists(), "the payload ran"
 
 
 def test_schedule_resolves_per_engine_and_one_cycle_needs_fastai():

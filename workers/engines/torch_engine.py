@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from workers.config import RunConfig
-from workers.reporter import EpochReporter
+from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.runtime import Worker, start_worker
 from workers.steps import (
     accumulate,
@@ -55,6 +55,8 @@ def setup(worker: Worker) -> TorchParts:
     plain = workload.model
     metrics = workload_metrics(workload, infer_num_classes(plain, workload.train_dataset,
                                                            worker.device))
+    # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
+    require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
     model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
     optimizer = make_optimizer(cfg, plain.parameters())
     if worker.restored.optimizer_state is not None:

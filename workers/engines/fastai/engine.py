@@ -33,7 +33,7 @@ from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
 from workers.engines.fastai.learner import MetricColumn, learner_from_workload
 from workers.metrics import MeanLoss
 from workers.names import LEARNER_FILE
-from workers.reporter import EpochReporter, require_monitor
+from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.runtime import Worker, seed_epoch, start_worker
 from workers.steps import (
     as_float32,
@@ -173,8 +173,7 @@ def setup(worker: Worker) -> FastaiParts:
         learn = learner_from_workload(workload, cfg)
     else:
         metrics = workload.metrics  # the Learner's own, as mergeable sums
-    require_monitor(cfg.tracker.monitor,
-                    ["train_loss", "val_loss", *(f"val_{m.name}" for m in metrics)])
+    require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
     learn.metrics = [MetricColumn(m.name) for m in metrics]
 
     learn.model = plain
