@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANT_ORDER = ["native", "bare", "naive", "ray-default", "best", "every_n", "last"]
-LABELS = {"best": "ours: best", "every_n": "ours: every_n=2", "last": "ours: last"}
+VARIANT_ORDER = ["native", "bare", "naive", "ray-default", "best", "every_n", "last",
+                 "bare-fsdp", "best-fsdp"]
+LABELS = {"best": "ours: best", "every_n": "ours: every_n=2", "last": "ours: last",
+          "bare-fsdp": "bare, fsdp", "best-fsdp": "ours: best, fsdp"}
 MB = 1e6
 
 

@@ -30,6 +30,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "best": {"kind": "project", "checkpoint": {"policy": "best"}},
     "every_n": {"kind": "project", "checkpoint": {"policy": "every_n", "every_n_epochs": 2}},
     "last": {"kind": "project", "checkpoint": {"policy": "last"}},
+    # The same loop with the model sharded (scaling.strategy: fsdp).
+    "bare-fsdp": {"kind": "project", "checkpoint": {"policy": "none"}, "strategy": "fsdp"},
+    "best-fsdp": {"kind": "project", "checkpoint": {"policy": "best"}, "strategy": "fsdp"},
 }
 BATCH_SIZE = {"small": 64, "large": 64}
 
@@ -42,7 +45,8 @@ def make_config(variant: str, size: str, *, epochs: int, workers: int, storage: 
         "storage_path": str(storage),
         "seed": 0,
         "workload": {"entrypoint": "bench.workload:build", "params": {"size": size}},
-        "scaling": {"num_workers": workers, "use_gpu": False},
+        "scaling": {"num_workers": workers, "use_gpu": False,
+                    "strategy": spec.get("strategy", "ddp")},
         "train": {"epochs": epochs, "batch_size": BATCH_SIZE[size], "lr": 1e-3},
         "tracker": {"monitor": MONITOR, "mode": "min"},
         "checkpoint": spec.get("checkpoint", {"policy": "none"}),

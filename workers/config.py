@@ -42,6 +42,12 @@ class ScalingSection(_Section):
         "run, on as many workers as the cluster has room for, at least min")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the cluster has any")
     cpus_per_worker: float = Field(1.0, gt=0)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model and optimizer state; fsdp: "
+        "each holds a 1/N shard of both (models that outgrow one GPU)")
+    fsdp_blocks: list[str] | None = Field(
+        None, description="fsdp: class names of the modules sharded as units (default: the "
+        "workload's fsdp_blocks, else each direct child of the model with parameters)")
 
     @field_validator("num_workers")
     @classmethod
@@ -196,6 +202,13 @@ class RunConfig(_Section):
             value = getattr(getattr(self, section), key)
             if not math.isfinite(value):
                 raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")
+        if self.scaling.strategy == "fsdp":
+            if self.engine == "fastai":
+                raise ValueError("scaling.strategy: fsdp is for engine: torch (a fastai Learner "
+                                 "trains data-parallel only); use scaling.strategy: ddp")
+            if self.scaling.min_workers < 2:
+                raise ValueError("scaling.strategy: fsdp shards the model over the workers and "
+                                 "needs at least 2 (scaling.num_workers); with 1, use ddp")
         if self.train.schedule == "one_cycle" and self.engine != "fastai":
             raise ValueError("train.schedule: one_cycle needs engine: fastai (the torch engine "
                              "trains at a constant lr); use constant or auto")

@@ -108,5 +108,6 @@ def start_worker(config: dict[str, Any]) -> Worker:
     workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
     device = ray.train.torch.get_device()
     check_precision(cfg.train.precision, device)
-    workload.model.to(device)
+    if cfg.scaling.strategy == "ddp":
+        workload.model.to(device)  # under fsdp, each rank moves only its shard there
     return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank))

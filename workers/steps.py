@@ -52,6 +52,13 @@ def is_class_label(target: Any) -> bool:
     return isinstance(target, torch.Tensor) and target.ndim == 0 and not target.is_floating_point()
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors are (the host for one without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device) -> int | None:
     """Number of classes when targets are integer labels (from the model's output width)."""
     x0, y0 = dataset[0]
@@ -87,21 +94,32 @@ def accumulate(
     metrics: Sequence[Any],
     device: torch.device,
     precision: str = "fp32",
+    forwards: int = 0,
+    padding_input: Any = None,
 ) -> MeanLoss:
-    """Sufficient statistics of one pass over ``loader`` with fixed weights."""
+    """Sufficient statistics of one pass over ``loader`` with fixed weights.
+
+    ``forwards``: make at least this many forward calls, the extra ones on ``padding_input``
+    and counted nowhere (a sharded model's forward is a collective: every rank must make as
+    many, whatever the size of its shard)."""
     loss = MeanLoss()
     for metric in metrics:
         metric.reset()
     model.eval()
+    made = 0
     with torch.no_grad():
         for x, y in loader:
             x, y = to_device(x, device), to_device(y, device)
             with autocast(device, precision):
                 out = model(x)
+            made += 1
             out = as_float32(out)
             loss.add_batch(loss_fn(out, y).item(), len(y))
             for metric in metrics:
                 metric.update(out, y)
+        for _ in range(forwards - made):
+            with autocast(device, precision):
+                model(to_device(padding_input, device))
     return loss
 
 

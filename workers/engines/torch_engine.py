@@ -12,16 +12,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from workers.config import RunConfig
 from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.runtime import Worker, start_worker
+from workers.sharding import (
+    LocalState,
+    ShardedState,
+    fully_shard_model,
+    load_full_optimizer_state,
+)
 from workers.steps import (
     accumulate,
     broadcast_buffers,
+    distributed,
     global_metrics,
     infer_num_classes,
+    model_device,
     shard,
     train_epoch,
     workload_metrics,
@@ -40,12 +49,23 @@ def make_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
 class TorchParts:
     """What the torch loop trains with, on one rank."""
 
-    model: torch.nn.Module  # DDP-wrapped when world_size > 1
-    plain: torch.nn.Module  # the unwrapped model whose weights are saved
+    model: torch.nn.Module  # DDP-wrapped when world_size > 1; sharded in place under fsdp
+    plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     val_loader: DataLoader
     metrics: list[Any]
+    state: LocalState | ShardedState  # how a save reads the whole model and optimizer
+    val_forwards: int = 0  # fsdp: forward calls every rank makes per validation pass
+    padding_input: Any = None  # fsdp: the input of the extra ones
+
+
+def most_on_any_rank(count: int, device: torch.device) -> int:
+    if not distributed():
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def setup(worker: Worker) -> TorchParts:
@@ -54,41 +74,56 @@ def setup(worker: Worker) -> TorchParts:
     cfg, workload = worker.cfg, worker.workload
     plain = workload.model
     metrics = workload_metrics(workload, infer_num_classes(plain, workload.train_dataset,
-                                                           worker.device))
+                                                           model_device(plain)))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
-    model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
-    optimizer = make_optimizer(cfg, plain.parameters())
-    if worker.restored.optimizer_state is not None:
-        optimizer.load_state_dict(worker.restored.optimizer_state)
     sampler = DistributedSampler(workload.train_dataset, num_replicas=worker.world_size,
                                  rank=worker.rank, shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(workload.train_dataset, batch_size=cfg.train.batch_size,
                               sampler=sampler)
     val_loader = DataLoader(shard(workload.val_dataset, worker.rank, worker.world_size),
                             batch_size=cfg.train.batch_size, shuffle=False)
-    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics)
+    if cfg.scaling.strategy == "fsdp":
+        blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
+        model = fully_shard_model(plain, blocks, worker.device, worker.world_size,
+                                  cfg.train.precision)
+        optimizer = make_optimizer(cfg, model.parameters())
+        if worker.restored.optimizer_state is not None:
+            load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
+        padding_input, _ = default_collate([workload.val_dataset[0]])
+        return TorchParts(model, model, optimizer, train_loader, val_loader, metrics,
+                          ShardedState(model, optimizer),
+                          most_on_any_rank(len(val_loader), worker.device), padding_input)
+    model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
+    optimizer = make_optimizer(cfg, plain.parameters())
+    if worker.restored.optimizer_state is not None:
+        optimizer.load_state_dict(worker.restored.optimizer_state)
+    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics,
+                      LocalState(plain, optimizer))
 
 
 def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
     """Train on this rank's shard, then the global metrics (identical on every rank)."""
     w, p = worker, parts
+    # Under fsdp, bf16 is FSDP's mixed-precision policy, not autocast.
+    precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
     p.train_loader.sampler.set_epoch(epoch)
     train_loss = train_epoch(p.model, p.train_loader, w.workload.loss_fn, p.optimizer,
-                             w.device, w.cfg.train.precision)
+                             w.device, precision)
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
     # module, since DDP's forward would broadcast buffers, a collective that ranks with
-    # different numbers of validation batches would never all reach.
+    # different numbers of validation batches would never all reach. (A sharded model's
+    # forward is a collective itself: every rank makes ``val_forwards`` calls.)
     broadcast_buffers(p.plain)
     val_loss = accumulate(p.plain, p.val_loader, w.workload.loss_fn, p.metrics, w.device,
-                          w.cfg.train.precision)
+                          precision, p.val_forwards, p.padding_input)
     return global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)], w.device)
 
 
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     parts = setup(worker)
-    reporter = EpochReporter.create(worker, parts.plain, parts.optimizer)
+    reporter = EpochReporter.create(worker, parts.state)
     for epoch in worker.epochs():
         started = time.perf_counter()
         if reporter.report(epoch, run_epoch(worker, parts, epoch), started):

@@ -35,6 +35,7 @@ from workers.metrics import MeanLoss
 from workers.names import LEARNER_FILE
 from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.runtime import Worker, seed_epoch, start_worker
+from workers.sharding import LocalState
 from workers.steps import (
     as_float32,
     autocast,
@@ -196,7 +197,8 @@ def setup(worker: Worker) -> FastaiParts:
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     cfg, parts = worker.cfg, setup(worker)
-    reporter = EpochReporter.create(worker, parts.plain, PlainOptimizerState(parts.learn),
+    reporter = EpochReporter.create(worker, LocalState(parts.plain,
+                                                       PlainOptimizerState(parts.learn)),
                                     torch_weights_file=LEARNER_FILE)
     start = worker.restored.start_epoch - 1  # fastai counts epochs from 0
     report = ReportToRay(reporter, parts.plain, parts.metrics, parts.train_dl,

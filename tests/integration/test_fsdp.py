@@ -1,0 +1,100 @@
+"""``scaling.strategy: fsdp`` on real gloo processes under Ray Train: every rank holds a shard
+of the model and of its optimizer state; the whole model is gathered to rank 0 when, and only
+when, rank 0's tracker saves it, and the file written is a plain model's, as under DDP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from orchestrator.errors import UserError
+from orchestrator.train import run_training
+from tests.integration.conftest import assert_close, overfit_config
+from tests.workloads.overfit import build as build_overfit
+from workers.saved_model import evaluate_split
+
+pytestmark = pytest.mark.integration
+
+# 97 validation samples on 2 ranks, batches of 8: 49 and 48 samples, 7 and 6 batches, so the
+# rank with fewer makes a padding forward (FSDP's forward is a collective); BatchNorm buffers
+# and dropout, as in real models.
+PARAMS = {"n_val": 97, "norm": True, "dropout": 0.1}
+
+
+def fsdp_config(tmp_path: Path, name: str, workers: int = 2, **sections):
+    sections.setdefault("workload", {"params": PARAMS})
+    return overfit_config(tmp_path, name=name, scaling={"num_workers": workers,
+                                                        "cpus_per_worker": 2 / workers,
+                                                        "strategy": "fsdp"}, **sections)
+
+
+def test_fsdp_gathers_only_to_save_and_its_best_model_reproduces_its_metrics(tmp_path,
+                                                                             ray_local):
+    cfg = fsdp_config(tmp_path, "fsdp", train={"epochs": 8})
+    summary = run_training(cfg)
+    history = summary["history"]
+    losses = [h["val_loss"] for h in history]
+    best_epoch = losses.index(min(losses)) + 1
+    assert summary["best_epoch"] == best_epoch and 1 < best_epoch < 8  # peaks mid-run
+
+    # One gather per improvement (the `best` policy saves nothing else), none otherwise.
+    improved = [h["epoch"] for h in history if h["is_best"]]
+    assert len(improved) >= 2
+    assert [h["epoch"] for h in history if "gather_seconds" in h] == improved
+
+    # The saved file is a plain model's: every tensor of the workload's model, whole.
+    best = Path(summary["best_checkpoint"])
+    saved = load_file(best / "model.safetensors")
+    plain = build_overfit(**PARAMS).model.state_dict()
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {
+        k: tuple(v.shape) for k, v in plain.items()}
+    # Loaded into the plain model in one process, it scores what the run recorded.
+    for split, recorded in (("val", summary["best_metrics"]), ("test", summary["test_metrics"])):
+        recomputed = evaluate_split(cfg, best, split)
+        assert recomputed, split
+        for key, value in recomputed.items():
+            assert_close(value, recorded[key])
+
+    # A wrapping class the model does not have: one line, a user error (never retried).
+    wrong = fsdp_config(tmp_path, "wrong", train={"epochs": 2},
+                        scaling={"fsdp_blocks": ["TransformerBlock"]})
+    with pytest.raises(UserError, match=r"^scaling\.fsdp_blocks: TransformerBlock not in the "
+                                        r"model; its module classes: .*Linear"):
+        run_training(wrong)
+
+
+def test_fsdp_restarts_after_a_killed_worker_and_resumes_on_more_workers(tmp_path, ray_local):
+    common = {"train": {"epochs": 6}, "checkpoint": {"resume_every_n_epochs": 1}}
+    reference = run_training(fsdp_config(tmp_path, "reference", **common))
+
+    marker = tmp_path / "killed-once"
+    # 16 training samples per rank, batch 8: 2 steps an epoch; a rank SIGKILLs itself in
+    # epoch 3. Resume checkpoints hold the gathered optimizer state: the restart continues
+    # exactly where the undisturbed run went.
+    params = {**PARAMS, "fail_after_steps": 5, "fail_with": "sigkill", "marker": str(marker)}
+    cfg = fsdp_config(tmp_path, "restarted", workload={"params": params},
+                      failure={"max_failures": 1}, **common)
+    summary = run_training(cfg)
+    assert marker.exists(), "the kill did not happen"
+    assert summary["best_epoch"] == reference["best_epoch"]
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 7))
+    for got, ref in zip(summary["history"], reference["history"], strict=True):
+        assert_close(got["val_loss"], ref["val_loss"], rel=1e-5)
+
+    # The same run continued to epoch 9 on 3 workers: the whole optimizer state, saved from
+    # 2 shards, is loaded into 3.
+    more = run_training(fsdp_config(tmp_path, "restarted", workers=3,
+                                    workload={"params": params},
+                                    train={"epochs": 9}, checkpoint=common["checkpoint"]),
+                        resume=True)
+    assert [h["epoch"] for h in more["history"]] == list(range(1, 10))
+    assert [h["workers"] for h in more["history"]] == [2] * 6 + [3] * 3
+    assert more["history"][:6] == summary["history"]
+    losses = [h["val_loss"] for h in more["history"]]
+    assert more["best_epoch"] == losses.index(min(losses)) + 1
+    recomputed = evaluate_split(fsdp_config(tmp_path, "restarted", workers=3, train={"epochs": 9}),
+                                more["best_checkpoint"], "val")
+    for key, value in recomputed.items():
+        assert_close(value, more["best_metrics"][key])
