@@ -112,6 +112,10 @@ def init_ray(verbose: bool = False) -> bool:
     port = _free_port()
     api_server = f"http://127.0.0.1:{port}"
     ray.init(
+        # "local": a new Ray of its own, even where `ray start` left one running on this
+        # machine (Ray would join the latest one); a running cluster is used only when
+        # RAY_ADDRESS names it.
+        address="local",
         runtime_env={"env_vars": {**ray_env_vars(), API_SERVER_ENV: api_server}},
         include_dashboard=True,
         dashboard_host="127.0.0.1",

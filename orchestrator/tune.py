@@ -57,6 +57,7 @@ from workers.names import (
     SUMMARY_FILE,
     TUNE_DIR,
 )
+from workers.private_apis import keep_credentials_out_of_trial_runtime_envs
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -209,6 +210,8 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
 
     class _Stop(SignalStop, Stopper):
         pass
+
+    keep_credentials_out_of_trial_runtime_envs()
 
     tuner = tune.Tuner(
         # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),

@@ -57,3 +57,16 @@ def fastai_fake_loader(dl: Any, like: Any) -> Any:
     return _FakeLoader(dl, like.pin_memory, like.num_workers, like.timeout,
                        persistent_workers=like.persistent_workers,
                        pin_memory_device=like.pin_memory_device)
+
+
+def keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SECURITY_TOKEN and
+    AWS_SESSION_TOKEN from the driver's environment into every trial's runtime_env, and Ray's
+    runtime-env agent logs runtime envs in full (``runtime_env_agent.log`` in the session's
+    logs): the secrets end up on disk. Trials get credentials the way Ray Train's workers do,
+    which Ray does not copy: inherited from the driver on a local Ray, from the node's own
+    environment (an instance profile) on a cluster. The set is read when a trial starts."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {
+        name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}

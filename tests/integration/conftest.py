@@ -7,7 +7,9 @@ one machine confuse Ray's address discovery (its placement-group cleaner among o
 from __future__ import annotations
 
 import copy
+import os
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -122,3 +124,20 @@ def find_secrets(markers: dict[str, str], roots: list[Path],
     for where, text in texts.items():
         found += [f"{name} in {where}" for name, value in markers.items() if value in text]
     return found, read
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Stop a `ray start --block` node and everything it started (its own process group):
+    SIGTERM (it stops its processes), then SIGKILL what is left after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, find_secrets, free_port, secret_markers
+from tests.integration.conftest import REPO, find_secrets, free_port, secret_markers, stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +62,7 @@ def ray_head(tmp_path):
         yield {"address": address, "env": env, "client_env_without_token": client_env,
                "markers": markers, "scanned": [Path(temp_dir), home]}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes
-        head.wait(timeout=60)
+        stop_group(head)
 
 
 def test_job_submit_with_token_auth(ray_head, tmp_path):

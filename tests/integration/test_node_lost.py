@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, free_port, overfit_config
+from tests.integration.conftest import REPO, free_port, overfit_config, stop_group
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -70,11 +70,7 @@ def head_node(tmp_path_factory):
         yield {"env": env, "port": port, "nodes": nodes}
     finally:
         for proc in reversed(nodes):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=60)
+            stop_group(proc)
 
 
 @pytest.fixture

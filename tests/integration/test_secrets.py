@@ -32,8 +32,8 @@ def test_no_secret_reaches_a_file_a_log_or_the_terminal(tmp_path):
                            wandb={"mode": "offline"}).to_dict()
     search = overfit_config(tmp_path, name="search", scaling={"num_workers": 1},
                             train={"epochs": 2}, wandb={"mode": "offline"}).to_dict()
-    search["tune"] = {"num_samples": 2, "max_concurrent_trials": 2,
-                      "search_space": {"train.lr": {"choice": [0.002, 0.004]}}}
+    search["tune"] = {"num_samples": 1, "max_concurrent_trials": 1,
+                      "search_space": {"train.lr": {"choice": [0.002]}}}
     (tmp_path / "train.yaml").write_text(json.dumps(train))
     (tmp_path / "tune.yaml").write_text(json.dumps(search))
 

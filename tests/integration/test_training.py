@@ -173,8 +173,12 @@ def test_a_user_error_is_never_retried_even_with_unlimited_failures(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: tracker.monitor") and "val_auc" in last, last
+    # One line, before any epoch, without Ray's output around it: the run's own two start
+    # lines, then the error.
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: tracker.monitor: 'val_auc' is not reported by this "
+                                  "run; it reports: train_loss, val_accuracy, val_loss, val_mcc")
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["Starting", "2"]
     assert not (tmp_path / "runs" / "bad-monitor").exists()
 
 

@@ -156,3 +156,19 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert sorted(r["status"] for r in board) == ["completed"] * 4
     order = [r["hyperparameters"]["workload.params.separation"] for r in board]
     assert order == sorted(SEPARATIONS, reverse=True)
+
+
+def test_a_monitor_no_trial_reports_is_refused_before_any_trial(tmp_path):
+    """The workload is built once on a Ray worker before the search: a misspelt monitor is one
+    line, exit 2, with nothing written and no trial started."""
+    cfg = search_config(tmp_path, "typo").to_dict()
+    cfg["tracker"]["monitor"] = "val_acc"
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "tune", "tune.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: tracker.monitor: 'val_acc' is not reported by this "
+                                  "run; it reports: train_loss, val_accuracy, val_loss, val_mcc")
+    assert not (tmp_path / "runs").exists()
