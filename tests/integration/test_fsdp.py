@@ -25,9 +25,9 @@ PARAMS = {"n_val": 97, "norm": True, "dropout": 0.1}
 
 def fsdp_config(tmp_path: Path, name: str, workers: int = 2, **sections):
     sections.setdefault("workload", {"params": PARAMS})
-    return overfit_config(tmp_path, name=name, scaling={"num_workers": workers,
-                                                        "cpus_per_worker": 2 / workers,
-                                                        "strategy": "fsdp"}, **sections)
+    sections["scaling"] = {"num_workers": workers, "cpus_per_worker": 2 / workers,
+                           "strategy": "fsdp", **sections.get("scaling", {})}
+    return overfit_config(tmp_path, name=name, **sections)
 
 
 def test_fsdp_gathers_only_to_save_and_its_best_model_reproduces_its_metrics(tmp_path,
