@@ -90,6 +90,15 @@ def load_full_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str,
                              options=StateDictOptions(full_state_dict=True))
 
 
+def load_local_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
+    """A ddp run's optimizer state (parameters by position) into this rank's optimizer."""
+    if any(isinstance(key, str) for key in state.get("state", {})):
+        raise UserInputError(
+            "scaling.strategy: ddp cannot continue from an fsdp run's optimizer state (its "
+            "checkpoint names parameters); resume with scaling.strategy: fsdp")
+    optimizer.load_state_dict(state)
+
+
 def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 

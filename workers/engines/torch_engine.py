@@ -23,6 +23,7 @@ from workers.sharding import (
     ShardedState,
     fully_shard_model,
     load_full_optimizer_state,
+    load_local_optimizer_state,
 )
 from workers.steps import (
     accumulate,
@@ -97,7 +98,7 @@ def setup(worker: Worker) -> TorchParts:
     model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
     optimizer = make_optimizer(cfg, plain.parameters())
     if worker.restored.optimizer_state is not None:
-        optimizer.load_state_dict(worker.restored.optimizer_state)
+        load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
     return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics,
                       LocalState(plain, optimizer))
 
