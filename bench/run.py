@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANT_ORDER = ["native", "bare", "naive", "ray-default", "best", "every_n", "last",
-                 "bare-fsdp", "best-fsdp"]
+VARIANT_ORDER = ["native", "bare", "naive", "ray-default", "best", "every_n", "last"]
+FSDP_VARIANTS = ["bare-fsdp", "best-fsdp"]  # on request (--variants): see README
 LABELS = {"best": "ours: best", "every_n": "ours: every_n=2", "last": "ours: last",
           "bare-fsdp": "bare, fsdp", "best-fsdp": "ours: best, fsdp"}
 MB = 1e6
@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,large", help="comma-separated: small, large")
     p.add_argument("--variants", default=",".join(VARIANT_ORDER),
-                   help=f"comma-separated, run in this order: {', '.join(VARIANT_ORDER)}")
+                   help=f"comma-separated, run in this order: {', '.join(VARIANT_ORDER)}; "
+                   f"also {', '.join(FSDP_VARIANTS)}")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1,
