@@ -45,12 +45,77 @@ def wandb_mode(setting: str) -> str:
 
 def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
     """``policy`` mirrors the checkpoint policy (resume-only checkpoints are not models the
-    policy asked for); ``best`` logs improvements only; ``none`` logs no model."""
+    policy asked for); ``best`` logs improvements only; ``none`` logs no model; ``end`` chooses
+    among the policy's models, after training."""
     if log_model == "none":
         return False
     if log_model == "best":
         return is_best
     return saved_because != "resume"
+
+
+def logs_live(log_model: str, keep: str, mode: str) -> bool:
+    """Whether models are logged as the run saves them. Online, a superseded version is
+    deleted once a newer one is committed (``VersionPruner``). Offline, nothing can be deleted
+    from the run ``wandb sync`` uploads, so unless every version is kept, the kept ones are
+    logged at the end, from the checkpoints themselves (as with ``log_model: end``)."""
+    return log_model in ("policy", "best") and (mode == "online" or keep == "all")
+
+
+def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
+                checkpoints: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
+    checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
+    (``last``; the same version when it is the best)."""
+    choice = "policy" if log_model == "end" else log_model
+    chosen = [c for c in checkpoints if should_log_model(choice, c["metadata"]["saved_because"],
+                                                         c["is_best"])]
+    out: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
+    if keep != "best" and chosen:
+        last = chosen[-1]
+        out[last["path"]] = (last["path"], last["metadata"], [f"epoch-{last['epoch']}", "last"])
+    best = next((c for c in checkpoints if c["path"] == best_checkpoint), None)
+    if best is not None:
+        aliases = out.get(best["path"], (None, None, [f"epoch-{best['epoch']}"]))[2]
+        out[best["path"]] = (best["path"], best["metadata"], [*aliases, "best"])
+    return sorted(out.values(), key=lambda item: int(item[1]["epoch"]))
+
+
+class VersionPruner:
+    """Online runs with ``keep`` other than ``all``: once a version is committed, every older
+    version of the run's model that is neither the best (the newest improvement) nor, with
+    ``best_and_last``, the newest, is deleted through W&B's public API. ``api``: a
+    ``wandb.Api`` (made when first needed)."""
+
+    def __init__(self, keep: str, api: Any = None) -> None:
+        self.keep = keep
+        self._api = api
+        self.versions: list[tuple[str, bool]] = []  # (qualified name, improvement), oldest first
+        self.deleted: list[str] = []
+
+    def committed(self, artifact: Any, is_best: bool) -> None:
+        artifact.wait()  # its version is known, and it is there before others go
+        name = artifact.qualified_name
+        if any(v[0] == name for v in self.versions):
+            return  # the same files logged again (a moved alias): no new version
+        self.versions.append((name, is_best))
+        improvements = [n for n, best in self.versions if best]
+        if self.keep == "best" and improvements:
+            kept = {improvements[-1]}
+        else:  # the newest (the last), and the newest improvement (the best)
+            kept = {name, *improvements[-1:]}
+        for old, _ in list(self.versions):
+            if old not in kept:
+                self._delete(old)
+
+    def _delete(self, name: str) -> None:
+        if self._api is None:
+            import wandb
+
+            self._api = wandb.Api()
+        self._api.artifact(name, type="model").delete(delete_aliases=True)
+        self.versions = [v for v in self.versions if v[0] != name]
+        self.deleted.append(name)
 
 
 def stage_checkpoint(run_dir: str, checkpoint_name: str) -> str:
@@ -116,7 +181,13 @@ class WandbRun:
         self.extra_metadata = extra_metadata or {}  # e.g. a trial's id and hyperparameters
         self.cfg = cfg
         self.mode = mode
-        self.log_model_setting = cfg.wandb.log_model
+        self.keep = cfg.wandb.keep
+        self.live = logs_live(cfg.wandb.log_model, cfg.wandb.keep, mode)
+        # What the controller stages for W&B while the run goes: nothing when models are
+        # logged at the end, from the checkpoints.
+        self.log_model_setting = cfg.wandb.log_model if self.live else "none"
+        self.pruner = (VersionPruner(cfg.wandb.keep)
+                       if self.live and mode == "online" and cfg.wandb.keep != "all" else None)
         self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []
         self.best_alias_epoch: int | None = None  # the epoch of the version W&B calls best
@@ -166,9 +237,11 @@ class WandbRun:
                 artifact.add_file(str(target), name=name)
             # add_file's default "mutable" policy copies each file into W&B's staging area,
             # so the temp dir may go once log_artifact returns.
-            self.run.log_artifact(artifact, aliases=aliases)
+            logged = self.run.log_artifact(artifact, aliases=aliases)
         if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
             self.logged_versions.append(int(metadata["epoch"]))
+        if self.pruner is not None and name is None:
+            self.pruner.committed(logged, bool(metadata.get("is_best")))
 
     def finish(self, summary: dict[str, Any], plot_path: str | None,
                exit_code: int = 0) -> dict[str, Any]:
@@ -181,20 +254,34 @@ class WandbRun:
             best = storage.read_json(storage.join(summary["best_checkpoint"], METADATA_FILE))
         if best:
             self.run.summary.update(best_summary(best, summary.get("test_metrics")))
-        self._move_best_alias(summary)
+        if self.live:
+            self._move_best_alias(summary)
+        else:
+            self._log_kept(summary)
         if plot_path:
             self.run.log({"training_curves": wandb.Image(plot_path),
                           "epoch": summary["epochs_completed"]})
         return self._close({"artifact": self.artifact if self.logged_versions else None,
                             "logged_epochs": self.logged_versions}, exit_code)
 
+    def _log_kept(self, summary: dict[str, Any]) -> None:
+        """Models logged at the end (``log_model: end``, or offline unless ``keep: all``): the
+        kept ones only, read from the run's checkpoints."""
+        from orchestrator.checkpoints import kept_checkpoints
+
+        if self.cfg.wandb.log_model == "none" or not summary.get("run_dir"):
+            return
+        for path, metadata, aliases in kept_at_end(
+                self.cfg.wandb.log_model, self.keep, summary.get("best_checkpoint"),
+                kept_checkpoints(summary["run_dir"])):
+            self.log_model(path, metadata, aliases=aliases)
+
     def _move_best_alias(self, summary: dict[str, Any]) -> None:
         """``best`` on the version of the summary's best epoch: logged again with that alias
         (the same files: W&B keeps one version and moves the alias) when the alias sits
         elsewhere, or on no version (a policy that logs other models, or a stopped run)."""
         epoch, path = summary.get("best_epoch"), summary.get("best_checkpoint")
-        if (path is None or self.log_model_setting == "none"
-                or self.best_alias_epoch == epoch):
+        if path is None or self.best_alias_epoch == epoch:
             return
         metadata = storage.read_json(storage.join(path, METADATA_FILE))
         self.log_model(path, metadata, aliases=[f"epoch-{epoch}", "best"])

@@ -147,7 +147,12 @@ class WandbSection(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str | None = None
     entity: str | None = None
-    log_model: Literal["policy", "best", "none"] = "policy"
+    log_model: Literal["policy", "best", "end", "none"] = Field(
+        "policy", description="policy: the models the checkpoint policy saves; best: its "
+        "improvements; end: only the final ones, after training; none")
+    keep: Literal["best", "best_and_last", "all"] = Field(
+        "best_and_last", description="the versions W&B keeps of the run's model: the best, "
+        "the best and the last logged, or every one")
 
 
 class TuneSection(_Section):

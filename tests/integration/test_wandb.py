@@ -119,37 +119,58 @@ def test_best_artifact_carries_the_best_epochs_metadata(wandb_env, ray_local):
                 assert API_KEY_MARKER.encode() not in path.read_bytes(), path
 
 
+def scheduled_config(root: Path, name: str, **sections):
+    """The benchmark's small workload: its monitored metric improves in epochs 1, 2, 3, 5 and
+    8 of 10 whatever the weights do, so every run has exactly five improvements."""
+    from workers.config import RunConfig
+
+    base = {"name": name, "storage_path": str(root / "runs"),
+            "workload": {"entrypoint": "bench.workload:build", "params": {"size": "small"}},
+            "scaling": {"num_workers": 2}, "train": {"epochs": 10, "batch_size": 256},
+            "tracker": {"monitor": "val_scheduled_loss", "mode": "min"}}
+    return RunConfig.model_validate({**base, **sections})
+
+
 @pytest.mark.parametrize(
-    ("checkpoint", "log_model", "expected"),
+    ("policy", "log_model", "keep", "expected"),
     [
-        ({"policy": "all"}, "best", "improvements"),
-        ({"policy": "every_n", "every_n_epochs": 2}, "policy", [2, 4]),
-        ({"policy": "last"}, "policy", [4]),
-        ({"policy": "best"}, "none", []),
+        # What W&B holds is what `keep` keeps: the best (epoch 8) and the last (epoch 10) ...
+        ("all", "policy", "best_and_last", {8: ["best"], 10: ["last"]}),
+        ("all", "policy", "best", {8: ["best"]}),
+        # ... or every model, as the run saved it: the five improvements.
+        ("best", "policy", "all", {1: [], 2: [], 3: [], 5: [], 8: ["best"]}),
+        ("all", "best", "all", {1: [], 2: [], 3: [], 5: [], 8: ["best"]}),
+        # `end`: only the final ones, after training (the last model is the best here).
+        ("best", "end", "best_and_last", {8: ["last", "best"]}),
+        ("best", "none", "best_and_last", {}),
     ],
 )
-def test_log_model_choices(wandb_env, ray_local, checkpoint, log_model, expected):
-    cfg = overfit_config(wandb_env, name=f"wb-{checkpoint['policy']}-{log_model}",
-                         train={"epochs": 4}, checkpoint=checkpoint,
-                         wandb={"mode": "offline", "log_model": log_model})
+def test_wandb_holds_the_versions_keep_keeps(wandb_env, ray_local, policy, log_model, keep,
+                                             expected):
+    cfg = scheduled_config(wandb_env, f"wb-{policy}-{log_model}-{keep}",
+                           checkpoint={"policy": policy},
+                           wandb={"mode": "offline", "log_model": log_model, "keep": keep})
     summary = run_training(cfg)
-    if expected == "improvements":
-        expected = [h["epoch"] for h in summary["history"] if h["is_best"]]
+    assert [h["epoch"] for h in summary["history"] if h["is_best"]] == [1, 2, 3, 5, 8]
+    assert summary["best_epoch"] == 8
     logged = artifacts(summary["wandb"]["run"])
-    # One version per model (a moved alias logs the same files again: the same version).
-    assert list(dict.fromkeys(a["metadata"]["epoch"] for a in logged)) == expected
-    digests = {}
+    versions: dict[int, dict] = {}
     for artifact in logged:
-        digest = artifact["manifest"]["contents"][0]["digest"]
-        assert digests.setdefault(artifact["metadata"]["epoch"], digest) == digest
-    # ``best`` ends on the summary's best epoch, and only where that epoch's model exists.
-    holders = best_holders(logged)
-    if summary["best_checkpoint"] and log_model != "none":
-        assert holders[-1]["metadata"]["epoch"] == summary["best_epoch"]
-    else:
-        assert holders == []
-    if checkpoint["policy"] != "best":  # never on an improvement that a later one beat
-        assert {a["metadata"]["epoch"] for a in holders} <= {summary["best_epoch"]}
+        versions.setdefault(artifact["metadata"]["epoch"], []).append(artifact)
+    # One version per model: the same files logged again (a moved alias) are the same version.
+    assert sorted(versions) == sorted(expected)
+    history = {h["epoch"]: h for h in summary["history"]}
+    for epoch, found in versions.items():
+        assert len({a["manifest"]["contents"][0]["digest"] for a in found}) == 1
+        aliases = {alias for a in found for alias in a["aliases"]}
+        assert aliases >= {f"epoch-{epoch}", *expected[epoch]}, aliases
+        # Each version's metadata is that epoch's record.
+        meta = found[-1]["metadata"]
+        assert meta["is_best"] == history[epoch]["is_best"]
+        assert meta["val_scheduled_loss"] == history[epoch]["val_scheduled_loss"]
+    # `best` sits on the best epoch's version only.
+    assert {a["metadata"]["epoch"] for a in best_holders(logged)} == (
+        {8} if expected else set())
 
 
 def test_wandb_mirrors_the_history_after_a_restart(wandb_env, ray_local):

@@ -67,3 +67,104 @@ def test_disabled_imports_nothing_from_wandb():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def ckpt(epoch: int, is_best: bool, saved_because: str = "all") -> dict:
+    return {"epoch": epoch, "path": f"/runs/r/checkpoint_epoch{epoch:04d}", "is_best": is_best,
+            "metadata": {"epoch": epoch, "is_best": is_best, "saved_because": saved_because}}
+
+
+# Five improvements (1, 2, 3, 5, 8) in 10 epochs, every epoch saved (policy all).
+ALL_TEN = [ckpt(e, e in (1, 2, 3, 5, 8)) for e in range(1, 11)]
+BEST = ALL_TEN[7]["path"]
+
+
+@pytest.mark.parametrize(
+    ("log_model", "keep", "checkpoints", "expected"),
+    [
+        ("policy", "best_and_last", ALL_TEN,
+         [(8, ["epoch-8", "best"]), (10, ["epoch-10", "last"])]),
+        ("policy", "best", ALL_TEN, [(8, ["epoch-8", "best"])]),
+        ("best", "best_and_last", ALL_TEN, [(8, ["epoch-8", "last", "best"])]),  # one version
+        ("end", "best_and_last", ALL_TEN, [(8, ["epoch-8", "best"]), (10, ["epoch-10", "last"])]),
+        ("end", "all", ALL_TEN, [(8, ["epoch-8", "best"]), (10, ["epoch-10", "last"])]),
+        # A resume-only checkpoint is never the last model.
+        ("policy", "best_and_last", [*ALL_TEN[:8], ckpt(9, False, "resume")],
+         [(8, ["epoch-8", "last", "best"])]),
+        ("none", "best_and_last", [], []),
+    ],
+)
+def test_the_models_kept_at_the_end(log_model, keep, checkpoints, expected):
+    from orchestrator.wandb_log import kept_at_end
+
+    kept = kept_at_end(log_model, keep, BEST if checkpoints else None, checkpoints)
+    assert [(int(m["epoch"]), aliases) for _, m, aliases in kept] == expected
+
+
+class RecordedApi:
+    """What W&B's public API does with the calls the pruner makes (``Api.artifact(name,
+    type=...)`` then ``Artifact.delete(delete_aliases=True)``), recorded: no server here."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def artifact(self, name: str, type: str | None = None):
+        assert type == "model" and name.startswith("team/proj/run-model:v")
+        api = self
+
+        class Version:
+            def delete(self, delete_aliases: bool = False) -> bool:
+                assert delete_aliases  # a superseded version may still hold epoch-N
+                api.deleted.append(name)
+                return True
+
+        return Version()
+
+
+class Logged:
+    """An artifact as ``run.log_artifact`` returns it online: ``wait`` until committed, then
+    its qualified name carries the version."""
+
+    def __init__(self, version: int) -> None:
+        self.version, self.waited = version, False
+
+    def wait(self):
+        self.waited = True
+        return self
+
+    @property
+    def qualified_name(self) -> str:
+        assert self.waited, "the version is known only once committed"
+        return f"team/proj/run-model:v{self.version}"
+
+
+@pytest.mark.parametrize(
+    ("keep", "left"),
+    [("best_and_last", ["v7", "v9"]), ("best", ["v7"])],
+)
+def test_online_superseded_versions_are_deleted_once_a_newer_one_is_committed(keep, left):
+    from orchestrator.wandb_log import VersionPruner
+
+    api = RecordedApi()
+    pruner = VersionPruner(keep, api)
+    # Epochs 1..10 logged as versions v0..v9 (policy all); improvements in 1, 2, 3, 5 and 8.
+    most_held = 0
+    for version in range(10):
+        pruner.committed(Logged(version), is_best=version + 1 in (1, 2, 3, 5, 8))
+        most_held = max(most_held, len(pruner.versions))
+    assert [name.rsplit(":", 1)[1] for name, _ in pruner.versions] == left
+    assert sorted(api.deleted + [f"team/proj/run-model:{v}" for v in left]) == sorted(
+        f"team/proj/run-model:v{v}" for v in range(10))
+    assert most_held <= 2  # at any time, at most the kept versions
+
+
+def test_a_moved_alias_is_no_new_version_and_deletes_nothing():
+    from orchestrator.wandb_log import VersionPruner
+
+    api = RecordedApi()
+    pruner = VersionPruner("best_and_last", api)
+    for version, is_best in ((0, True), (1, False)):
+        pruner.committed(Logged(version), is_best=is_best)
+    pruner.committed(Logged(0), is_best=True)  # `best` moved onto v0 at the end: same files
+    assert [n for n, _ in pruner.versions] == ["team/proj/run-model:v0", "team/proj/run-model:v1"]
+    assert api.deleted == []
