@@ -145,6 +145,8 @@ def install(result: Result, venv: Path, log: Path) -> bool:
     if run([str(result.python), "-m", "venv", str(venv)], log).returncode:
         return False
     target = ".[test]" if not result.editable else "-e.[test]"
+    if not result.editable:  # setuptools builds in build/ and would ship a stale file from it
+        shutil.rmtree(REPO / "build", ignore_errors=True)
     extra = shlex.split(os.environ.get("TEST_PYTHONS_PIP_ARGS", ""))
     proc = run([str(venv / "bin/python"), "-m", "pip", "install", "--quiet", target, *extra],
                log, cwd=REPO)
