@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint clean
+.PHONY: train test lint clean test-pythons test-cluster-setup
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,20 @@ train: $(STAMP)
 	$(VENV)/bin/orchestrator train configs/digits.yaml --overwrite
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator workers tests bench
+	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator workers tests bench
+	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+
+# Not part of `make test`: each supported Python gets a fresh venv (about 7 GB, minutes to
+# install; on Pythons other than 3.11 pip downloads torch), the unit tier and a 2-worker run.
+test-pythons:
+	$(PYTHON) scripts/test_pythons.py
+
+# cluster.yaml's setup_commands, run here against a fake home whose image has Python 3.10.
+test-cluster-setup:
+	$(PYTHON) scripts/test_cluster_setup.py
 
 clean:
 	rm -rf runs .pytest_cache

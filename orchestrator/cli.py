@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, resume: str, overwrite: str) -> None:
     """CONFIG, --set and the explicit choice for an existing run: shared by train and tune."""
-    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("config", help="YAML config file, or a built-in config's name "
+                        "(e.g. digits; a wrong name lists them)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
     again = parser.add_mutually_exclusive_group()

@@ -1,4 +1,5 @@
-"""Loading the run config: YAML file + ``--set key=value`` overrides -> a validated RunConfig.
+"""Loading the run config: YAML file (or built-in config name) + ``--set key=value`` overrides
+-> a validated RunConfig.
 
 Every problem becomes a ``UserError`` whose message is one line naming the field (or file)
 and what would be valid; the CLI prints it and exits 2 before anything is started or written.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def builtin_configs() -> dict[str, Path]:
+    """The configs shipped in the package, by name (``digits`` for ``digits.yaml``).
+
+    ``orchestrator/configs`` is a link to the repository's ``configs/``: one copy of each file,
+    which a wheel (``pip install .``) holds as real files.
+    """
+    root = Path(str(resources.files("orchestrator") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def resolve_config(arg: str | Path) -> Path:
+    """A path that exists is read as given; a bare name (no folder, no suffix) is a built-in
+    config, so ``orchestrator train digits`` works from any directory after any install."""
+    path = Path(arg)
+    if path.exists() or len(path.parts) != 1 or path.suffix:
+        return path
+    builtins = builtin_configs()
+    if str(arg) in builtins:
+        return builtins[str(arg)]
+    raise UserError(f"{arg}: no such config file, nor a built-in config (built-in configs: "
+                    f"{', '.join(builtins) or 'none'})")
+
+
 def ensure_cwd_importable() -> None:
     """A user's workload module next to where they run the command must import."""
     cwd = str(Path.cwd())
@@ -122,7 +147,7 @@ def ensure_cwd_importable() -> None:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = apply_overrides(read_yaml(resolve_config(path)), overrides or [])
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
