@@ -54,11 +54,34 @@ def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
     return saved_because != "resume"
 
 
-def logs_live(log_model: str, keep: str, mode: str) -> bool:
+def reference_uri(path: str) -> str:
+    """A checkpoint file's address as W&B's S3/GCS handlers take it (no pyarrow query)."""
+    uri = path.split("?", 1)[0]
+    return "gs://" + uri.removeprefix("gcs://") if uri.startswith("gcs://") else uri
+
+
+def point_wandb_at_endpoint(storage_path: str) -> None:
+    """W&B reads a custom S3 endpoint from ``AWS_S3_ENDPOINT_URL``; pyarrow from the URI's
+    ``endpoint_override``. Set the former from the latter unless the user set it."""
+    from urllib.parse import parse_qs, urlparse
+
+    query = parse_qs(urlparse(storage_path).query)
+    if "endpoint_override" in query and not os.environ.get("AWS_S3_ENDPOINT_URL"):
+        endpoint = query["endpoint_override"][0]
+        if "://" not in endpoint:
+            endpoint = f"{query.get('scheme', ['https'])[0]}://{endpoint}"
+        os.environ["AWS_S3_ENDPOINT_URL"] = endpoint
+        if "region" in query:
+            os.environ.setdefault("AWS_REGION", query["region"][0])
+
+
+def logs_live(log_model: str, keep: str, mode: str, model_files: str = "copy") -> bool:
     """Whether models are logged as the run saves them. Online, a superseded version is
     deleted once a newer one is committed (``VersionPruner``). Offline, nothing can be deleted
     from the run ``wandb sync`` uploads, so unless every version is kept, the kept ones are
     logged at the end, from the checkpoints themselves (as with ``log_model: end``)."""
+    if model_files == "reference":
+        return False  # only the kept checkpoints outlive the run: references point at them
     return log_model in ("policy", "best") and (mode == "online" or keep == "all")
 
 
@@ -182,7 +205,10 @@ class WandbRun:
         self.cfg = cfg
         self.mode = mode
         self.keep = cfg.wandb.keep
-        self.live = logs_live(cfg.wandb.log_model, cfg.wandb.keep, mode)
+        self.live = logs_live(cfg.wandb.log_model, cfg.wandb.keep, mode, cfg.wandb.model_files)
+        self.references = cfg.wandb.model_files == "reference"
+        if self.references:
+            point_wandb_at_endpoint(cfg.storage_path)
         # What the controller stages for W&B while the run goes: nothing when models are
         # logged at the end, from the checkpoints.
         self.log_model_setting = cfg.wandb.log_model if self.live else "none"
@@ -230,6 +256,20 @@ class WandbRun:
             aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if live_best else [])
         if "best" in aliases:
             self.best_alias_epoch = int(metadata["epoch"])
+        if self.references and storage.is_uri(checkpoint_path):
+            # Nothing uploaded twice: W&B records each object's address and ETag.
+            for file_name in STAGED_FILES:
+                artifact.add_reference(reference_uri(storage.join(checkpoint_path, file_name)),
+                                       name=file_name)
+            logged = self.run.log_artifact(artifact, aliases=aliases)
+        else:
+            logged = self._log_copies(artifact, checkpoint_path, aliases)
+        if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
+            self.logged_versions.append(int(metadata["epoch"]))
+        if self.pruner is not None and name is None:
+            self.pruner.committed(logged, bool(metadata.get("is_best")))
+
+    def _log_copies(self, artifact: Any, checkpoint_path: str, aliases: list[str]) -> Any:
         with tempfile.TemporaryDirectory() as local:
             for name in STAGED_FILES:
                 target = Path(local) / name
@@ -237,11 +277,7 @@ class WandbRun:
                 artifact.add_file(str(target), name=name)
             # add_file's default "mutable" policy copies each file into W&B's staging area,
             # so the temp dir may go once log_artifact returns.
-            logged = self.run.log_artifact(artifact, aliases=aliases)
-        if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
-            self.logged_versions.append(int(metadata["epoch"]))
-        if self.pruner is not None and name is None:
-            self.pruner.committed(logged, bool(metadata.get("is_best")))
+            return self.run.log_artifact(artifact, aliases=aliases)
 
     def finish(self, summary: dict[str, Any], plot_path: str | None,
                exit_code: int = 0) -> dict[str, Any]:

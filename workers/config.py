@@ -153,6 +153,10 @@ class WandbSection(_Section):
     keep: Literal["best", "best_and_last", "all"] = Field(
         "best_and_last", description="the versions W&B keeps of the run's model: the best, "
         "the best and the last logged, or every one")
+    model_files: Literal["copy", "reference"] = Field(
+        "copy", description="copy: upload the model files to W&B; reference: storage on s3:// "
+        "or gs:// only, the artifact points at the checkpoint in the bucket (nothing uploaded "
+        "twice; logged when the run ends)")
 
 
 class TuneSection(_Section):
@@ -207,6 +211,11 @@ class RunConfig(_Section):
             value = getattr(getattr(self, section), key)
             if not math.isfinite(value):
                 raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")
+        if self.wandb.model_files == "reference" and not self.storage_path.lower().startswith(
+                ("s3://", "gs://", "gcs://")):
+            raise ValueError("wandb.model_files: reference points W&B at the checkpoints in an "
+                             "object store, and storage_path is not one (s3://, gs://); use "
+                             "copy")
         if self.scaling.strategy == "fsdp":
             if self.engine == "fastai":
                 raise ValueError("scaling.strategy: fsdp is for engine: torch (a fastai Learner "

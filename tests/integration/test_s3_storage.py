@@ -60,10 +60,15 @@ def s3_server(monkeypatch):
 def test_training_on_s3_storage(s3_server, tmp_path):
     port = s3_server["port"]
     uri = f"s3://{BUCKET}/experiments?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO)}
+    wandb_dirs = {var: tmp_path / var.lower() for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR")}
+    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO),
+           **{var: str(path) for var, path in wandb_dirs.items()}}
+    env.pop("AWS_S3_ENDPOINT_URL", None)  # the tool sets it for W&B from the storage URI
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "train", str(REPO / "configs/digits.yaml"),
-         "--set", f"storage_path={uri}", "--set", "train.epochs=3", "--set", "name=on-s3"],
+         "--set", f"storage_path={uri}", "--set", "train.epochs=3", "--set", "name=on-s3",
+         # The model logged to W&B as a reference to the bucket's object, not a copy.
+         "--set", "wandb.mode=offline", "--set", "wandb.model_files=reference"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -92,6 +97,25 @@ def test_training_on_s3_storage(s3_server, tmp_path):
     metadata = json.load(io.BytesIO(client.get_object(
         Bucket=BUCKET, Key=f"{best_key}/metadata.json")["Body"].read()))
     assert metadata["epoch"] == summary["best_epoch"]
+
+    # W&B: one version (the best, which is the last), whose files are references to the
+    # bucket's objects with their ETags as digests, and whose metadata is metadata.json's:
+    # the epoch's metrics and the model file's size and sha256.
+    from tests.integration.test_wandb import artifacts
+
+    logged = artifacts(summary["wandb"]["run"])
+    assert [a["metadata"]["epoch"] for a in logged] == [summary["best_epoch"]]
+    assert logged[0]["metadata"]["files"] == metadata["files"]
+    assert logged[0]["metadata"]["val_loss"] == summary["best_metrics"]["val_loss"]
+    entries = {c["path"]: c for c in logged[0]["manifest"]["contents"]}
+    for name in ("model.safetensors", "metadata.json"):
+        head = client.head_object(Bucket=BUCKET, Key=f"{best_key}/{name}")
+        assert entries[name]["ref"] == f"s3://{BUCKET}/{best_key}/{name}"
+        assert entries[name]["digest"] == head["ETag"].strip('"')
+    # No model bytes staged or cached locally for W&B.
+    local = [p for root in (*wandb_dirs.values(), tmp_path / "wandb-runs")
+             for p in root.rglob("*") if p.is_file()]
+    assert local and not any(p.read_bytes() == blob for p in local)
 
 
 def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path):
