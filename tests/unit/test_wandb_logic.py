@@ -168,3 +168,16 @@ def test_a_moved_alias_is_no_new_version_and_deletes_nothing():
     pruner.committed(Logged(0), is_best=True)  # `best` moved onto v0 at the end: same files
     assert [n for n, _ in pruner.versions] == ["team/proj/run-model:v0", "team/proj/run-model:v1"]
     assert api.deleted == []
+
+
+def test_the_calls_the_pruner_makes_exist_in_wandbs_public_api():
+    """The recorded API above has the real one's shape (no server here to call it)."""
+    import inspect
+
+    import wandb
+    from wandb.sdk.artifacts.artifact import Artifact
+
+    assert list(inspect.signature(wandb.Api.artifact).parameters) == ["self", "name", "type"]
+    assert "delete_aliases" in inspect.signature(Artifact.delete).parameters
+    assert "timeout" in inspect.signature(Artifact.wait).parameters
+    assert isinstance(Artifact.qualified_name, property)
