@@ -98,7 +98,7 @@ def main() -> None:
         table.add_row(name, str(r["versions"]), f"{r['staged'] / mb:.1f}",
                       f"{r['staged'] / before:.2f}", f"{r['cache'] / mb:.1f}",
                       f"{r['offline run'] / mb:.2f}", f"{r['log s']:.3f}")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":
