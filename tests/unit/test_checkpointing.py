@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from tests.payloads import Payload
 from workers.checkpoint.integrity import damage, newest_intact
 from workers.checkpoint.load import load_intact, load_metadata, load_train_state, load_weights
 from workers.checkpoint.snapshot import HostBuffers, snapshot
@@ -100,16 +101,6 @@ def test_damaged_files_are_named_and_the_newest_intact_checkpoint_is_chosen(tmp_
                        f"ckpt4/{MODEL_FILE} does not match its sha256"]
     (tmp_path / "ckpt2" / MODEL_FILE).unlink()
     assert newest_intact(names, check) == (None, [*damaged, f"ckpt2/{MODEL_FILE} is missing"])
-
-
-class Payload:
-    """A pickle that would run code when loaded: it creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_a_train_state_that_would_run_code_is_refused_unrun(tmp_path):

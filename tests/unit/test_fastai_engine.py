@@ -18,6 +18,7 @@ from fastai.metrics import F1Score
 from pydantic import ValidationError
 
 from orchestrator.config_file import format_validation_error, load_config
+from tests.payloads import Payload
 from tests.workloads.overfit_fastai import build as overfit_learner
 from workers.config import RunConfig
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
@@ -116,16 +117,6 @@ def test_fastai_optimizer_state_loads_without_pickle_and_restores():
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key
-
-
-class Payload:
-    """A pickle that would run code when loaded: it creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def test_a_learner_file_that_would_run_code_is_refused_by_the_documented_load(tmp_path):
