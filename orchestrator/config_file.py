@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 from orchestrator.errors import UserError
 from workers.config import RunConfig
-from workers.workload import WorkloadError, check_params
 
 
 class _Loader(yaml.SafeLoader):
@@ -153,6 +152,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except ValidationError as exc:
         raise UserError(format_validation_error(exc)) from None
     ensure_cwd_importable()
+    # Here, not at the top: importing it imports torch (1.5 s), which a config that is
+    # already wrong should not wait for.
+    from workers.workload import WorkloadError, check_params
+
     try:
         check_params(cfg.workload.entrypoint, cfg.workload.params)
     except WorkloadError as exc:
