@@ -270,13 +270,18 @@ class WandbRun:
             self.pruner.committed(logged, bool(metadata.get("is_best")))
 
     def _log_copies(self, artifact: Any, checkpoint_path: str, aliases: list[str]) -> Any:
+        # add_file's default "mutable" policy copies each file into W&B's staging area at
+        # once, so a local checkpoint is added as it is (one copy: W&B's), and one in an object
+        # store goes through a temporary local file, which may go once log_artifact returns.
+        if not storage.is_uri(checkpoint_path):
+            for name in STAGED_FILES:
+                artifact.add_file(str(Path(checkpoint_path) / name), name=name)
+            return self.run.log_artifact(artifact, aliases=aliases)
         with tempfile.TemporaryDirectory() as local:
             for name in STAGED_FILES:
                 target = Path(local) / name
                 target.write_bytes(storage.read_bytes(storage.join(checkpoint_path, name)))
                 artifact.add_file(str(target), name=name)
-            # add_file's default "mutable" policy copies each file into W&B's staging area,
-            # so the temp dir may go once log_artifact returns.
             return self.run.log_artifact(artifact, aliases=aliases)
 
     def finish(self, summary: dict[str, Any], plot_path: str | None,
