@@ -90,9 +90,8 @@ def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
     """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
     checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
     (``last``; the same version when it is the best)."""
-    choice = "policy" if log_model == "end" else log_model
-    chosen = [c for c in checkpoints if should_log_model(choice, c["metadata"]["saved_because"],
-                                                         c["is_best"])]
+    chosen = [c for c in checkpoints if should_log_model(
+        log_model, c["metadata"]["saved_because"], c["is_best"])]
     out: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
     if keep != "best" and chosen:
         last = chosen[-1]
