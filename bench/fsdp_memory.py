@@ -25,7 +25,7 @@ from rich.table import Table
 from bench.native import free_port
 from bench.workload import build
 from workers.checkpoint.snapshot import HostBuffers
-from workers.sharding import ShardedState, fully_shard_model
+from workers.loop.sharding import ShardedState, fully_shard_model
 
 
 def local_bytes(obj: object) -> int:

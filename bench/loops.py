@@ -24,7 +24,7 @@ import torch
 
 from bench.probes import SAVE_KEY, WRITTEN_KEY
 from workers.engines.torch_engine import run_epoch, setup
-from workers.runtime import start_worker
+from workers.loop.runtime import start_worker
 
 
 def _epochs(config: dict[str, Any]):

@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
+from workers.contract.workload import build_workload
 from workers.engines.torch_engine import make_optimizer
-from workers.runtime import epoch_seed
-from workers.steps import (
+from workers.loop.runtime import epoch_seed
+from workers.loop.steps import (
     accumulate,
     global_metrics,
     infer_num_classes,
@@ -32,7 +33,6 @@ from workers.steps import (
     train_epoch,
     workload_metrics,
 )
-from workers.workload import build_workload
 
 
 def free_port() -> int:

@@ -90,7 +90,7 @@ def start_ray() -> None:
 
     import ray
 
-    from orchestrator.cluster import ray_env_vars
+    from orchestrator.start.cluster import ray_env_vars
 
     # Read by the raylet when it starts: its workers' niceness, relative to its own (which is
     # this process's). Ray's default, 15, would put the Ray variants, and only them, behind
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.variants import HEALTH_CHECK_ENV
     from bench.workload import improving_epochs
-    from orchestrator.cluster import DEFAULT_HEALTH_CHECK_S
+    from orchestrator.start.cluster import DEFAULT_HEALTH_CHECK_S
 
     args = parse_args(argv)
     interval = args.interval or os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)

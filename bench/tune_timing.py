@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
 
 
 def search(root: Path, name: str, concurrent: int) -> RunConfig:
@@ -29,9 +29,9 @@ def search(root: Path, name: str, concurrent: int) -> RunConfig:
 
 
 def main() -> None:
-    from orchestrator.cluster import init_ray
-    from orchestrator.console import Console as RunConsole
-    from orchestrator.tune import run_search
+    from orchestrator.search.run import run_search
+    from orchestrator.start.cluster import init_ray
+    from orchestrator.start.console import Console as RunConsole
 
     root = Path(tempfile.mkdtemp(prefix="tune-timing-"))
     init_ray()

@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.probes import ControllerClock, Sampler, WorkerProbe, read_jsonl
 from bench.workload import MONITOR
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
@@ -81,7 +81,7 @@ def _baseline_trainer(variant: str, cfg: RunConfig, callbacks: list[Any]) -> Any
 
 def run_ray_variant(variant: str, cfg: RunConfig, log_dir: Path,
                     interval_s: str) -> dict[str, Any]:
-    from orchestrator.trainer import build_trainer
+    from orchestrator.training.ray_trainer import build_trainer
 
     log_dir.mkdir(parents=True)
     run_dir = Path(cfg.storage_path) / cfg.name

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
 
 
 def config(root: Path, name: str, mode: str, epochs: int) -> RunConfig:
@@ -33,9 +33,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from orchestrator.cluster import init_ray
-    from orchestrator.console import Console as RunConsole
-    from orchestrator.train import run_training
+    from orchestrator.start.cluster import init_ray
+    from orchestrator.start.console import Console as RunConsole
+    from orchestrator.training.run import run_training
 
     root = Path(tempfile.mkdtemp(prefix="wandb-overhead-"))
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):

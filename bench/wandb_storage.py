@@ -36,9 +36,9 @@ def tree_bytes(root: Path) -> int:
 def run_variant(name: str, wandb_cfg: dict[str, Any], size: str, epochs: int,
                 root: Path) -> dict[str, Any]:
     from bench.variants import make_config
-    from orchestrator import wandb_log
-    from orchestrator.train import run_training
-    from workers.config import RunConfig
+    from orchestrator.tracking import wandb_run
+    from orchestrator.training.run import run_training
+    from workers.contract.config import RunConfig
 
     dirs = {var: root / name.replace(" ", "_").replace(":", "") / var.lower()
             for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR")}
@@ -51,7 +51,7 @@ def run_variant(name: str, wandb_cfg: dict[str, Any], size: str, epochs: int,
     cfg = RunConfig.model_validate(base)
 
     timings: list[float] = []
-    original = wandb_log.WandbRun.log_model
+    original = wandb_run.WandbRun.log_model
 
     def timed(self, *args, **kwargs):
         started = time.perf_counter()
@@ -60,11 +60,11 @@ def run_variant(name: str, wandb_cfg: dict[str, Any], size: str, epochs: int,
         finally:
             timings.append(time.perf_counter() - started)
 
-    wandb_log.WandbRun.log_model = timed
+    wandb_run.WandbRun.log_model = timed
     try:
         summary = run_training(cfg)
     finally:
-        wandb_log.WandbRun.log_model = original
+        wandb_run.WandbRun.log_model = original
     offline = Path(summary["wandb"]["run"])
     return {
         "staged": tree_bytes(dirs["WANDB_DATA_DIR"]),
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--size", default="large")
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
-    from orchestrator.cluster import init_ray
+    from orchestrator.start.cluster import init_ray
 
     init_ray()
     rows = {}

@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from workers.files import json_bytes, write_object
 
 if TYPE_CHECKING:
-    from workers.config import RunConfig
+    from workers.contract.config import RunConfig
 
 
 def is_uri(path: str) -> bool:

@@ -41,7 +41,7 @@ VENVS = REPO / ".venvs"
 RESCORE = """
 import json, sys, torch
 from workers.checkpoint.load import load_weights
-from workers.steps import evaluate_dataset, workload_metrics
+from workers.loop.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build
 summary = json.load(open(sys.argv[1]))
 workload = build(**summary["config"]["workload"]["params"])
@@ -176,7 +176,7 @@ def unit_tests(result: Result, venv: Path, log: Path) -> None:
 
 def check_wheel_install(result: Result, venv: Path, work: Path, log: Path) -> bool:
     """A plain install runs from site-packages, with the built-in configs as real files."""
-    probe = ("import orchestrator, pathlib; from orchestrator.config_file import "
+    probe = ("import orchestrator, pathlib; from orchestrator.start.config_file import "
              "builtin_configs; c = builtin_configs(); "
              "print(orchestrator.__file__); print(*(f'{n}={p}' for n, p in c.items()));"
              "assert c and all(p.is_file() and not p.is_symlink() for p in c.values())")

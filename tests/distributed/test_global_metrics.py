@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers.metrics import build_metrics
-from workers.steps import accumulate, evaluate_dataset, global_metrics, shard
+from workers.decisions.metrics import build_metrics
+from workers.loop.steps import accumulate, evaluate_dataset, global_metrics, shard
 
 pytestmark = pytest.mark.distributed
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def ray_local():
     import ray
 
-    from orchestrator.cluster import init_ray
+    from orchestrator.start.cluster import init_ray
 
     init_ray()
     yield

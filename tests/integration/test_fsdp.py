@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator.errors import UserError
-from orchestrator.train import run_training
+from orchestrator.training.run import run_training
 from tests.integration.conftest import assert_close, overfit_config
 from tests.workloads.overfit import build as build_overfit
-from workers.saved_model import evaluate_split
+from workers.checkpoint.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from safetensors.torch import load
 
 from tests.integration.conftest import REPO, assert_close, free_port, overfit_config, wait_for
 from tests.integration.outage import Outage
-from workers.config import RunConfig
-from workers.steps import evaluate_dataset, workload_metrics
+from workers.contract.config import RunConfig
+from workers.loop.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.console import Console
 from orchestrator.errors import UserError
-from orchestrator.summary import summarize
-from orchestrator.train import run_training
+from orchestrator.results.summary import summarize
+from orchestrator.start.console import Console
+from orchestrator.training.run import run_training
 from tests.integration.conftest import REPO, assert_close, checkpoint_dirs, overfit_config
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
-from workers.saved_model import evaluate_split
+from workers.checkpoint.saved_model import evaluate_split
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_a_user_error_is_never_retried_even_with_unlimited_failures(tmp_path):
 
 
 def test_breast_cancer_monitors_mcc(tmp_path, ray_local):
-    from workers.config import RunConfig
+    from workers.contract.config import RunConfig
 
     cfg = RunConfig.model_validate({
         "name": "bc", "storage_path": str(tmp_path / "runs"),

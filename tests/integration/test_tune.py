@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.tune import run_search
+from orchestrator.search.run import run_search
 from tests.integration.conftest import REPO, assert_close, overfit_config, ray_pids, wait_for
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
-from workers.config import RunConfig
-from workers.saved_model import evaluate_split
+from workers.checkpoint.saved_model import evaluate_split
+from workers.contract.config import RunConfig
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import run_training
+from orchestrator.training.run import run_training
 from tests.integration.conftest import overfit_config
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,7 @@ def test_best_artifact_carries_the_best_epochs_metadata(wandb_env, ray_local):
 def scheduled_config(root: Path, name: str, **sections):
     """The benchmark's small workload: its monitored metric improves in epochs 1, 2, 3, 5 and
     8 of 10 whatever the weights do, so every run has exactly five improvements."""
-    from workers.config import RunConfig
+    from workers.contract.config import RunConfig
 
     base = {"name": name, "storage_path": str(root / "runs"),
             "workload": {"entrypoint": "bench.workload:build", "params": {"size": "small"}},

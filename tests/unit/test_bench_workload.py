@@ -12,7 +12,7 @@ from bench.workload import (
     scheduled_value,
     weights_bytes,
 )
-from workers.tracker import BestTracker
+from workers.decisions.tracker import BestTracker
 
 
 def test_schedule_improves_in_some_epochs_only():

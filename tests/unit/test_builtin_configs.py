@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.config_file import builtin_configs, load_config, resolve_config
+from orchestrator.cli.main import main
 from orchestrator.errors import UserError
+from orchestrator.start.config_file import builtin_configs, load_config, resolve_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cluster import Capacity, capacity, check_resources
 from orchestrator.errors import UserError
-from workers.config import RunConfig
+from orchestrator.start.cluster import Capacity, capacity, check_resources
+from workers.contract.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAD_ONLY = [{"CPU": 0.0, "memory": 3e10, "node:__internal_head__": 1.0}]

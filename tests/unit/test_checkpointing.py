@@ -19,8 +19,8 @@ from workers.checkpoint.integrity import damage, newest_intact
 from workers.checkpoint.load import load_intact, load_metadata, load_train_state, load_weights
 from workers.checkpoint.snapshot import HostBuffers, snapshot
 from workers.checkpoint.writer import write_checkpoint
-from workers.errors import UserInputError
-from workers.names import MODEL_FILE
+from workers.contract.errors import UserInputError
+from workers.contract.names import MODEL_FILE
 
 
 def model() -> torch.nn.Module:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import failure_summary, user_error_in
-from workers.errors import WorkloadError
-from workers.tracker import MonitorNotReportedError
+from workers.contract.errors import WorkloadError
+from workers.decisions.tracker import MonitorNotReportedError
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "ray", "wandb", "fastai")
@@ -104,7 +104,7 @@ def test_other_failures_are_not_user_errors_and_name_the_original_exception():
 def test_a_reader_that_goes_away_does_not_stop_the_run():
     import io
 
-    from orchestrator.console import Console
+    from orchestrator.start.console import Console
 
     class ClosedPipe(io.StringIO):
         def write(self, text: str) -> int:

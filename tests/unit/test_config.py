@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.config_file import apply_overrides, load_config, parse_override
 from orchestrator.errors import UserError
-from workers.config import RunConfig
+from orchestrator.start.config_file import apply_overrides, load_config, parse_override
+from workers.contract.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS = "workers.workloads.digits:build"

@@ -17,14 +17,14 @@ from fastai.data.core import DataLoaders
 from fastai.metrics import F1Score
 from pydantic import ValidationError
 
-from orchestrator.config_file import format_validation_error, load_config
+from orchestrator.start.config_file import format_validation_error, load_config
 from tests.payloads import Payload
 from tests.workloads.overfit_fastai import build as overfit_learner
-from workers.config import RunConfig
+from workers.contract.config import RunConfig
+from workers.contract.workload import WorkloadError, build_workload
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
 from workers.engines.fastai.learner import AvgMetricStats
-from workers.steps import evaluate_dataset
-from workers.workload import WorkloadError, build_workload
+from workers.loop.steps import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -159,8 +159,9 @@ def test_builtin_fastai_config_and_workload():
 
 def test_the_torch_engine_never_imports_fastai():
     code = (
-        "import sys, workers.engines.torch_engine, workers.saved_model, orchestrator.train\n"
-        "from workers.workload import build_workload\n"
+        "import sys, workers.engines.torch_engine, workers.checkpoint.saved_model\n"
+        "import orchestrator.training.run\n"
+        "from workers.contract.workload import build_workload\n"
         "build_workload('workers.workloads.digits:build', {})\n"
         "import workers.engines; workers.engines.train_loop_for('torch')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastai'))\n"

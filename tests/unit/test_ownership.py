@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.checkpoints import resume_point
 from orchestrator.errors import UserError
-from orchestrator.ownership import (
+from orchestrator.results.checkpoints import resume_point
+from orchestrator.start.run_dir import (
     SetAside,
     check_deletable,
     is_ours,
@@ -23,7 +23,7 @@ from orchestrator.ownership import (
     prepare_run_dir,
     unlock,
 )
-from workers.names import RUN_LOCK, RUN_MARKER
+from workers.contract.names import RUN_LOCK, RUN_MARKER
 
 
 def a_run(path: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.policy import SaveDecision, decide_save, ray_keep_settings
+from workers.decisions.policy import SaveDecision, decide_save, ray_keep_settings
 
 POLICIES = ["best", "every_n", "all", "last", "none"]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers.metrics import build_metrics
-from workers.steps import accumulate, as_float32, evaluate_dataset, train_epoch
+from workers.decisions.metrics import build_metrics
+from workers.loop.steps import accumulate, as_float32, evaluate_dataset, train_epoch
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from tests.workloads.overfit import build as build_overfit
-from workers.errors import UserInputError
-from workers.sharding import shard_units
+from workers.contract.errors import UserInputError
+from workers.loop.sharding import shard_units
 
 
 class Block(nn.Module):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from workers.tracker import BestTracker, MonitorNotReportedError
+from workers.decisions.tracker import BestTracker, MonitorNotReportedError
 
 INF = math.inf
 NAN = math.nan

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.tune_plan import export_best, resumed_config
-from workers.config import RunConfig
+from orchestrator.search.plan import export_best, resumed_config
+from workers.contract.config import RunConfig
 
 
 def config(**changes) -> RunConfig:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.wandb_log import artifact_name, best_summary, should_log_model, wandb_mode
+from orchestrator.tracking.mode import wandb_mode
+from orchestrator.tracking.policy import artifact_name, best_summary, should_log_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,8 +58,8 @@ def test_artifact_name_is_valid():
 def test_disabled_imports_nothing_from_wandb():
     code = (
         "import sys\n"
-        "from workers.config import RunConfig\n"
-        "from orchestrator.wandb_log import open_run, NullRun\n"
+        "from workers.contract.config import RunConfig\n"
+        "from orchestrator.tracking.wandb_run import open_run, NullRun\n"
         "cfg = RunConfig.model_validate({'workload': {'entrypoint': 'a:b'},"
         " 'wandb': {'mode': 'disabled'}})\n"
         "assert isinstance(open_run(cfg, '/nonexistent'), NullRun)\n"
@@ -95,7 +96,7 @@ BEST = ALL_TEN[7]["path"]
     ],
 )
 def test_the_models_kept_at_the_end(log_model, keep, checkpoints, expected):
-    from orchestrator.wandb_log import kept_at_end
+    from orchestrator.tracking.policy import kept_at_end
 
     kept = kept_at_end(log_model, keep, BEST if checkpoints else None, checkpoints)
     assert [(int(m["epoch"]), aliases) for _, m, aliases in kept] == expected
@@ -143,7 +144,7 @@ class Logged:
     [("best_and_last", ["v7", "v9"]), ("best", ["v7"])],
 )
 def test_online_superseded_versions_are_deleted_once_a_newer_one_is_committed(keep, left):
-    from orchestrator.wandb_log import VersionPruner
+    from orchestrator.tracking.pruner import VersionPruner
 
     api = RecordedApi()
     pruner = VersionPruner(keep, api)
@@ -159,7 +160,7 @@ def test_online_superseded_versions_are_deleted_once_a_newer_one_is_committed(ke
 
 
 def test_a_moved_alias_is_no_new_version_and_deletes_nothing():
-    from orchestrator.wandb_log import VersionPruner
+    from orchestrator.tracking.pruner import VersionPruner
 
     api = RecordedApi()
     pruner = VersionPruner("best_and_last", api)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import watchdog
-from orchestrator.watchdog import Waiting, Watchdog, WorkersLost
+from orchestrator.start import watchdog
+from orchestrator.start.watchdog import Waiting, Watchdog, WorkersLost
 
 
 def test_a_wait_says_so_once_a_minute_and_gives_up_at_its_limit():

@@ -1,6 +1,6 @@
 """Checkpoint files: snapshot on the training thread, write and upload off it.
 
-A checkpoint directory (file names in ``workers.names``) holds:
+A checkpoint directory (file names in ``workers.contract.names``) holds:
 - ``model.safetensors``: the unwrapped model's weights (no pickle, no code);
 - ``train_state.pt``: epoch, tracker state and seed, plus the optimizer state in full-state
   (resume) checkpoints; loadable with ``torch.load(weights_only=True)``;

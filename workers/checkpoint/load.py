@@ -15,8 +15,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from workers.checkpoint.integrity import damage, newest_intact
-from workers.errors import UserInputError
-from workers.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, STATE_FILE
+from workers.contract.errors import UserInputError
+from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, STATE_FILE
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from workers.checkpoint.integrity import FILES_KEY, file_digest
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
+from workers.contract.names import METADATA_FILE, MODEL_FILE, STATE_FILE
 from workers.files import json_bytes, write_object
-from workers.names import METADATA_FILE, MODEL_FILE, STATE_FILE
 
 
 def torch_bytes(obj: Any) -> bytes:

@@ -1,7 +1,7 @@
 """The per-worker training loops, one per ``engine`` (imported lazily: fastai is heavy).
 
-Both start with ``workers.runtime.start_worker`` and end every epoch with
-``workers.reporter.EpochReporter``; they differ only in who runs the epochs.
+Both start with ``workers.loop.runtime.start_worker`` and end every epoch with
+``workers.loop.reporter.EpochReporter``; they differ only in who runs the epochs.
 """
 
 from __future__ import annotations

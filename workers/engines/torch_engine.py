@@ -15,17 +15,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from workers.config import RunConfig
-from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
-from workers.runtime import Worker, start_worker
-from workers.sharding import (
+from workers.contract.config import RunConfig
+from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
+from workers.loop.runtime import Worker, start_worker
+from workers.loop.sharding import (
     LocalState,
     ShardedState,
     fully_shard_model,
     load_full_optimizer_state,
     load_local_optimizer_state,
 )
-from workers.steps import (
+from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
     distributed,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.workload import Workload
+from workers.contract.workload import Workload
 from workers.workloads._tabular import mlp, split_standardize
 
 

@@ -29,14 +29,14 @@ from fastai.learner import Learner, Recorder
 from fastai.torch_core import find_bs
 from fastcore.foundation import L
 
+from workers.contract.names import LEARNER_FILE
+from workers.decisions.metrics import MeanLoss
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
 from workers.engines.fastai.learner import MetricColumn, learner_from_workload
-from workers.metrics import MeanLoss
-from workers.names import LEARNER_FILE
-from workers.reporter import EpochReporter, epoch_metric_names, require_monitor
-from workers.runtime import Worker, seed_epoch, start_worker
-from workers.sharding import LocalState
-from workers.steps import (
+from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
+from workers.loop.runtime import Worker, seed_epoch, start_worker
+from workers.loop.sharding import LocalState
+from workers.loop.steps import (
     as_float32,
     autocast,
     broadcast_buffers,

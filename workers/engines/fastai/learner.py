@@ -10,7 +10,7 @@ For ``engine: fastai`` a workload's ``build(**params)`` may return either
   ``learner_from_workload`` builds a Learner with the run's optimizer settings.
 
 ``learner_workload`` presents a Learner as a standard workload, so that loading a checkpoint and
-evaluating a split (``workers.saved_model``) work for both.
+evaluating a split (``workers.checkpoint.saved_model``) work for both.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from fastai.data.core import DataLoaders
 from fastai.learner import AvgMetric, Learner, Metric
 from fastai.optimizer import SGD, Adam
 
-from workers.config import RunConfig
-from workers.metrics import MeanLoss
-from workers.protocol import Workload, WorkloadError
+from workers.contract.config import RunConfig
+from workers.contract.protocol import Workload, WorkloadError
+from workers.decisions.metrics import MeanLoss
 
 
 class AvgMetricStats(MeanLoss):

@@ -1,0 +1,157 @@
+"""The command line: ``orchestrator train | tune | best`` (also ``python -m orchestrator``).
+
+Exit codes: 0 success, 1 training failed, 2 bad input (one line on stderr, nothing started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from orchestrator.errors import TrainingError, UserError
+from workers.contract.names import LEADERBOARD_FILE, SUMMARY_FILE
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, resume: str, overwrite: str) -> None:
+    """CONFIG, --set and the explicit choice for an existing run: shared by train and tune."""
+    parser.add_argument("config", help="YAML config file, or a built-in config's name "
+                        "(e.g. digits; a wrong name lists them)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help=resume)
+    again.add_argument("--overwrite", action="store_true", help=overwrite)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's own output (start-up, controller and worker logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orchestrator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    add_run_arguments(
+        sub.add_parser("train", help="train one run on Ray Train"),
+        resume="continue an existing run of this name from its latest checkpoint",
+        overwrite="delete an existing run of this name and start afresh",
+    )
+    add_run_arguments(
+        sub.add_parser("tune", help="run a Ray Tune search over tune.search_space"),
+        resume="continue an interrupted search: finished trials are not rerun",
+        overwrite="delete an existing search of this name and start afresh",
+    )
+
+    best = sub.add_parser("best", help="print a run's best model, or a search's leaderboard")
+    best.add_argument("path", help="a run or search directory (local path or URI)")
+    best.add_argument("--json", action="store_true",
+                      help="print summary.json (a run) or leaderboard.json (a search)")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.start.config_file import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from orchestrator import storage
+    from orchestrator.start.run_dir import prepare_run_dir
+
+    # What becomes of an existing run directory is decided before Ray is even imported.
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
+    from orchestrator.cli.tables import print_summary
+    from orchestrator.start.console import Console
+    from orchestrator.training.run import run_training
+
+    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite,
+                           console=Console(verbose=args.verbose))
+    print_summary(summary)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from orchestrator.start.config_file import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from orchestrator import storage
+    from orchestrator.start.run_dir import prepare_run_dir
+
+    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
+    from orchestrator.cli.tables import print_leaderboard
+    from orchestrator.search.run import run_search
+    from orchestrator.start.console import Console
+
+    board = run_search(cfg, resume=args.resume, overwrite=args.overwrite,
+                       console=Console(verbose=args.verbose))
+    print_leaderboard(storage.read_json(storage.join(storage.run_dir(cfg), LEADERBOARD_FILE)))
+    statuses = {row["status"] for row in board}
+    if "interrupted" in statuses:
+        return 130
+    return 1 if "error" in statuses else 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from orchestrator import storage
+    from orchestrator.cli.tables import print_leaderboard, print_summary
+    from orchestrator.results.checkpoints import verify_checkpoint
+
+    root = storage.resolve(args.path)
+    for name, show in ((LEADERBOARD_FILE, print_leaderboard), (SUMMARY_FILE, print_summary)):
+        path = storage.join(root, name)
+        if not storage.exists(path):
+            continue
+
+        def damaged(exc: Exception, path: str = path) -> UserError:
+            return UserError(f"{path}: damaged, not the record this tool writes "
+                             f"({type(exc).__name__}: {exc}); run the `train` or `tune` "
+                             "command again with --resume to write it again")
+
+        try:
+            record = storage.read_json(path)
+            best = record.get("best_model") or record.get("best_checkpoint")
+        except (ValueError, AttributeError) as exc:  # not JSON, or not an object
+            raise damaged(exc) from None
+        problem = verify_checkpoint(best) if best else None
+        if problem:
+            raise UserError(f"{best}: the best model is damaged: {problem}")
+        if args.json:
+            print(json.dumps(record, indent=2))
+            return 0
+        try:
+            show(record)
+        except (KeyError, TypeError, AttributeError) as exc:  # JSON, but not our shape
+            raise damaged(exc) from None
+        return 0
+    raise UserError(f"{args.path}: no {SUMMARY_FILE} or {LEADERBOARD_FILE} here; pass a "
+                    "finished run's or search's directory")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run or search where it stopped."""
+    sets = [part for item in args.overrides for part in ("--set", item)]
+    return shlex.join(["orchestrator", args.command, args.config, *sets, "--resume"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Ray folds look-alike log lines from different processes into "[repeated Nx]": that
+    # would hide epochs of concurrent trials. Read by Ray when it starts, so set it first.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except TrainingError as exc:
+        prefix = "error: " if exc.exit_code == 1 else ""
+        print(f"{prefix}{str(exc).splitlines()[0]}; continue with: {resume_command(args)}",
+              file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,77 @@
+"""Every epoch's record, kept in one place: a Ray Train callback in the controller process.
+
+``after_report`` runs once per ``ray.train.report`` (after all ranks reported), with rank 0's
+metrics and the persisted checkpoint, if any. It appends the epoch to ``history.json`` in the
+run directory, sets aside a model that W&B is to log (``wandb_staging``), and sends both to
+the driver, which prints the epoch and logs it. A restarted or resumed run re-trains epochs
+after its checkpoint: their new records replace the old ones, so the history stays in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.train import UserCallback
+
+from orchestrator import storage
+from orchestrator.errors import user_error_among
+from orchestrator.results.epochs import epoch_record, merge_history
+from orchestrator.tracking.policy import should_log_model
+from orchestrator.tracking.staging import stage_checkpoint
+from workers.contract.names import HISTORY_FILE, METADATA_FILE
+
+CONTROLLER = "controller"  # an event carrying the controller actor's own handle
+USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
+
+
+def read_history(run_dir: str) -> list[dict[str, Any]]:
+    path = storage.join(run_dir, HISTORY_FILE)
+    return storage.read_json(path)["history"] if storage.exists(path) else []
+
+
+class RunRecorder(UserCallback):
+    """``events``: an optional ``ray.util.queue.Queue`` through which the driver receives each
+    (record, staged model path) as it happens. ``log_model``: the ``wandb.log_model`` choice
+    (``none`` when W&B is off: nothing is staged)."""
+
+    def __init__(self, run_dir: str, log_model: str, events: Any = None) -> None:
+        self.run_dir = run_dir
+        self.log_model = log_model
+        self.events = events
+        self._history: list[dict[str, Any]] | None = None
+        self._introduced = False
+
+    def _stage(self, checkpoint_name: str) -> str | None:
+        if self.log_model == "none":
+            return None
+        metadata = storage.read_json(storage.join(self.run_dir, checkpoint_name, METADATA_FILE))
+        if not should_log_model(self.log_model, metadata["saved_because"], metadata["is_best"]):
+            return None
+        return stage_checkpoint(self.run_dir, checkpoint_name)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
+        if self._history is None:  # first report of this controller: continue a resumed run
+            self._history = read_history(self.run_dir)
+        self._history = merge_history(self._history, record)
+        storage.write_json(storage.join(self.run_dir, HISTORY_FILE), {"history": self._history})
+        staged = self._stage(record["checkpoint"]) if checkpoint else None
+        if self.events is None:
+            return
+        self._introduce()
+        self.events.put((record, staged))
+
+    def _introduce(self) -> None:
+        if not self._introduced:  # once: the driver may have to stop this controller
+            import ray
+
+            self.events.put((CONTROLLER, ray.get_runtime_context().current_actor))
+            self._introduced = True
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
+        """A user's mistake is never retried (``failure.max_failures`` is for faults): the
+        driver is told at once and stops the run."""
+        message = user_error_among(worker_exceptions.values())
+        if message and self.events is not None:
+            self._introduce()
+            self.events.put((USER_ERROR, message))

@@ -1,0 +1,46 @@
+"""An epoch's record, shaped once: what history.json, W&B and the terminal all receive.
+
+Pure functions, no I/O: the controller (``recorder``) and a Tune trial's results (``tune``)
+both pass through ``epoch_record``, so a trial's W&B run and a plain run's carry the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from typing import Any
+
+from workers.contract.names import INTERNAL_KEYS
+
+# Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
+RECORD_KEYS = ("epoch", "is_best", "epoch_seconds", "gather_seconds", "snapshot_seconds",
+               "save_blocked_seconds", "workers")
+
+
+def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[str, Any]:
+    """Rank 0's reported metrics without Ray's or the project's internal keys, plus the name
+    of the checkpoint directory persisted with them (None: no model saved this epoch)."""
+    record = {k: v for k, v in metrics.items()
+              if k not in INTERNAL_KEYS and (k in RECORD_KEYS or k.startswith(("train_", "val_")))}
+    record["checkpoint"] = (posixpath.basename(checkpoint_path.rstrip("/").split("?")[0])
+                            if checkpoint_path else None)
+    return record
+
+
+def merge_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Drop records at or after the new epoch (a re-trained stretch), then append."""
+    return [r for r in history if r["epoch"] < record["epoch"]] + [record]
+
+
+def nonfinite(record: dict[str, Any]) -> list[str]:
+    """The epoch's losses and metrics that are NaN or infinite."""
+    return [k for k, v in record.items() if k.startswith(("train_", "val_"))
+            and isinstance(v, float) and not math.isfinite(v)]
+
+
+def progress_line(record: dict[str, Any], total_epochs: int, monitor: str) -> str:
+    shown = [f"{k}={v:.4f}" for k, v in record.items()
+             if k.startswith(("train_", "val_")) and isinstance(v, float)]
+    mark = f"  * new best {monitor}" if record.get("is_best") else ""
+    saved = "  (saved)" if record.get("checkpoint") else ""
+    return f"epoch {record['epoch']}/{total_epochs}  " + "  ".join(shown) + mark + saved

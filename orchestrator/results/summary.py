@@ -1,0 +1,161 @@
+"""A finished (or stopped) run's record, built from what is in storage.
+
+Everything here reads the run directory (``history.json`` and the checkpoint directories),
+never a Ray ``Result``: a Tune trial stopped early by its scheduler, whose process is gone,
+is summarised exactly like a run that ended normally.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.controller.recorder import read_history
+from orchestrator.results.checkpoints import kept_checkpoints
+from orchestrator.results.epochs import epoch_record, nonfinite
+from orchestrator.tracking.staging import discard_staged
+from workers.contract.config import RunConfig
+from workers.contract.names import (
+    CHECKPOINT_PREFIX,
+    HISTORY_FILE,
+    PLOT_FILE,
+    RAY_SNAPSHOT_FILE,
+    SUMMARY_FILE,
+)
+
+
+def repair_history(history: list[dict[str, Any]],
+                   kept: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """The history completed from the kept checkpoints' own metadata.
+
+    A run stopped after Ray registered a checkpoint (and deleted the one it replaced) but
+    before the recorder saw that report has a model in storage that history.json does not
+    name; its metadata holds every metric of its epoch. Returns (history, whether it changed).
+    """
+    by_epoch = {record["epoch"]: record for record in history}
+    missing = [c for c in kept if c["epoch"] not in by_epoch]
+    for checkpoint in missing:
+        by_epoch[checkpoint["epoch"]] = epoch_record(checkpoint["metadata"], checkpoint["path"])
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)], bool(missing)
+
+
+def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
+    """Delete checkpoint directories Ray never registered: uploads that completed while their
+    worker group was failing. Ray does not know them, so it would never delete them, and they
+    would break "best and latest only". Skipped if Ray's snapshot cannot be read."""
+    path = storage.join(run_dir, RAY_SNAPSHOT_FILE)
+    try:
+        snapshot = storage.read_json(path)
+        results = list(snapshot["checkpoint_results"])
+        if snapshot.get("latest_checkpoint_result"):
+            results.append(snapshot["latest_checkpoint_result"])
+        tracked = {r["checkpoint_dir_name"] for r in results}
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    # ... nor any that a report registered (the recorder saw it), in case the snapshot lags.
+    tracked |= {r["checkpoint"] for r in read_history(run_dir) if r.get("checkpoint")}
+    orphans = [name for name in storage.list_dirs(run_dir)
+               if name.startswith(CHECKPOINT_PREFIX) and name not in tracked]
+    for name in orphans:
+        storage.delete_dir(storage.join(run_dir, name))
+    return orphans
+
+
+def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
+                        use_gpu: bool) -> dict[str, float] | None:
+    """The test split, once, with the best weights, in one Ray task next to the data."""
+    import ray
+    from ray.train import Checkpoint
+
+    from workers.checkpoint.saved_model import evaluate_checkpoint
+
+    task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+
+
+def best_of(history: list[dict[str, Any]],
+            kept: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The tracker's best record (improvements only ever get better) and its checkpoint, if
+    the policy kept it: the one the record names, else one of that epoch (a repaired record)."""
+    best = next((r for r in reversed(history) if r.get("is_best")), None)
+    candidates = [c for c in kept if best and c["epoch"] == best["epoch"]]
+    named = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
+                  .endswith("/" + str(best.get("checkpoint")))), None)
+    return best, named or (candidates[-1] if candidates else None)
+
+
+def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
+              status: str | None = None) -> dict[str, Any]:
+    """``status``: ``interrupted`` or ``failed`` for a run that did not end by itself (no
+    test split then: it is evaluated once, when the run ends); default: from the history."""
+    remove_unregistered_checkpoints(run_dir)
+    kept = kept_checkpoints(run_dir)
+    history, repaired = repair_history(read_history(run_dir), kept)
+    if repaired:
+        storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
+    best, best_ckpt = best_of(history, kept)
+    stopped_early = bool(history) and history[-1]["epoch"] < cfg.train.epochs
+    status = status or ("stopped_early" if stopped_early else "completed")
+    test_metrics = None
+    if best_ckpt and status in ("completed", "stopped_early"):
+        test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
+    return {
+        "name": cfg.name,
+        "run_dir": run_dir,
+        "start": start,
+        "status": status,
+        "monitor": cfg.tracker.monitor,
+        "mode": cfg.tracker.resolved_mode,
+        "policy": cfg.checkpoint.policy,
+        "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
+        "best_epoch": best["epoch"] if best else None,
+        "best_metrics": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
+        "test_metrics": test_metrics,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "epochs_planned": cfg.train.epochs,
+        "stopped_early": stopped_early,
+        # A diverged last epoch (train.stop_on_nonfinite): what was not finite.
+        "nonfinite": nonfinite(history[-1]) if history else [],
+        "checkpoints": [{k: c[k] for k in ("epoch", "path", "is_best")} for c in kept],
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+
+
+def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
+    """The training curves as a PNG in the run directory; returns a local path for W&B."""
+    from orchestrator.results.plots import training_curves_png
+
+    if not summary["history"]:
+        return None
+    png = training_curves_png(summary["history"], summary["monitor"], summary["best_epoch"])
+    path = storage.join(run_dir, PLOT_FILE)
+    storage.write_bytes(path, png)
+    if storage.is_uri(path):  # W&B needs a local file
+        with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as local:
+            local.write(png)
+        return local.name
+    return path
+
+
+def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start: str,
+                 say: Any = print, wandb_errors: list[str] | None = None,
+                 extra: dict[str, Any] | None = None,
+                 status: str | None = None) -> dict[str, Any]:
+    """summary.json, the plot and the W&B run's last words, in that order of dependence."""
+    summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start, status=status)
+    summary.update(extra or {})
+    wb.catch_up(summary["history"], run_dir)
+    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir),
+                                 exit_code=0 if status is None else 1)
+    discard_staged(run_dir)  # models W&B never got (an aborted run)
+    if wandb_errors:
+        summary["wandb"]["errors"] = wandb_errors
+        print(f"warning: {len(wandb_errors)} W&B logging call(s) failed; see summary.json",
+              file=sys.stderr)
+    if summary["wandb"].get("sync"):
+        say(f"W&B offline run: {summary['wandb']['run']}  (upload: {summary['wandb']['sync']})")
+    storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
+    return summary

@@ -1,0 +1,351 @@
+"""``orchestrator tune``: a Ray Tune search whose every trial is a full data-parallel run.
+
+Layout under ``<storage_path>/<name>/``::
+
+    search.json        the trials, drawn up front (ids and hyperparameters): resume reads it
+    trials/<id>/       each trial's Ray Train run: checkpoints, history.json, summary.json
+    leaderboard.json   trials sorted by their best monitored value
+    best_model/        the overall best model (weights + metadata with trial id, hyperparams)
+    _tune/             Ray Tune's own bookkeeping (never loaded back by this project)
+
+Each trial is a function that fits a ``TorchTrainer`` with ``TuneReportCallback`` (the Ray
+2.60 pattern); its rank 0 keeps its own tracker and checkpoints. W&B is logged from the
+driver by a Tune callback, one run per trial grouped under the experiment, so a trial that
+ASHA stops (its process is gone) is documented exactly like one that ran to the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.errors import TrainingError, UserError, user_error_among
+from orchestrator.results.epochs import epoch_record, progress_line
+from orchestrator.results.summary import finalize_run
+from orchestrator.search.plan import (
+    check_fit,
+    export_best,
+    leaderboard,
+    pending_trials,
+    plan_search,
+    read_search,
+    resumed_config,
+    trial_config,
+    trial_status,
+    trial_summary_path,
+)
+from orchestrator.search.space import Trial
+from orchestrator.start.cluster import (
+    attaches_to_cluster,
+    cluster_capacity,
+    init_ray,
+    local_resources,
+    resolve_use_gpu,
+)
+from orchestrator.start.console import Console
+from orchestrator.start.interrupts import Interrupted, SignalGuard
+from orchestrator.start.run_dir import open_in, prepare_run_dir, unlock
+from orchestrator.tracking.staging import staged_path
+from orchestrator.tracking.wandb_run import open_run
+from orchestrator.training.ray_trainer import build_trainer
+from workers.compat import keep_credentials_out_of_trial_runtime_envs
+from workers.contract.config import RunConfig
+from workers.contract.names import (
+    DONE_FILE,
+    LEADERBOARD_FILE,
+    SEARCH_FILE,
+    SUMMARY_FILE,
+    TUNE_DIR,
+)
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = RunConfig.model_validate(tune_config["trial"]["config"])
+    # Decided by the driver, which checked the whole cluster's capacity before the search.
+    use_gpu = tune_config["trial"]["use_gpu"]
+    trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
+                            log_model=tune_config["trial"]["log_model"],
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+class TrialLogger:
+    """Tune callback in the driver: each trial's epochs to the terminal, and its epochs and
+    models to its own W&B run, live.
+
+    Trials are summarised after ``tuner.fit`` returns (``finish_trials``), not inside Tune's
+    event loop, where waiting for a CPU to evaluate a test split could stall the search.
+    """
+
+    def __init__(self, configs: dict[str, RunConfig], trials: dict[str, Trial],
+                 experiment: str, console: Console) -> None:
+        from ray.tune import Callback
+
+        logger = self
+
+        class _Callback(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                logger.on_result(trial.config["trial"]["trial_id"], result)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                if not logger.stopping():  # stopped by a signal: it resumes
+                    logger.mark_done(trial.config["trial"]["trial_id"], errored=False)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                if not logger.stopping():
+                    logger.mark_done(trial.config["trial"]["trial_id"], errored=True)
+
+        self.callback = _Callback()
+        self.configs = configs
+        self.trials = trials
+        self.experiment = experiment
+        self.console = console
+        self.runs: dict[str, Any] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.stopping: Callable[[], bool] = lambda: False
+
+    def run_dir(self, trial_id: str) -> str:
+        return storage.run_dir(self.configs[trial_id])
+
+    def mark_done(self, trial_id: str, *, errored: bool) -> None:
+        """Recorded at once (a small file), so that even if this driver is killed before it
+        summarises the trial, a resumed search knows not to train it again."""
+        storage.write_json(storage.join(self.run_dir(trial_id), DONE_FILE), {"errored": errored})
+        self.console.advance()
+
+    def wandb_run(self, trial_id: str) -> Any:
+        if trial_id not in self.runs:
+            self.runs[trial_id] = open_run(
+                self.configs[trial_id], self.run_dir(trial_id), group=self.experiment,
+                job_type="trial", label=f"{self.experiment}-{trial_id}",
+                extra={"trial_id": trial_id,
+                       "hyperparameters": self.trials[trial_id].overrides},
+            )
+        return self.runs[trial_id]
+
+    def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if "epoch" not in result:
+            return
+        record = epoch_record(result, result.get("checkpoint_path"))
+        cfg = self.configs[trial_id]
+        self.console.say(f"[{trial_id}] "
+                         + progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
+        # The trial's recorder set the model aside for W&B, if it is one to log.
+        staged = staged_path(self.run_dir(trial_id), record["checkpoint"])
+        try:
+            self.wandb_run(trial_id).handle(record, staged)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - W&B must not stop the search
+            self.errors.setdefault(trial_id, []).append(f"{type(exc).__name__}: {exc}")
+
+    def finish_trials(self, use_gpu: bool) -> None:
+        """Summarise every ended trial not summarised yet (also those of an earlier, killed
+        driver): summary.json, test split, plot, and W&B caught up from the run's history."""
+        for trial_id in sorted(self.configs):
+            run_dir = self.run_dir(trial_id)
+            done = storage.join(run_dir, DONE_FILE)
+            if not storage.exists(done) or storage.exists(storage.join(run_dir, SUMMARY_FILE)):
+                continue
+            summary = finalize_run(
+                self.configs[trial_id], run_dir, self.wandb_run(trial_id),
+                use_gpu=use_gpu, start="tune", say=lambda *_: None,
+                wandb_errors=self.errors.get(trial_id),
+                extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
+                       "errored": storage.read_json(done)["errored"]},
+            )
+            self.runs.pop(trial_id)
+            value = (summary["best_metrics"] or {}).get(summary["monitor"])
+            self.console.say(f"[{trial_id}] {trial_status(summary)}: best {summary['monitor']}="
+                             f"{value} at epoch {summary['best_epoch']} of "
+                             f"{summary['epochs_completed']}")
+
+    def abort_unfinished(self) -> None:
+        for run in self.runs.values():
+            run.abort()
+        self.runs.clear()
+
+
+class SignalStop:
+    """A Tune stopper that ends the whole search once ``guard`` received a signal: Tune stops
+    every running trial, and ``tuner.fit`` returns with Ray still up. Tune saves its stoppers
+    with its experiment state: pickled, it is one that never stops."""
+
+    def __init__(self, guard: SignalGuard | None) -> None:
+        self.guard = guard
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"guard": None}
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        return bool(self.guard and self.guard.received)
+
+
+def make_scheduler(cfg: RunConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration", metric=cfg.tracker.monitor,
+        mode=cfg.tracker.resolved_mode, max_t=cfg.train.epochs,
+        grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor,
+    )
+
+
+def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
+              logger: TrialLogger, experiment_dir: str, log_model: str,
+              gpus: dict[str, bool], guard: SignalGuard) -> None:
+    """The search, until it ends or a signal stops it (``Interrupted`` once its running
+    trials were stopped: trials that ended stay done, the others resume)."""
+    from ray import tune
+    from ray.tune.stopper import Stopper
+
+    class _Stop(SignalStop, Stopper):
+        pass
+
+    keep_credentials_out_of_trial_runtime_envs()
+
+    tuner = tune.Tuner(
+        # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),
+        # and 1 MiB of memory, since Ray refuses a placement group bundle that asks for nothing.
+        tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
+        param_space={"trial": tune.grid_search(
+            [{"trial_id": t.trial_id, "config": configs[t.trial_id].to_dict(),
+              "log_model": log_model, "use_gpu": gpus[t.trial_id]} for t in todo]
+        )},
+        tune_config=tune.TuneConfig(
+            num_samples=1, scheduler=make_scheduler(cfg),
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+            # A stopped trial's process must go: it owns its trainer's controller, and with it
+            # the workers' CPUs; a reused process would keep them and starve the next trial.
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage.join(experiment_dir, TUNE_DIR),
+            callbacks=[logger.callback], verbose=0, stop=_Stop(guard),
+        ),
+    )
+    try:
+        guard.run(tuner.fit)
+    except Interrupted:
+        guard.wait_for_fit(timeout=120)  # Tune stops the running trials (SignalStop)
+        raise
+
+
+def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
+                      experiment_dir: str, search_run: Any) -> list[dict[str, Any]]:
+    """leaderboard.json from every trial's summary (a trial without one did not finish), the
+    overall best model exported, and the search's W&B run finished with both."""
+    summaries = []
+    for trial in trials:
+        path = trial_summary_path(configs[trial.trial_id])
+        summaries.append(storage.read_json(path) if storage.exists(path) else {
+            "trial_id": trial.trial_id, "hyperparameters": trial.overrides, "interrupted": True,
+        })
+    mode = cfg.tracker.resolved_mode
+    board = leaderboard(summaries, cfg.tracker.monitor, mode)
+    best_dir = export_best(board, experiment_dir)
+    storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
+        "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
+        "mode": mode, "best_model": best_dir, "trials": board,
+        "wandb": search_run.finish_search(board, best_dir),
+    })
+    return board
+
+
+def check_monitor_first(cfg: RunConfig) -> None:
+    """A monitor that no trial would report is refused before any trial starts (one line,
+    exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
+    its reported names are compared with ``tracker.monitor``. Any other failure to build it
+    is left for the trials to report."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from workers.loop.probe import check_monitor
+
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_monitor)
+    try:
+        ray.get(task.remote(cfg.to_dict()))
+    except RayTaskError as exc:
+        message = user_error_among([exc])
+        if message:
+            raise UserError(message) from None
+
+
+def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+               console: Console | None = None) -> list[dict[str, Any]]:
+    console = console or Console()
+    experiment_dir = storage.run_dir(cfg)
+    start = prepare_run_dir(experiment_dir, resume=resume, overwrite=overwrite)
+    saved = read_search(experiment_dir) if start == "resume" else None
+    if saved is not None:  # the search that was started, not today's config
+        cfg = resumed_config(saved["config"], cfg)
+        trials = [Trial(t["trial_id"], t["overrides"]) for t in saved["trials"]]
+    else:
+        trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
+    base = cfg.to_dict()
+    configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
+    if not attaches_to_cluster():
+        check_fit(cfg, configs, local_resources())
+    local = init_ray(console.verbose)
+    cap = cluster_capacity(local)
+    use_gpu = check_fit(cfg, configs, cap)
+    gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
+    check_monitor_first(configs[trials[0].trial_id])
+    search_run = open_in(experiment_dir, start, "search",  # fails here, not mid-search
+                         lambda: open_run(cfg, experiment_dir, job_type="search"))
+    try:
+        return _search(cfg, trials, configs, experiment_dir, search_run, use_gpu, gpus, console)
+    finally:
+        unlock(experiment_dir)
+
+
+def _search(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
+            experiment_dir: str, search_run: Any, use_gpu: bool, gpus: dict[str, bool],
+            console: Console) -> list[dict[str, Any]]:
+    """The search itself, once its directory and W&B run are ready: the leaderboard."""
+    storage.write_json(storage.join(experiment_dir, SEARCH_FILE),
+                       {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
+
+    todo = pending_trials(trials, configs)
+    console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} "
+                f"already finished), {cfg.tune.max_concurrent_trials} at a time, scheduler "
+                f"{cfg.tune.scheduler}, in {experiment_dir}")
+    logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name, console)
+    for trial in todo:  # an errored trial runs again: its old verdict goes
+        for name in (DONE_FILE, SUMMARY_FILE):
+            storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
+    interrupted = None
+    with SignalGuard() as guard:
+        logger.stopping = lambda: bool(guard.received)
+        try:
+            if todo:
+                with console.progress(len(trials), f"{cfg.name} trials"):
+                    console.advance(completed=len(trials) - len(todo))
+                    run_tuner(cfg, todo, configs, logger, experiment_dir,
+                              search_run.log_model_setting, gpus, guard)
+        except Interrupted as exc:
+            interrupted = exc
+        finally:
+            logger.finish_trials(use_gpu)
+            logger.abort_unfinished()
+        board = write_leaderboard(cfg, trials, configs, experiment_dir, search_run)
+    unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
+    if interrupted:
+        raise TrainingError(f"interrupted by {interrupted}: {len(board) - len(unfinished)} of "
+                            f"{len(board)} trials done, {len(unfinished)} to run again",
+                            exit_code=interrupted.exit_code)
+    if unfinished:
+        console.say(f"{len(unfinished)} trial(s) did not finish; continue with --resume")
+    return board

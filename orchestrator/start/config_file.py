@@ -1,0 +1,163 @@
+"""Loading the run config: YAML file (or built-in config name) + ``--set key=value`` overrides
+-> a validated RunConfig.
+
+Every problem becomes a ``UserError`` whose message is one line naming the field (or file)
+and what would be valid; the CLI prints it and exits 2 before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from orchestrator.errors import UserError
+from workers.contract.config import RunConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a string, users mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
+    if any(not part for part in key.strip().split(".")):
+        raise UserError(f"--set {item!r}: {key!r} has an empty part; use dotted names "
+                        "like train.lr")
+    try:
+        value = yaml_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep it as the literal string
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise UserError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+# pydantic appends the union member it tried ("bool", "literal['auto']") to an error's path.
+_UNION_MEMBER = re.compile(r"^(bool|int|float|str|none|literal\[.*\]|function-.*)$")
+
+
+def format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    while loc and _UNION_MEMBER.match(loc[-1]):
+        loc.pop()
+    where = ".".join(loc)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see the README's config reference)"
+    elif first["type"] == "missing":
+        message = "required"
+    elif "input" in first and first["type"] not in ("value_error",):
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{where}: {message}{suffix}" if where else f"{message}{suffix}"
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read config file ({type(exc).__name__})") from None
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The configs shipped in the package, by name (``digits`` for ``digits.yaml``).
+
+    ``orchestrator/configs`` is a link to the repository's ``configs/``: one copy of each file,
+    which a wheel (``pip install .``) holds as real files.
+    """
+    root = Path(str(resources.files("orchestrator") / "configs"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def resolve_config(arg: str | Path) -> Path:
+    """A path that exists is read as given; a bare name (no folder, no suffix) is a built-in
+    config, so ``orchestrator train digits`` works from any directory after any install."""
+    path = Path(arg)
+    if path.exists() or len(path.parts) != 1 or path.suffix:
+        return path
+    builtins = builtin_configs()
+    if str(arg) in builtins:
+        return builtins[str(arg)]
+    raise UserError(f"{arg}: no such config file, nor a built-in config (built-in configs: "
+                    f"{', '.join(builtins) or 'none'})")
+
+
+def ensure_cwd_importable() -> None:
+    """A user's workload module next to where they run the command must import."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(read_yaml(resolve_config(path)), overrides or [])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc)) from None
+    ensure_cwd_importable()
+    # Here, not at the top: importing it imports torch (1.5 s), which a config that is
+    # already wrong should not wait for.
+    from workers.contract.workload import WorkloadError, check_params
+
+    try:
+        check_params(cfg.workload.entrypoint, cfg.workload.params)
+    except WorkloadError as exc:
+        raise UserError(str(exc)) from None
+    return cfg

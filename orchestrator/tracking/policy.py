@@ -1,0 +1,70 @@
+"""What goes to W&B and when: pure decisions, no wandb import, no I/O."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
+    """``policy`` mirrors the checkpoint policy (resume-only checkpoints are not models the
+    policy asked for); ``best`` logs improvements only; ``none`` logs no model; ``end`` chooses
+    among the policy's models, after training."""
+    if log_model == "none":
+        return False
+    if log_model == "best":
+        return is_best
+    return saved_because != "resume"
+
+
+LIVE = "live"  # each model logged as the run saves it (``WandbRun.handle``)
+AT_END = "at_end"  # the kept models logged once the run ended, from its checkpoints
+
+
+def model_logging(log_model: str, keep: str, mode: str, model_files: str = "copy") -> str:
+    """Which of the two paths a run's models take to W&B: ``LIVE`` or ``AT_END``.
+
+    Live: online (a superseded version is deleted once a newer one is committed, by
+    ``VersionPruner``), or offline with ``keep: all``. At the end: ``log_model: end``; offline
+    otherwise, since nothing can be deleted from the run ``wandb sync`` uploads; and
+    ``model_files: reference``, since only the kept checkpoints outlive the run."""
+    if model_files == "reference":
+        return AT_END
+    live = log_model in ("policy", "best") and (mode == "online" or keep == "all")
+    return LIVE if live else AT_END
+
+
+def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
+                checkpoints: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
+    checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
+    (``last``; the same version when it is the best)."""
+    chosen = [c for c in checkpoints if should_log_model(
+        log_model, c["metadata"]["saved_because"], c["is_best"])]
+    out: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
+    if keep != "best" and chosen:
+        last = chosen[-1]
+        out[last["path"]] = (last["path"], last["metadata"], [f"epoch-{last['epoch']}", "last"])
+    best = next((c for c in checkpoints if c["path"] == best_checkpoint), None)
+    if best is not None:
+        aliases = out.get(best["path"], (None, None, [f"epoch-{best['epoch']}"]))[2]
+        out[best["path"]] = (best["path"], best["metadata"], [*aliases, "best"])
+    return sorted(out.values(), key=lambda item: int(item[1]["epoch"]))
+
+
+def artifact_name(run_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{run_name}-model")
+
+
+def best_summary(best: dict[str, Any], test: dict[str, Any] | None) -> dict[str, Any]:
+    """``best_<metric>`` for every metric of the best epoch, ``best_epoch``, ``test_*``."""
+    out = {f"best_{k}": v for k, v in best.items() if k.startswith(("train_", "val_"))}
+    out["best_epoch"] = best.get("epoch")
+    out.update(test or {})
+    return out
+
+
+def reference_uri(path: str) -> str:
+    """A checkpoint file's address as W&B's S3/GCS handlers take it (no pyarrow query)."""
+    uri = path.split("?", 1)[0]
+    return "gs://" + uri.removeprefix("gcs://") if uri.startswith("gcs://") else uri

@@ -1,0 +1,44 @@
+"""Loading a saved model back into the workload's model, in a plain process or a Ray task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.checkpoint.load import load_weights
+from workers.contract.config import RunConfig
+from workers.contract.workload import build_workload
+from workers.loop.steps import evaluate_dataset, infer_num_classes, workload_metrics
+
+
+def load_model(cfg: RunConfig, checkpoint_dir: str | Path) -> tuple[Any, torch.nn.Module]:
+    """The workload (built as in training) with its model holding the checkpoint's weights."""
+    torch.manual_seed(cfg.seed)
+    workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    workload.model.load_state_dict(load_weights(checkpoint_dir))
+    return workload, workload.model
+
+
+def evaluate_split(
+    cfg: RunConfig, checkpoint_dir: str | Path, split: str, device: str | torch.device = "cpu"
+) -> dict[str, float] | None:
+    """Metrics of one split (train, val, test) for the checkpoint's weights; None if absent."""
+    device = torch.device(device)
+    workload, model = load_model(cfg, checkpoint_dir)
+    dataset = getattr(workload, f"{split}_dataset", None)
+    if dataset is None:
+        return None
+    model.to(device)
+    metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device))
+    return evaluate_dataset(model, dataset, workload.loss_fn, metrics, split=split,
+                            batch_size=cfg.train.batch_size, device=device,
+                            precision=cfg.train.precision)
+
+
+def evaluate_checkpoint(config: dict[str, Any], checkpoint: Any, split: str):
+    """Ray task body: ``checkpoint`` is a ray.train.Checkpoint (local or remote storage)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with checkpoint.as_directory() as directory:
+        return evaluate_split(RunConfig.model_validate(config), directory, split, device)

@@ -1,0 +1,79 @@
+"""Loading a user's workload: ``build(**params)`` from ``module:function``.
+
+The returned object only needs the attributes below (a ``Workload``, a SimpleNamespace,
+anything): plain user code never has to import this project.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from workers.contract.protocol import Workload, WorkloadError
+
+__all__ = ["Workload", "WorkloadError", "build_workload", "check_params", "import_entrypoint"]
+
+
+def import_entrypoint(entrypoint: str) -> Callable[..., Any]:
+    module_name, _, func_name = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure in user code is a bad entrypoint
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise WorkloadError(
+            f"workload.entrypoint: cannot import module {module_name!r} "
+            f"({type(exc).__name__}: {first_line}); it must be importable from the working "
+            "directory or PYTHONPATH"
+        ) from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise WorkloadError(
+            f"workload.entrypoint: module {module_name!r} has no function {func_name!r}"
+        )
+    return func
+
+
+def check_params(entrypoint: str, params: dict[str, Any]) -> None:
+    """Fail before anything starts if the params do not fit the function's signature."""
+    func = import_entrypoint(entrypoint)
+    try:
+        inspect.signature(func).bind(**params)
+    except TypeError as exc:
+        raise WorkloadError(f"workload.params: {exc} (for {entrypoint})") from exc
+    except ValueError:
+        return  # no introspectable signature (a builtin): nothing to check here
+
+
+REQUIRED = ("model", "train_dataset", "val_dataset", "loss_fn")
+
+
+def is_fastai_learner(obj: Any) -> bool:
+    """Without importing fastai: a Learner exists only if its module was imported."""
+    learner = sys.modules.get("fastai.learner")
+    return learner is not None and isinstance(obj, learner.Learner)
+
+
+def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
+    """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it)."""
+    workload = import_entrypoint(entrypoint)(**params)
+    if is_fastai_learner(workload):
+        from workers.engines.fastai.learner import learner_workload
+
+        workload = learner_workload(workload)
+    missing = [name for name in REQUIRED if getattr(workload, name, None) is None]
+    if missing:
+        raise WorkloadError(
+            f"workload.entrypoint: {entrypoint} returned an object without "
+            f"{', '.join(missing)} (needs {', '.join(REQUIRED)})"
+        )
+    if not isinstance(workload.model, torch.nn.Module):
+        raise WorkloadError(
+            f"workload.entrypoint: {entrypoint} returned a model of type "
+            f"{type(workload.model).__name__}, expected torch.nn.Module"
+        )
+    return workload

@@ -1,0 +1,172 @@
+"""The end of every epoch, the same for every engine.
+
+Rank 0's tracker decides (improved? save? stop?); its decisions are broadcast; if the
+checkpoint policy saves the epoch, rank 0 snapshots the model (under fsdp every rank first
+takes part in gathering it, and only then); every rank calls ``ray.train.report`` (rank 0 with
+the checkpoint, the others with none).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from workers.checkpoint.snapshot import Snapshot, snapshot
+from workers.checkpoint.writer import AsyncSaver
+from workers.contract.config import RunConfig
+from workers.contract.names import CHECKPOINT_PREFIX, RANK_KEY
+from workers.decisions.policy import decide_save
+from workers.decisions.tracker import BestTracker, MonitorNotReportedError
+from workers.loop.runtime import Worker
+from workers.loop.sharding import LocalState, ShardedState
+from workers.loop.steps import distributed
+
+
+def broadcast_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Rank 0's decisions, made identical on every rank (one broadcast)."""
+    if not distributed():
+        return flags
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return [bool(v) for v in t.tolist()]
+
+
+def epoch_metric_names(metrics: Iterable[Any]) -> list[str]:
+    """The names every epoch reports, given the validation metric objects."""
+    return ["train_loss", "val_loss", *(f"val_{m.name}" for m in metrics)]
+
+
+def require_monitor(monitor: str, reported: Iterable[str]) -> None:
+    names = sorted(reported)
+    if monitor not in names:
+        raise MonitorNotReportedError(
+            f"tracker.monitor: {monitor!r} is not reported by this run; "
+            f"it reports: {', '.join(names)}"
+        )
+
+
+@dataclass
+class SavePlan:
+    """Rank 0's verdict on an epoch it saves."""
+
+    improved: bool
+    reason: str
+    full_state: bool  # with the optimizer (a resume checkpoint)
+
+
+@dataclass
+class EpochReporter:
+    cfg: RunConfig
+    tracker: BestTracker | None  # rank 0 only
+    saver: AsyncSaver
+    state: LocalState | ShardedState  # how a save reads the whole model and optimizer
+    device: torch.device
+    world_size: int
+    # Also write the weights as a torch.save'd state dict under this name in checkpoints that
+    # hold an improvement (the fastai engine's file for ``learn.load``).
+    torch_weights_file: str | None = None
+
+    @classmethod
+    def create(cls, worker: Worker, state: LocalState | ShardedState,
+               torch_weights_file: str | None = None) -> EpochReporter:
+        cfg = worker.cfg
+        tracker = None
+        if worker.is_rank_zero:
+            tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
+                                  cfg.tracker.patience)
+            if worker.restored.tracker_state is not None:
+                tracker.load_state_dict(worker.restored.tracker_state)
+        saver = AsyncSaver()
+        if tracker is not None and not state.collective and (
+                cfg.checkpoint.policy != "none" or cfg.checkpoint.resume_every_n_epochs):
+            # The snapshot's memory, allocated now rather than during the first save (a
+            # sharded model's whole state exists only once gathered: its first save does it).
+            saver.buffers.prepare(state.weights().state_dict())
+        return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
+                   torch_weights_file)
+
+    def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
+        """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
+        import ray.train
+
+        record: dict[str, Any] = {"epoch": epoch, **values}
+        metrics = dict(record, workers=self.world_size)  # an elastic run's may change
+        require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
+        # Identical values on every rank, so every rank decides the same.
+        diverged = self.cfg.train.stop_on_nonfinite and not all(
+            math.isfinite(v) for v in values.values())
+        plan, stop = None, diverged
+        if self.tracker is not None:
+            plan, stop = self._decide(epoch, record, metrics, diverged)
+        stop, save, full_state = broadcast_flags(
+            [stop, plan is not None, plan is not None and plan.full_state], self.device)
+        snap = None
+        if save and (self.tracker is not None or self.state.collective):
+            snap = self._snapshot(epoch, record, metrics, plan, full_state)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        if snap is not None:
+            self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}epoch{epoch:04d}_"
+                              f"{time.time_ns()}")
+        else:
+            ray.train.report(metrics)
+        return stop
+
+    def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
+                diverged: bool) -> tuple[SavePlan | None, bool]:
+        """Rank 0: the tracker's verdict, and whether the policy saves this epoch."""
+        cfg, tracker = self.cfg, self.tracker
+        decision = tracker.update(epoch, record)
+        stop = decision.should_stop or diverged
+        save = decide_save(
+            cfg.checkpoint.policy, epoch, improved=decision.improved,
+            is_final=stop or epoch == cfg.train.epochs,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
+        )
+        metrics["is_best"] = decision.improved
+        metrics[RANK_KEY] = tracker.improvements - (0.0 if decision.improved else 0.5)
+        if not save.save:
+            return None, stop
+        return SavePlan(decision.improved, save.reason, save.full_state), stop
+
+    def _snapshot(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
+                  plan: SavePlan | None, full_state: bool) -> Snapshot | None:
+        """The epoch's state in host memory, on rank 0 (None elsewhere). Under fsdp every rank
+        takes part in gathering it, rank 0 alone keeps it."""
+        save_started = time.perf_counter()
+        if self.tracker is not None:
+            self.saver.wait()  # the previous save must finish before its memory is reused
+        gather_started = time.perf_counter()
+        weights = self.state.weights()
+        optimizer = self.state.optimizer_state() if full_state else None
+        if self.state.collective:
+            metrics["gather_seconds"] = time.perf_counter() - gather_started
+        if self.tracker is None:
+            return None
+        cfg, tracker = self.cfg, self.tracker
+        copy_started = time.perf_counter()
+        snap = snapshot(
+            weights, optimizer,
+            {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
+            {**record, "monitor": tracker.monitor, "mode": tracker.mode,
+             "is_best": plan.improved, "saved_because": plan.reason,
+             "world_size": self.world_size, "workers": self.world_size,  # as in the record
+             "seed": cfg.seed, "config": cfg.to_dict()},
+            torch_weights_file=self.torch_weights_file if plan.improved else None,
+            buffers=self.saver.buffers,
+        )
+        # What this save cost the loop: the gather (fsdp), the host copy, and waiting for the
+        # previous save's write if it had not finished (the write itself runs off the loop).
+        metrics["snapshot_seconds"] = time.perf_counter() - copy_started
+        metrics["save_blocked_seconds"] = time.perf_counter() - save_started
+        return snap
+
+    def finish(self) -> None:
+        """Wait for the last save in flight."""
+        self.saver.wait()

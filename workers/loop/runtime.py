@@ -1,0 +1,113 @@
+"""What every rank of every engine does before its first epoch, in one place.
+
+``start_worker``: the validated config, this rank's place in the group and device, seeds,
+the workload built (identical initial weights on every rank), and the run's state restored
+from Ray's checkpoint when there is one (a restart or ``--resume``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.checkpoint.load import load_intact
+from workers.compat import quiet_ray_train_reports
+from workers.contract.config import RunConfig
+from workers.contract.errors import UserInputError
+from workers.contract.workload import build_workload
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Each rank's RNG stream for an epoch (dropout, augmentation): resume needs no RNG file."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """torch for dropout; ``random`` for fastai's augmentations and shuffles."""
+    torch.manual_seed(epoch_seed(seed, rank, epoch))
+    random.seed(epoch_seed(seed, rank, epoch))
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise UserInputError(f"train.precision: bf16 is not supported by {name} (bfloat16 needs an "
+                         "Ampere or newer GPU); use train.precision: fp32")
+
+
+@dataclass
+class Restored:
+    """Where a run continues: the first epoch to train, the tracker, the optimizer."""
+
+    start_epoch: int = 1
+    tracker_state: dict[str, Any] | None = None
+    optimizer_state: dict[str, Any] | None = None  # only full-state (resume) checkpoints
+
+
+def restore(model: torch.nn.Module, rank: int) -> Restored:
+    """Load Ray's checkpoint for this attempt (if any) into ``model``."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Restored()
+    weights, state, damaged = load_intact(checkpoint)  # the same choice on every rank
+    model.load_state_dict(weights)
+    log = logging.getLogger(__name__)
+    if damaged and rank == 0:
+        log.warning("damaged checkpoint(s) skipped: %s; resumed from epoch %s",
+                    "; ".join(damaged), state["epoch"])
+    optimizer_state = state.get("optimizer")
+    if optimizer_state is None and rank == 0:
+        log.warning(
+            "resuming from epoch %s without optimizer state (a model checkpoint; set "
+            "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
+    return Restored(int(state["epoch"]) + 1, state["tracker"], optimizer_state)
+
+
+@dataclass
+class Worker:
+    cfg: RunConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    workload: Any  # the user's workload, its model on ``device`` with restored weights
+    restored: Restored
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel_strategy(self) -> str | None:
+        """For ``ray.train.torch.prepare_model``: DDP when there is more than one rank."""
+        return "ddp" if self.world_size > 1 else None
+
+    def epochs(self) -> Iterator[int]:
+        """The epochs still to train, each with this rank's seeds set."""
+        for epoch in range(self.restored.start_epoch, self.cfg.train.epochs + 1):
+            seed_epoch(self.cfg.seed, self.rank, epoch)
+            yield epoch
+
+
+def start_worker(config: dict[str, Any]) -> Worker:
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(config)
+    quiet_ray_train_reports()
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    random.seed(cfg.seed)  # fastai DataLoaders seed their generators from `random`
+    workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    device = ray.train.torch.get_device()
+    check_precision(cfg.train.precision, device)
+    if cfg.scaling.strategy == "ddp":
+        workload.model.to(device)  # under fsdp, each rank moves only its shard there
+    return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank))

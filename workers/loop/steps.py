@@ -1,0 +1,219 @@
+"""The steps of an epoch (train, evaluate, global metrics), in a Ray worker or a plain process.
+
+Validation shards are strided slices of the dataset (rank r takes r, r+W, r+2W, ...), never
+padded, so every sample is counted exactly once across ranks whatever the set size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset, default_collate
+
+from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """bf16 mixed precision for a forward pass (and the loss): matmuls and convolutions in
+    bfloat16, the parameters untouched (float32 master weights)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
+
+
+def as_float32(obj: Any) -> Any:
+    """Outputs of an autocast forward, in float32: losses and metrics are computed on these."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float64 else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_float32(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: as_float32(v) for k, v in obj.items()}
+    return obj
+
+
+def is_class_label(target: Any) -> bool:
+    if isinstance(target, bool):
+        return False
+    if isinstance(target, int):
+        return True
+    return isinstance(target, torch.Tensor) and target.ndim == 0 and not target.is_floating_point()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors are (the host for one without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device) -> int | None:
+    """Number of classes when targets are integer labels (from the model's output width)."""
+    x0, y0 = dataset[0]
+    if not is_class_label(y0):
+        return None
+    x_batch, _ = default_collate([(x0, y0)])  # a batch of one, whatever the input's structure
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(to_device(x_batch, device))
+    model.train(was_training)
+    width = out.shape[-1] if out.ndim > 1 else 1
+    return 2 if width == 1 else int(width)
+
+
+def workload_metrics(workload: Any, num_classes: int | None) -> list[Any]:
+    spec = getattr(workload, "metrics", None)
+    if spec is None:
+        spec = ["accuracy"] if num_classes is not None else []
+    return build_metrics(spec, num_classes)
+
+
+def shard(dataset: Any, rank: int, world_size: int) -> Any:
+    if world_size == 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def accumulate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any,
+    metrics: Sequence[Any],
+    device: torch.device,
+    precision: str = "fp32",
+    forwards: int = 0,
+    padding_input: Any = None,
+) -> MeanLoss:
+    """Sufficient statistics of one pass over ``loader`` with fixed weights.
+
+    ``forwards``: make at least this many forward calls, the extra ones on ``padding_input``
+    and counted nowhere (a sharded model's forward is a collective: every rank must make as
+    many, whatever the size of its shard)."""
+    loss = MeanLoss()
+    for metric in metrics:
+        metric.reset()
+    model.eval()
+    made = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = to_device(x, device), to_device(y, device)
+            with autocast(device, precision):
+                out = model(x)
+            made += 1
+            out = as_float32(out)
+            loss.add_batch(loss_fn(out, y).item(), len(y))
+            for metric in metrics:
+                metric.update(out, y)
+        for _ in range(forwards - made):
+            with autocast(device, precision):
+                model(to_device(padding_input, device))
+    return loss
+
+
+def distributed() -> bool:
+    """Whether there are other ranks to agree with."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics, or any other) on every rank.
+
+    DDP broadcasts rank 0's buffers before each training forward, but that forward then
+    updates each rank's running statistics from its own batch: after an epoch every rank holds
+    different buffers, and only rank 0's are saved. Evaluating after this, every rank scores
+    its shard with the model rank 0 saves (the parameters are already identical: DDP averages
+    the gradients). One broadcast per dtype, the buffers packed into one flat tensor.
+    """
+    if not distributed():
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for buffer in model.buffers():  # the same order on every rank: the same module tree
+        groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+    for (dtype, _), buffers in groups.items():
+        wire = torch.uint8 if dtype == torch.bool else dtype  # gloo and NCCL take no bool
+        flat = torch.cat([b.detach().reshape(-1).to(wire) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for buffer in buffers:
+            n = buffer.numel()
+            with torch.no_grad():
+                buffer.copy_(flat[offset:offset + n].view_as(buffer).to(dtype))
+            offset += n
+
+
+def all_reduce_sum(vector: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """SUM across ranks in float64 (on the device for NCCL, which cannot reduce CPU tensors)."""
+    if not distributed():
+        return vector
+    on_device = vector.to(device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.cpu()
+
+
+def global_metrics(
+    groups: Sequence[tuple[str, MeanLoss, Sequence[Any]]], device: torch.device
+) -> dict[str, float]:
+    """One all-reduce for every split's statistics, then the values: identical on all ranks."""
+    packed = [pack_states(loss, metrics) for _, loss, metrics in groups]
+    vector = all_reduce_sum(torch.cat([p[0] for p in packed]), device)
+    values: dict[str, float] = {}
+    offset = 0
+    for (split, loss, metrics), (part, sizes) in zip(groups, packed, strict=True):
+        n = part.numel()
+        values.update(unpack_compute(split, vector[offset : offset + n], sizes, loss, metrics))
+        offset += n
+    return values
+
+
+def evaluate_dataset(
+    model: torch.nn.Module,
+    dataset: Any,
+    loss_fn: Any,
+    metrics: Sequence[Any],
+    *,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """A single-process evaluation of a whole split (used for the test split and for checks)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loss = accumulate(model, loader, loss_fn, metrics, device, precision)
+    vector, sizes = pack_states(loss, metrics)
+    return unpack_compute(split, vector, sizes, loss, metrics)
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str = "fp32",
+) -> MeanLoss:
+    """One pass over this rank's training shard; the running loss as sufficient statistics."""
+    model.train()
+    loss = MeanLoss()
+    for x, y in loader:
+        x, y = to_device(x, device), to_device(y, device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            out = model(x)
+        batch_loss = loss_fn(as_float32(out), y)  # backward leaves autocast, as it should
+        batch_loss.backward()
+        optimizer.step()
+        loss.add_batch(batch_loss.item(), len(y))
+    return loss
