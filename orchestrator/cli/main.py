@@ -56,40 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.start.config_file import load_config
+    from orchestrator.api import train
 
-    cfg = load_config(args.config, args.overrides)
-    from orchestrator import storage
-    from orchestrator.start.run_dir import prepare_run_dir
-
-    # What becomes of an existing run directory is decided before Ray is even imported.
-    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
+    summary = train(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                    verbose=args.verbose)
     from orchestrator.cli.tables import print_summary
-    from orchestrator.start.console import Console
-    from orchestrator.training.run import run_training
 
-    summary = run_training(cfg, resume=args.resume, overwrite=args.overwrite,
-                           console=Console(verbose=args.verbose))
-    print_summary(summary)
+    print_summary(summary.record)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from orchestrator.start.config_file import load_config
+    from orchestrator.api import tune
 
-    cfg = load_config(args.config, args.overrides)
-    from orchestrator import storage
-    from orchestrator.start.run_dir import prepare_run_dir
-
-    prepare_run_dir(storage.run_dir(cfg), resume=args.resume, overwrite=args.overwrite)
+    result = tune(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                  verbose=args.verbose)
     from orchestrator.cli.tables import print_leaderboard
-    from orchestrator.search.run import run_search
-    from orchestrator.start.console import Console
 
-    board = run_search(cfg, resume=args.resume, overwrite=args.overwrite,
-                       console=Console(verbose=args.verbose))
-    print_leaderboard(storage.read_json(storage.join(storage.run_dir(cfg), LEADERBOARD_FILE)))
-    statuses = {row["status"] for row in board}
+    print_leaderboard(result.record)
+    statuses = {row["status"] for row in result.trials}
     if "interrupted" in statuses:
         return 130
     return 1 if "error" in statuses else 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
 from orchestrator.controller.recorder import read_history
@@ -24,6 +24,9 @@ from workers.contract.names import (
     RAY_SNAPSHOT_FILE,
     SUMMARY_FILE,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.start.context import RunContext
 
 
 def repair_history(history: list[dict[str, Any]],
@@ -140,22 +143,24 @@ def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
     return path
 
 
-def finalize_run(cfg: RunConfig, run_dir: str, wb: Any, *, use_gpu: bool, start: str,
-                 say: Any = print, wandb_errors: list[str] | None = None,
+def finalize_run(ctx: RunContext, *, wandb_errors: list[str] | None = None,
                  extra: dict[str, Any] | None = None,
                  status: str | None = None) -> dict[str, Any]:
     """summary.json, the plot and the W&B run's last words, in that order of dependence."""
-    summary = summarize(cfg, run_dir, use_gpu=use_gpu, start=start, status=status)
+    run_dir, tracking = ctx.run_dir, ctx.tracking
+    summary = summarize(ctx.cfg, run_dir, use_gpu=ctx.use_gpu, start=ctx.start.value,
+                        status=status)
     summary.update(extra or {})
-    wb.catch_up(summary["history"], run_dir)
-    summary["wandb"] = wb.finish(summary, write_plot(summary, run_dir),
-                                 exit_code=0 if status is None else 1)
+    tracking.catch_up(summary["history"], run_dir)
+    summary["wandb"] = tracking.finish(summary, write_plot(summary, run_dir),
+                                       exit_code=0 if status is None else 1)
     discard_staged(run_dir)  # models W&B never got (an aborted run)
     if wandb_errors:
         summary["wandb"]["errors"] = wandb_errors
         print(f"warning: {len(wandb_errors)} W&B logging call(s) failed; see summary.json",
               file=sys.stderr)
     if summary["wandb"].get("sync"):
-        say(f"W&B offline run: {summary['wandb']['run']}  (upload: {summary['wandb']['sync']})")
+        ctx.console.say(f"W&B offline run: {summary['wandb']['run']}  "
+                        f"(upload: {summary['wandb']['sync']})")
     storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
     return summary

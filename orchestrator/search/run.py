@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import storage
@@ -37,16 +38,11 @@ from orchestrator.search.plan import (
     trial_summary_path,
 )
 from orchestrator.search.space import Trial
-from orchestrator.start.cluster import (
-    attaches_to_cluster,
-    cluster_capacity,
-    init_ray,
-    local_resources,
-    resolve_use_gpu,
-)
-from orchestrator.start.console import Console
+from orchestrator.start.cluster import resolve_use_gpu
+from orchestrator.start.console import Console, QuietConsole
+from orchestrator.start.context import Prepared, RunContext, StartMode, preflight, prepare
 from orchestrator.start.interrupts import Interrupted, SignalGuard
-from orchestrator.start.run_dir import open_in, prepare_run_dir, unlock
+from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
 from orchestrator.training.ray_trainer import build_trainer
@@ -59,6 +55,15 @@ from workers.contract.names import (
     SUMMARY_FILE,
     TUNE_DIR,
 )
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A search's trials (every one, in order), each trial's config, and whether it uses GPUs."""
+
+    trials: list[Trial]
+    configs: dict[str, RunConfig]
+    gpus: dict[str, bool]
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -152,10 +157,11 @@ class TrialLogger:
             done = storage.join(run_dir, DONE_FILE)
             if not storage.exists(done) or storage.exists(storage.join(run_dir, SUMMARY_FILE)):
                 continue
+            trial = RunContext(cfg=self.configs[trial_id], run_dir=run_dir,
+                               start=StartMode.TRIAL, console=QuietConsole(),
+                               tracking=self.wandb_run(trial_id), use_gpu=use_gpu)
             summary = finalize_run(
-                self.configs[trial_id], run_dir, self.wandb_run(trial_id),
-                use_gpu=use_gpu, start="tune", say=lambda *_: None,
-                wandb_errors=self.errors.get(trial_id),
+                trial, wandb_errors=self.errors.get(trial_id),
                 extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
                        "errored": storage.read_json(done)["errored"]},
             )
@@ -201,11 +207,11 @@ def make_scheduler(cfg: RunConfig) -> Any:
     )
 
 
-def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
-              logger: TrialLogger, experiment_dir: str, log_model: str,
-              gpus: dict[str, bool], guard: SignalGuard) -> None:
+def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: TrialLogger) -> None:
     """The search, until it ends or a signal stops it (``Interrupted`` once its running
     trials were stopped: trials that ended stay done, the others resume)."""
+    cfg, configs, guard = ctx.cfg, plan.configs, ctx.guard
+    log_model = ctx.tracking.log_model_setting
     from ray import tune
     from ray.tune.stopper import Stopper
 
@@ -220,7 +226,7 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
         param_space={"trial": tune.grid_search(
             [{"trial_id": t.trial_id, "config": configs[t.trial_id].to_dict(),
-              "log_model": log_model, "use_gpu": gpus[t.trial_id]} for t in todo]
+              "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo]
         )},
         tune_config=tune.TuneConfig(
             num_samples=1, scheduler=make_scheduler(cfg),
@@ -232,7 +238,7 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         ),
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage.join(experiment_dir, TUNE_DIR),
+            storage_path=storage.join(ctx.run_dir, TUNE_DIR),
             callbacks=[logger.callback], verbose=0, stop=_Stop(guard),
         ),
     )
@@ -243,13 +249,13 @@ def run_tuner(cfg: RunConfig, todo: list[Trial], configs: dict[str, RunConfig],
         raise
 
 
-def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
-                      experiment_dir: str, search_run: Any) -> list[dict[str, Any]]:
+def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """leaderboard.json from every trial's summary (a trial without one did not finish), the
     overall best model exported, and the search's W&B run finished with both."""
+    cfg, experiment_dir = ctx.cfg, ctx.run_dir
     summaries = []
-    for trial in trials:
-        path = trial_summary_path(configs[trial.trial_id])
+    for trial in plan.trials:
+        path = trial_summary_path(plan.configs[trial.trial_id])
         summaries.append(storage.read_json(path) if storage.exists(path) else {
             "trial_id": trial.trial_id, "hyperparameters": trial.overrides, "interrupted": True,
         })
@@ -259,7 +265,7 @@ def write_leaderboard(cfg: RunConfig, trials: list[Trial], configs: dict[str, Ru
     storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
         "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
         "mode": mode, "best_model": best_dir, "trials": board,
-        "wandb": search_run.finish_search(board, best_dir),
+        "wandb": ctx.tracking.finish_search(board, best_dir),
     })
     return board
 
@@ -284,11 +290,14 @@ def check_monitor_first(cfg: RunConfig) -> None:
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-               console: Console | None = None) -> list[dict[str, Any]]:
+               console: Console | None = None,
+               prepared: Prepared | None = None) -> list[dict[str, Any]]:
+    """The whole search, to its leaderboard. ``prepared``: the search directory's fate, when
+    the caller decided it already."""
     console = console or Console()
-    experiment_dir = storage.run_dir(cfg)
-    start = prepare_run_dir(experiment_dir, resume=resume, overwrite=overwrite)
-    saved = read_search(experiment_dir) if start == "resume" else None
+    prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite)
+    experiment_dir = prepared.run_dir
+    saved = read_search(experiment_dir) if prepared.start is StartMode.RESUME else None
     if saved is not None:  # the search that was started, not today's config
         cfg = resumed_config(saved["config"], cfg)
         trials = [Trial(t["trial_id"], t["overrides"]) for t in saved["trials"]]
@@ -296,51 +305,47 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
     base = cfg.to_dict()
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
-    if not attaches_to_cluster():
-        check_fit(cfg, configs, local_resources())
-    local = init_ray(console.verbose)
-    cap = cluster_capacity(local)
-    use_gpu = check_fit(cfg, configs, cap)
-    gpus = {trial_id: resolve_use_gpu(c, cap) for trial_id, c in configs.items()}
-    check_monitor_first(configs[trials[0].trial_id])
-    search_run = open_in(experiment_dir, start, "search",  # fails here, not mid-search
-                         lambda: open_run(cfg, experiment_dir, job_type="search"))
-    try:
-        return _search(cfg, trials, configs, experiment_dir, search_run, use_gpu, gpus, console)
-    finally:
-        unlock(experiment_dir)
+    with SignalGuard() as guard:
+        ctx = preflight(  # the W&B run fails here, not mid-search
+            prepared.with_config(cfg), kind="search", console=console, guard=guard,
+            fits=lambda capacity: check_fit(cfg, configs, capacity),
+            open_tracking=lambda: open_run(cfg, experiment_dir, job_type="search"),
+            check_on_ray=lambda: check_monitor_first(configs[trials[0].trial_id]))
+        plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, ctx.capacity)
+                                            for trial_id, c in configs.items()})
+        try:
+            return _search(ctx, plan)
+        finally:
+            unlock(experiment_dir)
 
 
-def _search(cfg: RunConfig, trials: list[Trial], configs: dict[str, RunConfig],
-            experiment_dir: str, search_run: Any, use_gpu: bool, gpus: dict[str, bool],
-            console: Console) -> list[dict[str, Any]]:
+def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """The search itself, once its directory and W&B run are ready: the leaderboard."""
-    storage.write_json(storage.join(experiment_dir, SEARCH_FILE),
+    cfg, console, guard, trials = ctx.cfg, ctx.console, ctx.guard, plan.trials
+    storage.write_json(storage.join(ctx.run_dir, SEARCH_FILE),
                        {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
 
-    todo = pending_trials(trials, configs)
+    todo = pending_trials(trials, plan.configs)
     console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} "
                 f"already finished), {cfg.tune.max_concurrent_trials} at a time, scheduler "
-                f"{cfg.tune.scheduler}, in {experiment_dir}")
-    logger = TrialLogger(configs, {t.trial_id: t for t in trials}, cfg.name, console)
+                f"{cfg.tune.scheduler}, in {ctx.run_dir}")
+    logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console)
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
     interrupted = None
-    with SignalGuard() as guard:
-        logger.stopping = lambda: bool(guard.received)
-        try:
-            if todo:
-                with console.progress(len(trials), f"{cfg.name} trials"):
-                    console.advance(completed=len(trials) - len(todo))
-                    run_tuner(cfg, todo, configs, logger, experiment_dir,
-                              search_run.log_model_setting, gpus, guard)
-        except Interrupted as exc:
-            interrupted = exc
-        finally:
-            logger.finish_trials(use_gpu)
-            logger.abort_unfinished()
-        board = write_leaderboard(cfg, trials, configs, experiment_dir, search_run)
+    logger.stopping = lambda: bool(guard.received)
+    try:
+        if todo:
+            with console.progress(len(trials), f"{cfg.name} trials"):
+                console.advance(completed=len(trials) - len(todo))
+                run_tuner(ctx, plan, todo, logger)
+    except Interrupted as exc:
+        interrupted = exc
+    finally:
+        logger.finish_trials(ctx.use_gpu)
+        logger.abort_unfinished()
+    board = write_leaderboard(ctx, plan)
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
     if interrupted:
         raise TrainingError(f"interrupted by {interrupted}: {len(board) - len(unfinished)} of "

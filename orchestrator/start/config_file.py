@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def override_items(overrides: Overrides) -> list[tuple[str, list[str], Any]]:
+    """(as the user wrote it, dotted path, value): ``KEY=VALUE`` strings (the value read as
+    YAML, as ``--set`` does) or a mapping of dotted keys to values (taken as they are)."""
+    if isinstance(overrides, Mapping):
+        items = []
+        for key, value in overrides.items():
+            parse_override(f"{key}=")  # the same checks of the key
+            items.append((f"{key}={value!r}", str(key).strip().split("."), value))
+        return items
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    return [(item, *parse_override(item)) for item in overrides]
+
+
+def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
     data = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
+    for item, path, value in override_items(overrides):
         node = data
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
@@ -145,8 +162,18 @@ def ensure_cwd_importable() -> None:
         sys.path.insert(0, cwd)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    data = apply_overrides(read_yaml(resolve_config(path)), overrides or [])
+def load_config(source: str | Path | Mapping[str, Any] | RunConfig,
+                overrides: Overrides | None = None) -> RunConfig:
+    """A validated config from a YAML file (or a built-in config's name), a mapping of config
+    keys, or a ``RunConfig``, with ``overrides`` applied; every mistake a one-line
+    ``UserError`` naming the field."""
+    if isinstance(source, RunConfig):
+        data = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        data = read_yaml(resolve_config(source))
+    data = apply_overrides(data, overrides or [])
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -85,3 +85,10 @@ class Console:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+class QuietConsole(Console):
+    """A console that says nothing: a search's trials are summarised in its own lines."""
+
+    def say(self, line: str) -> None:
+        pass

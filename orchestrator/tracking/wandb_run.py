@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from orchestrator import storage
 from orchestrator.errors import UserError
@@ -48,6 +48,25 @@ def point_wandb_at_endpoint(storage_path: str) -> None:
         os.environ["AWS_S3_ENDPOINT_URL"] = endpoint
         if "region" in query:
             os.environ.setdefault("AWS_REGION", query["region"][0])
+
+
+class TrackingRun(Protocol):
+    """What a run does with W&B, on or off: ``WandbRun`` and its do-nothing twin ``NullRun``."""
+
+    mode: str
+    log_model_setting: str  # what the controller stages for W&B while the run goes
+
+    def handle(self, record: dict[str, Any], staged_model: str | None) -> None: ...
+
+    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None: ...
+
+    def finish(self, summary: dict[str, Any], plot_path: str | None,
+               exit_code: int = 0) -> dict[str, Any]: ...
+
+    def finish_search(self, board: list[dict[str, Any]],
+                      best_dir: str | None) -> dict[str, Any]: ...
+
+    def abort(self) -> None: ...
 
 
 class NullRun:

@@ -17,60 +17,59 @@ from orchestrator.errors import (
 from orchestrator.results.checkpoints import resume_point
 from orchestrator.results.epochs import nonfinite, progress_line
 from orchestrator.results.summary import finalize_run, remove_unregistered_checkpoints
-from orchestrator.start.cluster import (
-    attaches_to_cluster,
-    check_resources,
-    cluster_capacity,
-    init_ray,
-    local_resources,
-)
+from orchestrator.start.cluster import check_resources
 from orchestrator.start.console import Console
+from orchestrator.start.context import Prepared, RunContext, StartMode, preflight, prepare
 from orchestrator.start.interrupts import Interrupted, SignalGuard
-from orchestrator.start.run_dir import open_in, prepare_run_dir, unlock
+from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.ray_trainer import EventPump, build_trainer, stop_training
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG
 
 
-def start_line(cfg: RunConfig, run_dir: str, mode: str) -> str:
+def start_line(ctx: RunContext) -> str:
+    name, run_dir = ctx.cfg.name, ctx.run_dir
     return {
-        "fresh": f"Starting run {cfg.name!r} in {run_dir}",
-        "overwrite": f"Replacing the earlier run {cfg.name!r} in {run_dir} (--overwrite)",
-        "resume": f"Resuming run {cfg.name!r} from its latest checkpoint in {run_dir} (--resume)",
-    }[mode]
+        StartMode.FRESH: f"Starting run {name!r} in {run_dir}",
+        StartMode.OVERWRITE: f"Replacing the earlier run {name!r} in {run_dir} (--overwrite)",
+        StartMode.RESUME: f"Resuming run {name!r} from its latest checkpoint in {run_dir} "
+                          "(--resume)",
+    }[ctx.start]
 
 
-def start_run(cfg: RunConfig, *, resume: bool, overwrite: bool,
-              console: Console) -> tuple[str, str, bool, Any]:
-    """Everything checked and opened before training: the run directory's fate, the
-    cluster's capacity, the W&B run. Returns (run_dir, start mode, use_gpu, W&B run)."""
+def check_resume_point(prepared: Prepared, console: Console) -> None:
+    """Nothing intact to resume from: exit 2 before anything starts; damaged checkpoints
+    are skipped, and said so."""
+    remove_unregistered_checkpoints(prepared.run_dir)  # what a killed run left in flight
+    chosen, damaged = resume_point(prepared.run_dir)
+    for problem in damaged:
+        console.say(f"warning: damaged checkpoint skipped: {problem}")
+    if damaged:
+        console.say(f"resuming from {chosen}, the newest intact checkpoint")
+
+
+def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunContext:
+    """Everything checked and opened before training (``start.context.preflight``)."""
     from orchestrator.tracking.wandb_run import open_run
 
-    run_dir = storage.run_dir(cfg)
-    mode = prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if mode == "resume":  # nothing intact to resume from: exit 2 before anything starts
-        remove_unregistered_checkpoints(run_dir)  # what a killed run left in flight
-        chosen, damaged = resume_point(run_dir)
-        for problem in damaged:
-            console.say(f"warning: damaged checkpoint skipped: {problem}")
-        if damaged:
-            console.say(f"resuming from {chosen}, the newest intact checkpoint")
-    if not attaches_to_cluster():
-        check_resources(cfg, local_resources())  # fail before starting Ray at all
-    local = init_ray(console.verbose)
-    use_gpu = check_resources(cfg, cluster_capacity(local))
-    # Before training: a bad key or no network fails here, with the old run (if any) intact.
-    wb = open_in(run_dir, mode, "run", lambda: open_run(cfg, run_dir))
-    console.say(start_line(cfg, run_dir, mode))
+    cfg = prepared.cfg
+    if prepared.start is StartMode.RESUME:
+        check_resume_point(prepared, console)
+    ctx = preflight(prepared, kind="run", console=console, guard=guard,
+                    fits=lambda capacity: check_resources(cfg, capacity),
+                    open_tracking=lambda: open_run(cfg, prepared.run_dir))
+    console.say(start_line(ctx))
     console.say(f"{cfg.scaling.describe_workers()} on "
-                f"{'GPU (NCCL)' if use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
-                f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, W&B {wb.mode}")
-    return run_dir, mode, use_gpu, wb
+                f"{'GPU (NCCL)' if ctx.use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
+                f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, "
+                f"W&B {ctx.tracking.mode}")
+    return ctx
 
 
-def epoch_handler(cfg: RunConfig, wb: Any, console: Console):
+def epoch_handler(ctx: RunContext):
     """What the driver does with each epoch's record: print it, log it to W&B."""
+    cfg, console = ctx.cfg, ctx.console
     seen = {"epoch": 0, "workers": None}
 
     def handle(record: dict[str, Any], staged: str | None) -> None:
@@ -89,7 +88,7 @@ def epoch_handler(cfg: RunConfig, wb: Any, console: Console):
             console.say(f"epoch {record['epoch']}: {', '.join(bad)} not finite; the run stops "
                         "here (train.stop_on_nonfinite) and keeps its best so far")
         console.advance(completed=record["epoch"])
-        wb.handle(record, staged)
+        ctx.tracking.handle(record, staged)
 
     return handle
 
@@ -147,50 +146,50 @@ def fit(trainer: Any, guard: SignalGuard, run_dir: str,
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
-                 console: Console | None = None) -> dict[str, Any]:
+                 console: Console | None = None,
+                 prepared: Prepared | None = None) -> dict[str, Any]:
     """One run, to its end: its summary. A run that fails or is interrupted still writes
-    its summary (status ``failed`` or ``interrupted``) and raises ``TrainingError``."""
+    its summary (status ``failed`` or ``interrupted``) and raises ``TrainingError``.
+    ``prepared``: the run directory's fate, when the caller decided it already."""
     console = console or Console()
+    prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite)
     with SignalGuard() as guard:  # a signal from here on stops the run cleanly
-        run_dir, mode, use_gpu, wb = start_run(cfg, resume=resume, overwrite=overwrite,
-                                               console=console)
+        ctx = start_run(prepared, console, guard)
         try:
-            summary, stopped = train_and_record(cfg, run_dir, mode, use_gpu, wb, guard,
-                                                console)
+            summary, stopped = train_and_record(ctx)
         finally:
-            unlock(run_dir)
+            unlock(ctx.run_dir)
     if stopped:
         raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
                             exit_code=stopped.exit_code)
     return summary
 
 
-def train_and_record(cfg: RunConfig, run_dir: str, mode: str, use_gpu: bool, wb: Any,
-                     guard: SignalGuard,
-                     console: Console) -> tuple[dict[str, Any], Stopped | None]:
+def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     """Train on Ray, then write the record: (summary, why it stopped if it did)."""
-    pump = EventPump(epoch_handler(cfg, wb, console))
-    watchdog = Watchdog(needs(cfg, use_gpu), cfg.failure.worker_wait_s, console.say)
-    trainer = build_trainer(cfg, run_dir, use_gpu, log_model=wb.log_model_setting,
-                            events=pump.queue)
+    cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
+    pump = EventPump(epoch_handler(ctx))
+    watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
+    trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
+                            log_model=tracking.log_model_setting, events=pump.queue)
     try:
-        with console.progress(cfg.train.epochs, cfg.name), pump:
-            stopped = fit(trainer, guard, run_dir, lambda: (pump.check(), watchdog.tick()))
+        with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
+            stopped = fit(trainer, guard, ctx.run_dir,
+                          lambda: (pump.check(), watchdog.tick()))
     except UserError:
         if guard.fit_running():  # Ray would retry it (max_failures): never useful
             stop_training(pump.controller, guard)
-        wb.abort()
-        if mode != "resume":  # nothing of a run that never could work is left behind
-            storage.delete_dir(run_dir)
+        tracking.abort()
+        if ctx.start is not StartMode.RESUME:  # nothing of a run that never could work stays
+            storage.delete_dir(ctx.run_dir)
         raise
     except BaseException:
-        wb.abort()
+        tracking.abort()
         raise
     if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
         stop_training(pump.controller, guard)
     try:
-        summary = finalize_run(cfg, run_dir, wb, use_gpu=use_gpu, start=mode,
-                               say=console.say, wandb_errors=pump.errors,
+        summary = finalize_run(ctx, wandb_errors=pump.errors,
                                status=stopped.status if stopped else None)
     except OSError as exc:  # storage unreachable: what was saved stays, the run resumes
         what = stopped.what if stopped else "the run ended"

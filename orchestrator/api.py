@@ -1,0 +1,171 @@
+"""The Python API: ``from orchestrator import train, tune, load_best``.
+
+The command line is a thin layer over these three. A config is a YAML path, a built-in
+config's name (``"digits"``), a mapping of config keys or a ``RunConfig``; ``overrides`` are
+``--set``'s ``KEY=VALUE`` strings or a mapping of dotted keys to values. Mistakes raise the
+same one-line ``UserError`` the CLI prints; a run that fails or is interrupted writes its
+record and raises ``TrainingError`` (its ``exit_code`` is the CLI's).
+
+Importing this module imports neither torch nor Ray: a notebook pays for them on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.start.console import Console
+from orchestrator.start.context import prepare
+
+if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.start.config_file import Overrides
+    from workers.contract.config import RunConfig
+
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run's ``summary.json``, typed; ``record`` is the whole of it."""
+
+    name: str
+    status: str  # completed | stopped_early (failed and interrupted runs raise)
+    run_dir: str
+    monitor: str
+    mode: str
+    best_epoch: int | None
+    best_metrics: dict[str, Any] | None
+    test_metrics: dict[str, float] | None
+    best_checkpoint: str | None
+    epochs_completed: int
+    history: list[dict[str, Any]] = field(repr=False)
+    record: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunSummary:
+        return cls(
+            name=record["name"], status=record["status"], run_dir=record["run_dir"],
+            monitor=record["monitor"], mode=record["mode"], best_epoch=record["best_epoch"],
+            best_metrics=record["best_metrics"], test_metrics=record["test_metrics"],
+            best_checkpoint=record["best_checkpoint"],
+            epochs_completed=record["epochs_completed"], history=record["history"],
+            record=record,
+        )
+
+    @property
+    def best_value(self) -> float | None:
+        """The monitored metric at the best epoch."""
+        return (self.best_metrics or {}).get(self.monitor)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A search's ``leaderboard.json``, typed: ``trials`` best first."""
+
+    name: str
+    experiment_dir: str
+    monitor: str
+    mode: str
+    best_model: str | None
+    trials: list[dict[str, Any]] = field(repr=False)
+    record: dict[str, Any] = field(repr=False)
+
+    @property
+    def best_trial(self) -> dict[str, Any] | None:
+        return self.trials[0] if self.trials else None
+
+
+@dataclass(frozen=True)
+class BestModel:
+    """The workload's model holding the best weights, and the checkpoint's metadata."""
+
+    model: torch.nn.Module
+    metadata: dict[str, Any]
+    checkpoint: str
+    workload: Any = field(repr=False)  # the workload it was built from (its datasets, loss)
+
+
+def _config(config: Any, overrides: Overrides | None) -> RunConfig:
+    from orchestrator.start.config_file import load_config
+
+    return load_config(config, overrides)
+
+
+def train(config: Any, overrides: Overrides | None = None, *, resume: bool = False,
+          overwrite: bool = False, verbose: bool = False,
+          console: Console | None = None) -> RunSummary:
+    """Train one run to its end (``orchestrator train``); its summary."""
+    cfg = _config(config, overrides)
+    prepared = prepare(cfg, resume=resume, overwrite=overwrite)  # before Ray is imported
+    from orchestrator.training.run import run_training
+
+    record = run_training(cfg, console=console or Console(verbose=verbose), prepared=prepared)
+    return RunSummary.from_record(record)
+
+
+def tune(config: Any, overrides: Overrides | None = None, *, resume: bool = False,
+         overwrite: bool = False, verbose: bool = False,
+         console: Console | None = None) -> SearchResult:
+    """Run a search to its end (``orchestrator tune``); its leaderboard. Trials that did not
+    finish are on it with status ``interrupted`` or ``error``."""
+    from orchestrator import storage
+    from workers.contract.names import LEADERBOARD_FILE
+
+    cfg = _config(config, overrides)
+    prepared = prepare(cfg, resume=resume, overwrite=overwrite)
+    from orchestrator.search.run import run_search
+
+    run_search(cfg, console=console or Console(verbose=verbose), prepared=prepared)
+    record = storage.read_json(storage.join(prepared.run_dir, LEADERBOARD_FILE))
+    return SearchResult(name=record["name"], experiment_dir=record["experiment_dir"],
+                        monitor=record["monitor"], mode=record["mode"],
+                        best_model=record["best_model"], trials=record["trials"],
+                        record=record)
+
+
+def best_checkpoint(path: str | Path) -> str:
+    """The best model's checkpoint of a run directory (its ``summary.json``) or a search
+    directory (its ``leaderboard.json``), checked against its recorded sizes and digests."""
+    from orchestrator import storage
+    from orchestrator.errors import UserError
+    from orchestrator.results.checkpoints import verify_checkpoint
+    from workers.contract.names import LEADERBOARD_FILE, SUMMARY_FILE
+
+    root = storage.resolve(str(path))
+    for name, key in ((LEADERBOARD_FILE, "best_model"), (SUMMARY_FILE, "best_checkpoint")):
+        record_path = storage.join(root, name)
+        if not storage.exists(record_path):
+            continue
+        try:
+            best = storage.read_json(record_path).get(key)
+        except (ValueError, AttributeError) as exc:
+            raise UserError(f"{record_path}: damaged, not the record this tool writes "
+                            f"({type(exc).__name__}: {exc})") from None
+        if not best:
+            raise UserError(f"{record_path}: this run kept no best model (its checkpoint "
+                            "policy saved none)")
+        problem = verify_checkpoint(best)
+        if problem:
+            raise UserError(f"{best}: the best model is damaged: {problem}")
+        return best
+    raise UserError(f"{path}: no {SUMMARY_FILE} or {LEADERBOARD_FILE} here; pass a finished "
+                    "run's or search's directory")
+
+
+def load_best(path: str | Path) -> BestModel:
+    """The best model of a run or a search: the workload's model (built as in training, on
+    CPU) holding the best weights, with the checkpoint's metadata (its epoch's metrics)."""
+    from ray.train import Checkpoint
+
+    from workers.checkpoint.load import load_metadata
+    from workers.checkpoint.saved_model import load_model
+    from workers.contract.config import RunConfig
+
+    checkpoint = best_checkpoint(path)
+    with Checkpoint(checkpoint).as_directory() as directory:  # local, or fetched from a URI
+        metadata = load_metadata(directory)
+        workload, model = load_model(RunConfig.model_validate(metadata["config"]), directory)
+    model.eval()
+    return BestModel(model=model, metadata=metadata, checkpoint=checkpoint, workload=workload)
