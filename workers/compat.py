@@ -70,3 +70,16 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
 
     class_cache.ENV_VARS_TO_PROPAGATE = {
         name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}
+
+
+def torchmetric_reductions(metric: Any) -> dict[str, str]:
+    """How torchmetrics combines each state of ``metric`` across ranks: ``sum``, ``cat``,
+    ``mean``, ``max``, ``min``, ``none`` (stacked) or ``custom``. torchmetrics keeps them in
+    the private ``Metric._reductions`` (state name -> its ``dim_zero_*`` function); no public
+    API names them."""
+    from torchmetrics.utilities import data
+
+    known = {data.dim_zero_sum: "sum", data.dim_zero_cat: "cat", data.dim_zero_mean: "mean",
+             data.dim_zero_max: "max", data.dim_zero_min: "min"}
+    return {name: "none" if fn is None else known.get(fn, "custom")
+            for name, fn in metric._reductions.items()}

@@ -10,7 +10,13 @@ import torch
 from workers.checkpoint.load import load_weights
 from workers.contract.config import RunConfig
 from workers.contract.workload import build_workload
-from workers.loop.steps import evaluate_dataset, infer_num_classes, workload_metrics
+from workers.loop.batches import Batches
+from workers.loop.steps import (
+    collate_of,
+    evaluate_dataset,
+    infer_num_classes,
+    workload_metrics,
+)
 
 
 def load_model(cfg: RunConfig, checkpoint_dir: str | Path) -> tuple[Any, torch.nn.Module]:
@@ -31,10 +37,12 @@ def evaluate_split(
     if dataset is None:
         return None
     model.to(device)
-    metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device))
-    return evaluate_dataset(model, dataset, workload.loss_fn, metrics, split=split,
+    batches, collate = Batches.of(workload), collate_of(workload)
+    metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device,
+                                                           batches, collate))
+    return evaluate_dataset(model, dataset, batches, metrics, split=split,
                             batch_size=cfg.train.batch_size, device=device,
-                            precision=cfg.train.precision)
+                            precision=cfg.train.precision, collate=collate)
 
 
 def evaluate_checkpoint(config: dict[str, Any], checkpoint: Any, split: str):

@@ -92,6 +92,11 @@ class TrainSection(_Section):
     stop_on_nonfinite: bool = Field(
         True, description="stop the run at the first epoch whose loss or a metric is NaN or "
         "infinite (such an epoch never becomes the best either way)")
+    loader_workers: Literal["auto"] | Annotated[Int, Field(ge=0)] = Field(
+        "auto",
+        description="DataLoader worker processes per rank and split (persistent between "
+        "epochs; pinned memory on GPU); auto: none for in-memory tensors (a TensorDataset), "
+        "else as many as the worker's CPUs, 2 to 8")
     schedule: Literal["auto", "one_cycle", "constant"] = Field(
         "auto",
         description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +50,8 @@ def check_params(entrypoint: str, params: dict[str, Any]) -> None:
         return  # no introspectable signature (a builtin): nothing to check here
 
 
-REQUIRED = ("model", "train_dataset", "val_dataset", "loss_fn")
+# ``loss_fn`` may be absent or None: the model then computes its own loss (``output.loss``).
+REQUIRED = ("model", "train_dataset", "val_dataset")
 
 
 def is_fastai_learner(obj: Any) -> bool:
@@ -59,8 +61,16 @@ def is_fastai_learner(obj: Any) -> bool:
 
 
 def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
-    """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it)."""
-    workload = import_entrypoint(entrypoint)(**params)
+    """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it).
+    A ``build`` that raises (a package or a file this machine lacks) is the user's to fix:
+    one line naming the entrypoint, never retried."""
+    build = import_entrypoint(entrypoint)
+    try:
+        workload = build(**params)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's code raised
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise WorkloadError(f"workload.entrypoint: {entrypoint} raised {type(exc).__name__}: "
+                            f"{first_line[:200]} (on {socket.gethostname()})") from exc
     if is_fastai_learner(workload):
         from workers.engines.fastai.learner import learner_workload
 

@@ -7,12 +7,20 @@ then compute the values, so the result equals a single-process evaluation of the
 A user metric object follows the same protocol as the built-ins below: ``name``,
 ``update(output, target)``, ``state() -> 1-D float64 tensor`` (summable across ranks),
 ``compute(state) -> float`` and ``reset()``.
+
+A ``torchmetrics.Metric`` is taken as it is (``TorchMetric``): torchmetrics combines its states
+across ranks itself when it computes, summing sum-states and concatenating cat-states (AUROC's
+predictions) over the unpadded shards, so it too equals a one-process computation. Metrics
+with a state it would average across ranks (or reduce with a function of its own) are
+refused: under uneven shards that average is not the whole set's value.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -136,22 +144,87 @@ class MeanLoss:
         return total / count if count else float("nan")
 
 
-def build_metrics(spec: Sequence[Any] | None, num_classes: int | None) -> list[Any]:
-    """Metric objects from a workload's ``metrics`` list (names or objects)."""
+def snake_case(name: str) -> str:
+    """``MulticlassAUROC`` -> ``multiclass_auroc``, ``BinaryF1Score`` -> ``binary_f1_score``."""
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def is_torchmetric(obj: Any) -> bool:
+    """Without importing torchmetrics: a Metric exists only if its module was imported."""
+    module = sys.modules.get("torchmetrics")
+    return module is not None and isinstance(obj, module.Metric)
+
+
+# "none": stacked per rank for the metric to merge itself (as PearsonCorrCoef does, exactly).
+EXACT_REDUCTIONS = ("sum", "cat", "max", "min", "none")
+
+
+class TorchMetric:
+    """A ``torchmetrics.Metric`` under this module's protocol. Its states travel in no packed
+    vector (``state`` is empty): ``compute`` is torchmetrics' own, which gathers them from
+    every rank (a collective: every rank computes every metric, in the same order)."""
+
+    def __init__(self, name: str, metric: Any) -> None:
+        from workers.compat import torchmetric_reductions
+
+        inexact = {state: how for state, how in torchmetric_reductions(metric).items()
+                   if how not in EXACT_REDUCTIONS}
+        if inexact:
+            raise ValueError(
+                f"metrics: {name} ({type(metric).__name__}) cannot be synced exactly across "
+                f"workers: its state(s) {', '.join(f'{k} ({v})' for k, v in inexact.items())} "
+                "would be averaged or reduced by a function of its own; use a metric whose "
+                "states are sums or concatenations")
+        self.name = name
+        self.metric = metric
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if self.metric.device != output.device:
+            self.metric.to(output.device)
+        self.metric.update(output.detach(), target.detach())
+
+    def state(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.float64)
+
+    def compute(self, state: torch.Tensor) -> float:
+        value = self.metric.compute()
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value.item())
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ValueError(f"metrics: {self.name} ({type(self.metric).__name__}) computes "
+                         f"{type(value).__name__} {getattr(value, 'shape', '')}, not one number; "
+                         "use its averaged form (e.g. average='macro')")
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+
+def build_metrics(spec: Sequence[Any] | Mapping[str, Any] | None,
+                  num_classes: int | None) -> list[Any]:
+    """Metric objects from a workload's ``metrics``: a list of built-in names, objects of this
+    module's protocol and torchmetrics metrics (named after their class), or a mapping of
+    names to such objects."""
     metrics: list[Any] = []
-    for item in spec or ():
-        if isinstance(item, str):
+    named = spec.items() if isinstance(spec, Mapping) else ((None, item) for item in spec or ())
+    for name, item in named:
+        if is_torchmetric(item):
+            metrics.append(TorchMetric(name or snake_case(type(item).__name__), item))
+        elif isinstance(item, str) and name is None:
             if num_classes is None:
                 raise ValueError(
                     f"metric {item!r} needs integer class targets; this workload's are not"
                 )
             metrics.append(ConfusionMetric(item, num_classes))
         elif isinstance(item, Metric):
+            if name is not None:
+                item.name = name
             metrics.append(item)
         else:
             raise ValueError(
-                f"metrics: {item!r} is neither a built-in name ({', '.join(BUILTIN_METRICS)}) "
-                "nor an object with name/update/state/compute/reset"
+                f"metrics: {item!r} is neither a built-in name ({', '.join(BUILTIN_METRICS)}), "
+                "a torchmetrics Metric, nor an object with name/update/state/compute/reset"
             )
     names = [m.name for m in metrics]
     if len(set(names)) != len(names) or "loss" in names:

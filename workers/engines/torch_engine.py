@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, DistributedSampler
 
 from workers.contract.config import RunConfig
+from workers.loop.batches import Batches, check_first_batch
 from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sharding import (
@@ -28,11 +29,16 @@ from workers.loop.sharding import (
 from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
+    collate_of,
     distributed,
+    first_batch,
     global_metrics,
     infer_num_classes,
+    loader_workers,
+    make_loader,
     model_device,
     shard,
+    to_device,
     train_epoch,
     workload_metrics,
 )
@@ -56,6 +62,7 @@ class TorchParts:
     train_loader: DataLoader
     val_loader: DataLoader
     metrics: list[Any]
+    batches: Batches  # how a batch goes through the model: inputs, target, logits, loss
     state: LocalState | ShardedState  # how a save reads the whole model and optimizer
     val_forwards: int = 0  # fsdp: forward calls every rank makes per validation pass
     padding_input: Any = None  # fsdp: the input of the extra ones
@@ -74,16 +81,23 @@ def setup(worker: Worker) -> TorchParts:
 
     cfg, workload = worker.cfg, worker.workload
     plain = workload.model
-    metrics = workload_metrics(workload, infer_num_classes(plain, workload.train_dataset,
-                                                           model_device(plain)))
+    batches, collate = Batches.of(workload), collate_of(workload)
+    metrics = workload_metrics(workload, infer_num_classes(
+        plain, workload.train_dataset, model_device(plain), batches, collate))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
     sampler = DistributedSampler(workload.train_dataset, num_replicas=worker.world_size,
                                  rank=worker.rank, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(workload.train_dataset, batch_size=cfg.train.batch_size,
-                              sampler=sampler)
-    val_loader = DataLoader(shard(workload.val_dataset, worker.rank, worker.world_size),
-                            batch_size=cfg.train.batch_size, shuffle=False)
+    workers = loader_workers(cfg.train.loader_workers, workload.train_dataset,
+                             cfg.scaling.cpus_per_worker)
+    train_loader = make_loader(workload.train_dataset, cfg.train.batch_size, collate,
+                               workers=workers, device=worker.device, sampler=sampler)
+    val_loader = make_loader(shard(workload.val_dataset, worker.rank, worker.world_size),
+                             cfg.train.batch_size, collate, workers=workers,
+                             device=worker.device)
+    # One batch through the model first: a batch it cannot take is one line, not an epoch.
+    check_first_batch(plain, batches, first_batch(workload.train_dataset, collate),
+                      model_device(plain), to_device)
     if cfg.scaling.strategy == "fsdp":
         blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
         model = fully_shard_model(plain, blocks, worker.device, worker.world_size,
@@ -91,15 +105,15 @@ def setup(worker: Worker) -> TorchParts:
         optimizer = make_optimizer(cfg, model.parameters())
         if worker.restored.optimizer_state is not None:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
-        padding_input, _ = default_collate([workload.val_dataset[0]])
-        return TorchParts(model, model, optimizer, train_loader, val_loader, metrics,
+        padding_input, _ = batches.split(first_batch(workload.val_dataset, collate))
+        return TorchParts(model, model, optimizer, train_loader, val_loader, metrics, batches,
                           ShardedState(model, optimizer),
                           most_on_any_rank(len(val_loader), worker.device), padding_input)
     model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
     optimizer = make_optimizer(cfg, plain.parameters())
     if worker.restored.optimizer_state is not None:
         load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
-    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics,
+    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics, batches,
                       LocalState(plain, optimizer))
 
 
@@ -109,14 +123,14 @@ def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]
     # Under fsdp, bf16 is FSDP's mixed-precision policy, not autocast.
     precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
     p.train_loader.sampler.set_epoch(epoch)
-    train_loss = train_epoch(p.model, p.train_loader, w.workload.loss_fn, p.optimizer,
+    train_loss = train_epoch(p.model, p.train_loader, p.batches, p.optimizer,
                              w.device, precision)
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
     # module, since DDP's forward would broadcast buffers, a collective that ranks with
     # different numbers of validation batches would never all reach. (A sharded model's
     # forward is a collective itself: every rank makes ``val_forwards`` calls.)
     broadcast_buffers(p.plain)
-    val_loss = accumulate(p.plain, p.val_loader, w.workload.loss_fn, p.metrics, w.device,
+    val_loss = accumulate(p.plain, p.val_loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
     return global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)], w.device)
 

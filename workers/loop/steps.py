@@ -6,14 +6,16 @@ padded, so every sample is counted exactly once across ranks whatever the set si
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
+from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
+from workers.loop.batches import Batches, as_batches, batch_size, logits_of
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -59,16 +61,54 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device) -> int | None:
+def collate_of(workload: Any) -> Callable[[list[Any]], Any]:
+    """The workload's ``collate_fn`` (every split's loaders use it), else PyTorch's default."""
+    return getattr(workload, "collate_fn", None) or default_collate
+
+
+def loader_workers(setting: str | int, dataset: Any, cpus: float) -> int:
+    """``train.loader_workers``: ``auto`` is none for in-memory tensors (indexing them costs
+    less than handing batches between processes), else the worker's CPUs, from 2 to 8."""
+    if setting != "auto":
+        return int(setting)
+    inner = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(inner, TensorDataset):
+        return 0
+    return int(min(8, max(2, cpus)))
+
+
+def make_loader(dataset: Any, batch_size: int, collate: Callable[[list[Any]], Any], *,
+                workers: int, device: torch.device, sampler: Any = None) -> DataLoader:
+    """A loader of one split on one rank: ``sampler`` for the training shard, else in order.
+    Worker processes stay between epochs; batches are pinned for a GPU."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      collate_fn=collate, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+
+
+def first_batch(dataset: Any, collate: Callable[[list[Any]], Any]) -> Any:
+    """A batch of the dataset's first sample, collated as the loaders collate."""
+    try:
+        return collate([dataset[0]])
+    except Exception as exc:  # noqa: BLE001 - the user's collate_fn (or data) refused it
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserInputError(f"workload.collate_fn: it fails on the first sample "
+                             f"({type(exc).__name__}: {first[:200]})") from None
+
+
+def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device,
+                      batches: Batches | None = None,
+                      collate: Callable[[list[Any]], Any] = default_collate) -> int | None:
     """Number of classes when targets are integer labels (from the model's output width)."""
-    x0, y0 = dataset[0]
-    if not is_class_label(y0):
+    batches = batches or Batches(loss_fn=lambda out, y: out)
+    inputs, target = batches.split(first_batch(dataset, collate))
+    if not is_class_label(target.reshape(-1)[0] if isinstance(target, torch.Tensor)
+                          and target.ndim == 1 else target):
         return None
-    x_batch, _ = default_collate([(x0, y0)])  # a batch of one, whatever the input's structure
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model(to_device(x_batch, device))
+        out = logits_of(batches.forward(model, to_device(inputs, device)))
     model.train(was_training)
     width = out.shape[-1] if out.ndim > 1 else 1
     return 2 if width == 1 else int(width)
@@ -90,7 +130,7 @@ def shard(dataset: Any, rank: int, world_size: int) -> Any:
 def accumulate(
     model: torch.nn.Module,
     loader: DataLoader,
-    loss_fn: Any,
+    batches: Batches | Callable[[Any, Any], torch.Tensor] | None,
     metrics: Sequence[Any],
     device: torch.device,
     precision: str = "fp32",
@@ -102,24 +142,28 @@ def accumulate(
     ``forwards``: make at least this many forward calls, the extra ones on ``padding_input``
     and counted nowhere (a sharded model's forward is a collective: every rank must make as
     many, whatever the size of its shard)."""
+    batches = as_batches(batches)
     loss = MeanLoss()
     for metric in metrics:
         metric.reset()
     model.eval()
     made = 0
     with torch.no_grad():
-        for x, y in loader:
+        for batch in loader:
+            x, y = batches.split(batch)
             x, y = to_device(x, device), to_device(y, device)
             with autocast(device, precision):
-                out = model(x)
+                out = batches.forward(model, x)
+                batch_loss = batches.loss(out, y)  # the model's own loss is computed inside
             made += 1
             out = as_float32(out)
-            loss.add_batch(loss_fn(out, y).item(), len(y))
+            loss.add_batch(batch_loss.float().item(), batch_size(y))
+            logits = logits_of(out)
             for metric in metrics:
-                metric.update(out, y)
+                metric.update(logits, y)
         for _ in range(forwards - made):
             with autocast(device, precision):
-                model(to_device(padding_input, device))
+                batches.forward(model, to_device(padding_input, device))
     return loss
 
 
@@ -181,17 +225,18 @@ def global_metrics(
 def evaluate_dataset(
     model: torch.nn.Module,
     dataset: Any,
-    loss_fn: Any,
+    batches: Batches | Callable[[Any, Any], torch.Tensor] | None,
     metrics: Sequence[Any],
     *,
     split: str,
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    collate: Callable[[list[Any]], Any] = default_collate,
 ) -> dict[str, float]:
     """A single-process evaluation of a whole split (used for the test split and for checks)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    loss = accumulate(model, loader, loss_fn, metrics, device, precision)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loss = accumulate(model, loader, batches, metrics, device, precision)
     vector, sizes = pack_states(loss, metrics)
     return unpack_compute(split, vector, sizes, loss, metrics)
 
@@ -199,21 +244,26 @@ def evaluate_dataset(
 def train_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
-    loss_fn: Any,
+    batches: Batches | Callable[[Any, Any], torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     precision: str = "fp32",
 ) -> MeanLoss:
     """One pass over this rank's training shard; the running loss as sufficient statistics."""
+    batches = as_batches(batches)
     model.train()
     loss = MeanLoss()
-    for x, y in loader:
+    for batch in loader:
+        x, y = batches.split(batch)
         x, y = to_device(x, device), to_device(y, device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
-            out = model(x)
-        batch_loss = loss_fn(as_float32(out), y)  # backward leaves autocast, as it should
+            out = batches.forward(model, x)
+            if batches.loss_fn is None:  # the model's own, computed inside its forward
+                batch_loss = batches.loss(out, y).float()
+        if batches.loss_fn is not None:  # backward leaves autocast, as it should
+            batch_loss = batches.loss(as_float32(out), y)
         batch_loss.backward()
         optimizer.step()
-        loss.add_batch(batch_loss.item(), len(y))
+        loss.add_batch(batch_loss.item(), batch_size(y))
     return loss

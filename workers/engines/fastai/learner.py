@@ -25,7 +25,7 @@ from fastai.optimizer import SGD, Adam
 
 from workers.contract.config import RunConfig
 from workers.contract.protocol import Workload, WorkloadError
-from workers.decisions.metrics import MeanLoss
+from workers.decisions.metrics import MeanLoss, TorchMetric, is_torchmetric, snake_case
 
 
 class AvgMetricStats(MeanLoss):
@@ -45,18 +45,24 @@ class AvgMetricStats(MeanLoss):
         self.add_batch(float(self.func(output.detach(), *targets)), len(targets[0]))
 
 
-def mergeable_metrics(learn: Learner) -> list[AvgMetricStats]:
+def mergeable_metrics(learn: Learner) -> list[AvgMetricStats | TorchMetric]:
     """The Learner's metrics as project metrics; a metric that is not a per-sample average
-    (an ``AccumMetric`` such as F1 or ROC AUC) cannot be merged from per-rank sums."""
-    out = []
+    (an ``AccumMetric`` such as F1 or ROC AUC) cannot be merged from per-rank sums. A
+    torchmetrics metric (fastai wraps it as an ``AvgMetric``) is taken whole: exact."""
+    out: list[AvgMetricStats | TorchMetric] = []
     for metric in learn.metrics:
+        func = getattr(metric, "func", None)
+        if is_torchmetric(func):
+            out.append(TorchMetric(snake_case(type(func).__name__), func))
+            continue
         if not isinstance(metric, AvgMetric):
             raise WorkloadError(
                 f"workload: the Learner's metric {metric.name!r} ({type(metric).__name__}) is "
                 "not a per-sample average, so its value over the whole validation set cannot "
                 "be computed exactly from per-rank sums; use AvgMetric-style metrics (accuracy, "
-                "error_rate, a function of (pred, target)) or return the standard workload "
-                "with metrics: [accuracy, f1_macro, mcc]"
+                "error_rate, a function of (pred, target)), a torchmetrics metric (such as "
+                "MulticlassAUROC), or return the standard workload with metrics: [accuracy, "
+                "f1_macro, mcc]"
             )
         out.append(AvgMetricStats(metric))
     return out

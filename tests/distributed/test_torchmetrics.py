@@ -1,0 +1,84 @@
+"""torchmetrics metrics under two real gloo processes (no Ray): AUROC and average precision
+keep every prediction (cat states). Over uneven, unpadded shards their global values equal
+one process computing them over the whole set."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.distributed.test_global_metrics import free_port
+from workers.decisions.metrics import build_metrics
+from workers.loop.steps import accumulate, evaluate_dataset, global_metrics, shard
+
+pytestmark = pytest.mark.distributed
+
+WORLD_SIZE = 2
+N, BATCH = 101, 16  # shards of 51 and 50, neither a multiple of the batch
+CPU = torch.device("cpu")
+
+
+def workload() -> tuple[torch.nn.Module, TensorDataset]:
+    """The same model and data in every process (fixed seeds)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(N, 6, generator=gen)
+    y = (x[:, 0] + 0.8 * torch.randn(N, generator=gen) > 0).long()
+    return model, TensorDataset(x, y)
+
+
+def rank_main(rank: int, port: int, out_dir: str) -> None:
+    from torchmetrics.classification import MulticlassAUROC, MulticlassAveragePrecision
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    try:
+        model, dataset = workload()
+        metrics = build_metrics({"auroc": MulticlassAUROC(num_classes=2),
+                                 "ap": MulticlassAveragePrecision(num_classes=2)}, 2)
+        loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
+        loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
+        values = global_metrics([("val", loss, metrics)], CPU)
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
+
+
+def test_auroc_and_average_precision_equal_one_process(tmp_path: Path) -> None:
+    from torchmetrics.classification import MulticlassAUROC, MulticlassAveragePrecision
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, port, str(tmp_path)))
+             for r in range(WORLD_SIZE)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert ranks[0] == ranks[1]
+    assert set(ranks[0]) == {"val_loss", "val_auroc", "val_ap"}
+
+    model, dataset = workload()
+    want = evaluate_dataset(model, dataset, torch.nn.functional.cross_entropy,
+                            build_metrics({"auroc": MulticlassAUROC(num_classes=2),
+                                           "ap": MulticlassAveragePrecision(num_classes=2)}, 2),
+                            split="val", batch_size=BATCH, device=CPU)
+    for key, value in want.items():
+        assert ranks[0][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    # Guard: averaging the two shards' own AUROCs gives another answer on this data.
+    x, y = dataset.tensors
+    with torch.no_grad():
+        logits = model(x)
+    per_shard = [MulticlassAUROC(num_classes=2)(logits[r::2], y[r::2]).item() for r in (0, 1)]
+    assert sum(per_shard) / 2 != pytest.approx(want["val_auroc"], rel=1e-4)

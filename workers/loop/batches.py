@@ -1,0 +1,158 @@
+"""Batches and model outputs as users write them, turned into what the loops need.
+
+A batch is an ``(input, target)`` pair, or a mapping (a Hugging Face batch: ``input_ids``,
+``attention_mask``, ``labels``). For a mapping the model is called as ``model(**inputs)`` and
+the target is ``batch[label_key]``; the target is left in the inputs only when the model
+computes its own loss (``loss_fn`` is None), as Hugging Face models do from ``labels``.
+
+An output is a tensor, a tuple or list (its first element), a mapping (``"logits"``) or an
+object with ``logits``; the model's own loss is ``output.loss`` (or ``output["loss"]``).
+Metrics are computed on the logits, the loss is the one that is trained and recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.contract.errors import UserInputError
+
+DEFAULT_LABEL_KEY = "labels"
+
+
+def describe(obj: Any) -> str:
+    """A batch or output in one short phrase: its structure, its tensors' shapes."""
+    if isinstance(obj, torch.Tensor):
+        return f"tensor{tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return f"{type(obj).__name__}(" + ", ".join(describe(o) for o in obj[:4]) + (
+            ", ..." if len(obj) > 4 else "") + ")"
+    return type(obj).__name__
+
+
+def forward_parameters(model: torch.nn.Module) -> str:
+    """``forward``'s parameters, as an error message names them."""
+    inner = getattr(model, "module", model)  # DDP's wrapped module
+    try:
+        return ", ".join(inspect.signature(inner.forward).parameters)
+    except (TypeError, ValueError):
+        return "?"
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The tensor metrics are computed on."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise UserInputError(f"workload.model: its output ({describe(output)}) is neither a tensor "
+                         "nor has logits; return a tensor, a tuple whose first element is one, "
+                         "or a mapping/object with 'logits'")
+
+
+def own_loss(output: Any) -> torch.Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise UserInputError(
+            f"workload.loss_fn: none is given, so the model must compute its own loss, but its "
+            f"output ({describe(output)}) has no 'loss'; give the workload a loss_fn, or pass "
+            "the labels to the model (a mapping batch with the label key)")
+    return loss
+
+
+@dataclass(frozen=True)
+class Batches:
+    """How one workload's batches go through its model. ``loss_fn``: ``loss_fn(logits,
+    target)``, mean over the batch; None: the model's own ``output.loss``."""
+
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None
+    label_key: str = DEFAULT_LABEL_KEY
+
+    @classmethod
+    def of(cls, workload: Any) -> Batches:
+        return cls(getattr(workload, "loss_fn", None),
+                   getattr(workload, "label_key", None) or DEFAULT_LABEL_KEY)
+
+    def split(self, batch: Any) -> tuple[Any, Any]:
+        """(the model's inputs, the target)."""
+        if isinstance(batch, Mapping):
+            if self.label_key not in batch:
+                raise UserInputError(
+                    f"a batch is a mapping without the label key {self.label_key!r} (its keys: "
+                    f"{', '.join(map(str, batch))}); name the key with the workload's label_key")
+            inputs = (dict(batch) if self.loss_fn is None else
+                      {k: v for k, v in batch.items() if k != self.label_key})
+            return inputs, batch[self.label_key]
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise UserInputError(f"a batch ({describe(batch)}) is neither an (input, target) pair "
+                             f"nor a mapping with {self.label_key!r}")
+
+    @staticmethod
+    def forward(model: torch.nn.Module, inputs: Any) -> Any:
+        return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+    def loss(self, output: Any, target: Any) -> torch.Tensor:
+        if self.loss_fn is None:
+            return own_loss(output)
+        return self.loss_fn(logits_of(output), target)
+
+
+def as_batches(loss: Batches | Callable[[Any, Any], torch.Tensor] | None) -> Batches:
+    """A ``Batches``, or one made from a bare ``loss_fn`` (None: the model's own loss)."""
+    return loss if isinstance(loss, Batches) else Batches(loss)
+
+
+def batch_size(target: Any) -> int:
+    """Samples in a batch: the target's first dimension."""
+    if isinstance(target, torch.Tensor):
+        return int(target.shape[0]) if target.ndim else 1
+    return len(target)
+
+
+def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
+                      device: torch.device, to_device: Callable[[Any, torch.device], Any]) -> None:
+    """One batch through the model before training: a batch the model cannot take, an output
+    without logits or a missing loss is one line naming what was passed, not an epoch lost."""
+    inputs, target = batches.split(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                output = batches.forward(model, to_device(inputs, device))
+            except UserInputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's model refused the batch
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise UserInputError(
+                    f"workload.model: it cannot take a batch of {describe(inputs)} "
+                    f"({type(exc).__name__}: {first[:200]}); its forward takes "
+                    f"({forward_parameters(model)})") from None
+            logits_of(output)
+            try:
+                loss = batches.loss(output, to_device(target, device))
+            except UserInputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's loss_fn refused the output
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise UserInputError(
+                    f"workload.loss_fn: it fails on the model's logits "
+                    f"({describe(logits_of(output))}) and the target ({describe(target)}): "
+                    f"{type(exc).__name__}: {first[:200]}") from None
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise UserInputError(f"workload.loss_fn: it returned {describe(loss)}, not one "
+                                     "number (the mean over the batch)")
+    finally:
+        model.train(was_training)
