@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint clean test-pythons test-cluster-setup
+.PHONY: train test lint docs clean test-pythons test-cluster-setup
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+
+# docs/config.md is generated from the config schema; tests/unit/test_docs.py checks it is current.
+docs: $(STAMP)
+	$(VENV)/bin/python scripts/config_reference.py --out docs/config.md
 
 # Not part of `make test`: each supported Python gets a fresh venv (about 7 GB, minutes to
 # install; on Pythons other than 3.11 pip downloads torch), the unit tier and a 2-worker run.

@@ -101,7 +101,7 @@ def format_validation_error(error: ValidationError) -> str:
     where = ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see the README's config reference)"
+        message = "unknown key (check the spelling; see docs/config.md)"
     elif first["type"] == "missing":
         message = "required"
     elif "input" in first and first["type"] not in ("value_error",):

@@ -120,7 +120,7 @@ def test_fastai_optimizer_state_loads_without_pickle_and_restores():
 
 
 def test_a_learner_file_that_would_run_code_is_refused_by_the_documented_load(tmp_path):
-    """The README loads a checkpoint's ``learner.pth`` with ``learn.load``: a file swapped for
+    """docs/fastai.md loads a checkpoint's ``learner.pth`` with ``learn.load``: a file swapped for
     one that runs code when unpickled is refused, and its code never runs."""
     learn = overfit_learner()
     marker = tmp_path / "payload-ran"

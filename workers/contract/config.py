@@ -24,8 +24,12 @@ class _Section(BaseModel):
 
 
 class WorkloadConfig(_Section):
+    """What to train (the only required section): a function of yours that builds it."""
+
     entrypoint: str = Field(description="'module:function' returning the workload")
-    params: dict[str, Any] = Field(default_factory=dict, description="kwargs for the function")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of that function, checked "
+        "against its signature before anything starts")
 
     @field_validator("entrypoint")
     @classmethod
@@ -37,14 +41,18 @@ class WorkloadConfig(_Section):
 
 
 class ScalingSection(_Section):
+    """How many Ray Train workers, on what hardware, and how the model is spread over them."""
+
     num_workers: Int | list[Int] = Field(
         2, description="data-parallel workers (one per GPU or slot); [min, max]: an elastic "
         "run, on as many workers as the cluster has room for, at least min")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs if the cluster has any")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each worker (a finite number)")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every worker holds the whole model and optimizer state; fsdp: "
-        "each holds a 1/N shard of both (models that outgrow one GPU)")
+        "each holds a 1/N shard of both (models that outgrow one GPU; needs engine torch and "
+        "at least 2 workers)")
     fsdp_blocks: list[str] | None = Field(
         None, description="fsdp: class names of the modules sharded as units (default: the "
         "workload's fsdp_blocks, else each direct child of the model with parameters)")
@@ -79,11 +87,18 @@ class ScalingSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: Int = Field(20, ge=1)
-    batch_size: Int = Field(64, ge=1, description="per worker")
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    """The optimisation itself: epochs, batches, optimizer, precision, learning rate schedule."""
+
+    epochs: Int = Field(20, ge=1, description="epochs to train, numbered from 1; raise it to "
+                        "train a finished run longer with --resume")
+    batch_size: Int = Field(64, ge=1, description="per worker: the global batch is "
+                            "batch_size x workers")
+    lr: float = Field(1e-3, gt=0, description="learning rate, a finite number (one_cycle: "
+                      "its peak); not rescaled with the number of workers")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        "adam", description="adam and sgd (momentum 0.9) apply weight_decay as L2, adamw "
+        "decoupled; a fastai Learner workload keeps its own optimizer")
+    weight_decay: float = Field(0.0, ge=0, description="a finite number; 0: none")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="bf16: forward passes and losses under bfloat16 autocast (GPU or CPU); the "
@@ -101,14 +116,21 @@ class TrainSection(_Section):
         "auto",
         description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "
         "peak) or constant (fit, lr throughout); auto: one_cycle for engine fastai, constant "
-        "for torch, whose loop has no other",
+        "for torch, whose loop has no other (one_cycle needs engine fastai)",
     )
 
 
 class TrackerSection(_Section):
-    monitor: str = Field("val_loss", description="a reported metric: train_* or val_*")
-    mode: Literal["auto", "min", "max"] = "auto"
-    min_delta: float = Field(0.0, ge=0)
+    """The best-model tracker on rank 0: which metric decides what the best epoch is."""
+
+    monitor: str = Field("val_loss", description="a reported metric: train_* or val_* "
+                         "(test_* is computed after training, with the best weights); one the "
+                         "run does not report is refused before the first epoch")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="whether lower or higher is better; auto: min when the monitor's "
+        "name contains loss or error, else max")
+    min_delta: float = Field(0.0, ge=0, description="a finite number: an improvement must "
+                             "beat the best by more than this; NaN and inf never improve")
     patience: Int | None = Field(None, ge=1, description="stop after N epochs without improvement")
 
     @field_validator("monitor")
@@ -136,12 +158,20 @@ def monitor_mode(monitor: str, mode: str) -> Literal["min", "max"]:
 
 
 class CheckpointSection(_Section):
-    policy: Literal["best", "every_n", "all", "last", "none"] = "best"
+    """Which epochs are saved as checkpoints, and which of them Ray keeps."""
+
+    policy: Literal["best", "every_n", "all", "last", "none"] = Field(
+        "best", description="best: when the monitored metric improves; every_n: every "
+        "every_n_epochs epochs; all: every epoch; last: the final epoch; none: never")
     every_n_epochs: Int = Field(1, ge=1, description="for policy every_n")
-    resume_every_n_epochs: Int = Field(0, ge=0, description="extra full-state checkpoints; 0: off")
+    resume_every_n_epochs: Int = Field(
+        0, ge=0, description="extra full-state checkpoints (with the optimizer) every N "
+        "epochs, so that a restart loses at most N epochs; 0: off")
 
 
 class FailureSection(_Section):
+    """What a run does when workers fail or are lost."""
+
     max_failures: Int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
     worker_wait_s: Int = Field(
         900, ge=1, description="how long a run whose workers were lost (a node gone) waits "
@@ -149,9 +179,14 @@ class FailureSection(_Section):
 
 
 class WandbSection(_Section):
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str | None = None
-    entity: str | None = None
+    """Weights & Biases logging, from the driver only."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online with credentials (WANDB_API_KEY or wandb login), "
+        "else offline; disabled: wandb is not even imported")
+    project: str | None = Field(None, description="W&B project; default: the run's name")
+    entity: str | None = Field(None, description="W&B entity (user or team); default: W&B's "
+                               "own default for your credentials")
     log_model: Literal["policy", "best", "end", "none"] = Field(
         "policy", description="policy: the models the checkpoint policy saves; best: its "
         "improvements; end: only the final ones, after training; none")
@@ -165,21 +200,39 @@ class WandbSection(_Section):
 
 
 class TuneSection(_Section):
+    """The Ray Tune search of ``orchestrator tune``."""
+
     num_samples: Int = Field(4, ge=1, description="draws of the non-grid keys, per grid point")
-    max_concurrent_trials: Int = Field(2, ge=1)
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_concurrent_trials: Int = Field(2, ge=1, description="trials running at the same "
+                                       "time (may change on a resume)")
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo: every trial runs to its end; asha: bad trials are stopped "
+        "early on the monitored metric")
     grace_period: Int = Field(1, ge=1, description="asha: epochs before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor")
     seed: Int | None = Field(None, ge=0, description="search seed; default: the run's seed")
-    search_space: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, Any] = Field(
+        default_factory=dict, description="dotted config keys, each mapped to one of "
+        "{choice: [...]}, {grid: [...]}, {uniform: [low, high]}, {loguniform: [low, high]}, "
+        "{randint: [low, high]} (high exclusive)")
 
 
 class RunConfig(_Section):
-    name: str = Field("run", min_length=1)
-    storage_path: str = Field("./runs", min_length=1)
-    seed: Int = Field(0, ge=0)
+    """One run (or search): the keys of the YAML file. Every key has a default except
+    ``workload``; unknown keys are refused."""
+
+    name: str = Field("run", min_length=1, description="the run's directory under "
+                      "storage_path: a plain name (no '/', not hidden)")
+    storage_path: str = Field(
+        "./runs", min_length=1, description="a local directory (relative: to where the "
+        "command runs) or a pyarrow URI: " + ", ".join(s + "://" for s in STORAGE_SCHEMES)
+        + "; on a cluster, storage every node can reach")
+    seed: Int = Field(0, ge=0, description="initial weights (the same on every rank), the "
+                      "shuffles, each rank's per-epoch random streams")
     workload: WorkloadConfig
-    engine: Literal["torch", "fastai"] = "torch"
+    engine: Literal["torch", "fastai"] = Field(
+        "torch", description="torch: the project's own epoch loop; fastai: fastai's fit on "
+        "every worker")
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracker: TrackerSection = Field(default_factory=TrackerSection)
