@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from workers.contract.errors import UserInputError
+
 BUILTIN_METRICS = ("accuracy", "f1_macro", "mcc")
 
 
@@ -193,9 +195,10 @@ class TorchMetric:
             return float(value.item())
         if isinstance(value, (int, float)):
             return float(value)
-        raise ValueError(f"metrics: {self.name} ({type(self.metric).__name__}) computes "
-                         f"{type(value).__name__} {getattr(value, 'shape', '')}, not one number; "
-                         "use its averaged form (e.g. average='macro')")
+        raise UserInputError(
+            f"workload.metrics: {self.name} ({type(self.metric).__name__}) computes "
+            f"{type(value).__name__} {getattr(value, 'shape', '')}, not one number; use its "
+            "averaged form (e.g. average='macro')")
 
     def reset(self) -> None:
         self.metric.reset()
@@ -214,7 +217,7 @@ def build_metrics(spec: Sequence[Any] | Mapping[str, Any] | None,
         elif isinstance(item, str) and name is None:
             if num_classes is None:
                 raise ValueError(
-                    f"metric {item!r} needs integer class targets; this workload's are not"
+                    f"metrics: {item!r} needs integer class targets; this workload's are not"
                 )
             metrics.append(ConfusionMetric(item, num_classes))
         elif isinstance(item, Metric):

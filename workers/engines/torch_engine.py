@@ -82,6 +82,9 @@ def setup(worker: Worker) -> TorchParts:
     cfg, workload = worker.cfg, worker.workload
     plain = workload.model
     batches, collate = Batches.of(workload), collate_of(workload)
+    # One batch through the model first: a batch it cannot take is one line, not an epoch.
+    check_first_batch(plain, batches, first_batch(workload.train_dataset, collate),
+                      model_device(plain), to_device)
     metrics = workload_metrics(workload, infer_num_classes(
         plain, workload.train_dataset, model_device(plain), batches, collate))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
@@ -95,9 +98,6 @@ def setup(worker: Worker) -> TorchParts:
     val_loader = make_loader(shard(workload.val_dataset, worker.rank, worker.world_size),
                              cfg.train.batch_size, collate, workers=workers,
                              device=worker.device)
-    # One batch through the model first: a batch it cannot take is one line, not an epoch.
-    check_first_batch(plain, batches, first_batch(workload.train_dataset, collate),
-                      model_device(plain), to_device)
     if cfg.scaling.strategy == "fsdp":
         blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
         model = fully_shard_model(plain, blocks, worker.device, worker.world_size,

@@ -118,7 +118,10 @@ def workload_metrics(workload: Any, num_classes: int | None) -> list[Any]:
     spec = getattr(workload, "metrics", None)
     if spec is None:
         spec = ["accuracy"] if num_classes is not None else []
-    return build_metrics(spec, num_classes)
+    try:
+        return build_metrics(spec, num_classes)
+    except ValueError as exc:  # the workload's metrics: the user's to fix, never retried
+        raise UserInputError(f"workload.{exc}") from None
 
 
 def shard(dataset: Any, rank: int, world_size: int) -> Any:

@@ -1,0 +1,136 @@
+"""Batches and outputs as users write them (no Ray): how a batch is split, what the model is
+called with, which tensor the metrics see, which loss is trained, and the one-line errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from workers.contract.errors import UserInputError
+from workers.decisions.metrics import build_metrics, snake_case
+from workers.loop.batches import Batches, check_first_batch, logits_of
+from workers.loop.steps import loader_workers, to_device, workload_metrics
+
+CPU = torch.device("cpu")
+X = torch.randn(3, 4)
+Y = torch.tensor([0, 1, 1])
+
+
+def test_a_pair_is_input_and_target():
+    inputs, target = Batches(torch.nn.functional.cross_entropy).split((X, Y))
+    assert inputs is X and target is Y
+
+
+def test_a_mapping_goes_in_without_its_target_when_there_is_a_loss_fn():
+    batch = {"x": X, "mask": X > 0, "label": Y}
+    inputs, target = Batches(torch.nn.functional.cross_entropy, "label").split(batch)
+    assert set(inputs) == {"x", "mask"} and target is Y
+
+
+def test_a_mapping_goes_in_whole_when_the_model_computes_its_own_loss():
+    inputs, target = Batches(None).split({"input_ids": X, "labels": Y})
+    assert set(inputs) == {"input_ids", "labels"} and target is Y
+
+
+def test_a_mapping_without_the_label_key_names_its_keys():
+    with pytest.raises(UserInputError, match=r"without the label key 'labels' \(its keys: x, y\)"):
+        Batches(None).split({"x": X, "y": Y})
+
+
+@pytest.mark.parametrize("output", [
+    X, (X, "hidden"), [X], {"logits": X, "loss": torch.tensor(1.0)},
+    SimpleNamespace(logits=X, loss=None),
+])
+def test_the_logits_of_every_common_output(output):
+    assert logits_of(output) is X
+
+
+def test_an_output_without_logits_is_one_line():
+    with pytest.raises(UserInputError, match=r"\{scores: tensor\(3, 4\)\}\) is neither a tensor"):
+        logits_of({"scores": X})
+
+
+def test_the_models_own_loss_is_trained_and_a_missing_one_is_named():
+    out = SimpleNamespace(logits=X, loss=torch.tensor(0.5))
+    assert Batches(None).loss(out, Y).item() == 0.5
+    with pytest.raises(UserInputError, match="has no 'loss'"):
+        Batches(None).loss(X, Y)
+
+
+def test_a_loss_fn_gets_the_logits_of_an_output_object():
+    seen = []
+    loss = Batches(lambda logits, y: seen.append(logits) or logits.sum())
+    loss.loss(SimpleNamespace(logits=X), Y)
+    assert seen[0] is X
+
+
+class TakesX(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_a_batch_the_model_cannot_take_names_its_keys_and_the_forward_parameters():
+    batches = Batches(torch.nn.functional.cross_entropy)
+    with pytest.raises(UserInputError) as err:
+        check_first_batch(TakesX(), batches, {"features": X, "labels": Y}, CPU, to_device)
+    message = str(err.value)
+    assert "cannot take a batch of {features: tensor(3, 4)}" in message
+    assert "its forward takes (x)" in message and "\n" not in message
+
+
+def test_a_loss_fn_that_fails_on_the_output_is_one_line():
+    batches = Batches(lambda logits, y: logits @ torch.ones(3))  # wrong shapes
+    with pytest.raises(UserInputError, match="workload.loss_fn: it fails on the model's logits"):
+        check_first_batch(TakesX(), batches, (X, Y), CPU, to_device)
+
+
+def test_a_good_first_batch_passes_and_leaves_the_model_in_training_mode():
+    model = TakesX()
+    check_first_batch(model, Batches(torch.nn.functional.cross_entropy), (X, Y), CPU, to_device)
+    assert model.training
+
+
+def test_loader_workers_auto_starts_none_for_in_memory_tensors():
+    tensors = TensorDataset(X, Y)
+    assert loader_workers("auto", tensors, 4) == 0
+    assert loader_workers("auto", Subset(tensors, [0, 1]), 4) == 0
+    assert loader_workers("auto", ["a PIL image"], 1) == 2
+    assert loader_workers("auto", ["a PIL image"], 16) == 8
+    assert loader_workers(3, tensors, 1) == 3
+
+
+def test_torchmetrics_are_named_after_their_class_or_their_key():
+    from torchmetrics.classification import MulticlassAUROC
+    from torchmetrics.regression import MeanSquaredError
+
+    assert snake_case("MulticlassAUROC") == "multiclass_auroc"
+    assert [m.name for m in build_metrics([MulticlassAUROC(num_classes=2), "accuracy"], 2)] == [
+        "multiclass_auroc", "accuracy"]
+    assert [m.name for m in build_metrics({"auroc": MulticlassAUROC(num_classes=2),
+                                           "mse": MeanSquaredError()}, 2)] == ["auroc", "mse"]
+
+
+def test_a_torchmetric_it_would_average_across_ranks_is_refused_by_name():
+    from tests.workloads.mistakes import averaged_metric
+
+    work = SimpleNamespace(metrics={"acc": averaged_metric()})
+    with pytest.raises(UserInputError, match=r"workload.metrics: acc \(MeanOfBatchMeans\) cannot"):
+        workload_metrics(work, 2)
+
+
+def test_a_torchmetric_in_one_process_equals_its_own_compute():
+    from torchmetrics.classification import MulticlassAUROC
+
+    [ours] = build_metrics([MulticlassAUROC(num_classes=2)], 2)
+    logits, y = torch.randn(50, 2), torch.randint(0, 2, (50,))
+    for part in range(0, 50, 16):
+        ours.update(logits[part:part + 16], y[part:part + 16])
+    assert ours.compute(ours.state()) == pytest.approx(
+        MulticlassAUROC(num_classes=2)(logits, y).item(), rel=1e-7)

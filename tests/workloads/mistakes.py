@@ -1,0 +1,62 @@
+"""Workloads with one mistake each, as users make them (``build(mistake=...)``)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch.utils.data import TensorDataset
+
+
+class Scores(torch.nn.Module):
+    """Returns a mapping without logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": self.linear(x)}
+
+
+def averaged_metric():
+    """A torchmetrics metric whose state torchmetrics would average across ranks."""
+    import torchmetrics
+
+    class MeanOfBatchMeans(torchmetrics.Metric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("value", default=torch.tensor(0.0), dist_reduce_fx="mean")
+
+        def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+            self.value = (preds.argmax(1) == target).float().mean()
+
+        def compute(self) -> torch.Tensor:
+            return self.value
+
+    return MeanOfBatchMeans()
+
+
+def build(mistake: str) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=gen)
+    y = (x[:, 0] > 0).long()
+    data = TensorDataset(x, y)
+    work = SimpleNamespace(model=torch.nn.Linear(4, 2), train_dataset=data, val_dataset=data,
+                           loss_fn=torch.nn.functional.cross_entropy)
+    if mistake == "build_raises":
+        import a_package_these_workers_lack  # noqa: F401
+    if mistake == "wrong_input":  # mapping batches, but the model takes one tensor named x
+        rows = [{"features": x[i], "labels": y[i]} for i in range(len(y))]
+        work.train_dataset = work.val_dataset = rows
+    if mistake == "collate_fails":
+        def collate(samples):
+            raise KeyError("text")
+        work.collate_fn = collate
+    if mistake == "no_logits":
+        work.model = Scores()
+    if mistake == "no_loss":
+        work.loss_fn = None
+    if mistake == "averaged_metric":
+        work.metrics = {"acc": averaged_metric()}
+    return work
