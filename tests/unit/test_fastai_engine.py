@@ -98,6 +98,24 @@ def test_a_learner_metric_that_is_not_an_average_is_refused():
         mergeable_metrics(learn)
 
 
+def test_a_learners_torchmetrics_metric_is_taken_whole_and_scores_the_whole_set():
+    from torchmetrics.classification import MulticlassAUROC
+
+    from workers.engines.fastai.learner import mergeable_metrics
+
+    learn = overfit_learner()
+    learn.metrics = [MulticlassAUROC(num_classes=2)]  # fastai wraps it as an AvgMetric
+    [metric] = mergeable_metrics(learn)
+    assert metric.name == "multiclass_auroc"
+    x, y = learn.dls.valid_ds.tensors
+    with torch.no_grad():
+        logits = learn.model(x)
+    for start in range(0, len(y), 7):  # batch by batch, as an epoch does
+        metric.update(logits[start:start + 7], y[start:start + 7])
+    whole = MulticlassAUROC(num_classes=2)(logits, y).item()
+    assert metric.compute(metric.state()) == pytest.approx(whole, rel=1e-7)
+
+
 def test_fastai_optimizer_state_loads_without_pickle_and_restores():
     torch.manual_seed(0)
     learn = overfit_learner()
