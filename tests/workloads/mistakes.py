@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -37,7 +38,11 @@ def averaged_metric():
     return MeanOfBatchMeans()
 
 
-def build(mistake: str) -> SimpleNamespace:
+def build(mistake: str, calls: str | None = None) -> SimpleNamespace:
+    """``calls``: a file that gets one line per call (each worker's build, each retry)."""
+    if calls:
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40, 4, generator=gen)
     y = (x[:, 0] > 0).long()
