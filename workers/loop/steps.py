@@ -130,6 +130,18 @@ def shard(dataset: Any, rank: int, world_size: int) -> Any:
     return Subset(dataset, range(rank, len(dataset), world_size))
 
 
+def forward_loss(model: torch.nn.Module, batches: Batches, x: Any, y: Any,
+                 device: torch.device, precision: str) -> tuple[Any, torch.Tensor]:
+    """(the output in float32, the batch's loss). The forward runs under autocast; a
+    ``loss_fn`` runs after it, on the float32 output (backward leaves autocast, as it should);
+    the model's own loss is computed inside its forward, so it comes out of autocast."""
+    with autocast(device, precision):
+        out = batches.forward(model, x)
+        own = batches.loss(out, y) if batches.loss_fn is None else None
+    out = as_float32(out)
+    return out, own.float() if own is not None else batches.loss(out, y)
+
+
 def accumulate(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -155,12 +167,9 @@ def accumulate(
         for batch in loader:
             x, y = batches.split(batch)
             x, y = to_device(x, device), to_device(y, device)
-            with autocast(device, precision):
-                out = batches.forward(model, x)
-                batch_loss = batches.loss(out, y)  # the model's own loss is computed inside
+            out, batch_loss = forward_loss(model, batches, x, y, device, precision)
             made += 1
-            out = as_float32(out)
-            loss.add_batch(batch_loss.float().item(), batch_size(y))
+            loss.add_batch(batch_loss.item(), batch_size(y))
             logits = logits_of(out)
             for metric in metrics:
                 metric.update(logits, y)
@@ -258,14 +267,9 @@ def train_epoch(
     loss = MeanLoss()
     for batch in loader:
         x, y = batches.split(batch)
-        x, y = to_device(x, device), to_device(y, device)
+        y = to_device(y, device)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, precision):
-            out = batches.forward(model, x)
-            if batches.loss_fn is None:  # the model's own, computed inside its forward
-                batch_loss = batches.loss(out, y).float()
-        if batches.loss_fn is not None:  # backward leaves autocast, as it should
-            batch_loss = batches.loss(as_float32(out), y)
+        _, batch_loss = forward_loss(model, batches, to_device(x, device), y, device, precision)
         batch_loss.backward()
         optimizer.step()
         loss.add_batch(batch_loss.item(), batch_size(y))
