@@ -237,6 +237,24 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
         name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}
 
 
+# --- Weights & Biases -----------------------------------------------------------------------
+
+
+def wandb_settings(**settings: Any) -> Any:
+    """``wandb.Settings(**settings)`` without W&B's system metrics: W&B would sample the
+    machine and process that call ``wandb.init`` (CPU, memory, GPU, disk, network) every few
+    seconds. That is the driver, which trains nothing (the training runs in Ray's workers, on
+    other nodes of a cluster), so those charts would describe the wrong processes, at the cost
+    of a sampler beside the training.
+
+    ``x_disable_stats`` is one of the settings W&B calls internal ("not ... part of the
+    public API as they may change or be removed"). Replacement: a public setting for it, if
+    W&B adds one; without it, W&B charts the driver's machine."""
+    import wandb
+
+    return wandb.Settings(**settings, x_disable_stats=True)
+
+
 # --- fastai ---------------------------------------------------------------------------------
 
 
