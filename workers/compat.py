@@ -13,6 +13,7 @@ Imports are inside the functions: importing this module costs nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,12 +259,37 @@ def wandb_settings(**settings: Any) -> Any:
 # --- fastai ---------------------------------------------------------------------------------
 
 
-def fastai_fake_loader(dl: Any, like: Any) -> Any:
-    """fastai's ``_FakeLoader`` (the torch DataLoader a fastai DataLoader iterates through)
-    for ``dl``, with the settings of ``like`` (another loader's): fastai's public
-    ``DistributedDL`` cannot be used under gloo on CPU (see engines.fastai.data)."""
+def attach_fastai_fake_loader(dl: Any, like: Any) -> None:
+    """Give the fastai DataLoader ``dl`` its own ``_FakeLoader`` (the torch DataLoader a fastai
+    DataLoader iterates through, its ``fake_l``), with the settings of ``like``'s (another
+    fastai DataLoader): fastai's public ``DistributedDL`` cannot be used under gloo on CPU
+    (see engines.fastai.data). ``fastai.data.load._FakeLoader``. Replacement:
+    ``DistributedDL``, once it runs without CUDA and without the ``accelerate`` package."""
     from fastai.data.load import _FakeLoader
 
-    return _FakeLoader(dl, like.pin_memory, like.num_workers, like.timeout,
-                       persistent_workers=like.persistent_workers,
-                       pin_memory_device=like.pin_memory_device)
+    fake = like.fake_l
+    dl.fake_l = _FakeLoader(dl, fake.pin_memory, fake.num_workers, fake.timeout,
+                            persistent_workers=fake.persistent_workers,
+                            pin_memory_device=fake.pin_memory_device)
+
+
+@functools.cache
+def fastai_save_model_callback() -> type:
+    """fastai's ``SaveModelCallback`` with the method it saves through under a public name:
+    subclasses override ``save_model(name)`` (and set ``last_saved_path``, as fastai's does)
+    to change how a model is written, keeping every decision of when (``after_epoch``,
+    ``after_fit``, ``every_epoch``, ``at_end``) fastai's own.
+
+    fastai 2.8.12 calls its private ``SaveModelCallback._save(name)`` for each save.
+    Replacement: a public saving hook in fastai; else reimplementing those decisions, which
+    would drift from fastai's."""
+    from fastai.callback.tracker import SaveModelCallback
+
+    class SaveModelHook(SaveModelCallback):
+        def _save(self, name: str) -> None:
+            self.save_model(name)
+
+        def save_model(self, name: str) -> None:
+            SaveModelCallback._save(self, name)
+
+    return SaveModelHook
