@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bench.probes import SAVE_KEY, WRITTEN_KEY
+from workers.compat import train_run_storage
 from workers.engines.torch_engine import run_epoch, setup
 from workers.loop.runtime import start_worker
 
@@ -38,7 +39,7 @@ def _epochs(config: dict[str, Any]):
 def naive_loop(config: dict[str, Any]) -> None:
     import ray.train
 
-    run_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
+    run_dir = Path(train_run_storage().run_path)
     for epoch, s, rank, metrics in _epochs(config):
         if rank == 0:
             started = time.perf_counter()

@@ -24,12 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
-from ray.train.v2._internal.execution.callback import TrainContextCallback, WorkerCallback
+
+from workers.compat import (
+    TRAIN_HEALTH_CHECK_INTERVAL_ENV,
+    TRAIN_SNAPSHOT_FILE,
+    TRAIN_STORAGE_MARKER_FILE,
+    internal_train_context,
+    train_worker_callback_bases,
+)
 
 # Files a run keeps for its own bookkeeping: not counted as checkpoint storage.
 BOOKKEEPING = frozenset({
-    "history.json", "summary.json", "checkpoint_manager_snapshot.json",
-    ".validate_storage_marker",
+    "history.json", "summary.json", TRAIN_SNAPSHOT_FILE, TRAIN_STORAGE_MARKER_FILE,
 })
 WEIGHT_FILES = frozenset({"model.safetensors", "model.pt"})
 # Metrics the benchmark's own loops report (the baselines), and the project loop's.
@@ -69,7 +75,7 @@ class ControllerClock(UserCallback):
         record: dict[str, Any] = {
             "t": stamp, "epoch": metrics[0].get("epoch"), "pid": os.getpid(),
             "cpu_s": usage.ru_utime + usage.ru_stime,
-            "interval_env": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"),
+            "interval_env": os.environ.get(TRAIN_HEALTH_CHECK_INTERVAL_ENV),
             "rank0": {k: v for k, v in metrics[0].items() if k.endswith("_seconds")},
             "checkpoint": checkpoint.path if checkpoint else None,
         }
@@ -82,15 +88,13 @@ class ControllerClock(UserCallback):
         append_jsonl(self.path, record)
 
 
-class WorkerProbe(WorkerCallback, TrainContextCallback):
+class WorkerProbe(*train_worker_callback_bases()):
     def __init__(self, log_dir: str) -> None:
         self.log_dir = log_dir
         self._rank: int | None = None
 
     def after_init_train_context(self):
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        self._rank = get_train_context().get_world_rank()
+        self._rank = internal_train_context().get_world_rank()
         append_jsonl(Path(self.log_dir) / "workers.jsonl",
                      {"rank": self._rank, "pid": os.getpid(), "niceness": os.nice(0)})
 

@@ -21,6 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.compat import (
+    TRAIN_HEALTH_CHECK_INTERVAL_ENV,
+    WORKER_NICENESS_ENV,
+    quiet_ray_token_setup,
+)
+
 VARIANT_ORDER = ["native", "bare", "naive", "ray-default", "best", "every_n", "last"]
 FSDP_VARIANTS = ["bare-fsdp", "best-fsdp"]  # on request (--variants): see README
 LABELS = {"best": "ours: best", "every_n": "ours: every_n=2", "last": "ours: last",
@@ -39,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="runs of each variant; rounds alternate forwards and backwards")
     p.add_argument("--interval", default=None,
-                   help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the Ray variants "
+                   help=f"{TRAIN_HEALTH_CHECK_INTERVAL_ENV} for the Ray variants "
                         "(default: the project's, or the variable if set)")
     p.add_argument("--pacing", default=None, metavar="S,S,...",
                    help="instead: native and bare on the small model at each poll interval")
@@ -95,9 +101,8 @@ def start_ray() -> None:
     # Read by the raylet when it starts: its workers' niceness, relative to its own (which is
     # this process's). Ray's default, 15, would put the Ray variants, and only them, behind
     # any other work on the machine.
-    os.environ["RAY_worker_niceness"] = "0"
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR)
+    os.environ[WORKER_NICENESS_ENV] = "0"
+    quiet_ray_token_setup()
     # As the project's init_ray, but the workers' and controller's output stays in Ray's logs.
     ray.init(runtime_env={"env_vars": ray_env_vars()}, include_dashboard=True,
              log_to_driver=False, logging_level=logging.WARNING)

@@ -16,9 +16,10 @@ from typing import Any
 
 from bench.probes import ControllerClock, Sampler, WorkerProbe, read_jsonl
 from bench.workload import MONITOR
+from workers.compat import TRAIN_HEALTH_CHECK_INTERVAL_ENV
 from workers.contract.config import RunConfig
 
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_ENV = TRAIN_HEALTH_CHECK_INTERVAL_ENV
 
 # name -> what runs. "project" variants are the project's own loop and trainer with a
 # checkpoint policy; the others are baselines (see bench.native and bench.loops).

@@ -1,34 +1,46 @@
-"""Every private (underscore) API of Ray and fastai that the project uses, in one place.
+"""Every private or internal API of Ray, W&B and fastai that the project uses, in one place.
 
-Each has a reason and a fallback where one exists; a Ray or fastai upgrade means checking this
-file, nothing else. Imports are inside the functions: importing this module costs nothing.
+"Private" here: an underscore name, a module under ``_private``/``_internal`` (or one Ray does
+not document, such as ``ray.tune.execution``), an environment variable Ray reads only
+internally, a file Ray writes for itself, a setting W&B marks internal (``x_``), or an
+assumption about where Ray runs something. Each entry says why it is needed and what would
+replace it; ``tests/unit/test_compat.py`` checks each against the pinned versions, and that
+nothing outside this file uses such an API. A Ray, W&B or fastai upgrade means checking this
+file, nothing else.
+
+Imports are inside the functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-
-def quiet_ray_train_reports() -> None:
-    """Ray Train logs every report at INFO on each worker; the driver prints one line per
-    epoch instead. That module's logger is named after its file path, not its module name,
-    so it can only be reached through the module."""
-    from ray.train.v2._internal.execution import context as train_context
-
-    train_context.logger.setLevel(logging.WARNING)
+# --- Ray (the driver's end) ----------------------------------------------------------------
 
 
 def quiet_ray_token_setup() -> None:
     """Ray 2.60 turns token authentication on for a local cluster it starts and says so at
-    WARNING on stderr; that is the right default, not something to alarm users with."""
+    WARNING on stderr; that is the right default, not something to alarm users with.
+
+    The logger is that of ``ray._private.authentication.authentication_token_setup``.
+    Replacement: a public switch for that message if Ray adds one; quieting the whole ``ray``
+    logger instead would also hide the warnings users need."""
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
     )
 
 
 def dashboard_url() -> str:
-    """The dashboard of the Ray this process is connected to ("" if none)."""
+    """The dashboard of the Ray this process is connected to ("" if none): how the driver
+    tells whether the Ray it is attached to is the local one it started.
+
+    ``ray._private.worker.get_dashboard_url``. Replacement: keeping the ``RayContext`` that
+    ``ray.init()`` returns (its ``dashboard_url``) where Ray is started; for a process that
+    attached to a Ray started elsewhere nothing public says this."""
     import ray
 
     return ray._private.worker.get_dashboard_url() or ""
@@ -36,7 +48,12 @@ def dashboard_url() -> str:
 
 def autoscaler_node_groups() -> list[tuple[dict[str, Any], int]] | None:
     """(resources, max_count) per node group an autoscaler reported to the GCS (max_count -1:
-    unbounded); None when no autoscaler reported or the API is not there."""
+    unbounded); None when no autoscaler reported or the API is not there. The most a cluster
+    can grow to, so that a run is refused only when no number of nodes could fit it.
+
+    ``ray._private.state.state.get_cluster_config()`` (an ``autoscaler_pb2.ClusterConfig``).
+    Replacement: none public; without it the capacity check falls back to the nodes alive now
+    and the cluster launcher's config (``launcher_config_path``)."""
     import ray
 
     try:
@@ -48,15 +65,161 @@ def autoscaler_node_groups() -> list[tuple[dict[str, Any], int]] | None:
     return [(dict(g.resources), g.max_count) for g in config.node_group_configs]
 
 
-def fastai_fake_loader(dl: Any, like: Any) -> Any:
-    """fastai's ``_FakeLoader`` (the torch DataLoader a fastai DataLoader iterates through)
-    for ``dl``, with the settings of ``like`` (another loader's): fastai's public
-    ``DistributedDL`` cannot be used under gloo on CPU (see engines.fastai.data)."""
-    from fastai.data.load import _FakeLoader
+def launcher_config_path() -> Path:
+    """The cluster launcher's config on a head node it started: ``ray up`` copies the
+    cluster YAML to ``~/ray_bootstrap_config.yaml`` there for the autoscaler to read (file
+    mounts in ``ray.autoscaler._private.commands``); a driver under ``ray job submit`` runs
+    on the head, so it can read the node types and their ``max_workers`` too.
 
-    return _FakeLoader(dl, like.pin_memory, like.num_workers, like.timeout,
-                       persistent_workers=like.persistent_workers,
-                       pin_memory_device=like.pin_memory_device)
+    Replacement: the user's cluster YAML, if the project is ever told where it is."""
+    return Path.home() / "ray_bootstrap_config.yaml"
+
+
+# Read by the raylet when it starts (Ray's system config ``worker_niceness``, set through a
+# ``RAY_<name>`` variable; its name is ``ray._private.ray_constants.RAY_WORKER_NICENESS``):
+# the niceness of the workers it starts, relative to its own. The benchmark sets it to 0, so
+# that the Ray variants run at the same priority as the others. Replacement: none public.
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+# --- Ray Train ------------------------------------------------------------------------------
+
+# Ray Train V2's internal settings, read from the environment (names and defaults in
+# ``ray.train.v2._internal.constants``). Ray copies both from the process that calls
+# ``fit()`` into its controller actor's runtime_env (that module's ``ENV_VARS_TO_PROPAGATE``;
+# Tune copies the same set into each trial's), so setting them in the driver reaches the
+# controller however the run is launched. Replacement: fields of ``RunConfig`` or
+# ``FailureConfig``, if Ray makes them public.
+#
+# How often the controller polls the worker group (default 2.0 s): ``ray.train.report``
+# returns only at a poll, so every epoch lasts at least one interval.
+TRAIN_HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# How long the controller waits for a worker group to start (default 60 s) before retrying.
+TRAIN_WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Where Ray reads each ("module:qualified name", checked by the test).
+TRAIN_ENV_READ_BY = {
+    TRAIN_HEALTH_CHECK_INTERVAL_ENV:
+        "ray.train.v2._internal.execution.controller.controller:TrainController.__init__",
+    TRAIN_WORKER_GROUP_START_TIMEOUT_ENV:
+        "ray.train.v2._internal.execution.worker_group.worker_group:WorkerGroup.__init__",
+}
+
+# Files Ray Train writes into a run directory for itself
+# (``ray.train.v2._internal.constants``): the checkpoint manager's state, which it reads back
+# when a run of the same name starts again, and the marker with which it checks that the
+# storage is writable (and shared between nodes).
+TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+TRAIN_STORAGE_MARKER_FILE = ".validate_storage_marker"
+
+
+def registered_checkpoint_names(snapshot: dict[str, Any]) -> set[str]:
+    """The checkpoint directories Ray registered, from the parsed ``TRAIN_SNAPSHOT_FILE``:
+    the ones it keeps (``checkpoint_results``) and the latest (``latest_checkpoint_result``),
+    each by its ``checkpoint_dir_name``. A directory Ray does not list there it will never
+    delete (an upload that completed while its worker group was failing).
+
+    The file's shape is the pydantic ``_CheckpointManagerState`` of
+    ``ray.train.v2._internal.execution.checkpoint.checkpoint_manager``. Raises KeyError,
+    TypeError or ValueError when the snapshot is not of that shape. Replacement:
+    ``ray.train.Result.from_path(run_dir)`` (public; its ``best_checkpoints`` and
+    ``checkpoint``), which reads the same file but refuses one written by another Ray version.
+    """
+    results = list(snapshot["checkpoint_results"])
+    if snapshot.get("latest_checkpoint_result"):
+        results.append(snapshot["latest_checkpoint_result"])
+    return {r["checkpoint_dir_name"] for r in results}
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO on each worker; the driver prints one line per
+    epoch instead. That module's logger is named after its file path, not its module name,
+    so it can only be reached through the module
+    (``ray.train.v2._internal.execution.context.logger``).
+
+    Replacement: a ``LoggingConfig`` that reached the workers' context logger (the one the
+    trainer sets covers Ray Train's own structured logs only)."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class TrainRunStorage:
+    """The run directory of the current Ray Train run, as Ray's ``StorageContext`` (``context``)
+    has it: a pyarrow filesystem and paths on it without a URI scheme."""
+
+    context: Any
+
+    @property
+    def filesystem(self) -> Any:
+        return self.context.storage_filesystem
+
+    @property
+    def run_path(self) -> str:
+        return self.context.experiment_fs_path
+
+    def checkpoint_path(self, name: str) -> str:
+        return self.context.build_checkpoint_path_from_name(name)
+
+
+def train_run_storage() -> TrainRunStorage:
+    """On a Ray Train worker: where the run's checkpoints go, so that a checkpoint is written
+    straight into the run directory (on Ray's upload thread) instead of into a local copy.
+
+    ``ray.train.get_context().get_storage()`` is a DeveloperAPI whose ``StorageContext``
+    (``ray.train.v2._internal.execution.storage``) "may change without notice between minor
+    versions". Replacement: the run directory from the run's own config (``storage_path`` and
+    ``name``) and ``pyarrow.fs.FileSystem.from_uri``, the way Ray derives it."""
+    import ray.train
+
+    return TrainRunStorage(ray.train.get_context().get_storage())
+
+
+def train_controller_handle() -> Any:
+    """In a ``ray.train.UserCallback`` hook: the actor handle of the Ray Train controller that
+    runs it, so that the driver can stop a run (``kill_train_controller``). Ray documents
+    that user callbacks run in the controller process; that the process is an actor (the
+    ``TrainController`` that ``DataParallelTrainer`` starts with ``ray.remote``) is Ray
+    Train's implementation. Replacement: a public way to stop a fit from another thread."""
+    import ray
+
+    return ray.get_runtime_context().current_actor
+
+
+def kill_train_controller(handle: Any) -> None:
+    """Stop a Ray Train run now through its controller's actor handle (from
+    ``train_controller_handle``); the controller's workers, actors it owns, go with it, and
+    ``fit()`` returns in the driver. ``ray.kill`` is public, but killing Ray Train's internal
+    controller actor bypasses Ray Train (its own Ctrl-C handler calls the controller's
+    internal ``abort``). Raises what ``ray.kill`` raises (the actor is already gone).
+    Replacement: a public way to stop a fit from another thread."""
+    import ray
+
+    ray.kill(handle, no_restart=True)
+
+
+def train_worker_callback_bases() -> tuple[type, ...]:
+    """Ray Train's worker-side callback interfaces (``WorkerCallback``: after the train
+    context is set up; ``TrainContextCallback``: ``on_report`` around each
+    ``ray.train.report``), from ``ray.train.v2._internal.execution.callback``. The benchmark
+    uses them to time each report on rank 0; public ``UserCallback`` hooks run only in the
+    controller. Replacement: none public in 2.60."""
+    from ray.train.v2._internal.execution.callback import TrainContextCallback, WorkerCallback
+
+    return WorkerCallback, TrainContextCallback
+
+
+def internal_train_context() -> Any:
+    """The worker's internal train context (``ray.train.v2._internal.execution.context``),
+    the one set when ``WorkerCallback.after_init_train_context`` runs (its
+    ``get_world_rank()``). Replacement: ``ray.train.get_context()`` once the train function
+    runs."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    return get_train_context()
+
+
+# --- Ray Tune -------------------------------------------------------------------------------
 
 
 def keep_credentials_out_of_trial_runtime_envs() -> None:
@@ -65,18 +228,82 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
     runtime-env agent logs runtime envs in full (``runtime_env_agent.log`` in the session's
     logs): the secrets end up on disk. Trials get credentials the way Ray Train's workers do,
     which Ray does not copy: inherited from the driver on a local Ray, from the node's own
-    environment (an instance profile) on a cluster. The set is read when a trial starts."""
+    environment (an instance profile) on a cluster. The set is read when a trial starts.
+
+    ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`` (an undocumented module).
+    Replacement: a Tune option not to copy them, if Ray adds one."""
     from ray.tune.execution import class_cache
 
     class_cache.ENV_VARS_TO_PROPAGATE = {
         name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}
 
 
+# --- Weights & Biases -----------------------------------------------------------------------
+
+
+def wandb_settings(**settings: Any) -> Any:
+    """``wandb.Settings(**settings)`` without W&B's system metrics: W&B would sample the
+    machine and process that call ``wandb.init`` (CPU, memory, GPU, disk, network) every few
+    seconds. That is the driver, which trains nothing (the training runs in Ray's workers, on
+    other nodes of a cluster), so those charts would describe the wrong processes, at the cost
+    of a sampler beside the training.
+
+    ``x_disable_stats`` is one of the settings W&B calls internal ("not ... part of the
+    public API as they may change or be removed"). Replacement: a public setting for it, if
+    W&B adds one; without it, W&B charts the driver's machine."""
+    import wandb
+
+    return wandb.Settings(**settings, x_disable_stats=True)
+
+
+# --- fastai ---------------------------------------------------------------------------------
+
+
+def attach_fastai_fake_loader(dl: Any, like: Any) -> None:
+    """Give the fastai DataLoader ``dl`` its own ``_FakeLoader`` (the torch DataLoader a fastai
+    DataLoader iterates through, its ``fake_l``), with the settings of ``like``'s (another
+    fastai DataLoader): fastai's public ``DistributedDL`` cannot be used under gloo on CPU
+    (see engines.fastai.data). ``fastai.data.load._FakeLoader``. Replacement:
+    ``DistributedDL``, once it runs without CUDA and without the ``accelerate`` package."""
+    from fastai.data.load import _FakeLoader
+
+    fake = like.fake_l
+    dl.fake_l = _FakeLoader(dl, fake.pin_memory, fake.num_workers, fake.timeout,
+                            persistent_workers=fake.persistent_workers,
+                            pin_memory_device=fake.pin_memory_device)
+
+
+@functools.cache
+def fastai_save_model_callback() -> type:
+    """fastai's ``SaveModelCallback`` with the method it saves through under a public name:
+    subclasses override ``save_model(name)`` (and set ``last_saved_path``, as fastai's does)
+    to change how a model is written, keeping every decision of when (``after_epoch``,
+    ``after_fit``, ``every_epoch``, ``at_end``) fastai's own.
+
+    fastai 2.8.12 calls its private ``SaveModelCallback._save(name)`` for each save.
+    Replacement: a public saving hook in fastai; else reimplementing those decisions, which
+    would drift from fastai's."""
+    from fastai.callback.tracker import SaveModelCallback
+
+    class SaveModelHook(SaveModelCallback):
+        def _save(self, name: str) -> None:
+            self.save_model(name)
+
+        def save_model(self, name: str) -> None:
+            SaveModelCallback._save(self, name)
+
+    return SaveModelHook
+
+
+# --- torchmetrics ---------------------------------------------------------------------------
+
+
 def torchmetric_reductions(metric: Any) -> dict[str, str]:
     """How torchmetrics combines each state of ``metric`` across ranks: ``sum``, ``cat``,
     ``mean``, ``max``, ``min``, ``none`` (stacked) or ``custom``. torchmetrics keeps them in
     the private ``Metric._reductions`` (state name -> its ``dim_zero_*`` function); no public
-    API names them."""
+    API names them. Replacement: a public accessor of the reductions, if torchmetrics adds
+    one; without it, every torchmetrics metric would have to be trusted to sync exactly."""
     from torchmetrics.utilities import data
 
     known = {data.dim_zero_sum: "sum", data.dim_zero_cat: "cat", data.dim_zero_mean: "mean",

@@ -18,6 +18,7 @@ from orchestrator.errors import user_error_among
 from orchestrator.results.epochs import epoch_record, merge_history
 from orchestrator.tracking.policy import should_log_model
 from orchestrator.tracking.staging import stage_checkpoint
+from workers.compat import train_controller_handle
 from workers.contract.names import HISTORY_FILE, METADATA_FILE
 
 CONTROLLER = "controller"  # an event carrying the controller actor's own handle
@@ -63,9 +64,7 @@ class RunRecorder(UserCallback):
 
     def _introduce(self) -> None:
         if not self._introduced:  # once: the driver may have to stop this controller
-            import ray
-
-            self.events.put((CONTROLLER, ray.get_runtime_context().current_actor))
+            self.events.put((CONTROLLER, train_controller_handle()))
             self._introduced = True
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):

@@ -16,14 +16,9 @@ from orchestrator.controller.recorder import read_history
 from orchestrator.results.checkpoints import kept_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
 from orchestrator.tracking.staging import discard_staged
+from workers.compat import TRAIN_SNAPSHOT_FILE, registered_checkpoint_names
 from workers.contract.config import RunConfig
-from workers.contract.names import (
-    CHECKPOINT_PREFIX,
-    HISTORY_FILE,
-    PLOT_FILE,
-    RAY_SNAPSHOT_FILE,
-    SUMMARY_FILE,
-)
+from workers.contract.names import CHECKPOINT_PREFIX, HISTORY_FILE, PLOT_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
     from orchestrator.start.context import RunContext
@@ -48,13 +43,9 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     """Delete checkpoint directories Ray never registered: uploads that completed while their
     worker group was failing. Ray does not know them, so it would never delete them, and they
     would break "best and latest only". Skipped if Ray's snapshot cannot be read."""
-    path = storage.join(run_dir, RAY_SNAPSHOT_FILE)
+    path = storage.join(run_dir, TRAIN_SNAPSHOT_FILE)
     try:
-        snapshot = storage.read_json(path)
-        results = list(snapshot["checkpoint_results"])
-        if snapshot.get("latest_checkpoint_result"):
-            results.append(snapshot["latest_checkpoint_result"])
-        tracked = {r["checkpoint_dir_name"] for r in results}
+        tracked = registered_checkpoint_names(storage.read_json(path))
     except (OSError, KeyError, TypeError, ValueError):
         return []
     # ... nor any that a report registered (the recorder saw it), in case the snapshot lags.

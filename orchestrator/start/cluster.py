@@ -6,21 +6,26 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from orchestrator.errors import UserError
-from workers.compat import autoscaler_node_groups, dashboard_url, quiet_ray_token_setup
+from workers.compat import (
+    TRAIN_HEALTH_CHECK_INTERVAL_ENV,
+    TRAIN_WORKER_GROUP_START_TIMEOUT_ENV,
+    autoscaler_node_groups,
+    dashboard_url,
+    launcher_config_path,
+    quiet_ray_token_setup,
+)
 from workers.contract.config import RunConfig
 
-# ray.train.report blocks until the controller polls the workers, every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): for small epochs that is most of the
-# run, and an epoch's time rounds up to the next poll. Measured (bench/results/pacing.txt,
+# ray.train.report blocks until the controller polls the workers, every health-check
+# interval (TRAIN_HEALTH_CHECK_INTERVAL_ENV, 2 s by default): for small epochs that is most
+# of the run, and an epoch's time rounds up to the next poll. Measured (bench/results/pacing.txt,
 # small model, bare Ray Train / native DDP per epoch): 2 s 8.6x, 0.1 s 1.34x, 0.05 s 1.04x,
 # 0.02 s 1.00x, for 7.5% of one core in the controller. A user's own setting wins.
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_HEALTH_CHECK_S = "0.02"
 
 
@@ -29,19 +34,21 @@ def pace_reports() -> None:
     variable from the process that calls ``fit()`` into its controller actor's runtime_env,
     so this reaches the controller however the run is launched: a local Ray, a driver
     under ``ray job submit`` (whose job runtime_env did not set it), a Tune trial."""
-    os.environ.setdefault(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S)
+    os.environ.setdefault(TRAIN_HEALTH_CHECK_INTERVAL_ENV, DEFAULT_HEALTH_CHECK_S)
 
 
-# Ray Train gives a worker group 60 s to start; on a loaded 2-core machine starting Python
-# workers that import torch can take longer, and each timed-out attempt leaves its workers
-# starting while the next one waits for their CPUs. 600 s; a user's own setting wins.
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Ray Train gives a worker group 60 s to start (TRAIN_WORKER_GROUP_START_TIMEOUT_ENV); on a
+# loaded 2-core machine starting Python workers that import torch can take longer, and each
+# timed-out attempt leaves its workers starting while the next one waits for their CPUs.
+# 600 s; a user's own setting wins.
 DEFAULT_START_TIMEOUT_S = "600"
 
 
 def ray_env_vars() -> dict[str, str]:
-    env = {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, DEFAULT_HEALTH_CHECK_S),
-           START_TIMEOUT_ENV: os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)}
+    env = {TRAIN_HEALTH_CHECK_INTERVAL_ENV: os.environ.get(TRAIN_HEALTH_CHECK_INTERVAL_ENV,
+                                                           DEFAULT_HEALTH_CHECK_S),
+           TRAIN_WORKER_GROUP_START_TIMEOUT_ENV: os.environ.get(
+               TRAIN_WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)}
     # A workload module next to where the user runs the command must import in every worker.
     paths = [os.getcwd(), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
@@ -140,7 +147,7 @@ def capacity(nodes_now: list[dict[str, Any]], config_groups: list[tuple[dict[str
     ``nodes_now``: each alive node's total resources.
     ``config_groups``: (resources, max_count) per node group the autoscaler reported to the
     GCS (max_count -1: unbounded).
-    ``launcher``: the cluster launcher's config (``~/ray_bootstrap_config.yaml`` on its head):
+    ``launcher``: the cluster launcher's config (``launcher_config_path()`` on its head):
     the head node type once, each worker node type ``max_workers`` times (at most the
     cluster's ``max_workers``).
     """
@@ -177,7 +184,7 @@ def _summed(groups: Any) -> dict[str, float]:
     return out
 
 
-LAUNCHER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
+LAUNCHER_CONFIG = launcher_config_path()
 
 
 def cluster_capacity(local: bool) -> Capacity:

@@ -31,6 +31,7 @@ from orchestrator.tracking.policy import (
 )
 from orchestrator.tracking.pruner import VersionPruner
 from orchestrator.tracking.staging import staged_path
+from workers.compat import wandb_settings
 from workers.contract.config import RunConfig
 from workers.contract.names import METADATA_FILE, STAGED_FILES
 
@@ -281,8 +282,7 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
             name=label or cfg.name, reinit="create_new",
             group=group, job_type=job_type, config={**cfg.to_dict(), **(extra or {})},
             dir=local_dir, mode=mode,
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
-                                    init_timeout=30),
+            settings=wandb_settings(console="off", silent=True, init_timeout=30),
         )
     except Exception as exc:  # wandb raises several types for auth and network failures
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

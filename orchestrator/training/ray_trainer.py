@@ -11,6 +11,7 @@ from orchestrator import storage
 from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, RunRecorder
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
+from workers.compat import kill_train_controller
 from workers.contract.config import RunConfig
 from workers.contract.names import RANK_KEY
 from workers.decisions.policy import ray_keep_settings
@@ -125,7 +126,7 @@ def stop_training(controller: Any, guard: Any) -> None:
 
     if controller is not None:
         try:
-            ray.kill(controller, no_restart=True)
+            kill_train_controller(controller)
         except Exception:  # noqa: BLE001 - already gone
             pass
         guard.wait_for_fit(timeout=30)

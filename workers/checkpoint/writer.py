@@ -20,6 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from workers.checkpoint.integrity import FILES_KEY, file_digest
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
+from workers.compat import train_run_storage
 from workers.contract.names import METADATA_FILE, MODEL_FILE, STATE_FILE
 from workers.files import json_bytes, write_object
 
@@ -86,17 +87,17 @@ class AsyncSaver:
         import ray.train
 
         self.wait()
-        storage = ray.train.get_context().get_storage()
-        fs = storage.storage_filesystem
-        if fs.get_file_info(storage.experiment_fs_path).type != pafs.FileType.Directory:
+        storage = train_run_storage()
+        fs = storage.filesystem
+        if fs.get_file_info(storage.run_path).type != pafs.FileType.Directory:
             raise RuntimeError(
-                f"storage_path: the run directory {storage.experiment_fs_path} is not visible "
+                f"storage_path: the run directory {storage.run_path} is not visible "
                 "from this node; a multi-node cluster needs shared or cloud storage"
             )
 
         def write(_: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
             try:
-                path = storage.build_checkpoint_path_from_name(name)
+                path = storage.checkpoint_path(name)
                 write_checkpoint(snap, fs, path)
                 return ray.train.Checkpoint(path=path, filesystem=fs)
             except BaseException:
@@ -116,7 +117,7 @@ class AsyncSaver:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint(
-                    path=storage.build_checkpoint_path_from_name(dir_name), filesystem=fs),
+                    path=storage.checkpoint_path(dir_name), filesystem=fs),
                 checkpoint_dir_name=dir_name,
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                 checkpoint_upload_fn=write,

@@ -24,7 +24,6 @@ PLOT_FILE = "training_curves.png"
 STAGING_DIR = "wandb_staging"
 STAGED_FILES = (MODEL_FILE, METADATA_FILE)
 FAILURE_LOG = "failure.log"  # a failed run's worker tracebacks (the terminal gets one line)
-RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own
 
 # A search directory (orchestrator tune).
 SEARCH_FILE = "search.json"  # the trials, drawn up front: resume reads it

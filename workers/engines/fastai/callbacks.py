@@ -26,6 +26,7 @@ from fastai.torch_core import get_model, rank_distrib
 from fastcore.xtras import join_path_file
 
 from workers.checkpoint.writer import torch_bytes
+from workers.compat import fastai_save_model_callback
 from workers.files import atomic_write_bytes, atomic_write_json
 
 # Recorder columns that are not metrics of the epoch.
@@ -49,7 +50,7 @@ def epoch_row(learn: Any) -> dict[str, float] | None:
     return row
 
 
-class SaveBestModelCallback(SaveModelCallback):
+class SaveBestModelCallback(fastai_save_model_callback()):
     """``SaveModelCallback`` that documents the model it saved (see the module docstring).
 
     ``last_saved_metadata``: the metadata of the file at ``last_saved_path`` (the epoch, every
@@ -88,7 +89,7 @@ class SaveBestModelCallback(SaveModelCallback):
                 self.best_metadata = self.last_saved_metadata if saved_now else self._metadata(None)
             return
         self._reason = "improvement"
-        super().after_epoch()  # compares, and saves through _save on a new best
+        super().after_epoch()  # compares, and saves through save_model on a new best
         if self.new_best:
             self.best_metadata = self.last_saved_metadata
 
@@ -102,7 +103,7 @@ class SaveBestModelCallback(SaveModelCallback):
                 "saved_because": self._reason if path else None,
                 "path": str(path) if path else None}
 
-    def _save(self, name: str) -> None:
+    def save_model(self, name: str) -> None:
         # The same file as learn.save(name, with_opt=...): a torch.save'd state dict (or
         # {'model', 'opt'}), written atomically with its metadata beside it.
         path = join_path_file(name, self.learn.path / self.learn.model_dir, ext=".pth")

@@ -17,7 +17,7 @@ from fastai.learner import Learner
 from fastai.torch_core import to_detach
 from fastcore.foundation import L
 
-from workers.compat import fastai_fake_loader
+from workers.compat import attach_fastai_fake_loader
 from workers.loop.runtime import epoch_seed
 from workers.loop.steps import to_device
 
@@ -41,7 +41,7 @@ class RankShardDL(TfmdDL):
         self.bs, self.drop_last, self.dataset = dl.bs, dl.drop_last, dl.dataset
         self.num_workers, self.offs, self.pin_memory = dl.num_workers, dl.offs, dl.pin_memory
         self.device = dl.device
-        self.fake_l = fastai_fake_loader(self, like=dl.fake_l)
+        attach_fastai_fake_loader(self, like=dl)
 
     @property
     def n_inp(self) -> int:

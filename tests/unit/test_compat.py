@@ -1,0 +1,427 @@
+"""The register of private APIs (``workers.compat``), checked against the pinned Ray, W&B and
+fastai: each private name still exists with the signature, attributes or file shape compat
+relies on; and nothing outside compat uses such an API. No Ray is started here.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib
+import inspect
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from workers import compat
+
+REPO = Path(__file__).resolve().parents[2]
+COMPAT_FILE = REPO / "workers" / "compat.py"
+LIBRARIES = ("ray", "wandb", "fastai", "fastcore")
+
+
+def params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_importing_compat_imports_none_of_the_libraries() -> None:
+    code = ("import sys, workers.compat; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'ray', 'wandb', 'fastai', 'fastcore', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_name_in_the_register_is_checked_here() -> None:
+    own = [name for name, value in vars(compat).items() if not name.startswith("_")
+           and getattr(value, "__module__", compat.__name__) == compat.__name__
+           and (callable(value) or name.isupper())]
+    text = Path(__file__).read_text()
+    assert [name for name in own if f"compat.{name}" not in text] == []
+
+
+# --- Ray (the driver's end) ----------------------------------------------------------------
+
+
+def test_token_setup_logger_is_the_one_compat_quiets() -> None:
+    module = importlib.import_module("ray._private.authentication.authentication_token_setup")
+    before = module.logger.level
+    try:
+        compat.quiet_ray_token_setup()
+        assert module.logger.getEffectiveLevel() == logging.ERROR
+    finally:
+        module.logger.setLevel(before)
+
+
+def test_dashboard_url_source() -> None:
+    import ray
+
+    assert params(ray._private.worker.get_dashboard_url) == []
+    assert callable(compat.dashboard_url)
+
+
+def test_autoscaler_node_groups_read_the_gcs_cluster_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    state = ray._private.state.state
+    assert params(state.get_cluster_config) == []
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add()
+    group.resources["CPU"] = 4
+    group.max_count = -1
+    monkeypatch.setattr(state, "get_cluster_config", lambda: config)
+    assert compat.autoscaler_node_groups() == [({"CPU": 4}, -1)]
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    assert compat.autoscaler_node_groups() is None
+
+
+def test_launcher_config_is_where_ray_up_puts_it() -> None:
+    commands = importlib.import_module("ray.autoscaler._private.commands")
+    name = compat.launcher_config_path().relative_to(Path.home()).as_posix()
+    assert f'"~/{name}": remote_config_file.name' in inspect.getsource(commands)
+
+
+def test_worker_niceness_variable() -> None:
+    constants = importlib.import_module("ray._private.ray_constants")
+    assert constants.RAY_WORKER_NICENESS == compat.WORKER_NICENESS_ENV
+
+
+# --- Ray Train ------------------------------------------------------------------------------
+
+
+def test_train_env_variables_are_read_where_compat_says() -> None:
+    constants = importlib.import_module("ray.train.v2._internal.constants")
+    defaults = {compat.TRAIN_HEALTH_CHECK_INTERVAL_ENV: 2.0,
+                compat.TRAIN_WORKER_GROUP_START_TIMEOUT_ENV: 60.0}
+    assert set(compat.TRAIN_ENV_READ_BY) == set(defaults)
+    for env, where in compat.TRAIN_ENV_READ_BY.items():
+        names = [k for k, v in vars(constants).items() if v == env and k.endswith("_ENV_VAR")]
+        assert len(names) == 1, env
+        default = getattr(constants, "DEFAULT_" + names[0].removesuffix("_ENV_VAR"))
+        assert default == defaults[env]
+        module, qualname = where.split(":")
+        reader = importlib.import_module(module)
+        for part in qualname.split("."):
+            reader = getattr(reader, part)
+        assert re.search(rf"os\.(getenv|environ\.get)\(\s*{names[0]}\b",
+                         inspect.getsource(reader)), (env, where)
+        # Copied from the driver into the controller's runtime_env, and into Tune trials'.
+        assert env in constants.ENV_VARS_TO_PROPAGATE
+        assert env in importlib.import_module("ray.tune.execution.class_cache") \
+            .ENV_VARS_TO_PROPAGATE
+
+
+def test_train_files_are_named_as_ray_names_them(tmp_path: Path) -> None:
+    constants = importlib.import_module("ray.train.v2._internal.constants")
+    storage = importlib.import_module("ray.train.v2._internal.execution.storage")
+    assert constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == compat.TRAIN_SNAPSHOT_FILE
+    assert constants.VALIDATE_STORAGE_MARKER_FILENAME == compat.TRAIN_STORAGE_MARKER_FILE
+    context = storage.StorageContext(str(tmp_path), "run")
+    assert (tmp_path / "run" / compat.TRAIN_STORAGE_MARKER_FILE).is_file()
+    assert context.checkpoint_manager_snapshot_path == \
+        (tmp_path / "run" / compat.TRAIN_SNAPSHOT_FILE).as_posix()
+
+
+def test_registered_checkpoints_from_the_snapshot_ray_writes(tmp_path: Path) -> None:
+    """Ray's own checkpoint manager registers three checkpoints and keeps the best and the
+    latest: the names read from the file it wrote are exactly the directories it kept."""
+    import json
+
+    from ray.train import Checkpoint, CheckpointConfig
+
+    manager_module = importlib.import_module(
+        "ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    storage = importlib.import_module("ray.train.v2._internal.execution.storage")
+    report = importlib.import_module("ray.train.v2._internal.execution.training_report")
+    assert params(manager_module.CheckpointManager.__init__) == [
+        "self", "checkpoint_config", "storage_context"]
+    context = storage.StorageContext(str(tmp_path), "run")
+    manager = manager_module.CheckpointManager(
+        checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="loss",
+                                           checkpoint_score_order="min"),
+        storage_context=context)
+
+    async def register() -> None:  # its waiters are notified on an event loop
+        for name, loss in (("checkpoint_a", 1.0), ("checkpoint_b", 2.0), ("checkpoint_c", 3.0)):
+            path = context.build_checkpoint_path_from_name(name)
+            os.makedirs(path)
+            manager.register_checkpoint(report._TrainingReport(
+                checkpoint=Checkpoint(path), metrics={"loss": loss}, validation=False))
+
+    asyncio.run(register())
+    run = tmp_path / "run"
+    snapshot = json.loads((run / compat.TRAIN_SNAPSHOT_FILE).read_text())
+    kept = {p.name for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()}
+    assert kept == {"checkpoint_a", "checkpoint_c"}  # the best, and the latest
+    assert compat.registered_checkpoint_names(snapshot) == kept
+    assert compat.registered_checkpoint_names({**snapshot, "checkpoint_results": []}) == \
+        {"checkpoint_c"}
+
+    # What the run's summary does with it: a directory Ray never registered goes, no other.
+    from orchestrator.results.summary import remove_unregistered_checkpoints
+
+    (run / "checkpoint_unregistered").mkdir()
+    assert remove_unregistered_checkpoints(str(run)) == ["checkpoint_unregistered"]
+    assert {p.name for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()} \
+        == kept
+
+
+@pytest.mark.parametrize("damaged, error", [
+    ({}, KeyError), ([], TypeError), ({"checkpoint_results": 3}, TypeError),
+    ({"checkpoint_results": [{"name": "x"}]}, KeyError),
+])
+def test_a_snapshot_of_another_shape_raises_what_the_summary_catches(damaged, error) -> None:
+    with pytest.raises(error):
+        compat.registered_checkpoint_names(damaged)
+
+
+def test_train_context_logger_is_the_one_compat_quiets() -> None:
+    context = importlib.import_module("ray.train.v2._internal.execution.context")
+    assert context.logger.name == context.__file__
+    before = context.logger.level
+    try:
+        compat.quiet_ray_train_reports()
+        assert context.logger.getEffectiveLevel() == logging.WARNING
+    finally:
+        context.logger.setLevel(before)
+
+
+def test_train_run_storage_reads_rays_storage_context(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+    import ray.train
+
+    storage = importlib.import_module("ray.train.v2._internal.execution.storage")
+    assert hasattr(ray.train.TrainContext, "get_storage")
+    assert params(ray.train.get_context) == []
+    assert callable(compat.train_run_storage)
+    run = compat.TrainRunStorage(storage.StorageContext(str(tmp_path), "run"))
+    assert isinstance(run.filesystem, pafs.LocalFileSystem)
+    assert run.run_path == (tmp_path / "run").as_posix()
+    assert run.checkpoint_path("checkpoint_x") == (tmp_path / "run" / "checkpoint_x").as_posix()
+
+
+def test_the_train_controller_is_an_actor_that_runs_user_callbacks() -> None:
+    import ray
+    from ray.runtime_context import RuntimeContext
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert isinstance(inspect.getattr_static(RuntimeContext, "current_actor"), property)
+    start = inspect.getsource(DataParallelTrainer._initialize_and_run_controller)
+    assert "ray.remote(" in start and ")(TrainController)" in start
+    callbacks = inspect.getsource(DataParallelTrainer._create_default_callbacks)
+    assert "UserCallbackHandler(" in callbacks
+    kill = inspect.signature(ray.kill)
+    assert list(kill.parameters) == ["actor", "no_restart"]
+    assert kill.parameters["no_restart"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert callable(compat.train_controller_handle) and callable(compat.kill_train_controller)
+
+
+def test_worker_callback_interfaces() -> None:
+    worker_callback, context_callback = compat.train_worker_callback_bases()
+    assert params(worker_callback.after_init_train_context) == ["self"]
+    assert params(context_callback.on_report) == ["self"]
+    context = importlib.import_module("ray.train.v2._internal.execution.context")
+    assert params(context.get_train_context) == []
+    assert hasattr(context.TrainContext, "get_world_rank")
+    assert callable(compat.internal_train_context)
+
+
+# --- Ray Tune -------------------------------------------------------------------------------
+
+
+def test_trials_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    class_cache = importlib.import_module("ray.tune.execution.class_cache")
+    assert "ENV_VARS_TO_PROPAGATE" in inspect.getsource(class_cache._ActorClassCache.get)
+    source = inspect.getsource(class_cache)
+    copied = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+              "AWS_SESSION_TOKEN"}
+    assert all(f'"{name}"' in source for name in copied)
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE",
+                        set(class_cache.ENV_VARS_TO_PROPAGATE) | copied)
+    others = class_cache.ENV_VARS_TO_PROPAGATE - copied
+    compat.keep_credentials_out_of_trial_runtime_envs()
+    assert class_cache.ENV_VARS_TO_PROPAGATE == others
+
+
+# --- Weights & Biases -----------------------------------------------------------------------
+
+
+def test_wandb_settings_turn_system_metrics_off() -> None:
+    import wandb
+    from wandb.proto import wandb_settings_pb2
+
+    assert wandb.Settings.model_fields["x_disable_stats"].annotation is bool
+    assert "x_disable_stats" in wandb_settings_pb2.Settings.DESCRIPTOR.fields_by_name
+    settings = compat.wandb_settings(console="off", silent=True, init_timeout=30)
+    assert settings == wandb.Settings(console="off", x_disable_stats=True, silent=True,
+                                      init_timeout=30)
+
+
+# --- fastai ---------------------------------------------------------------------------------
+
+
+def test_fake_loader_is_what_a_fastai_dataloader_iterates_through() -> None:
+    from fastai.data.load import DataLoader, _FakeLoader
+
+    assert params(_FakeLoader.__init__) == [
+        "self", "d", "pin_memory", "num_workers", "timeout", "persistent_workers",
+        "pin_memory_device"]
+    like = DataLoader(list(range(6)), bs=2)
+    dl = DataLoader(list(range(6, 10)), bs=2)
+    dl.fake_l = None  # so that only compat's loader can make it iterate
+    compat.attach_fastai_fake_loader(dl, like=like)
+    assert isinstance(dl.fake_l, _FakeLoader) and dl.fake_l.d is dl
+    assert [b.tolist() for b in dl] == [[6, 7], [8, 9]]
+
+
+def test_save_model_callback_saves_through_its_private_hook(tmp_path: Path) -> None:
+    from fastai.callback.tracker import SaveModelCallback
+
+    assert params(SaveModelCallback._save) == ["self", "name"]
+    for event in ("after_epoch", "after_fit"):
+        assert "self._save(" in inspect.getsource(getattr(SaveModelCallback, event))
+    base = compat.fastai_save_model_callback()
+    assert base is compat.fastai_save_model_callback() and issubclass(base, SaveModelCallback)
+
+    class Recording(base):
+        def save_model(self, name: str) -> None:
+            self.saved = name
+
+    cb = Recording(fname="m", at_end=True)
+    cb._save("m")  # what fastai's after_epoch / after_fit call
+    assert cb.saved == "m"
+
+
+# --- torchmetrics ---------------------------------------------------------------------------
+
+
+def test_torchmetric_reductions_name_each_states_reduction() -> None:
+    import torchmetrics
+    from torchmetrics.classification import MulticlassAUROC
+
+    class Custom(torchmetrics.Metric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+            self.add_state("kept", default=[], dist_reduce_fx="cat")
+            self.add_state("avg", default=torch.tensor(0.0), dist_reduce_fx="mean")
+            self.add_state("high", default=torch.tensor(0.0), dist_reduce_fx="max")
+            self.add_state("stacked", default=torch.tensor(0.0), dist_reduce_fx=None)
+            self.add_state("own", default=torch.tensor(0.0), dist_reduce_fx=lambda t: t[0])
+
+        def update(self) -> None: ...
+
+        def compute(self) -> torch.Tensor:
+            return self.total
+
+    assert compat.torchmetric_reductions(Custom()) == {
+        "total": "sum", "kept": "cat", "avg": "mean", "high": "max", "stacked": "none",
+        "own": "custom"}
+    assert compat.torchmetric_reductions(MulticlassAUROC(num_classes=2)) == {
+        "preds": "cat", "target": "cat"}
+
+
+# --- Nothing outside compat -----------------------------------------------------------------
+
+FORBIDDEN_TEXT = [
+    (re.compile(r"\b_private\b"), "a _private module"),
+    (re.compile(r"\._internal\b"), "an _internal module"),
+    (re.compile(r"RAY_TRAIN_"), "a Ray Train internal variable"),
+    (re.compile(r"checkpoint_manager_snapshot|validate_storage_marker|ray_bootstrap_config"),
+     "a file Ray writes for itself"),
+    (re.compile(r"\bRAY_worker_"), "a Ray system-config variable"),
+    (re.compile(r"\bx_disable_stats\b"), "an internal W&B setting"),
+]
+
+
+def private_uses(source: str) -> list[str]:
+    """What in ``source`` is a private API of Ray, W&B or fastai (one line each)."""
+    found = [f"{line}: {what}" for line, text in enumerate(source.splitlines(), 1)
+             for pattern, what in FORBIDDEN_TEXT if pattern.search(text)]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARIES:
+            names = [*node.module.split("."), *(a.name for a in node.names)]
+            if any(_private(n) for n in names):
+                found.append(f"{node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] in LIBRARIES and any(_private(p) for p in parts):
+                    found.append(f"{node.lineno}: import {alias.name}")
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in LIBRARIES:
+                found.append(f"{node.lineno}: {root.id}....{node.attr}")
+        elif isinstance(node, ast.Call) and _called(node) == "Settings" and any(
+                (k.arg or "").startswith("x_") for k in node.keywords):
+            found.append(f"{node.lineno}: an x_ setting of W&B")
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _called(call: ast.Call) -> str | None:
+    func = call.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+
+
+def project_files() -> list[Path]:
+    files = [p for folder in ("orchestrator", "workers", "bench")
+             for p in sorted((REPO / folder).rglob("*.py"))]
+    return [p for p in files if p != COMPAT_FILE]
+
+
+def test_the_guard_sees_what_compat_does() -> None:
+    assert len(private_uses(COMPAT_FILE.read_text())) >= 10
+    for snippet in ("from fastai.data.load import _FakeLoader",
+                    "import ray._private.worker", "ray._private.worker.get_dashboard_url()",
+                    "from ray.train.v2._internal.execution import context",
+                    "wandb.Settings(x_other=True)", "os.environ['RAY_TRAIN_X'] = '1'",
+                    "open('checkpoint_manager_snapshot.json')"):
+        assert private_uses(snippet), snippet
+    assert private_uses("x_train, y = 1, 2\nself._save(name)\nfrom ray.train import report") \
+        == []
+
+
+def test_no_private_api_outside_compat() -> None:
+    found = {str(p.relative_to(REPO)): private_uses(p.read_text()) for p in project_files()}
+    assert {path: uses for path, uses in found.items() if uses} == {}
+
+
+def _classes_overriding_private_methods() -> list[tuple[str, str, list[str]]]:
+    """(module, class, its single-underscore methods) for top-level classes with bases."""
+    out = []
+    for path in project_files():
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.bases:
+                methods = [f.name for f in node.body
+                           if isinstance(f, ast.FunctionDef) and _private(f.name)]
+                if methods:
+                    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+                    out.append((module, node.name, methods))
+    return out
+
+
+def test_no_private_method_of_a_library_class_is_overridden_outside_compat() -> None:
+    overridden = []
+    for module, name, methods in _classes_overriding_private_methods():
+        cls = getattr(importlib.import_module(module), name)
+        for base in cls.__mro__[1:]:
+            if base.__module__.split(".")[0] in LIBRARIES:
+                overridden += [f"{module}.{name}.{m} ({base.__module__}.{base.__name__})"
+                               for m in methods if m in vars(base)]
+    assert overridden == []
