@@ -2,7 +2,8 @@
 worker: ``use_gpu: auto`` chose the GPU, the process group is NCCL, the model and its batches
 are on the device, ``bf16`` trains under autocast, the best model saved on the GPU re-scores on
 the CPU in a plain process, and a worker SIGKILLed mid-epoch is replaced and the run ends with
-the best epoch of an undisturbed one. About 8 minutes at most; ``make test-gpu``.
+the best epoch of an undisturbed one. ``make test-gpu``; 84 s with
+``ORCHESTRATOR_TEST_DEVICE=cpu`` on 2 busy cores, so well under 8 minutes on a GPU machine.
 
 What the model really did is noted by the test workload itself (``tests.workloads.on_device``).
 ``ORCHESTRATOR_TEST_DEVICE=cpu`` runs the same checks on the CPU (gloo), where there is no GPU.
@@ -45,12 +46,13 @@ EPOCHS = 8
 STEPS_PER_EPOCH = 4  # 32 training samples, batch 8, one worker
 
 
-def device_config(tmp_path: Path, name: str, params: dict | None = None, **sections):
+def device_config(tmp_path: Path, name: str, params: dict | None = None,
+                  train: dict | None = None, **sections):
     out_dir = tmp_path / f"{name}-notes"
     out_dir.mkdir()
     return overfit_config(
         tmp_path, name=name, scaling={"num_workers": 1, "use_gpu": "auto"},
-        train={"epochs": EPOCHS, "batch_size": 8, "lr": 0.002},
+        train={"epochs": EPOCHS, "batch_size": 8, "lr": 0.002, **(train or {})},
         checkpoint={"resume_every_n_epochs": 1},
         workload={"entrypoint": "tests.workloads.on_device:build",
                   "params": {"out_dir": str(out_dir), **(params or {})}},
@@ -76,8 +78,7 @@ def on_device(where: str) -> bool:
 
 def test_auto_chose_the_device_and_the_model_and_batches_ran_there(reference):
     cfg, summary, printed, out_dir = reference
-    assert f"1 worker on {'GPU (NCCL)' if DEVICE == 'cuda' else 'CPU (gloo)'}" in printed, \
-        printed
+    assert f" on {'GPU (NCCL)' if DEVICE == 'cuda' else 'CPU (gloo)'}, " in printed, printed
     trained = notes(out_dir, "train")
     assert len(trained) == 1, trained  # one worker process, never restarted
     seen = trained[0]
@@ -142,7 +143,10 @@ def kill_when_held(marker: Path, killed: list, timeout: float = 300) -> threadin
 def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_same_best(tmp_path, reference):
     _, undisturbed, _, _ = reference
     marker = tmp_path / "held"
-    hold_at = 3 * STEPS_PER_EPOCH + 2  # mid epoch 4
+    # Mid epoch 6, after the best (epoch 4 here, on CPU and GPU alike): the restarted run must
+    # remember it (the tracker's state in the checkpoint), or epoch 6 would become "best".
+    assert undisturbed["best_epoch"] < 6, [h["val_loss"] for h in undisturbed["history"]]
+    hold_at = 5 * STEPS_PER_EPOCH + 2
     cfg, out_dir = device_config(tmp_path, "killed",
                                  {"hold_at_step": hold_at, "marker": str(marker)},
                                  failure={"max_failures": 1})
@@ -162,7 +166,8 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_same_best(tmp_pat
     assert summary["best_epoch"] == undisturbed["best_epoch"], (losses, [
         h["val_loss"] for h in undisturbed["history"]])
     assert [h["is_best"] for h in history] == [h["is_best"] for h in undisturbed["history"]]
-    # Restored from epoch 3's checkpoint (weights, optimizer, tracker): the same numbers.
+    # Restored from the latest checkpoint (weights, optimizer, tracker): the same numbers (on
+    # a GPU up to the order in which its kernels add, hence the looser bound there).
     for got, ref in zip(history, undisturbed["history"], strict=True):
-        assert_close(got["val_loss"], ref["val_loss"], rel=1e-5)
+        assert_close(got["val_loss"], ref["val_loss"], rel=1e-5 if DEVICE == "cpu" else 1e-3)
     assert load_metadata(summary["best_checkpoint"])["epoch"] == summary["best_epoch"]
