@@ -2,8 +2,8 @@
 worker: ``use_gpu: auto`` chose the GPU, the process group is NCCL, the model and its batches
 are on the device, ``bf16`` trains under autocast, the best model saved on the GPU re-scores on
 the CPU in a plain process, and a worker SIGKILLed mid-epoch is replaced and the run ends with
-the best epoch of an undisturbed one. ``make test-gpu``; 84 s with
-``ORCHESTRATOR_TEST_DEVICE=cpu`` on 2 busy cores, so well under 8 minutes on a GPU machine.
+the best epoch of an undisturbed one. ``make test-gpu``: 84 s on the CPU
+(``ORCHESTRATOR_TEST_DEVICE=cpu``, 2 busy cores); it is meant to stay within 8 minutes.
 
 What the model really did is noted by the test workload itself (``tests.workloads.on_device``).
 ``ORCHESTRATOR_TEST_DEVICE=cpu`` runs the same checks on the CPU (gloo), where there is no GPU.
