@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint docs clean test-pythons test-cluster-setup
+.PHONY: train test test-fast test-gpu lint docs clean test-pythons test-cluster-setup
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,21 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/orchestrator train configs/digits.yaml --overwrite
 
+# The whole suite (what CI runs): the unit, distributed and integration tiers (pyproject's
+# testpaths; not tests/gpu).
 test: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
 	$(VENV)/bin/python -m pytest
+
+# The edit loop: lint, then the tiers without Ray (no cluster starts). A few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+	$(VENV)/bin/python -m pytest tests/unit tests/distributed -q
+
+# One NVIDIA GPU (skipped, with the reason, where there is none): about 8 minutes at most.
+# ORCHESTRATOR_TEST_DEVICE=cpu runs the same checks on the CPU.
+test-gpu: $(STAMP)
+	$(VENV)/bin/python -m pytest tests/gpu -v
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts

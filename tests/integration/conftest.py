@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -74,19 +78,98 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_pids(pattern: str = "raylet|gcs_server|^ray::") -> set[int]:
-    """Live processes of any local Ray: its daemons and its workers (not zombies: a process
-    that exited whose parent died is reaped by init, which a container may not run)."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
-                         text=True).stdout
-    return {int(pid) for pid in out.split() if not _zombie(pid)}
+class Proc(NamedTuple):
+    ppid: int
+    started: int  # clock ticks after boot: with the pid, names one process for good
+    cmdline: str
 
 
-def _zombie(pid: str) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True  # gone already
+def process_table() -> dict[int, Proc]:
+    """Every live process on the machine (zombies left out: a process that exited whose
+    parent died is reaped by init, which a container may not run)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+        except (OSError, IndexError):
+            continue  # gone already
+        if fields[0] != "Z":
+            table[int(entry.name)] = Proc(int(fields[1]), int(fields[19]), cmdline)
+    return table
+
+
+def own_processes(table: dict[int, Proc], roots: Iterable[int] = (),
+                  marker: str | None = None) -> set[int]:
+    """The processes of one run, found by what it owns rather than by name: ``roots`` (the
+    driver's pid, a ``ray start`` node's pid) and processes whose command line holds
+    ``marker`` (the run's own Ray temp dir: its raylet, GCS and agents name it), with all
+    their descendants (Ray's workers are the raylet's children; their command lines are
+    rewritten to ``ray::...`` and name nothing)."""
+    found = {pid for pid in roots if pid in table}
+    if marker:
+        found |= {pid for pid, proc in table.items() if marker in proc.cmdline}
+    children: dict[int, list[int]] = {}
+    for pid, proc in table.items():
+        children.setdefault(proc.ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+class RunProcesses:
+    """One run's processes, never another run's: a fault is injected into them, and the
+    test waits for them (not for every Ray on the machine) to exit. Where several Rays run on
+    one machine, a search by name (``pgrep -n -f '^ray::TrainController'``) picks whichever
+    started last: another run's.
+
+    Every process found is remembered (pid and start time), so that ``find`` still sees the
+    workers of a raylet that died before them, and never mistakes a reused pid for one."""
+
+    def __init__(self, roots: Iterable[int] = (), marker: str | None = None,
+                 read: Callable[[], dict[int, Proc]] = process_table) -> None:
+        self.roots = list(roots)  # add a driver's pid as soon as it is started
+        self.marker = marker
+        self.read = read
+        self.seen: set[tuple[int, int]] = set()  # (pid, start time)
+
+    def find(self, pattern: str = "") -> dict[int, str]:
+        """The run's live processes whose command line matches ``pattern`` (re.search):
+        pid -> command line."""
+        table = self.read()
+        # A root is the process first seen under its pid: once it exited and was reaped,
+        # another process may get that pid.
+        roots = [pid for pid in self.roots if pid in table and self._first_seen(pid, table)]
+        own = own_processes(table, roots, self.marker)
+        self.seen |= {(pid, table[pid].started) for pid in own}
+        return {pid: proc.cmdline for pid, proc in table.items()
+                if (pid, proc.started) in self.seen and re.search(pattern, proc.cmdline)}
+
+    def _first_seen(self, pid: int, table: dict[int, Proc]) -> bool:
+        started = next((s for p, s in self.seen if p == pid), table[pid].started)
+        return started == table[pid].started
+
+    def one(self, pattern: str) -> int:
+        """The run's only process matching ``pattern`` (a fault needs exactly one target)."""
+        found = self.find(pattern)
+        assert len(found) == 1, f"{pattern!r} matched {found or 'none'} of this run"
+        return next(iter(found))
+
+
+@pytest.fixture
+def ray_tmp():
+    """A temp dir of the test's own for a Ray that a command it runs starts (``RAY_TMPDIR``):
+    that Ray's daemons name it in their command lines (``RunProcesses(marker=...)``)."""
+    path = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, free_port, overfit_config, stop_group
+from tests.integration.conftest import REPO, RunProcesses, free_port, overfit_config, stop_group
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -77,18 +77,19 @@ def head_node(tmp_path_factory):
 def two_nodes(head_node):
     node_port = free_port()
     env = head_node["env"]
-    head_node["nodes"].append(start_node(env, f"--address=127.0.0.1:{head_node['port']}",
-                                         f"--node-manager-port={node_port}"))
+    node = start_node(env, f"--address=127.0.0.1:{head_node['port']}",
+                      f"--node-manager-port={node_port}")
+    head_node["nodes"].append(node)
     wait_for_node(env, node_port, "the second node")
-    return {"env": env, "node_manager_port": node_port}
+    return {"env": env, "node_manager_port": node_port, "node": node}
 
 
 def kill_second_node(two_nodes: dict) -> None:
-    raylet = subprocess.run(
-        ["pgrep", "-f", f"raylet.*--node_manager_port={two_nodes['node_manager_port']}"],
-        capture_output=True, text=True).stdout.split()
-    assert len(raylet) == 1, raylet
-    os.kill(int(raylet[0]), signal.SIGKILL)  # the second node is gone, and nothing replaces it
+    """SIGKILL the raylet that the second node's ``ray start`` started (its child), not one
+    found by name on the machine."""
+    raylet = RunProcesses(roots=[two_nodes["node"].pid]).one(
+        rf"/raylet/raylet .*--node_manager_port={two_nodes['node_manager_port']}\b")
+    os.kill(raylet, signal.SIGKILL)  # the second node is gone, and nothing replaces it
 
 
 def wait_for_epochs(proc: subprocess.Popen, history: Path, n: int) -> None:

@@ -16,7 +16,13 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.search.run import run_search
-from tests.integration.conftest import REPO, assert_close, overfit_config, ray_pids, wait_for
+from tests.integration.conftest import (
+    REPO,
+    RunProcesses,
+    assert_close,
+    overfit_config,
+    wait_for,
+)
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
 from workers.checkpoint.saved_model import evaluate_split
@@ -108,23 +114,26 @@ def test_invalid_search_spaces_fail_before_any_trial(tmp_path):
         assert not (tmp_path / "runs" / "bad").exists(), what
 
 
-def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, ray_tmp):
     cfg = search_config(tmp_path, "interrupted", max_concurrent_trials=1).to_dict()
     cfg["wandb"]["mode"] = "disabled"
     cfg["train"]["epochs"] = 3
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The search's local Ray under a temp dir of its own: its processes are found by it.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]
     trial_dir = tmp_path / "runs" / "interrupted" / "trials" / "trial-000"
     first_done = trial_dir / "trial_done.json"
 
-    ray_before = ray_pids()
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    search = RunProcesses(roots=[proc.pid], marker=ray_tmp)
     deadline = time.monotonic() + 240
     while not first_done.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert first_done.exists(), "the first trial never finished"
+    search.find()  # every process of the search, remembered before it is stopped
     proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 143, out[-2000:] + err[-3000:]
@@ -132,7 +141,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"interrupted by SIGTERM: [1-3] of 4 trials done, [1-3] to run again; "
                         r"continue with: orchestrator tune tune\.yaml --resume", last), last
-    wait_for(lambda: ray_pids() <= ray_before, 60, "Ray's processes to exit")
+    wait_for(lambda: not search.find(), 60, "the search's Ray processes to exit")
     before = (trial_dir / "history.json").read_text()
     board = json.loads((trial_dir.parents[1] / "leaderboard.json").read_text())["trials"]
     assert any(r["status"] == "interrupted" for r in board), board
