@@ -26,8 +26,16 @@ USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
+    """The run's history; empty when missing, or damaged from outside (every write is
+    atomic): the summary then rebuilds it from the checkpoints' own metadata."""
     path = storage.join(run_dir, HISTORY_FILE)
-    return storage.read_json(path)["history"] if storage.exists(path) else []
+    if not storage.exists(path):
+        return []
+    try:
+        history = storage.read_json(path)["history"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return history if isinstance(history, list) else []
 
 
 class RunRecorder(UserCallback):

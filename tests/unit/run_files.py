@@ -14,7 +14,8 @@ import torch
 
 from workers.checkpoint.snapshot import snapshot
 from workers.checkpoint.writer import write_checkpoint
-from workers.contract.names import CHECKPOINT_PREFIX, HISTORY_FILE, RAY_SNAPSHOT_FILE
+from workers.compat import TRAIN_SNAPSHOT_FILE as RAY_SNAPSHOT_FILE
+from workers.contract.names import CHECKPOINT_PREFIX, HISTORY_FILE
 
 
 def epoch_metrics(epoch: int, val_loss: float) -> dict[str, Any]:

@@ -65,6 +65,18 @@ def test_a_missing_history_is_rebuilt_from_the_checkpoints_metadata(run):
     assert out["epochs_completed"] == 4 and out["status"] == "stopped_early"
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b'{"history": 3}'])
+def test_a_damaged_history_is_rebuilt_from_the_checkpoints_metadata(run, damage):
+    run_dir, summary, _ = run
+    best = write_checkpoint_dir(run_dir, 2, 0.4, is_best=True)
+    (Path(run_dir) / "history.json").write_bytes(damage)
+
+    out = summary()
+    assert [h["epoch"] for h in out["history"]] == [2]
+    assert out["best_epoch"] == 2 and out["best_checkpoint"] == str(best)
+    assert read_history_file(run_dir) == out["history"]  # written back whole
+
+
 def test_a_history_behind_the_checkpoints_gains_the_missing_epoch_and_its_best(run):
     """Ray registered epoch 4's model (and deleted epoch 2's, the best so far) before the
     recorder saw that report: the newest best is known only from its metadata."""

@@ -83,7 +83,7 @@ class ScalingSection(_Section):
     def describe_workers(self) -> str:
         if isinstance(self.num_workers, list):
             return f"{self.num_workers[0]}-{self.num_workers[1]} workers (elastic)"
-        return f"{self.num_workers} workers"
+        return f"{self.num_workers} worker{'s' if self.num_workers != 1 else ''}"
 
 
 class TrainSection(_Section):
