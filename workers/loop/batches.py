@@ -13,7 +13,8 @@ Metrics are computed on the logits, the loss is the one that is trained and reco
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,18 @@ def batch_size(target: Any) -> int:
     return len(target)
 
 
+@contextmanager
+def blamed_on(what: str) -> Iterator[None]:
+    """What the user's code raises inside becomes one line: ``what``, then the error."""
+    try:
+        yield
+    except UserInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the user's code raised
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserInputError(f"{what} ({type(exc).__name__}: {first[:200]})") from None
+
+
 def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
                       device: torch.device, to_device: Callable[[Any, torch.device], Any]) -> None:
     """One batch through the model before training: a batch the model cannot take, an output
@@ -130,27 +143,13 @@ def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
     model.eval()
     try:
         with torch.no_grad():
-            try:
+            with blamed_on(f"workload.model: it cannot take a batch of {describe(inputs)}; "
+                           f"its forward takes ({forward_parameters(model)})"):
                 output = batches.forward(model, to_device(inputs, device))
-            except UserInputError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the user's model refused the batch
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                raise UserInputError(
-                    f"workload.model: it cannot take a batch of {describe(inputs)} "
-                    f"({type(exc).__name__}: {first[:200]}); its forward takes "
-                    f"({forward_parameters(model)})") from None
-            logits_of(output)
-            try:
+            logits = logits_of(output)
+            with blamed_on(f"workload.loss_fn: it fails on the model's logits "
+                           f"({describe(logits)}) and the target ({describe(target)})"):
                 loss = batches.loss(output, to_device(target, device))
-            except UserInputError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the user's loss_fn refused the output
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                raise UserInputError(
-                    f"workload.loss_fn: it fails on the model's logits "
-                    f"({describe(logits_of(output))}) and the target ({describe(target)}): "
-                    f"{type(exc).__name__}: {first[:200]}") from None
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise UserInputError(f"workload.loss_fn: it returned {describe(loss)}, not one "
                                      "number (the mean over the batch)")

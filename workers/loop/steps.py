@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
 from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
-from workers.loop.batches import Batches, as_batches, batch_size, logits_of
+from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, logits_of
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -88,12 +88,8 @@ def make_loader(dataset: Any, batch_size: int, collate: Callable[[list[Any]], An
 
 def first_batch(dataset: Any, collate: Callable[[list[Any]], Any]) -> Any:
     """A batch of the dataset's first sample, collated as the loaders collate."""
-    try:
+    with blamed_on("workload.collate_fn: it fails on the first sample"):
         return collate([dataset[0]])
-    except Exception as exc:  # noqa: BLE001 - the user's collate_fn (or data) refused it
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserInputError(f"workload.collate_fn: it fails on the first sample "
-                             f"({type(exc).__name__}: {first[:200]})") from None
 
 
 def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device,
