@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset, default_collate
 
 from workers.contract.errors import UserInputError
 from workers.decisions.metrics import build_metrics, snake_case
 from workers.loop.batches import Batches, check_first_batch, logits_of
-from workers.loop.steps import loader_workers, to_device, workload_metrics
+from workers.loop.steps import loader_workers, make_loader, to_device, workload_metrics
 
 CPU = torch.device("cpu")
 X = torch.randn(3, 4)
@@ -134,3 +134,17 @@ def test_a_torchmetric_in_one_process_equals_its_own_compute():
         ours.update(logits[part:part + 16], y[part:part + 16])
     assert ours.compute(ours.state()) == pytest.approx(
         MulticlassAUROC(num_classes=2)(logits, y).item(), rel=1e-7)
+
+
+def test_a_workloads_loader_options_set_the_loaders_but_not_the_runs_own_settings():
+    data = TensorDataset(X, Y)
+    loader = make_loader(data, 2, default_collate, workers=0, device=CPU,
+                         options={"num_workers": 1, "prefetch_factor": 3, "timeout": 30})
+    assert (loader.num_workers, loader.prefetch_factor, loader.timeout) == (1, 3, 30)
+    assert loader.persistent_workers  # kept between epochs, as the run's own default
+    assert make_loader(data, 2, default_collate, workers=0, device=CPU).num_workers == 0
+    with pytest.raises(UserInputError, match="workload.loader_options: batch_size, shuffle"):
+        make_loader(data, 2, default_collate, workers=0, device=CPU,
+                    options={"shuffle": True, "batch_size": 4})
+    with pytest.raises(UserInputError, match="workload.loader_options: .*bogus"):
+        make_loader(data, 2, default_collate, workers=0, device=CPU, options={"bogus": 1})

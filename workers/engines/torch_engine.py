@@ -93,11 +93,13 @@ def setup(worker: Worker) -> TorchParts:
                                  rank=worker.rank, shuffle=True, seed=cfg.seed)
     workers = loader_workers(cfg.train.loader_workers, workload.train_dataset,
                              cfg.scaling.cpus_per_worker)
+    options = getattr(workload, "loader_options", None)
     train_loader = make_loader(workload.train_dataset, cfg.train.batch_size, collate,
-                               workers=workers, device=worker.device, sampler=sampler)
+                               workers=workers, device=worker.device, sampler=sampler,
+                               options=options)
     val_loader = make_loader(shard(workload.val_dataset, worker.rank, worker.world_size),
                              cfg.train.batch_size, collate, workers=workers,
-                             device=worker.device)
+                             device=worker.device, options=options)
     if cfg.scaling.strategy == "fsdp":
         blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
         model = fully_shard_model(plain, blocks, worker.device, worker.world_size,

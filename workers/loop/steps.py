@@ -77,13 +77,32 @@ def loader_workers(setting: str | int, dataset: Any, cpus: float) -> int:
     return int(min(8, max(2, cpus)))
 
 
+# What the loop itself decides about a loader: a workload's loader_options may not change it.
+LOADER_OWN = ("dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn",
+              "drop_last")
+
+
 def make_loader(dataset: Any, batch_size: int, collate: Callable[[list[Any]], Any], *,
-                workers: int, device: torch.device, sampler: Any = None) -> DataLoader:
+                workers: int, device: torch.device, sampler: Any = None,
+                options: dict[str, Any] | None = None) -> DataLoader:
     """A loader of one split on one rank: ``sampler`` for the training shard, else in order.
-    Worker processes stay between epochs; batches are pinned for a GPU."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      collate_fn=collate, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    Worker processes stay between epochs; batches are pinned for a GPU. ``options``: the
+    workload's ``loader_options`` (``prefetch_factor``, ``timeout``, ``num_workers``, ...),
+    which take precedence over these defaults."""
+    settings = {"num_workers": workers, "pin_memory": device.type == "cuda", **(options or {})}
+    settings.setdefault("persistent_workers", bool(settings["num_workers"]))
+    fixed = sorted(set(settings) & set(LOADER_OWN))
+    if fixed:
+        raise UserInputError(f"workload.loader_options: {', '.join(fixed)} is the run's to "
+                             "set (shards, batch size, collate_fn); give the others only")
+    if not settings["num_workers"]:
+        settings.pop("persistent_workers")  # torch refuses it without worker processes
+        settings.pop("prefetch_factor", None)
+    try:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                          collate_fn=collate, **settings)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"workload.loader_options: {exc}") from None
 
 
 def first_batch(dataset: Any, collate: Callable[[list[Any]], Any]) -> Any:
