@@ -74,10 +74,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from orchestrator.cli.tables import print_leaderboard
 
     print_leaderboard(result.record)
+    # A signal raised TrainingError (130/143) before this: a trial left unfinished here, or
+    # one that failed, is a search that did not end well (1), not an interrupt.
     statuses = {row["status"] for row in result.trials}
-    if "interrupted" in statuses:
-        return 130
-    return 1 if "error" in statuses else 0
+    return 1 if statuses & {"interrupted", "error"} else 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
