@@ -40,7 +40,14 @@ from orchestrator.search.plan import (
 from orchestrator.search.space import Trial
 from orchestrator.start.cluster import resolve_use_gpu
 from orchestrator.start.console import Console, QuietConsole
-from orchestrator.start.context import Prepared, RunContext, StartMode, preflight, prepare
+from orchestrator.start.context import (
+    Prepared,
+    RunContext,
+    StartMode,
+    preflight,
+    prepare,
+    start_line,
+)
 from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
@@ -297,6 +304,8 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     console = console or Console()
     prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite)
     experiment_dir = prepared.run_dir
+    if prepared.nothing_to_resume:
+        console.say(start_line(prepared, "search"))
     saved = read_search(experiment_dir) if prepared.start is StartMode.RESUME else None
     if saved is not None:  # the search that was started, not today's config
         cfg = resumed_config(saved["config"], cfg)

@@ -43,6 +43,7 @@ class Prepared:
     cfg: RunConfig
     run_dir: str
     start: StartMode
+    nothing_to_resume: bool = False  # --resume of a run that does not exist yet: it starts
 
     def with_config(self, cfg: RunConfig) -> Prepared:
         return replace(self, cfg=cfg)
@@ -51,8 +52,23 @@ class Prepared:
 def prepare(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Prepared:
     """The one call per command that decides whether it resumes, replaces or starts a run."""
     run_dir = storage.run_dir(cfg)
-    return Prepared(cfg, run_dir, StartMode(prepare_run_dir(run_dir, resume=resume,
-                                                            overwrite=overwrite)))
+    start = StartMode(prepare_run_dir(run_dir, resume=resume, overwrite=overwrite))
+    # The same command for the first start and every restart (what a job's retries need).
+    return Prepared(cfg, run_dir, start, nothing_to_resume=resume and start is StartMode.FRESH)
+
+
+def start_line(prepared: Prepared, kind: str = "run") -> str:
+    """The first line a command prints: how it starts (``kind``: run | search)."""
+    name, run_dir = prepared.cfg.name, prepared.run_dir
+    if prepared.nothing_to_resume:
+        return f"nothing to resume in {run_dir}: starting a new {kind} {name!r} (--resume)"
+    return {
+        StartMode.FRESH: f"Starting {kind} {name!r} in {run_dir}",
+        StartMode.OVERWRITE: f"Replacing the earlier {kind} {name!r} in {run_dir} "
+                             "(--overwrite)",
+        StartMode.RESUME: f"Resuming {kind} {name!r} from its latest checkpoint in {run_dir} "
+                          "(--resume)",
+    }[prepared.start]
 
 
 @dataclass

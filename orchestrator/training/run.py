@@ -19,23 +19,20 @@ from orchestrator.results.epochs import nonfinite, progress_line
 from orchestrator.results.summary import finalize_run, remove_unregistered_checkpoints
 from orchestrator.start.cluster import check_resources
 from orchestrator.start.console import Console
-from orchestrator.start.context import Prepared, RunContext, StartMode, preflight, prepare
+from orchestrator.start.context import (
+    Prepared,
+    RunContext,
+    StartMode,
+    preflight,
+    prepare,
+    start_line,
+)
 from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.ray_trainer import EventPump, build_trainer, stop_training
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG
-
-
-def start_line(ctx: RunContext) -> str:
-    name, run_dir = ctx.cfg.name, ctx.run_dir
-    return {
-        StartMode.FRESH: f"Starting run {name!r} in {run_dir}",
-        StartMode.OVERWRITE: f"Replacing the earlier run {name!r} in {run_dir} (--overwrite)",
-        StartMode.RESUME: f"Resuming run {name!r} from its latest checkpoint in {run_dir} "
-                          "(--resume)",
-    }[ctx.start]
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -59,7 +56,7 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
     ctx = preflight(prepared, kind="run", console=console, guard=guard,
                     fits=lambda capacity: check_resources(cfg, capacity),
                     open_tracking=lambda: open_run(cfg, prepared.run_dir))
-    console.say(start_line(ctx))
+    console.say(start_line(prepared))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if ctx.use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
                 f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, "

@@ -72,3 +72,17 @@ def test_best_checkpoint_refuses_a_damaged_record_and_a_run_without_a_best(tmp_p
     (tmp_path / "summary.json").write_text(json.dumps({"best_checkpoint": None}))
     with pytest.raises(UserError, match="kept no best model"):
         best_checkpoint(tmp_path)
+
+
+def test_resume_of_a_run_that_does_not_exist_starts_it_and_says_so(tmp_path):
+    from orchestrator.start.context import StartMode, prepare, start_line
+
+    cfg = load_config({**BASE, "storage_path": str(tmp_path / "runs")})
+    first = prepare(cfg, resume=True)  # the same command for the first start and restarts
+    assert first.start is StartMode.FRESH and first.nothing_to_resume
+    run_dir = str(tmp_path / "runs" / "api")
+    assert start_line(first) == (f"nothing to resume in {run_dir}: starting a new run 'api' "
+                                 "(--resume)")
+    plain = prepare(cfg)
+    assert not plain.nothing_to_resume
+    assert start_line(plain, "search") == f"Starting search 'api' in {run_dir}"
