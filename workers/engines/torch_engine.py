@@ -29,11 +29,11 @@ from workers.loop.sharding import (
 from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
+    classes_from,
     collate_of,
     distributed,
     first_batch,
     global_metrics,
-    infer_num_classes,
     loader_workers,
     make_loader,
     model_device,
@@ -83,10 +83,10 @@ def setup(worker: Worker) -> TorchParts:
     plain = workload.model
     batches, collate = Batches.of(workload), collate_of(workload)
     # One batch through the model first: a batch it cannot take is one line, not an epoch.
-    check_first_batch(plain, batches, first_batch(workload.train_dataset, collate),
-                      model_device(plain), to_device)
-    metrics = workload_metrics(workload, infer_num_classes(
-        plain, workload.train_dataset, model_device(plain), batches, collate))
+    logits, target = check_first_batch(plain, batches,
+                                       first_batch(workload.train_dataset, collate),
+                                       model_device(plain), to_device)
+    metrics = workload_metrics(workload, classes_from(logits, target))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
     sampler = DistributedSampler(workload.train_dataset, num_replicas=worker.world_size,

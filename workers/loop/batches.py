@@ -135,9 +135,11 @@ def blamed_on(what: str) -> Iterator[None]:
 
 
 def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
-                      device: torch.device, to_device: Callable[[Any, torch.device], Any]) -> None:
+                      device: torch.device, to_device: Callable[[Any, torch.device], Any]
+                      ) -> tuple[torch.Tensor, Any]:
     """One batch through the model before training: a batch the model cannot take, an output
-    without logits or a missing loss is one line naming what was passed, not an epoch lost."""
+    without logits or a missing loss is one line naming what was passed, not an epoch lost.
+    Returns the batch's (logits, target), from which the loop learns the number of classes."""
     inputs, target = batches.split(batch)
     was_training = model.training
     model.eval()
@@ -155,3 +157,4 @@ def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
                                      "number (the mean over the batch)")
     finally:
         model.train(was_training)
+    return logits, target

@@ -111,22 +111,31 @@ def first_batch(dataset: Any, collate: Callable[[list[Any]], Any]) -> Any:
         return collate([dataset[0]])
 
 
+def classes_from(logits: torch.Tensor, target: Any) -> int | None:
+    """Number of classes when targets are integer labels (from the logits' width), else None.
+    ``logits`` and ``target``: a batch's."""
+    first = (target.reshape(-1)[0] if isinstance(target, torch.Tensor) and target.ndim == 1
+             else target)
+    if not is_class_label(first):
+        return None
+    width = logits.shape[-1] if logits.ndim > 1 else 1
+    return 2 if width == 1 else int(width)
+
+
 def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device,
                       batches: Batches | None = None,
                       collate: Callable[[list[Any]], Any] = default_collate) -> int | None:
     """Number of classes when targets are integer labels (from the model's output width)."""
+    # Without the workload's own: a mapping batch goes in without its target (a loss_fn's
+    # rule); the loss is never computed here.
     batches = batches or Batches(loss_fn=lambda out, y: out)
     inputs, target = batches.split(first_batch(dataset, collate))
-    if not is_class_label(target.reshape(-1)[0] if isinstance(target, torch.Tensor)
-                          and target.ndim == 1 else target):
-        return None
     was_training = model.training
     model.eval()
     with torch.no_grad():
         out = logits_of(batches.forward(model, to_device(inputs, device)))
     model.train(was_training)
-    width = out.shape[-1] if out.ndim > 1 else 1
-    return 2 if width == 1 else int(width)
+    return classes_from(out, target)
 
 
 def workload_metrics(workload: Any, num_classes: int | None) -> list[Any]:
