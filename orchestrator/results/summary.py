@@ -39,6 +39,18 @@ def repair_history(history: list[dict[str, Any]],
     return [by_epoch[epoch] for epoch in sorted(by_epoch)], bool(missing)
 
 
+def repair_history_file(run_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """history.json completed from the kept checkpoints (``repair_history``) and written back
+    if anything was missing. Before a resume too: Ray continues after its newest checkpoint,
+    whose epoch a killed run may not have recorded, and which Ray deletes once a newer one
+    replaces it. Returns (history, kept checkpoints)."""
+    kept = kept_checkpoints(run_dir)
+    history, repaired = repair_history(read_history(run_dir), kept)
+    if repaired:
+        storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
+    return history, kept
+
+
 def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     """Delete checkpoint directories Ray never registered: uploads that completed while their
     worker group was failing. Ray does not know them, so it would never delete them, and they
@@ -85,10 +97,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     """``status``: ``interrupted`` or ``failed`` for a run that did not end by itself (no
     test split then: it is evaluated once, when the run ends); default: from the history."""
     remove_unregistered_checkpoints(run_dir)
-    kept = kept_checkpoints(run_dir)
-    history, repaired = repair_history(read_history(run_dir), kept)
-    if repaired:
-        storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
+    history, kept = repair_history_file(run_dir)
     best, best_ckpt = best_of(history, kept)
     stopped_early = bool(history) and history[-1]["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")

@@ -16,7 +16,11 @@ from orchestrator.errors import (
 )
 from orchestrator.results.checkpoints import resume_point
 from orchestrator.results.epochs import nonfinite, progress_line
-from orchestrator.results.summary import finalize_run, remove_unregistered_checkpoints
+from orchestrator.results.summary import (
+    finalize_run,
+    remove_unregistered_checkpoints,
+    repair_history_file,
+)
 from orchestrator.start.cluster import check_resources
 from orchestrator.start.console import Console
 from orchestrator.start.context import (
@@ -39,6 +43,7 @@ def check_resume_point(prepared: Prepared, console: Console) -> None:
     """Nothing intact to resume from: exit 2 before anything starts; damaged checkpoints
     are skipped, and said so."""
     remove_unregistered_checkpoints(prepared.run_dir)  # what a killed run left in flight
+    repair_history_file(prepared.run_dir)  # an epoch Ray registered but the recorder missed
     chosen, damaged = resume_point(prepared.run_dir)
     for problem in damaged:
         console.say(f"warning: damaged checkpoint skipped: {problem}")

@@ -175,3 +175,31 @@ def test_a_checkpoint_named_only_in_rays_latest_result_is_kept(run):
     write_ray_snapshot(run_dir, registered=[best], latest=latest)
     assert remove_unregistered_checkpoints(str(run_dir)) == []
     assert Path(latest).is_dir()
+
+
+def test_a_resume_first_records_the_epoch_ray_registered_but_the_recorder_missed(run):
+    """The driver SIGKILLed after Ray registered epoch 3's checkpoint, before the recorder
+    wrote epoch 3: Ray resumes after epoch 3 and deletes its checkpoint once epoch 4's
+    replaces it, so the epoch is recorded from its metadata before training resumes."""
+    import io
+
+    from orchestrator.start.console import Console
+    from orchestrator.start.context import Prepared, StartMode
+    from orchestrator.training.run import check_resume_point
+
+    run_dir, _, _ = run
+    best = write_checkpoint_dir(run_dir, 2, 0.4, is_best=True)
+    latest = write_checkpoint_dir(run_dir, 3, 0.5, is_best=False, saved_because="resume")
+    write_ray_snapshot(run_dir, [best, latest], latest)
+    history = [history_record(1, 0.6, True), history_record(2, 0.4, True, best)]
+    write_history(run_dir, history)
+    cfg = RunConfig.model_validate({
+        "name": "repair", "storage_path": str(run_dir.parent),
+        "workload": {"entrypoint": "tests.workloads.overfit:build"}})
+    prepared = Prepared(cfg=cfg, run_dir=str(run_dir), start=StartMode.RESUME)
+    check_resume_point(prepared, Console(io.StringIO()))
+
+    recorded = read_history_file(run_dir)
+    assert [h["epoch"] for h in recorded] == [1, 2, 3]
+    assert recorded[:2] == history and recorded[2]["checkpoint"] == latest.name
+    assert recorded[2]["val_loss"] == 0.5 and recorded[2]["is_best"] is False
