@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from workers.contract.config import RunConfig
 from workers.contract.workload import build_workload
-from workers.engines.torch_engine import make_optimizer
+from workers.loop.optim import built_in_optimizer
 from workers.loop.runtime import epoch_seed
 from workers.loop.steps import (
     accumulate,
@@ -59,7 +59,7 @@ def _train(rank: int, world_size: int, cfg: RunConfig, out: Path) -> None:
     plain = workload.model
     metrics = workload_metrics(workload, infer_num_classes(plain, workload.train_dataset, device))
     model = DistributedDataParallel(plain)
-    optimizer = make_optimizer(cfg, plain.parameters())
+    optimizer = built_in_optimizer(cfg, plain.parameters())
     sampler = DistributedSampler(workload.train_dataset, num_replicas=world_size, rank=rank,
                                  shuffle=True, seed=cfg.seed)
     train_loader = DataLoader(workload.train_dataset, batch_size=cfg.train.batch_size,

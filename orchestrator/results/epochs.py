@@ -13,7 +13,7 @@ from typing import Any
 from workers.contract.names import INTERNAL_KEYS
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
-RECORD_KEYS = ("epoch", "is_best", "epoch_seconds", "gather_seconds", "snapshot_seconds",
+RECORD_KEYS = ("epoch", "lr", "is_best", "epoch_seconds", "gather_seconds", "snapshot_seconds",
                "save_blocked_seconds", "workers")
 
 

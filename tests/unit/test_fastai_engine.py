@@ -150,16 +150,19 @@ def test_a_learner_file_that_would_run_code_is_refused_by_the_documented_load(tm
     assert not marker.exists(), "the payload ran"
 
 
-def test_schedule_resolves_per_engine_and_one_cycle_needs_fastai():
+def test_schedule_resolves_per_engine_and_fastai_takes_only_its_fits():
     base = {"workload": {"entrypoint": "m:f"}}
     assert RunConfig.model_validate(base).schedule == "constant"
     assert RunConfig.model_validate({**base, "engine": "fastai"}).schedule == "one_cycle"
     constant = {**base, "engine": "fastai", "train": {"schedule": "constant"}}
     assert RunConfig.model_validate(constant).schedule == "constant"
-    with pytest.raises(ValidationError) as info:
-        RunConfig.model_validate({**base, "train": {"schedule": "one_cycle"}})
-    assert format_validation_error(info.value).startswith(
-        "train.schedule: one_cycle needs engine: fastai")
+    torch_cycle = {**base, "train": {"schedule": "one_cycle"}}
+    assert RunConfig.model_validate(torch_cycle).schedule == "one_cycle"
+    for train in ({"schedule": "cosine"}, {"warmup_steps": 10}, {"grad_accum_steps": 2}):
+        with pytest.raises(ValidationError) as info:
+            RunConfig.model_validate({**base, "engine": "fastai", "train": train})
+        assert format_validation_error(info.value).startswith(
+            f"train.{next(iter(train))}: engine fastai trains with the Learner's fit_one_cycle")
 
 
 def test_builtin_fastai_config_and_workload():

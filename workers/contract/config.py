@@ -112,12 +112,27 @@ class TrainSection(_Section):
         description="DataLoader worker processes per rank and split (persistent between "
         "epochs; pinned memory on GPU); auto: none for in-memory tensors (a TensorDataset), "
         "else as many as the worker's CPUs, 2 to 8")
-    schedule: Literal["auto", "one_cycle", "constant"] = Field(
+    schedule: Literal["auto", "constant", "linear", "cosine", "one_cycle", "step"] = Field(
         "auto",
-        description="learning rate over the run: one_cycle (fastai's fit_one_cycle, lr is its "
-        "peak) or constant (fit, lr throughout); auto: one_cycle for engine fastai, constant "
-        "for torch, whose loop has no other (one_cycle needs engine fastai)",
+        description="learning rate per optimizer step, after a linear warmup from 0 over "
+        "warmup_steps: constant; linear or cosine (half a cosine) to 0 at the last step, as "
+        "transformers' get_linear/cosine_schedule_with_warmup; one_cycle (lr is the peak, "
+        "reached after warmup_steps, default 30% of the steps; fastai's fit_one_cycle for "
+        "engine fastai); step (x step_gamma every step_size steps); auto: one_cycle for "
+        "engine fastai, else constant. A workload's own scheduler() replaces it",
     )
+    warmup_steps: Int = Field(0, ge=0, description="optimizer steps of linear warmup (at most "
+                              "the run's steps: epochs x batches per worker / grad_accum_steps)")
+    step_size: Int | None = Field(None, ge=1, description="schedule step: optimizer steps "
+                                  "between decays; default: a third of the steps after warmup")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="schedule step: the factor of each "
+                              "decay")
+    grad_clip_norm: float | None = Field(
+        None, gt=0, description="clip the gradients to this global L2 norm before each "
+        "optimizer step (computed across the shards under fsdp); null: no clipping")
+    grad_accum_steps: Int = Field(
+        1, ge=1, description="micro-batches (of batch_size) per optimizer step: the "
+        "gradients are summed, and synchronised between workers only on the last one")
 
 
 class TrackerSection(_Section):
@@ -230,9 +245,9 @@ class RunConfig(_Section):
     seed: Int = Field(0, ge=0, description="initial weights (the same on every rank), the "
                       "shuffles, each rank's per-epoch random streams")
     workload: WorkloadConfig
-    engine: Literal["torch", "fastai"] = Field(
+    engine: Literal["torch", "fastai", "loop"] = Field(
         "torch", description="torch: the project's own epoch loop; fastai: fastai's fit on "
-        "every worker")
+        "every worker; loop: the workload's own loop(ctx) on every worker")
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     train: TrainSection = Field(default_factory=TrainSection)
     tracker: TrackerSection = Field(default_factory=TrackerSection)
@@ -281,13 +296,34 @@ class RunConfig(_Section):
             if self.scaling.min_workers < 2:
                 raise ValueError("scaling.strategy: fsdp shards the model over the workers and "
                                  "needs at least 2 (scaling.num_workers); with 1, use ddp")
-        if self.train.schedule == "one_cycle" and self.engine != "fastai":
-            raise ValueError("train.schedule: one_cycle needs engine: fastai (the torch engine "
-                             "trains at a constant lr); use constant or auto")
+        self._engine_trains_with_these()
         return self
 
+    def _engine_trains_with_these(self) -> None:
+        """The optimisation keys an engine other than torch does not take."""
+        t = self.train
+        given = [key for key, default in (("warmup_steps", 0), ("grad_clip_norm", None),
+                                          ("grad_accum_steps", 1), ("step_size", None))
+                 if getattr(t, key) != default]
+        if self.engine == "fastai":
+            if t.schedule not in ("auto", "one_cycle", "constant"):
+                given.insert(0, "schedule")
+            if given:
+                raise ValueError(f"train.{given[0]}: engine fastai trains with the Learner's "
+                                 "fit_one_cycle or fit (train.schedule one_cycle or constant) "
+                                 "and its own callbacks; leave it out or use engine: torch")
+        if self.engine == "loop":
+            if t.schedule != "auto":
+                given.insert(0, "schedule")
+            if given:
+                raise ValueError(f"train.{given[0]}: engine loop trains as the workload's "
+                                 "loop(ctx) does (it reads ctx.config.train); leave it out")
+            if self.scaling.strategy == "fsdp":
+                raise ValueError("scaling.strategy: fsdp is not available for engine: loop "
+                                 "yet; use ddp (ctx.model is then DDP-wrapped)")
+
     @property
-    def schedule(self) -> Literal["one_cycle", "constant"]:
+    def schedule(self) -> str:
         """``train.schedule`` with ``auto`` resolved for this run's engine."""
         if self.train.schedule == "auto":
             return "one_cycle" if self.engine == "fastai" else "constant"

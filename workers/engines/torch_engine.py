@@ -7,6 +7,7 @@ all-reduce of every split's sufficient statistics -> identical metrics on all ra
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from workers.contract.config import RunConfig
 from workers.loop.batches import Batches, check_first_batch
+from workers.loop.optim import Stepper, make_optimizer, make_stepper
 from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sharding import (
@@ -44,21 +45,13 @@ from workers.loop.steps import (
 )
 
 
-def make_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
-    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
 @dataclass
 class TorchParts:
     """What the torch loop trains with, on one rank."""
 
     model: torch.nn.Module  # DDP-wrapped when world_size > 1; sharded in place under fsdp
     plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
-    optimizer: torch.optim.Optimizer
+    stepper: Stepper  # the optimizer, its schedule, accumulation and clipping
     train_loader: DataLoader
     val_loader: DataLoader
     metrics: list[Any]
@@ -104,19 +97,33 @@ def setup(worker: Worker) -> TorchParts:
         blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
         model = fully_shard_model(plain, blocks, worker.device, worker.world_size,
                                   cfg.train.precision)
-        optimizer = make_optimizer(cfg, model.parameters())
+        optimizer = make_optimizer(cfg, workload, model)
         if worker.restored.optimizer_state is not None:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
         padding_input, _ = batches.split(first_batch(workload.val_dataset, collate))
-        return TorchParts(model, model, optimizer, train_loader, val_loader, metrics, batches,
+        return TorchParts(model, model, steps_of(worker, optimizer, len(train_loader)),
+                          train_loader, val_loader, metrics, batches,
                           ShardedState(model, optimizer),
                           most_on_any_rank(len(val_loader), worker.device), padding_input)
     model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
-    optimizer = make_optimizer(cfg, plain.parameters())
+    optimizer = make_optimizer(cfg, workload, plain)
     if worker.restored.optimizer_state is not None:
         load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
-    return TorchParts(model, plain, optimizer, train_loader, val_loader, metrics, batches,
-                      LocalState(plain, optimizer))
+    return TorchParts(model, plain, steps_of(worker, optimizer, len(train_loader)),
+                      train_loader, val_loader, metrics, batches, LocalState(plain, optimizer))
+
+
+def steps_of(worker: Worker, optimizer: torch.optim.Optimizer, batches: int) -> Stepper:
+    """The optimizer's steps, sized from the real number of them (this rank's batches per
+    epoch / grad_accum_steps, times the epochs), and restored where the run stopped."""
+    cfg = worker.cfg
+    per_epoch = math.ceil(batches / cfg.train.grad_accum_steps)
+    stepper = make_stepper(cfg, worker.workload, optimizer, per_epoch * cfg.train.epochs,
+                           per_epoch)
+    start = worker.restored.start_epoch
+    stepper.restore(worker.restored.extras, per_epoch * (start - 1),
+                    per_epoch * (cfg.train.epochs - start + 1))
+    return stepper
 
 
 def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
@@ -125,7 +132,7 @@ def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]
     # Under fsdp, bf16 is FSDP's mixed-precision policy, not autocast.
     precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
     p.train_loader.sampler.set_epoch(epoch)
-    train_loss = train_epoch(p.model, p.train_loader, p.batches, p.optimizer,
+    train_loss = train_epoch(p.model, p.train_loader, p.batches, p.stepper,
                              w.device, precision)
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
     # module, since DDP's forward would broadcast buffers, a collective that ranks with
@@ -134,13 +141,15 @@ def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]
     broadcast_buffers(p.plain)
     val_loss = accumulate(p.plain, p.val_loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
-    return global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)], w.device)
+    values = global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)],
+                            w.device)
+    return {**values, "lr": p.stepper.last_lr}
 
 
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     parts = setup(worker)
-    reporter = EpochReporter.create(worker, parts.state)
+    reporter = EpochReporter.create(worker, parts.state, extras=parts.stepper.state_objects())
     for epoch in worker.epochs():
         started = time.perf_counter()
         if reporter.report(epoch, run_epoch(worker, parts, epoch), started):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from workers.checkpoint.snapshot import Snapshot, snapshot
+from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
 from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, RANK_KEY
@@ -71,10 +71,14 @@ class EpochReporter:
     # Also write the weights as a torch.save'd state dict under this name in checkpoints that
     # hold an improvement (the fastai engine's file for ``learn.load``).
     torch_weights_file: str | None = None
+    # Objects with ``state_dict`` that resume checkpoints also keep (the lr scheduler, a
+    # custom loop's ``ctx.keep``), restored from ``Restored.extras``; rank 0's are saved.
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, worker: Worker, state: LocalState | ShardedState,
-               torch_weights_file: str | None = None) -> EpochReporter:
+               torch_weights_file: str | None = None,
+               extras: dict[str, Any] | None = None) -> EpochReporter:
         cfg = worker.cfg
         tracker = None
         if worker.is_rank_zero:
@@ -89,7 +93,7 @@ class EpochReporter:
             # sharded model's whole state exists only once gathered: its first save does it).
             saver.buffers.prepare(state.weights().state_dict())
         return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
-                   torch_weights_file)
+                   torch_weights_file, extras if extras is not None else {})
 
     def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
         """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
@@ -151,9 +155,11 @@ class EpochReporter:
             return None
         cfg, tracker = self.cfg, self.tracker
         copy_started = time.perf_counter()
+        train_state = {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed}
+        if full_state and self.extras:
+            train_state["extras"] = to_host({k: v.state_dict() for k, v in self.extras.items()})
         snap = snapshot(
-            weights, optimizer,
-            {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed},
+            weights, optimizer, train_state,
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
              "is_best": plan.improved, "saved_because": plan.reason,
              "world_size": self.world_size, "workers": self.world_size,  # as in the record

@@ -47,6 +47,7 @@ class Restored:
     start_epoch: int = 1
     tracker_state: dict[str, Any] | None = None
     optimizer_state: dict[str, Any] | None = None  # only full-state (resume) checkpoints
+    extras: dict[str, Any] | None = None  # the scheduler's, a loop's kept objects' (ditto)
 
 
 def restore(model: torch.nn.Module, rank: int) -> Restored:
@@ -62,12 +63,12 @@ def restore(model: torch.nn.Module, rank: int) -> Restored:
     if damaged and rank == 0:
         log.warning("damaged checkpoint(s) skipped: %s; resumed from epoch %s",
                     "; ".join(damaged), state["epoch"])
-    optimizer_state = state.get("optimizer")
-    if optimizer_state is None and rank == 0:
+    optimizer_state, extras = state.get("optimizer"), state.get("extras")
+    if optimizer_state is None and extras is None and rank == 0:
         log.warning(
             "resuming from epoch %s without optimizer state (a model checkpoint; set "
             "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
-    return Restored(int(state["epoch"]) + 1, state["tracker"], optimizer_state)
+    return Restored(int(state["epoch"]) + 1, state["tracker"], optimizer_state, extras)
 
 
 @dataclass

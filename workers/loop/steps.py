@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
 from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, logits_of
+from workers.loop.optim import Stepper
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -281,20 +282,28 @@ def train_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
     batches: Batches | Callable[[Any, Any], torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Stepper,
     device: torch.device,
     precision: str = "fp32",
 ) -> MeanLoss:
-    """One pass over this rank's training shard; the running loss as sufficient statistics."""
+    """One pass over this rank's training shard; the running loss as sufficient statistics.
+    ``optimizer``: a ``Stepper`` (schedule, accumulation, clipping), or a plain optimizer
+    stepped once per batch."""
     batches = as_batches(batches)
+    stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer)
     model.train()
     loss = MeanLoss()
-    for batch in loader:
+    count = len(loader)
+    stepper.optimizer.zero_grad(set_to_none=True)
+    for index, batch in enumerate(loader):
         x, y = batches.split(batch)
         y = to_device(y, device)
-        optimizer.zero_grad(set_to_none=True)
-        _, batch_loss = forward_loss(model, batches, to_device(x, device), y, device, precision)
-        batch_loss.backward()
-        optimizer.step()
+        in_step, last = stepper.group(index, count)
+        with stepper.micro_batch(model, last):
+            _, batch_loss = forward_loss(model, batches, to_device(x, device), y, device,
+                                         precision)
+            (batch_loss / in_step if in_step > 1 else batch_loss).backward()
+        if last:
+            stepper.step(model)
         loss.add_batch(batch_loss.item(), batch_size(y))
     return loss
