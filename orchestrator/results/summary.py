@@ -12,6 +12,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
+from orchestrator.errors import user_error_among
 from orchestrator.controller.recorder import read_history
 from orchestrator.results.checkpoints import kept_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
@@ -71,14 +72,23 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
 
 def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
                         use_gpu: bool) -> dict[str, float] | None:
-    """The test split, once, with the best weights, in one Ray task next to the data."""
+    """The test split, once, with the best weights, in one Ray task next to the data. A
+    workload whose test split cannot be scored (its mistake) loses nothing of the run: the
+    summary says why there are no test metrics (``test_error``), and so does a warning."""
     import ray
     from ray.train import Checkpoint
 
     from workers.checkpoint.saved_model import evaluate_checkpoint
 
     task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+    try:
+        return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+    except Exception as exc:
+        message = user_error_among([exc])
+        if message is None:
+            raise
+        print(f"warning: the test split was not evaluated: {message}", file=sys.stderr)
+        return {"test_error": message}
 
 
 def best_of(history: list[dict[str, Any]],
@@ -101,9 +111,11 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     best, best_ckpt = best_of(history, kept)
     stopped_early = bool(history) and history[-1]["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")
-    test_metrics = None
+    test_metrics, test_error = None, None
     if best_ckpt and status in ("completed", "stopped_early"):
         test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
+        test_error = (test_metrics or {}).pop("test_error", None)
+        test_metrics = test_metrics or None
     return {
         "name": cfg.name,
         "run_dir": run_dir,
@@ -116,6 +128,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "best_epoch": best["epoch"] if best else None,
         "best_metrics": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
         "test_metrics": test_metrics,
+        **({"test_error": test_error} if test_error else {}),
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "epochs_planned": cfg.train.epochs,
         "stopped_early": stopped_early,

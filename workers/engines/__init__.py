@@ -1,7 +1,8 @@
 """The per-worker training loops, one per ``engine`` (imported lazily: fastai is heavy).
 
-Both start with ``workers.loop.runtime.start_worker`` and end every epoch with
-``workers.loop.reporter.EpochReporter``; they differ only in who runs the epochs.
+All start with ``workers.loop.runtime.start_worker`` and end every epoch with
+``workers.loop.reporter.EpochReporter``; they differ only in who runs the epochs: the
+project, fastai, or the workload's own loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 ENGINES = {
     "torch": "workers.engines.torch_engine:train_loop",
     "fastai": "workers.engines.fastai.engine:train_loop",
+    "loop": "workers.engines.loop_engine:train_loop",
 }
 
 
