@@ -12,8 +12,8 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
-from orchestrator.errors import user_error_among
 from orchestrator.controller.recorder import read_history
+from orchestrator.errors import user_error_among
 from orchestrator.results.checkpoints import kept_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
 from orchestrator.tracking.staging import discard_staged
