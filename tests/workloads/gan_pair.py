@@ -6,15 +6,13 @@ keeps is the pair; it is scored as the discriminator (``forward``) on a validati
 points (label 1) and points of a fixed wrong distribution (label 0), with ``loss_fn``.
 Each report also carries the optimizers' own step counts (``train_steps_g``/``_d``): after a
 restart they continue, because both optimizers are kept (``ctx.keep``) in resume checkpoints.
-``kill_after_steps``: the worker SIGKILLs itself after that many steps, once (``marker``).
+``epoch_seconds``: each epoch also sleeps this long (time for a test to signal mid-run).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-from pathlib import Path
+import time
 from types import SimpleNamespace
 
 import torch
@@ -58,7 +56,6 @@ def loop(ctx) -> None:  # noqa: ANN001 - the project's context, not imported
                                                betas=(0.5, 0.999)))
     opt_d = ctx.keep("opt_d", torch.optim.Adam(pair.discriminator.parameters(), lr=lr,
                                                betas=(0.5, 0.999)))
-    params = ctx.workload.params
     for _epoch in ctx.epochs():
         pair.train()
         for real, _ in ctx.train_loader:
@@ -74,11 +71,7 @@ def loop(ctx) -> None:  # noqa: ANN001 - the project's context, not imported
             opt_g.zero_grad()
             g_loss.backward()
             opt_g.step()
-            params["steps"] += 1
-            if params["kill_after_steps"] and params["steps"] > params["kill_after_steps"] \
-                    and not Path(params["marker"]).exists():
-                Path(params["marker"]).touch()
-                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(ctx.workload.epoch_seconds)
         metrics = ctx.evaluate(split="val")
         if ctx.report({**metrics, "train_g_loss": g_loss, "train_d_loss": d_loss,
                        "train_steps_g": adam_steps(opt_g), "train_steps_d": adam_steps(opt_d)}):
@@ -86,8 +79,7 @@ def loop(ctx) -> None:  # noqa: ANN001 - the project's context, not imported
 
 
 def build(n_train: int = 96, n_val: int = 61, hidden: int = 32,
-          kill_after_steps: int | None = None, marker: str | None = None,
-          report: bool = True) -> SimpleNamespace:
+          epoch_seconds: float = 0.0) -> SimpleNamespace:
     gen = torch.Generator().manual_seed(7)
     train = ring(n_train, gen)
     wrong = torch.randn(n_val - n_val // 2, 2, generator=gen) * 0.7  # a blob, not a ring
@@ -101,13 +93,6 @@ def build(n_train: int = 96, n_val: int = 61, hidden: int = 32,
         test_dataset=torch.utils.data.TensorDataset(val_x.flip(0), val_y.flip(0)),
         loss_fn=real_or_fake_loss,
         metrics=["accuracy"],
-        loop=loop if report else never_reports,
-        params={"kill_after_steps": kill_after_steps, "marker": marker, "steps": 0},
+        loop=loop,
+        epoch_seconds=epoch_seconds,
     )
-
-
-def never_reports(ctx) -> None:  # noqa: ANN001
-    """A loop that forgets ``ctx.report``: refused after its first epoch, in one line."""
-    for _epoch in ctx.epochs():
-        for _batch in ctx.train_loader:
-            pass

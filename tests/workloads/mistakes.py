@@ -64,4 +64,14 @@ def build(mistake: str, calls: str | None = None) -> SimpleNamespace:
         work.loss_fn = None
     if mistake == "averaged_metric":
         work.metrics = {"acc": averaged_metric()}
+    if mistake == "not_an_optimizer":  # the parameters, not an optimizer over them
+        work.optimizer = lambda model: list(model.parameters())
+    if mistake == "never_reports":  # engine: loop, a loop that forgets ctx.report
+        work.loop = never_reports
     return work
+
+
+def never_reports(ctx) -> None:  # noqa: ANN001 - the project's context
+    for _epoch in ctx.epochs():
+        for _batch in ctx.train_loader:
+            pass
