@@ -14,7 +14,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from orchestrator import storage
-from orchestrator.errors import user_error_among
+from orchestrator.errors import one_line, user_error_among
 from orchestrator.results.epochs import epoch_record, merge_history
 from orchestrator.tracking.policy import should_log_model
 from orchestrator.tracking.staging import stage_checkpoint
@@ -23,6 +23,7 @@ from workers.contract.names import HISTORY_FILE, METADATA_FILE
 
 CONTROLLER = "controller"  # an event carrying the controller actor's own handle
 USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
+WORKER_FAILED = "worker_failed"  # an event carrying a fault's one line (Ray may restart)
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
@@ -78,7 +79,12 @@ class RunRecorder(UserCallback):
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
         """A user's mistake is never retried (``failure.max_failures`` is for faults): the
         driver is told at once and stops the run."""
+        if self.events is None:
+            return
         message = user_error_among(worker_exceptions.values())
-        if message and self.events is not None:
-            self._introduce()
+        self._introduce()
+        if message:
             self.events.put((USER_ERROR, message))
+        elif worker_exceptions:  # a fault: the driver says so, then that Ray restarted
+            rank, exc = min(worker_exceptions.items())
+            self.events.put((WORKER_FAILED, f"worker {rank}: {one_line(exc)[:200]}"))

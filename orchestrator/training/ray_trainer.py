@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, RunRecorder
+from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, WORKER_FAILED, RunRecorder
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
 from workers.compat import kill_train_controller
@@ -61,12 +61,13 @@ class EventPump:
     and kept in ``errors``, never raised.
     """
 
-    def __init__(self, handle: Callable[[dict[str, Any], str | None], None]) -> None:
+    def __init__(self, handle: Callable[[dict[str, Any], str | None], None],
+                 on_failure: Callable[[str], None] = lambda what: None) -> None:
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.handle = handle
+        self.handle, self.on_failure = handle, on_failure
         # On the driver's node, as Ray Train places its controller: a node lost elsewhere
         # must not take the run's record stream with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
@@ -102,6 +103,9 @@ class EventPump:
                     continue
                 if record == USER_ERROR:
                     self.user_error = self.user_error or staged
+                    continue
+                if record == WORKER_FAILED:
+                    self.on_failure(staged)
                     continue
             except Empty:
                 if self._done.is_set():

@@ -69,30 +69,42 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
     return ctx
 
 
-def epoch_handler(ctx: RunContext):
-    """What the driver does with each epoch's record: print it, log it to W&B."""
-    cfg, console = ctx.cfg, ctx.console
-    seen = {"epoch": 0, "workers": None}
+class EpochHandler:
+    """What the driver does with each epoch's record (print it, log it to W&B), and with a
+    worker's fault (say it, and at the next record that Ray restarted the workers)."""
 
-    def handle(record: dict[str, Any], staged: str | None) -> None:
-        if record["epoch"] <= seen["epoch"]:  # Ray restarted the workers (max_failures)
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.epoch, self.workers, self.failures, self.restarting = 0, None, 0, False
+
+    def failed(self, what: str) -> None:
+        self.failures += 1
+        retries = self.ctx.cfg.failure.max_failures
+        if retries == -1 or self.failures <= retries:
+            self.restarting = True
+            self.ctx.console.say(
+                f"a worker failed ({what}); restarting the workers from the latest checkpoint "
+                f"(failure {self.failures} of {'unlimited' if retries == -1 else retries})")
+
+    def __call__(self, record: dict[str, Any], staged: str | None) -> None:
+        cfg, console = self.ctx.cfg, self.ctx.console
+        if record["epoch"] <= self.epoch or self.restarting:  # Ray restarted the workers
             console.say(f"workers restarted: training again from epoch {record['epoch']} "
                         "(the latest checkpoint)")
+            self.restarting = False
         workers = record.get("workers")
-        if seen["workers"] not in (None, workers):  # an elastic run resized
+        if self.workers not in (None, workers):  # an elastic run resized
             console.say(f"the cluster changed: epoch {record['epoch']} trained on {workers} "
-                        f"worker{'s' if workers != 1 else ''} (was {seen['workers']}), from "
+                        f"worker{'s' if workers != 1 else ''} (was {self.workers}), from "
                         "the latest checkpoint")
-        seen["epoch"], seen["workers"] = record["epoch"], workers
+        self.epoch, self.workers = record["epoch"], workers
         console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
         bad = nonfinite(record)
         if bad and cfg.train.stop_on_nonfinite:
             console.say(f"epoch {record['epoch']}: {', '.join(bad)} not finite; the run stops "
                         "here (train.stop_on_nonfinite) and keeps its best so far")
         console.advance(completed=record["epoch"])
-        ctx.tracking.handle(record, staged)
-
-    return handle
+        self.ctx.tracking.handle(record, staged)
 
 
 def where_it_stands(summary: dict[str, Any]) -> str:
@@ -170,7 +182,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     """Train on Ray, then write the record: (summary, why it stopped if it did)."""
     cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
-    pump = EventPump(epoch_handler(ctx))
+    handle = EpochHandler(ctx)
+    pump = EventPump(handle, on_failure=handle.failed)
     watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
     trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
                             log_model=tracking.log_model_setting, events=pump.queue)

@@ -57,6 +57,7 @@ def test_a_two_optimizer_loop_restarts_with_both_and_keeps_an_exact_best(tmp_pat
     os.kill(min(workers), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    assert "a worker failed (worker " in out and "(failure 1 of 1)" in out, out
     assert "workers restarted: training again from epoch" in out, out
 
     summary = json.loads((run_dir / "summary.json").read_text())
