@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import ray
 
-from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, RunRecorder
+from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, WORKER_FAILED, RunRecorder
 from tests.unit.run_files import epoch_metrics, read_history_file, write_checkpoint_dir
 from workers.contract.errors import UserInputError
 from workers.contract.names import (
@@ -137,7 +137,10 @@ def test_a_user_error_among_worker_exceptions_is_sent_to_the_driver_once(tmp_pat
 
 
 def test_a_fault_is_not_a_user_error_and_is_left_to_ray_to_retry(tmp_path, events):
+    """The driver is told which worker failed and how (it says so, and that Ray restarts),
+    never that it must stop the run."""
     recorder = RunRecorder(str(tmp_path), "none", events)
-    recorder.after_exception(None, {0: RuntimeError("worker died"), 1: OSError("disk")})
-    assert events == []
+    recorder.after_exception(None, {1: OSError("disk"), 0: RuntimeError("worker died\nmore")})
+    assert events[1:] == [(WORKER_FAILED, "worker 0: RuntimeError: worker died")]
+    assert all(kind != USER_ERROR for kind, _ in events)
     assert not (tmp_path / HISTORY_FILE).exists()
