@@ -23,6 +23,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         f"{summary['name']}: best epoch {summary['best_epoch']} of "
         f"{summary['epochs_completed']} ({summary['monitor']}, {summary['mode']})"
     )
+    if summary.get("best_step") is not None and (summary.get("config") or {}).get(
+            "train", {}).get("eval_every_n_steps"):
+        title = (f"{summary['name']}: best at epoch {summary['best_epoch']}, step "
+                 f"{summary['best_step']} (global step {summary['best_global_step']} of "
+                 f"{summary['global_step']}) ({summary['monitor']}, {summary['mode']})")
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("best epoch", justify="right")

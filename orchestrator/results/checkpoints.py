@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.errors import UserError
 from workers.checkpoint.integrity import damage, newest_intact
-from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE
+from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, point
 
 
 def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
@@ -32,7 +32,7 @@ def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[
         except (ValueError, KeyError, TypeError):
             if unreadable is not None:
                 unreadable.append(f"{path}/{METADATA_FILE} is damaged")
-    return sorted(kept, key=lambda c: c["epoch"])
+    return sorted(kept, key=lambda c: point(c["metadata"]))
 
 
 def verify_checkpoint(path: str) -> str | None:
@@ -48,7 +48,7 @@ def resume_point(run_dir: str) -> tuple[str | None, list[str]]:
     """The checkpoint a resume continues from (the newest intact one; None when the run
     has none yet), and the damaged newer ones it skips. Only damaged ones: a user error."""
     unreadable: list[str] = []
-    kept = [(c["epoch"], c["path"]) for c in kept_checkpoints(run_dir, unreadable)]
+    kept = [(point(c["metadata"]), c["path"]) for c in kept_checkpoints(run_dir, unreadable)]
     chosen, damaged = newest_intact(kept, verify_checkpoint)
     damaged = [*unreadable, *damaged]
     if (kept or unreadable) and chosen is None:

@@ -10,11 +10,11 @@ import math
 import posixpath
 from typing import Any
 
-from workers.contract.names import INTERNAL_KEYS
+from workers.contract.names import INTERNAL_KEYS, point
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
-RECORD_KEYS = ("epoch", "lr", "is_best", "epoch_seconds", "gather_seconds", "snapshot_seconds",
-               "save_blocked_seconds", "workers")
+RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
+               "gather_seconds", "snapshot_seconds", "save_blocked_seconds", "workers")
 
 
 def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[str, Any]:
@@ -28,8 +28,8 @@ def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[s
 
 
 def merge_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Drop records at or after the new epoch (a re-trained stretch), then append."""
-    return [r for r in history if r["epoch"] < record["epoch"]] + [record]
+    """Drop records at or after the new one's point (a re-trained stretch), then append."""
+    return [r for r in history if point(r) < point(record)] + [record]
 
 
 def nonfinite(record: dict[str, Any]) -> list[str]:
@@ -38,9 +38,13 @@ def nonfinite(record: dict[str, Any]) -> list[str]:
             and isinstance(v, float) and not math.isfinite(v)]
 
 
-def progress_line(record: dict[str, Any], total_epochs: int, monitor: str) -> str:
+def progress_line(record: dict[str, Any], total_epochs: int, monitor: str,
+                  by_steps: bool = False) -> str:
     shown = [f"{k}={v:.4f}" for k, v in record.items()
              if k.startswith(("train_", "val_")) and isinstance(v, float)]
     mark = f"  * new best {monitor}" if record.get("is_best") else ""
     saved = "  (saved)" if record.get("checkpoint") else ""
-    return f"epoch {record['epoch']}/{total_epochs}  " + "  ".join(shown) + mark + saved
+    at = f"epoch {record['epoch']}/{total_epochs}"
+    if by_steps and record.get("step") is not None:
+        at += f"  step {record['step']} (global {record['global_step']})"
+    return f"{at}  " + "  ".join(shown) + mark + saved

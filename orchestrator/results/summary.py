@@ -19,7 +19,13 @@ from orchestrator.results.epochs import epoch_record, nonfinite
 from orchestrator.tracking.staging import discard_staged
 from workers.compat import TRAIN_SNAPSHOT_FILE, registered_checkpoint_names
 from workers.contract.config import RunConfig
-from workers.contract.names import CHECKPOINT_PREFIX, HISTORY_FILE, PLOT_FILE, SUMMARY_FILE
+from workers.contract.names import (
+    CHECKPOINT_PREFIX,
+    HISTORY_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    point,
+)
 
 if TYPE_CHECKING:
     from orchestrator.start.context import RunContext
@@ -33,11 +39,12 @@ def repair_history(history: list[dict[str, Any]],
     before the recorder saw that report has a model in storage that history.json does not
     name; its metadata holds every metric of its epoch. Returns (history, whether it changed).
     """
-    by_epoch = {record["epoch"]: record for record in history}
-    missing = [c for c in kept if c["epoch"] not in by_epoch]
+    by_point = {point(record): record for record in history}
+    missing = [c for c in kept if point(c["metadata"]) not in by_point]
     for checkpoint in missing:
-        by_epoch[checkpoint["epoch"]] = epoch_record(checkpoint["metadata"], checkpoint["path"])
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)], bool(missing)
+        by_point[point(checkpoint["metadata"])] = epoch_record(checkpoint["metadata"],
+                                                               checkpoint["path"])
+    return [by_point[at] for at in sorted(by_point)], bool(missing)
 
 
 def repair_history_file(run_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -96,7 +103,7 @@ def best_of(history: list[dict[str, Any]],
     """The tracker's best record (improvements only ever get better) and its checkpoint, if
     the policy kept it: the one the record names, else one of that epoch (a repaired record)."""
     best = next((r for r in reversed(history) if r.get("is_best")), None)
-    candidates = [c for c in kept if best and c["epoch"] == best["epoch"]]
+    candidates = [c for c in kept if best and point(c["metadata"]) == point(best)]
     named = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
                   .endswith("/" + str(best.get("checkpoint")))), None)
     return best, named or (candidates[-1] if candidates else None)
@@ -109,7 +116,11 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     remove_unregistered_checkpoints(run_dir)
     history, kept = repair_history_file(run_dir)
     best, best_ckpt = best_of(history, kept)
-    stopped_early = bool(history) and history[-1]["epoch"] < cfg.train.epochs
+    last = history[-1] if history else None
+    if cfg.train.max_steps:
+        stopped_early = bool(last) and (last.get("global_step") or 0) < cfg.train.max_steps
+    else:
+        stopped_early = bool(last) and last["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")
     test_metrics, test_error = None, None
     if best_ckpt and status in ("completed", "stopped_early"):
@@ -126,15 +137,19 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "policy": cfg.checkpoint.policy,
         "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
         "best_epoch": best["epoch"] if best else None,
+        "best_step": best.get("step") if best else None,
+        "best_global_step": best.get("global_step") if best else None,
         "best_metrics": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
         "test_metrics": test_metrics,
         **({"test_error": test_error} if test_error else {}),
         "epochs_completed": history[-1]["epoch"] if history else 0,
+        "global_step": history[-1].get("global_step") if history else None,
         "epochs_planned": cfg.train.epochs,
         "stopped_early": stopped_early,
         # A diverged last epoch (train.stop_on_nonfinite): what was not finite.
         "nonfinite": nonfinite(history[-1]) if history else [],
-        "checkpoints": [{k: c[k] for k in ("epoch", "path", "is_best")} for c in kept],
+        "checkpoints": [{"epoch": c["epoch"], "global_step": c["metadata"].get("global_step"),
+                         "path": c["path"], "is_best": c["is_best"]} for c in kept],
         "history": history,
         "config": cfg.to_dict(),
     }
@@ -146,7 +161,10 @@ def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
 
     if not summary["history"]:
         return None
-    png = training_curves_png(summary["history"], summary["monitor"], summary["best_epoch"])
+    by_steps = bool(summary["config"]["train"].get("eval_every_n_steps"))
+    png = training_curves_png(summary["history"], summary["monitor"],
+                              summary["best_global_step"] if by_steps else summary["best_epoch"],
+                              by_steps)
     path = storage.join(run_dir, PLOT_FILE)
     storage.write_bytes(path, png)
     if storage.is_uri(path):  # W&B needs a local file

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from workers.contract.names import point
+
 
 def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
     """``policy`` mirrors the checkpoint policy (resume-only checkpoints are not models the
@@ -34,8 +36,17 @@ def model_logging(log_model: str, keep: str, mode: str, model_files: str = "copy
     return LIVE if live else AT_END
 
 
+def version_alias(metadata: dict[str, Any], by_steps: bool) -> str:
+    """A model version's own alias: ``epoch-N``, or ``step-N`` (its global step) in a run
+    that evaluates by steps."""
+    if by_steps and metadata.get("global_step") is not None:
+        return f"step-{metadata['global_step']}"
+    return f"epoch-{metadata['epoch']}"
+
+
 def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
-                checkpoints: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], list[str]]]:
+                checkpoints: list[dict[str, Any]], by_steps: bool = False,
+                ) -> list[tuple[str, dict[str, Any], list[str]]]:
     """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
     checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
     (``last``; the same version when it is the best)."""
@@ -44,12 +55,14 @@ def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
     out: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
     if keep != "best" and chosen:
         last = chosen[-1]
-        out[last["path"]] = (last["path"], last["metadata"], [f"epoch-{last['epoch']}", "last"])
+        out[last["path"]] = (last["path"], last["metadata"],
+                             [version_alias(last["metadata"], by_steps), "last"])
     best = next((c for c in checkpoints if c["path"] == best_checkpoint), None)
     if best is not None:
-        aliases = out.get(best["path"], (None, None, [f"epoch-{best['epoch']}"]))[2]
+        aliases = out.get(best["path"], (None, None,
+                                         [version_alias(best["metadata"], by_steps)]))[2]
         out[best["path"]] = (best["path"], best["metadata"], [*aliases, "best"])
-    return sorted(out.values(), key=lambda item: int(item[1]["epoch"]))
+    return sorted(out.values(), key=lambda item: point(item[1]))
 
 
 def artifact_name(run_name: str) -> str:
@@ -60,6 +73,8 @@ def best_summary(best: dict[str, Any], test: dict[str, Any] | None) -> dict[str,
     """``best_<metric>`` for every metric of the best epoch, ``best_epoch``, ``test_*``."""
     out = {f"best_{k}": v for k, v in best.items() if k.startswith(("train_", "val_"))}
     out["best_epoch"] = best.get("epoch")
+    if best.get("global_step") is not None:
+        out["best_step"], out["best_global_step"] = best.get("step"), best["global_step"]
     out.update(test or {})
     return out
 

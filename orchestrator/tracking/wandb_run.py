@@ -28,12 +28,13 @@ from orchestrator.tracking.policy import (
     kept_at_end,
     model_logging,
     reference_uri,
+    version_alias,
 )
 from orchestrator.tracking.pruner import VersionPruner
 from orchestrator.tracking.staging import staged_path
 from workers.compat import wandb_settings
 from workers.contract.config import RunConfig
-from workers.contract.names import METADATA_FILE, STAGED_FILES
+from workers.contract.names import METADATA_FILE, STAGED_FILES, point
 
 
 def point_wandb_at_endpoint(storage_path: str) -> None:
@@ -114,22 +115,24 @@ class WandbRun:
         self.pruner = (VersionPruner(cfg.wandb.keep)
                        if self.live and mode == "online" and cfg.wandb.keep != "all" else None)
         self.artifact = artifact_name(label)
-        self.logged_versions: list[int] = []
-        self.best_alias_epoch: int | None = None  # the epoch of the version W&B calls best
-        self.last_epoch = 0
-        # Curves over the epoch, not W&B's step: epochs trained again after a restart are
-        # logged again (W&B drops rows whose step it has passed) and land on their epoch.
-        run.define_metric("epoch")
-        run.define_metric("*", step_metric="epoch")
+        self.logged_versions: list[int] = []  # their epochs (global steps: by_steps)
+        self.best_alias_at: tuple[int, int] | None = None  # the version W&B calls best
+        self.last_at = (0, 0)  # names.point of the last record logged
+        # Curves over the epoch (the global step in a run that evaluates by steps), not W&B's
+        # step: epochs trained again after a restart are logged again (W&B drops rows whose
+        # step it has passed) and land on their epoch.
+        self.by_steps = bool(cfg.train.eval_every_n_steps)
+        self.axis = "global_step" if self.by_steps else "epoch"
+        run.define_metric(self.axis)
+        run.define_metric("*", step_metric=self.axis)
 
     def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
         """One epoch; ``staged_model``: a model the recorder set aside for W&B (deleted here)."""
-        epoch = int(record["epoch"])
         values = {k: v for k, v in record.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         values["is_best"] = int(bool(record.get("is_best")))
         self.run.log(values)
-        self.last_epoch = max(self.last_epoch, epoch)
+        self.last_at = max(self.last_at, point(record))
         if staged_model:
             self.log_model(staged_model, storage.read_json(storage.join(staged_model,
                                                                         METADATA_FILE)))
@@ -139,7 +142,7 @@ class WandbRun:
         """Log what never reached this process live, from the run's own record: epochs whose
         results a scheduler dropped when it stopped a trial, and the models staged for them."""
         for record in history:
-            if record["epoch"] > self.last_epoch:
+            if point(record) > self.last_at:
                 self.handle(record, staged_path(run_dir, record.get("checkpoint")))
 
     def log_model(self, checkpoint_path: str, metadata: dict[str, Any], *,
@@ -152,9 +155,9 @@ class WandbRun:
             # While the run goes, ``best`` marks the newest improvement only where every
             # improvement is saved (policy best); ``finish`` puts it on the best epoch's version.
             live_best = metadata.get("is_best") and self.cfg.checkpoint.policy == "best"
-            aliases = [f"epoch-{metadata['epoch']}"] + (["best"] if live_best else [])
+            aliases = [version_alias(metadata, self.by_steps)] + (["best"] if live_best else [])
         if "best" in aliases:
-            self.best_alias_epoch = int(metadata["epoch"])
+            self.best_alias_at = point(metadata)
         if self.references and storage.is_uri(checkpoint_path):
             # Nothing uploaded twice: W&B records each object's address and ETag.
             for file_name in STAGED_FILES:
@@ -163,8 +166,9 @@ class WandbRun:
             logged = self.run.log_artifact(artifact, aliases=aliases)
         else:
             logged = self._log_copies(artifact, checkpoint_path, aliases)
-        if int(metadata["epoch"]) not in self.logged_versions:  # a moved alias is no new model
-            self.logged_versions.append(int(metadata["epoch"]))
+        version = int(metadata["global_step"] if self.by_steps else metadata["epoch"])
+        if version not in self.logged_versions:  # a moved alias is no new model
+            self.logged_versions.append(version)
         if self.pruner is not None and name is None:
             self.pruner.committed(logged, bool(metadata.get("is_best")))
 
@@ -199,8 +203,8 @@ class WandbRun:
         else:
             self._log_kept(summary)
         if plot_path:
-            self.run.log({"training_curves": wandb.Image(plot_path),
-                          "epoch": summary["epochs_completed"]})
+            last = summary["global_step"] if self.by_steps else summary["epochs_completed"]
+            self.run.log({"training_curves": wandb.Image(plot_path), self.axis: last})
         return self._close({"artifact": self.artifact if self.logged_versions else None,
                             "logged_epochs": self.logged_versions}, exit_code)
 
@@ -213,18 +217,20 @@ class WandbRun:
             return
         for path, metadata, aliases in kept_at_end(
                 self.cfg.wandb.log_model, self.keep, summary.get("best_checkpoint"),
-                kept_checkpoints(summary["run_dir"])):
+                kept_checkpoints(summary["run_dir"]), self.by_steps):
             self.log_model(path, metadata, aliases=aliases)
 
     def _move_best_alias(self, summary: dict[str, Any]) -> None:
         """``best`` on the version of the summary's best epoch: logged again with that alias
         (the same files: W&B keeps one version and moves the alias) when the alias sits
         elsewhere, or on no version (a policy that logs other models, or a stopped run)."""
-        epoch, path = summary.get("best_epoch"), summary.get("best_checkpoint")
-        if path is None or self.best_alias_epoch == epoch:
+        path = summary.get("best_checkpoint")
+        if path is None:
             return
         metadata = storage.read_json(storage.join(path, METADATA_FILE))
-        self.log_model(path, metadata, aliases=[f"epoch-{epoch}", "best"])
+        if self.best_alias_at == point(metadata):
+            return
+        self.log_model(path, metadata, aliases=[version_alias(metadata, self.by_steps), "best"])
 
     def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
         """The experiment's run: the overall best model (findable as ``<name>-best-model``,

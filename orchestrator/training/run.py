@@ -36,7 +36,7 @@ from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.ray_trainer import EventPump, build_trainer, stop_training
 from workers.contract.config import RunConfig
-from workers.contract.names import FAILURE_LOG
+from workers.contract.names import FAILURE_LOG, point, where
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -75,7 +75,7 @@ class EpochHandler:
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self.epoch, self.workers, self.failures, self.restarting = 0, None, 0, False
+        self.at, self.workers, self.failures, self.restarting = (0, 0), None, 0, False
 
     def failed(self, what: str) -> None:
         self.failures += 1
@@ -88,8 +88,9 @@ class EpochHandler:
 
     def __call__(self, record: dict[str, Any], staged: str | None) -> None:
         cfg, console = self.ctx.cfg, self.ctx.console
-        if record["epoch"] <= self.epoch or self.restarting:  # Ray restarted the workers
-            console.say(f"workers restarted: training again from epoch {record['epoch']} "
+        if point(record) <= self.at or self.restarting:  # Ray restarted the workers
+            console.say(f"workers restarted: training again from "
+                        f"{where(record, bool(cfg.train.eval_every_n_steps))} "
                         "(the latest checkpoint)")
             self.restarting = False
         workers = record.get("workers")
@@ -97,8 +98,9 @@ class EpochHandler:
             console.say(f"the cluster changed: epoch {record['epoch']} trained on {workers} "
                         f"worker{'s' if workers != 1 else ''} (was {self.workers}), from "
                         "the latest checkpoint")
-        self.epoch, self.workers = record["epoch"], workers
-        console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor))
+        self.at, self.workers = point(record), workers
+        console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor,
+                                  bool(cfg.train.eval_every_n_steps)))
         bad = nonfinite(record)
         if bad and cfg.train.stop_on_nonfinite:
             console.say(f"epoch {record['epoch']}: {', '.join(bad)} not finite; the run stops "
@@ -110,12 +112,15 @@ class EpochHandler:
 def where_it_stands(summary: dict[str, Any]) -> str:
     """After which epoch a run stopped, and its best so far."""
     text = f"after epoch {summary['epochs_completed']} of {summary['epochs_planned']}"
+    by_steps = bool(summary["config"]["train"].get("eval_every_n_steps"))
+    if by_steps and summary.get("global_step") is not None:
+        text += f" (global step {summary['global_step']})"
     best = summary.get("best_metrics")
     if best:
         value = best.get(summary["monitor"])
-        where = summary["best_checkpoint"] or "not saved by this checkpoint policy"
-        text += (f"; best so far: epoch {summary['best_epoch']}, {summary['monitor']}="
-                 f"{value:.6g} ({where})")
+        saved = summary["best_checkpoint"] or "not saved by this checkpoint policy"
+        text += (f"; best so far: {where(best, by_steps)}, {summary['monitor']}="
+                 f"{value:.6g} ({saved})")
     return text
 
 

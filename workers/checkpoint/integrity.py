@@ -31,10 +31,11 @@ def damage(metadata: dict[str, Any], read: Callable[[str], bytes]) -> str | None
     return None
 
 
-def newest_intact(checkpoints: Iterable[tuple[int, str]],
+def newest_intact(checkpoints: Iterable[tuple[Any, str]],
                   check: Callable[[str], str | None]) -> tuple[str | None, list[str]]:
-    """The newest (by epoch) checkpoint whose files are intact, and what was damaged in the
-    newer ones (``"<name>: <damage>"``). ``check(name)``: ``damage`` of that checkpoint."""
+    """The newest (by epoch, or ``names.point``) checkpoint whose files are intact, and what
+    was damaged in the newer ones (``"<name>: <damage>"``). ``check(name)``: ``damage`` of
+    that checkpoint."""
     damaged = []
     for _, name in sorted(checkpoints, reverse=True):
         problem = check(name)

@@ -16,7 +16,13 @@ from safetensors.torch import load_file
 
 from workers.checkpoint.integrity import damage, newest_intact
 from workers.contract.errors import UserInputError
-from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, STATE_FILE
+from workers.contract.names import (
+    CHECKPOINT_PREFIX,
+    METADATA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    point,
+)
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -45,7 +51,7 @@ def _check(fs: Any, path: str) -> str | None:
 
 
 def _siblings(fs: Any, path: str) -> list[tuple[int, str]]:
-    """(epoch, path) of the other checkpoints in the same run directory."""
+    """(point, path) of the other checkpoints in the same run directory."""
     import pyarrow.fs as pafs
 
     parent = posixpath.dirname(path.rstrip("/"))
@@ -55,7 +61,7 @@ def _siblings(fs: Any, path: str) -> list[tuple[int, str]]:
                 or not info.base_name.startswith(CHECKPOINT_PREFIX)):
             continue
         try:
-            found.append((int(json.loads(_read(fs, f"{info.path}/{METADATA_FILE}"))["epoch"]),
+            found.append((point(json.loads(_read(fs, f"{info.path}/{METADATA_FILE}"))),
                           info.path))
         except (OSError, ValueError, KeyError, TypeError):
             continue  # an upload that never finished: not a candidate

@@ -133,6 +133,14 @@ class TrainSection(_Section):
     grad_accum_steps: Int = Field(
         1, ge=1, description="micro-batches (of batch_size) per optimizer step: the "
         "gradients are summed, and synchronised between workers only on the last one")
+    eval_every_n_steps: Int | None = Field(
+        None, ge=1, description="evaluate (exactly, the whole validation set), let the tracker "
+        "decide and save by the checkpoint policy every N optimizer steps, and at the last; "
+        "checkpoints taken mid-epoch resume at the next batch; null: at each epoch's end. "
+        "Checkpoint policies then count evaluations where they say epochs")
+    max_steps: Int | None = Field(
+        None, ge=1, description="train this many optimizer steps, instead of train.epochs "
+        "(the last epoch stops where they end); null: train.epochs")
 
 
 class TrackerSection(_Section):
@@ -303,7 +311,8 @@ class RunConfig(_Section):
         """The optimisation keys an engine other than torch does not take."""
         t = self.train
         given = [key for key, default in (("warmup_steps", 0), ("grad_clip_norm", None),
-                                          ("grad_accum_steps", 1), ("step_size", None))
+                                          ("grad_accum_steps", 1), ("step_size", None),
+                                          ("eval_every_n_steps", None), ("max_steps", None))
                  if getattr(t, key) != default]
         if self.engine == "fastai":
             if t.schedule not in ("auto", "one_cycle", "constant"):

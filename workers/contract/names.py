@@ -37,3 +37,17 @@ TUNE_DIR = "_tune"  # Ray Tune's own bookkeeping
 # checkpoint score (see policy.ray_keep_settings). Internal: not part of the epoch's record.
 RANK_KEY = "checkpoint_rank"
 INTERNAL_KEYS = (RANK_KEY,)
+
+
+def point(record: dict) -> tuple[int, int]:
+    """Where a record (or a checkpoint's metadata) falls in its run: (epoch, global step).
+    An engine that evaluates at epoch ends only records no global step (0)."""
+    return int(record["epoch"]), int(record.get("global_step") or 0)
+
+
+def where(record: dict, by_steps: bool) -> str:
+    """``epoch 3``, or in a run that evaluates by steps ``epoch 3, step 40 (global step
+    240)``."""
+    if not by_steps or record.get("step") is None:
+        return f"epoch {record['epoch']}"
+    return f"epoch {record['epoch']}, step {record['step']} (global step {record['global_step']})"

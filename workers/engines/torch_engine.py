@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from workers.loop.batches import Batches, check_first_batch
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
-from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
+from workers.loop.reporter import EpochReporter, Position, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sharding import (
     LocalState,
@@ -43,6 +43,7 @@ from workers.loop.steps import (
     train_epoch,
     workload_metrics,
 )
+from workers.loop.stream import EpochStream
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TorchParts:
     model: torch.nn.Module  # DDP-wrapped when world_size > 1; sharded in place under fsdp
     plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
     stepper: Stepper  # the optimizer, its schedule, accumulation and clipping
+    clock: Clock  # optimizer steps: where the run stands, when it evaluates
     train_loader: DataLoader
     val_loader: DataLoader
     metrics: list[Any]
@@ -82,8 +84,9 @@ def setup(worker: Worker) -> TorchParts:
     metrics = workload_metrics(workload, classes_from(logits, target))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
-    sampler = DistributedSampler(workload.train_dataset, num_replicas=worker.world_size,
-                                 rank=worker.rank, shuffle=True, seed=cfg.seed)
+    sampler = EpochStream(len(workload.train_dataset), worker.rank, worker.world_size,
+                          cfg.seed)
+    sampler.set_epoch(worker.restored.start_epoch, worker.restored.consumed)
     workers = loader_workers(cfg.train.loader_workers, workload.train_dataset,
                              cfg.scaling.cpus_per_worker)
     options = getattr(workload, "loader_options", None)
@@ -101,7 +104,7 @@ def setup(worker: Worker) -> TorchParts:
         if worker.restored.optimizer_state is not None:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
         padding_input, _ = batches.split(first_batch(workload.val_dataset, collate))
-        return TorchParts(model, model, steps_of(worker, optimizer, len(train_loader)),
+        return TorchParts(model, model, *steps_of(worker, optimizer, train_loader),
                           train_loader, val_loader, metrics, batches,
                           ShardedState(model, optimizer),
                           most_on_any_rank(len(val_loader), worker.device), padding_input)
@@ -109,31 +112,59 @@ def setup(worker: Worker) -> TorchParts:
     optimizer = make_optimizer(cfg, workload, plain)
     if worker.restored.optimizer_state is not None:
         load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
-    return TorchParts(model, plain, steps_of(worker, optimizer, len(train_loader)),
+    return TorchParts(model, plain, *steps_of(worker, optimizer, train_loader),
                       train_loader, val_loader, metrics, batches, LocalState(plain, optimizer))
 
 
-def steps_of(worker: Worker, optimizer: torch.optim.Optimizer, batches: int) -> Stepper:
+def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
+             loader: DataLoader) -> tuple[Stepper, Clock]:
     """The optimizer's steps, sized from the real number of them (this rank's batches per
-    epoch / grad_accum_steps, times the epochs), and restored where the run stopped."""
-    cfg = worker.cfg
-    per_epoch = math.ceil(batches / cfg.train.grad_accum_steps)
-    stepper = make_stepper(cfg, worker.workload, optimizer, per_epoch * cfg.train.epochs,
-                           per_epoch)
-    start = worker.restored.start_epoch
-    stepper.restore(worker.restored.extras, per_epoch * (start - 1),
-                    per_epoch * (cfg.train.epochs - start + 1))
-    return stepper
+    epoch / grad_accum_steps, times the epochs; or train.max_steps), and restored where the
+    run stopped (mid-epoch too: ``loader``'s sampler stands at the restored position)."""
+    cfg, restored = worker.cfg, worker.restored
+    accum = cfg.train.grad_accum_steps
+    per_epoch = math.ceil(loader.sampler.batches_per_epoch(loader.batch_size) / accum)
+    stepper = make_stepper(cfg, worker.workload, optimizer,
+                           cfg.train.max_steps or per_epoch * cfg.train.epochs, per_epoch)
+    done = restored.global_step if restored.global_step is not None else \
+        per_epoch * (restored.start_epoch - 1)
+    if cfg.train.max_steps:
+        left = max(0, cfg.train.max_steps - done)
+    else:  # the rest of the epoch in flight, then whole epochs
+        left = max(0, math.ceil(len(loader) / accum) + per_epoch * (cfg.train.epochs
+                                                                    - restored.start_epoch))
+    stepper.restore(restored.extras, done, left)
+    return stepper, Clock(done, done + left, cfg.train.eval_every_n_steps)
 
 
-def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
-    """Train on this rank's shard, then the global metrics (identical on every rank)."""
+@dataclass
+class Clock:
+    """Where the run stands in optimizer steps, and when it evaluates: every
+    ``train.eval_every_n_steps`` steps (else at each epoch's end) and at the last step."""
+
+    global_step: int
+    total: int  # the run's last step (train.max_steps, or the epochs' steps)
+    every: int | None
+
+    @property
+    def done(self) -> bool:
+        return self.global_step >= self.total
+
+    def evaluates(self, epoch_ends: bool) -> bool:
+        if self.done:
+            return True
+        return self.global_step % self.every == 0 if self.every else epoch_ends
+
+    def evaluation(self, epoch: int) -> int:
+        """The evaluation's number, from 1 (what checkpoint policies count)."""
+        return math.ceil(self.global_step / self.every) if self.every else epoch
+
+
+def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, float]:
+    """The global metrics, identical on every rank: the training loss since the previous
+    evaluation and the whole validation set's."""
     w, p = worker, parts
-    # Under fsdp, bf16 is FSDP's mixed-precision policy, not autocast.
     precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
-    p.train_loader.sampler.set_epoch(epoch)
-    train_loss = train_epoch(p.model, p.train_loader, p.batches, p.stepper,
-                             w.device, precision)
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
     # module, since DDP's forward would broadcast buffers, a collective that ranks with
     # different numbers of validation batches would never all reach. (A sharded model's
@@ -141,17 +172,56 @@ def run_epoch(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]
     broadcast_buffers(p.plain)
     val_loss = accumulate(p.plain, p.val_loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
+    p.model.train()  # training goes on after a mid-epoch evaluation
     values = global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)],
                             w.device)
     return {**values, "lr": p.stepper.last_lr}
+
+
+def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock: Clock,
+              epoch: int) -> bool:
+    """Train on this rank's shard, evaluating and reporting when the clock says; returns
+    whether the run stops (the same on every rank)."""
+    w, p = worker, parts
+    precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
+    stream, batches_in_epoch = p.train_loader.sampler, len(p.train_loader)
+    # Steps of this epoch trained before a mid-epoch resume.
+    step = w.restored.step if epoch == w.restored.start_epoch else 0
+    state = {"started": time.perf_counter(), "stop": False, "step": step}
+
+    def after_step(batches_done: int, train_loss: Any) -> bool:
+        clock.global_step += 1
+        state["step"] += 1
+        epoch_ends = batches_done == batches_in_epoch
+        if not clock.evaluates(epoch_ends):
+            return False
+        values = evaluate(w, p, train_loss)
+        train_loss.reset()
+        at = Position(step=state["step"], global_step=clock.global_step,
+                      consumed=None if epoch_ends else stream.position_after(
+                          batches_done, p.train_loader.batch_size),
+                      evaluation=clock.evaluation(epoch))
+        stop = reporter.report(epoch, values, state["started"], at=at,
+                               final=clock.done)
+        state["started"] = time.perf_counter()
+        state["stop"] = stop or clock.done
+        return state["stop"]
+
+    train_epoch(p.model, p.train_loader, p.batches, p.stepper, w.device, precision,
+                after_step=after_step)
+    return state["stop"]
 
 
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     parts = setup(worker)
     reporter = EpochReporter.create(worker, parts.state, extras=parts.stepper.state_objects())
-    for epoch in worker.epochs():
-        started = time.perf_counter()
-        if reporter.report(epoch, run_epoch(worker, parts, epoch), started):
+    cfg, restored, clock = worker.cfg, worker.restored, parts.clock
+    for epoch in worker.epochs(until=None if cfg.train.max_steps else cfg.train.epochs):
+        if clock.done:
+            break  # nothing left to train (a --resume of a finished run)
+        if epoch != restored.start_epoch:
+            parts.train_loader.sampler.set_epoch(epoch)
+        if run_epoch(worker, parts, reporter, clock, epoch):
             break
     reporter.finish()

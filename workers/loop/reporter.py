@@ -51,6 +51,17 @@ def require_monitor(monitor: str, reported: Iterable[str]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where an evaluation falls: optimizer steps within the epoch and in all, the positions
+    of the epoch's permutation trained (None at the epoch's end), the evaluation's number."""
+
+    step: int
+    global_step: int
+    consumed: int | None
+    evaluation: int
+
+
 @dataclass
 class SavePlan:
     """Rank 0's verdict on an epoch it saves."""
@@ -95,11 +106,16 @@ class EpochReporter:
         return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
                    torch_weights_file, extras if extras is not None else {})
 
-    def report(self, epoch: int, values: dict[str, float], started: float) -> bool:
-        """Report one epoch's global metrics; returns whether to stop (the same on all ranks)."""
+    def report(self, epoch: int, values: dict[str, float], started: float, *,
+               at: Position | None = None, final: bool | None = None) -> bool:
+        """Report one evaluation's global metrics (an epoch's, or ``at`` a step); returns
+        whether to stop (the same on all ranks). ``final``: the run's last evaluation
+        (default: the epoch is train.epochs)."""
         import ray.train
 
         record: dict[str, Any] = {"epoch": epoch, **values}
+        if at is not None:
+            record.update(step=at.step, global_step=at.global_step)
         metrics = dict(record, workers=self.world_size)  # an elastic run's may change
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
         # Identical values on every rank, so every rank decides the same.
@@ -107,29 +123,31 @@ class EpochReporter:
             math.isfinite(v) for v in values.values())
         plan, stop = None, diverged
         if self.tracker is not None:
-            plan, stop = self._decide(epoch, record, metrics, diverged)
+            plan, stop = self._decide(epoch, record, metrics, diverged, at, final)
         stop, save, full_state = broadcast_flags(
             [stop, plan is not None, plan is not None and plan.full_state], self.device)
         snap = None
         if save and (self.tracker is not None or self.state.collective):
-            snap = self._snapshot(epoch, record, metrics, plan, full_state)
+            snap = self._snapshot(epoch, record, metrics, plan, full_state, at)
         metrics["epoch_seconds"] = time.perf_counter() - started
         if snap is not None:
-            self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}epoch{epoch:04d}_"
-                              f"{time.time_ns()}")
+            where = (f"step{at.global_step:08d}" if self.cfg.train.eval_every_n_steps and at
+                     else f"epoch{epoch:04d}")
+            self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}{where}_{time.time_ns()}")
         else:
             ray.train.report(metrics)
         return stop
 
     def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
-                diverged: bool) -> tuple[SavePlan | None, bool]:
-        """Rank 0: the tracker's verdict, and whether the policy saves this epoch."""
+                diverged: bool, at: Position | None,
+                final: bool | None) -> tuple[SavePlan | None, bool]:
+        """Rank 0: the tracker's verdict, and whether the policy saves this evaluation."""
         cfg, tracker = self.cfg, self.tracker
         decision = tracker.update(epoch, record)
         stop = decision.should_stop or diverged
         save = decide_save(
-            cfg.checkpoint.policy, epoch, improved=decision.improved,
-            is_final=stop or epoch == cfg.train.epochs,
+            cfg.checkpoint.policy, at.evaluation if at else epoch, improved=decision.improved,
+            is_final=stop or (final if final is not None else epoch == cfg.train.epochs),
             every_n_epochs=cfg.checkpoint.every_n_epochs,
             resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
         )
@@ -140,7 +158,8 @@ class EpochReporter:
         return SavePlan(decision.improved, save.reason, save.full_state), stop
 
     def _snapshot(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
-                  plan: SavePlan | None, full_state: bool) -> Snapshot | None:
+                  plan: SavePlan | None, full_state: bool,
+                  at: Position | None = None) -> Snapshot | None:
         """The epoch's state in host memory, on rank 0 (None elsewhere). Under fsdp every rank
         takes part in gathering it, rank 0 alone keeps it."""
         save_started = time.perf_counter()
@@ -156,6 +175,8 @@ class EpochReporter:
         cfg, tracker = self.cfg, self.tracker
         copy_started = time.perf_counter()
         train_state = {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed}
+        if at is not None:  # consumed: None at the epoch's end (the next one starts afresh)
+            train_state.update(step=at.step, global_step=at.global_step, consumed=at.consumed)
         if full_state and self.extras:
             train_state["extras"] = to_host({k: v.state_dict() for k, v in self.extras.items()})
         snap = snapshot(

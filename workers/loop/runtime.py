@@ -42,12 +42,16 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 @dataclass
 class Restored:
-    """Where a run continues: the first epoch to train, the tracker, the optimizer."""
+    """Where a run continues: the first epoch to train (and, mid-epoch, how far into it),
+    the tracker, the optimizer."""
 
     start_epoch: int = 1
     tracker_state: dict[str, Any] | None = None
     optimizer_state: dict[str, Any] | None = None  # only full-state (resume) checkpoints
     extras: dict[str, Any] | None = None  # the scheduler's, a loop's kept objects' (ditto)
+    consumed: int = 0  # positions of start_epoch's permutation trained (``loop.stream``)
+    step: int = 0  # optimizer steps of start_epoch trained
+    global_step: int | None = None  # optimizer steps trained (None: a checkpoint without it)
 
 
 def restore(model: torch.nn.Module, rank: int) -> Restored:
@@ -68,7 +72,12 @@ def restore(model: torch.nn.Module, rank: int) -> Restored:
         log.warning(
             "resuming from epoch %s without optimizer state (a model checkpoint; set "
             "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
-    return Restored(int(state["epoch"]) + 1, state["tracker"], optimizer_state, extras)
+    epoch, consumed = int(state["epoch"]), state.get("consumed")
+    if consumed is not None:  # taken mid-epoch: the same epoch goes on at the next batch
+        return Restored(epoch, state["tracker"], optimizer_state, extras, int(consumed),
+                        int(state.get("step") or 0), state.get("global_step"))
+    return Restored(epoch + 1, state["tracker"], optimizer_state, extras,
+                    global_step=state.get("global_step"))
 
 
 @dataclass
@@ -89,11 +98,15 @@ class Worker:
         """For ``ray.train.torch.prepare_model``: DDP when there is more than one rank."""
         return "ddp" if self.world_size > 1 else None
 
-    def epochs(self) -> Iterator[int]:
-        """The epochs still to train, each with this rank's seeds set."""
-        for epoch in range(self.restored.start_epoch, self.cfg.train.epochs + 1):
+    def epochs(self, until: int | None = -1) -> Iterator[int]:
+        """The epochs still to train, each with this rank's seeds set; up to ``until``
+        (default train.epochs; None: no end, the caller stops)."""
+        last = self.cfg.train.epochs if until == -1 else until
+        epoch = self.restored.start_epoch
+        while last is None or epoch <= last:
             seed_epoch(self.cfg.seed, self.rank, epoch)
             yield epoch
+            epoch += 1
 
 
 def start_worker(config: dict[str, Any]) -> Worker:

@@ -285,10 +285,12 @@ def train_epoch(
     optimizer: torch.optim.Optimizer | Stepper,
     device: torch.device,
     precision: str = "fp32",
+    after_step: Callable[[int, MeanLoss], bool] | None = None,
 ) -> MeanLoss:
     """One pass over this rank's training shard; the running loss as sufficient statistics.
     ``optimizer``: a ``Stepper`` (schedule, accumulation, clipping), or a plain optimizer
-    stepped once per batch."""
+    stepped once per batch. ``after_step(batches done, running loss)``: called after each
+    optimizer step (it may evaluate, and reset the loss); True ends the pass there."""
     batches = as_batches(batches)
     stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer)
     model.train()
@@ -306,4 +308,6 @@ def train_epoch(
         if last:
             stepper.step(model)
         loss.add_batch(batch_loss.item(), batch_size(y))
+        if last and after_step is not None and after_step(index + 1, loss):
+            break
     return loss
