@@ -19,11 +19,12 @@ from orchestrator.results.epochs import epoch_record, merge_history
 from orchestrator.tracking.policy import should_log_model
 from orchestrator.tracking.staging import stage_checkpoint
 from workers.compat import train_controller_handle
-from workers.contract.names import HISTORY_FILE, METADATA_FILE
+from workers.contract.names import HISTORY_FILE, METADATA_FILE, PREEMPT_KEY
 
 CONTROLLER = "controller"  # an event carrying the controller actor's own handle
 USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
 WORKER_FAILED = "worker_failed"  # an event carrying a fault's one line (Ray may restart)
+PREEMPTED = "preempted"  # the workers saved the step in flight, as the driver asked
 
 
 def read_history(run_dir: str) -> list[dict[str, Any]]:
@@ -60,6 +61,10 @@ class RunRecorder(UserCallback):
         return stage_checkpoint(self.run_dir, checkpoint_name)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+        if metrics[0].get(PREEMPT_KEY):  # a resume checkpoint a signal asked for: no record
+            if self.events is not None:
+                self.events.put((PREEMPTED, checkpoint.path if checkpoint else None))
+            return
         record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
         if self._history is None:  # first report of this controller: continue a resumed run
             self._history = read_history(self.run_dir)

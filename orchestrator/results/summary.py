@@ -40,7 +40,8 @@ def repair_history(history: list[dict[str, Any]],
     name; its metadata holds every metric of its epoch. Returns (history, whether it changed).
     """
     by_point = {point(record): record for record in history}
-    missing = [c for c in kept if point(c["metadata"]) not in by_point]
+    missing = [c for c in kept if point(c["metadata"]) not in by_point
+               and c["metadata"].get("saved_because") != "preempt"]  # not an evaluation
     for checkpoint in missing:
         by_point[point(checkpoint["metadata"])] = epoch_record(checkpoint["metadata"],
                                                                checkpoint["path"])

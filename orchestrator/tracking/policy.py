@@ -9,14 +9,14 @@ from workers.contract.names import point
 
 
 def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
-    """``policy`` mirrors the checkpoint policy (resume-only checkpoints are not models the
-    policy asked for); ``best`` logs improvements only; ``none`` logs no model; ``end`` chooses
-    among the policy's models, after training."""
+    """``policy`` mirrors the checkpoint policy (resume-only checkpoints, and those a signal
+    asked for, are not models the policy asked for); ``best`` logs improvements only;
+    ``none`` logs no model; ``end`` chooses among the policy's models, after training."""
     if log_model == "none":
         return False
     if log_model == "best":
         return is_best
-    return saved_because != "resume"
+    return saved_because not in ("resume", "preempt")
 
 
 LIVE = "live"  # each model logged as the run saves it (``WandbRun.handle``)

@@ -8,21 +8,40 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, WORKER_FAILED, RunRecorder
+from orchestrator.controller.recorder import (
+    CONTROLLER,
+    PREEMPTED,
+    USER_ERROR,
+    WORKER_FAILED,
+    RunRecorder,
+)
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
 from workers.compat import kill_train_controller
 from workers.contract.config import RunConfig
-from workers.contract.names import RANK_KEY
+from workers.contract.names import RANK_KEY, STOP_QUEUE_KEY
 from workers.decisions.policy import ray_keep_settings
 from workers.engines import train_loop_for
 
 
+def driver_queue() -> Any:
+    """A queue actor on the driver's node, as Ray Train places its controller: a node lost
+    elsewhere must not take the run's record stream (or its stop requests) with it."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
 def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
-                  events: Any = None, callbacks: tuple[Any, ...] | list[Any] = ()) -> Any:
+                  events: Any = None, callbacks: tuple[Any, ...] | list[Any] = (),
+                  stop_requests: Any = None) -> Any:
     """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
     ``events``: the queue to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
-    callbacks (Tune's report callback)."""
+    callbacks (Tune's report callback); ``stop_requests``: the queue through which the
+    driver asks the workers to save the step in flight and stop (``workers.loop.preempt``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -34,7 +53,8 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     workers = cfg.scaling.num_workers  # [min, max]: Ray Train's elastic worker group
     return TorchTrainer(
         train_loop_for(cfg.engine),
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), **(
+            {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {})},
         scaling_config=ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, list) else workers,
             use_gpu=use_gpu, resources_per_worker=resources,
@@ -63,19 +83,12 @@ class EventPump:
 
     def __init__(self, handle: Callable[[dict[str, Any], str | None], None],
                  on_failure: Callable[[str], None] = lambda what: None) -> None:
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         self.handle, self.on_failure = handle, on_failure
-        # On the driver's node, as Ray Train places its controller: a node lost elsewhere
-        # must not take the run's record stream with it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                              soft=False)
-        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.queue = driver_queue()
         self.errors: list[str] = []
         self.controller: Any = None  # the Train controller's actor handle, once it reported
         self.user_error: str | None = None  # a worker's user error, never retried
+        self.preempted: str | None = None  # the checkpoint of the step a signal had saved
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="run-events", daemon=True)
 
@@ -106,6 +119,9 @@ class EventPump:
                     continue
                 if record == WORKER_FAILED:
                     self.on_failure(staged)
+                    continue
+                if record == PREEMPTED:
+                    self.preempted = staged or "saved"
                     continue
             except Empty:
                 if self._done.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,12 @@ from orchestrator.start.context import (
 from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
-from orchestrator.training.ray_trainer import EventPump, build_trainer, stop_training
+from orchestrator.training.ray_trainer import (
+    EventPump,
+    build_trainer,
+    driver_queue,
+    stop_training,
+)
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG, point, where
 
@@ -134,10 +140,12 @@ class Stopped:
     stop_ray: bool  # Ray Train may still be running it (or waiting for workers)
 
 
-def fit(trainer: Any, guard: SignalGuard, run_dir: str,
-        tick: Callable[[], None]) -> Stopped | None:
+def fit(trainer: Any, guard: SignalGuard, run_dir: str, tick: Callable[[], None],
+        grace: Callable[[Interrupted], str] = lambda signal: "none") -> Stopped | None:
     """Run ``trainer.fit()``; None when it ended by itself. A user's mistake raises
-    ``UserError``. ``tick``: called while waiting; raises to stop the wait."""
+    ``UserError``. ``tick``: called while waiting; raises to stop the wait. ``grace``: after a
+    signal, ``saved`` when the workers saved the step in flight and returned, ``ended`` when
+    the run had ended by itself meanwhile, else the workers are stopped at once."""
     from ray.exceptions import RayActorError
     from ray.train import TrainingFailedError
 
@@ -160,8 +168,39 @@ def fit(trainer: Any, guard: SignalGuard, run_dir: str,
     except WorkersLost as exc:
         return Stopped("failed", str(exc), 1, True)
     except Interrupted as exc:
+        outcome = grace(exc)
+        if outcome == "ended":
+            return None
+        if outcome == "saved":
+            return Stopped("interrupted", f"interrupted by {exc}", exc.exit_code, False)
         return Stopped("interrupted", f"interrupted by {exc}", exc.exit_code, True)
     return None
+
+
+def grace_period(ctx: RunContext, stop_requests: Any,
+                 pump: EventPump) -> Callable[[Interrupted], str]:
+    """After a signal: ask the workers to save the step in flight and stop, and wait for
+    them up to ``failure.preempt_grace_s`` (a second signal still stops at once)."""
+    def wait(signal: Interrupted) -> str:
+        if stop_requests is None:
+            return "none"
+        seconds = ctx.cfg.failure.preempt_grace_s
+        ctx.console.say(f"{signal}: saving the step in flight, then stopping (up to "
+                        f"{seconds} s, failure.preempt_grace_s; send it again to stop now)")
+        try:
+            stop_requests.put(str(signal))
+        except Exception:  # noqa: BLE001 - Ray itself is going: stop as without grace
+            return "none"
+        if not ctx.guard.wait_for_fit(timeout=seconds):
+            return "none"
+        time.sleep(0.5)  # the pump's last events
+        if not pump.preempted:  # the workers were done before they heard of it
+            ctx.console.say("the run had ended by itself: nothing left to save")
+            return "ended"
+        ctx.console.say("the step in flight is saved: --resume goes on at the next one")
+        return "saved"
+
+    return wait
 
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -190,12 +229,17 @@ def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     handle = EpochHandler(ctx)
     pump = EventPump(handle, on_failure=handle.failed)
     watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
+    # Only the torch engine's loop looks for stop requests (after every optimizer step).
+    stop_requests = (driver_queue() if cfg.engine == "torch" and cfg.failure.preempt_grace_s
+                     else None)
     trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
-                            log_model=tracking.log_model_setting, events=pump.queue)
+                            log_model=tracking.log_model_setting, events=pump.queue,
+                            stop_requests=stop_requests)
     try:
         with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
             stopped = fit(trainer, guard, ctx.run_dir,
-                          lambda: (pump.check(), watchdog.tick()))
+                          lambda: (pump.check(), watchdog.tick()),
+                          grace_period(ctx, stop_requests, pump))
     except UserError:
         if guard.fit_running():  # Ray would retry it (max_failures): never useful
             stop_training(pump.controller, guard)

@@ -5,6 +5,7 @@ first learns the signal and then memorises the noise (overconfident on validatio
 Optionally fails once, mid-training, to exercise restarts: after ``fail_after_steps``
 training steps the model raises (``fail_with: raise``) or its process SIGKILLs itself
 (``fail_with: sigkill``), unless ``marker`` exists (it is created just before).
+``step_seconds``: each training batch also sleeps this long (a run slow enough to signal).
 ``kill_writing_epoch``: the process writing that epoch's ``model.safetensors`` SIGKILLs itself
 between the temporary file and the rename, once (``marker`` + ``.write``).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,8 +31,10 @@ def _blobs(
 
 class FailOnce(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None,
-                 nan_after_steps: int | None = None, fail_with: str = "raise"):
+                 nan_after_steps: int | None = None, fail_with: str = "raise",
+                 step_seconds: float = 0.0):
         super().__init__()
+        self.step_seconds = step_seconds
         self.fail_with = fail_with
         self.nan_after_steps = nan_after_steps
         self.trained_steps = 0
@@ -42,6 +46,7 @@ class FailOnce(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.trained_steps += 1
+            time.sleep(self.step_seconds)
         if self.nan_after_steps is not None and self.trained_steps > self.nan_after_steps:
             return self.inner(x) * float("nan")  # diverged: NaN losses, NaN weights
         if self.training and self.fail_after_steps is not None:
@@ -86,6 +91,7 @@ def build(
     nan_after_steps: int | None = None,
     fail_with: str = "raise",
     kill_writing_epoch: int | None = None,
+    step_seconds: float = 0.0,
 ) -> SimpleNamespace:
     """``norm``: BatchNorm after each hidden layer (buffers that training updates per rank);
     ``dropout``: after each hidden layer; ``nan_after_steps``: outputs are NaN from then on,
@@ -105,7 +111,8 @@ def build(
 
     model = torch.nn.Sequential(*block(dim), *block(hidden), torch.nn.Linear(hidden, 2))
     return SimpleNamespace(
-        model=FailOnce(model, fail_after_steps, marker, nan_after_steps, fail_with),
+        model=FailOnce(model, fail_after_steps, marker, nan_after_steps, fail_with,
+                       step_seconds),
         train_dataset=torch.utils.data.TensorDataset(x_train, y_train),
         val_dataset=torch.utils.data.TensorDataset(x_val, y_val),
         test_dataset=torch.utils.data.TensorDataset(x_test, y_test) if with_test else None,

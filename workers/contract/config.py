@@ -199,6 +199,10 @@ class FailureSection(_Section):
     worker_wait_s: Int = Field(
         900, ge=1, description="how long a run whose workers were lost (a node gone) waits "
         "for the cluster to have room for them again before it stops")
+    preempt_grace_s: Int = Field(
+        60, ge=0, description="engine torch: on SIGTERM or SIGINT, the time the workers have to "
+        "finish the step in flight and save a resume checkpoint of it (--resume goes on at the "
+        "next step); a second signal stops at once; 0: stop at once, keeping what was saved")
 
 
 class WandbSection(_Section):

@@ -36,7 +36,13 @@ TUNE_DIR = "_tune"  # Ray Tune's own bookkeeping
 # Reported every epoch besides the split metrics: the tracker's ranking, which Ray uses as the
 # checkpoint score (see policy.ray_keep_settings). Internal: not part of the epoch's record.
 RANK_KEY = "checkpoint_rank"
-INTERNAL_KEYS = (RANK_KEY,)
+# Reported with the resume checkpoint a signal asked for (``failure.preempt_grace_s``): not an
+# evaluation, so not a record of the history, never an improvement.
+PREEMPT_KEY = "preempted"
+INTERNAL_KEYS = (RANK_KEY, PREEMPT_KEY)
+# In the workers' train_loop_config beside the run's config: the queue through which the
+# driver asks them to save the step in flight and stop.
+STOP_QUEUE_KEY = "_stop_requests"
 
 
 def point(record: dict) -> tuple[int, int]:

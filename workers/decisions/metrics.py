@@ -138,6 +138,11 @@ class MeanLoss:
         self._sum += float(batch_mean_loss) * batch_size
         self._count += batch_size
 
+    def add_state(self, total: float, count: float) -> None:
+        """Sums carried over from elsewhere (a preempted step's, restored)."""
+        self._sum += total
+        self._count += count
+
     def state(self) -> torch.Tensor:
         return torch.tensor([self._sum, self._count], dtype=torch.float64)
 

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from workers.decisions.metrics import MeanLoss
 from workers.loop.batches import Batches, check_first_batch
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
+from workers.loop.preempt import StopRequests
 from workers.loop.reporter import EpochReporter, Position, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sharding import (
@@ -179,7 +181,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
 
 
 def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock: Clock,
-              epoch: int) -> bool:
+              epoch: int, stops: StopRequests) -> bool:
     """Train on this rank's shard, evaluating and reporting when the clock says; returns
     whether the run stops (the same on every rank)."""
     w, p = worker, parts
@@ -193,22 +195,26 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
         clock.global_step += 1
         state["step"] += 1
         epoch_ends = batches_done == batches_in_epoch
-        if not clock.evaluates(epoch_ends):
-            return False
-        values = evaluate(w, p, train_loss)
-        train_loss.reset()
         at = Position(step=state["step"], global_step=clock.global_step,
                       consumed=None if epoch_ends else stream.position_after(
                           batches_done, p.train_loader.batch_size),
                       evaluation=clock.evaluation(epoch))
-        stop = reporter.report(epoch, values, state["started"], at=at,
-                               final=clock.done)
-        state["started"] = time.perf_counter()
-        state["stop"] = stop or clock.done
+        if clock.evaluates(epoch_ends):
+            values = evaluate(w, p, train_loss)
+            train_loss.reset()
+            stop = reporter.report(epoch, values, state["started"], at=at, final=clock.done)
+            state["started"] = time.perf_counter()
+            state["stop"] = stop or clock.done
+        if not state["stop"] and stops.asked():  # a signal: save this step, then stop
+            reporter.preempt(epoch, at, train_loss)
+            state["stop"] = True
         return state["stop"]
 
+    running = MeanLoss()
+    if epoch == w.restored.start_epoch and w.restored.running_loss and w.is_rank_zero:
+        running.add_state(*w.restored.running_loss)  # the preempted stretch's, summed
     train_epoch(p.model, p.train_loader, p.batches, p.stepper, w.device, precision,
-                after_step=after_step)
+                after_step=after_step, loss=running)
     return state["stop"]
 
 
@@ -217,11 +223,12 @@ def train_loop(config: dict[str, Any]) -> None:
     parts = setup(worker)
     reporter = EpochReporter.create(worker, parts.state, extras=parts.stepper.state_objects())
     cfg, restored, clock = worker.cfg, worker.restored, parts.clock
+    stops = StopRequests(worker.stop_queue, worker.rank, worker.device)
     for epoch in worker.epochs(until=None if cfg.train.max_steps else cfg.train.epochs):
         if clock.done:
             break  # nothing left to train (a --resume of a finished run)
         if epoch != restored.start_epoch:
             parts.train_loader.sampler.set_epoch(epoch)
-        if run_epoch(worker, parts, reporter, clock, epoch):
+        if run_epoch(worker, parts, reporter, clock, epoch, stops):
             break
     reporter.finish()

@@ -20,12 +20,13 @@ import torch.distributed as dist
 from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
 from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
-from workers.contract.names import CHECKPOINT_PREFIX, RANK_KEY
+from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
+from workers.decisions.metrics import MeanLoss
 from workers.decisions.policy import decide_save
 from workers.decisions.tracker import BestTracker, MonitorNotReportedError
 from workers.loop.runtime import Worker
 from workers.loop.sharding import LocalState, ShardedState
-from workers.loop.steps import distributed
+from workers.loop.steps import all_reduce_sum, distributed
 
 
 def broadcast_flags(flags: list[bool], device: torch.device) -> list[bool]:
@@ -193,6 +194,40 @@ class EpochReporter:
         metrics["snapshot_seconds"] = time.perf_counter() - copy_started
         metrics["save_blocked_seconds"] = time.perf_counter() - save_started
         return snap
+
+    def preempt(self, epoch: int, at: Position, running_loss: MeanLoss) -> None:
+        """A resume checkpoint of this step, because the driver asked the run to stop: the
+        model, the optimizer and the kept state, where the data stream stands, and the
+        training loss since the last evaluation (summed over the ranks: rank 0 carries it).
+        Not an evaluation: no record in the history, never an improvement. Every rank calls
+        it (a sharded model is gathered by all of them)."""
+        import ray.train
+
+        total, count = all_reduce_sum(running_loss.state(), self.device).tolist()
+        metrics: dict[str, Any] = {"epoch": epoch, "step": at.step,
+                                   "global_step": at.global_step, PREEMPT_KEY: 1,
+                                   "workers": self.world_size}
+        if self.tracker is not None:
+            self.saver.wait()
+        weights, optimizer = self.state.weights(), self.state.optimizer_state()
+        if self.tracker is None:
+            ray.train.report(metrics)
+            return
+        metrics[RANK_KEY] = self.tracker.improvements - 0.5  # below the best: never kept as it
+        train_state: dict[str, Any] = {
+            "epoch": epoch, "tracker": self.tracker.state_dict(), "seed": self.cfg.seed,
+            "step": at.step, "global_step": at.global_step, "consumed": at.consumed,
+            "running_loss": [total, count]}
+        if self.extras:
+            train_state["extras"] = to_host({k: v.state_dict() for k, v in self.extras.items()})
+        snap = snapshot(weights, optimizer, train_state, {
+            "epoch": epoch, "step": at.step, "global_step": at.global_step,
+            "monitor": self.tracker.monitor, "mode": self.tracker.mode, "is_best": False,
+            "saved_because": "preempt", "world_size": self.world_size,
+            "workers": self.world_size, "seed": self.cfg.seed, "config": self.cfg.to_dict()},
+            buffers=self.saver.buffers)
+        self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}step{at.global_step:08d}_"
+                          f"preempt_{time.time_ns()}")
 
     def finish(self) -> None:
         """Wait for the last save in flight."""

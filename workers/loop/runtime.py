@@ -19,6 +19,7 @@ from workers.checkpoint.load import load_intact
 from workers.compat import quiet_ray_train_reports
 from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
+from workers.contract.names import STOP_QUEUE_KEY
 from workers.contract.workload import build_workload
 
 
@@ -52,6 +53,7 @@ class Restored:
     consumed: int = 0  # positions of start_epoch's permutation trained (``loop.stream``)
     step: int = 0  # optimizer steps of start_epoch trained
     global_step: int | None = None  # optimizer steps trained (None: a checkpoint without it)
+    running_loss: tuple[float, float] | None = None  # a preempted step's training loss so far
 
 
 def restore(model: torch.nn.Module, rank: int) -> Restored:
@@ -73,11 +75,13 @@ def restore(model: torch.nn.Module, rank: int) -> Restored:
             "resuming from epoch %s without optimizer state (a model checkpoint; set "
             "checkpoint.resume_every_n_epochs for full-state checkpoints)", state["epoch"])
     epoch, consumed = int(state["epoch"]), state.get("consumed")
+    running = state.get("running_loss")  # a preempted stretch's, since its last evaluation
+    running = (float(running[0]), float(running[1])) if running else None
     if consumed is not None:  # taken mid-epoch: the same epoch goes on at the next batch
         return Restored(epoch, state["tracker"], optimizer_state, extras, int(consumed),
-                        int(state.get("step") or 0), state.get("global_step"))
+                        int(state.get("step") or 0), state.get("global_step"), running)
     return Restored(epoch + 1, state["tracker"], optimizer_state, extras,
-                    global_step=state.get("global_step"))
+                    global_step=state.get("global_step"), running_loss=running)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Worker:
     device: torch.device
     workload: Any  # the user's workload, its model on ``device`` with restored weights
     restored: Restored
+    stop_queue: Any = None  # the driver's stop requests (``loop.preempt``); None in a trial
 
     @property
     def is_rank_zero(self) -> bool:
@@ -113,6 +118,8 @@ def start_worker(config: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
 
+    config = dict(config)
+    stop_queue = config.pop(STOP_QUEUE_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -124,4 +131,5 @@ def start_worker(config: dict[str, Any]) -> Worker:
     check_precision(cfg.train.precision, device)
     if cfg.scaling.strategy == "ddp":
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
-    return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank))
+    return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank),
+                  stop_queue)

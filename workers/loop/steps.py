@@ -286,15 +286,17 @@ def train_epoch(
     device: torch.device,
     precision: str = "fp32",
     after_step: Callable[[int, MeanLoss], bool] | None = None,
+    loss: MeanLoss | None = None,
 ) -> MeanLoss:
     """One pass over this rank's training shard; the running loss as sufficient statistics.
     ``optimizer``: a ``Stepper`` (schedule, accumulation, clipping), or a plain optimizer
     stepped once per batch. ``after_step(batches done, running loss)``: called after each
-    optimizer step (it may evaluate, and reset the loss); True ends the pass there."""
+    optimizer step (it may evaluate, and reset the loss); True ends the pass there. ``loss``:
+    the running loss to add to (default: a new one)."""
     batches = as_batches(batches)
     stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer)
     model.train()
-    loss = MeanLoss()
+    loss = loss if loss is not None else MeanLoss()
     count = len(loader)
     stepper.optimizer.zero_grad(set_to_none=True)
     for index, batch in enumerate(loader):
