@@ -6,6 +6,9 @@ Optionally fails once, mid-training, to exercise restarts: after ``fail_after_st
 training steps the model raises (``fail_with: raise``) or its process SIGKILLs itself
 (``fail_with: sigkill``), unless ``marker`` exists (it is created just before).
 ``step_seconds``: each training batch also sleeps this long (a run slow enough to signal).
+``record_samples``: a directory where each process records, one line per training batch, the
+indices of the samples it trained on (every split's inputs then carry their index as a last
+column, which the model drops).
 ``kill_writing_epoch``: the process writing that epoch's ``model.safetensors`` SIGKILLs itself
 between the temporary file and the rename, once (``marker`` + ``.write``).
 """
@@ -32,9 +35,10 @@ def _blobs(
 class FailOnce(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, fail_after_steps: int | None, marker: str | None,
                  nan_after_steps: int | None = None, fail_with: str = "raise",
-                 step_seconds: float = 0.0):
+                 step_seconds: float = 0.0, record_samples: str | None = None):
         super().__init__()
         self.step_seconds = step_seconds
+        self.record_samples = record_samples
         self.fail_with = fail_with
         self.nan_after_steps = nan_after_steps
         self.trained_steps = 0
@@ -44,6 +48,11 @@ class FailOnce(torch.nn.Module):
         self.steps = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.record_samples:  # the last column is each sample's index, not a feature
+            x, index = x[:, :-1], x[:, -1]
+            if self.training:
+                with open(Path(self.record_samples) / f"{os.getpid()}.txt", "a") as f:
+                    f.write(" ".join(str(int(i)) for i in index.tolist()) + "\n")
         if self.training:
             self.trained_steps += 1
             time.sleep(self.step_seconds)
@@ -92,6 +101,7 @@ def build(
     fail_with: str = "raise",
     kill_writing_epoch: int | None = None,
     step_seconds: float = 0.0,
+    record_samples: str | None = None,
 ) -> SimpleNamespace:
     """``norm``: BatchNorm after each hidden layer (buffers that training updates per rank);
     ``dropout``: after each hidden layer; ``nan_after_steps``: outputs are NaN from then on,
@@ -104,6 +114,11 @@ def build(
     y_train = torch.where(flip, 1 - y_train, y_train)
     x_val, y_val = _blobs(n_val, gen, dim, separation)
     x_test, y_test = _blobs(n_val, gen, dim, separation)
+    if record_samples:  # each sample carries its index, which the model records and drops
+        Path(record_samples).mkdir(parents=True, exist_ok=True)
+        def indexed(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, torch.arange(len(x), dtype=x.dtype).unsqueeze(1)], dim=1)
+        x_train, x_val, x_test = indexed(x_train), indexed(x_val), indexed(x_test)
     def block(n_in: int) -> list[torch.nn.Module]:
         return [torch.nn.Linear(n_in, hidden),
                 *([torch.nn.BatchNorm1d(hidden)] if norm else []),
@@ -112,7 +127,7 @@ def build(
     model = torch.nn.Sequential(*block(dim), *block(hidden), torch.nn.Linear(hidden, 2))
     return SimpleNamespace(
         model=FailOnce(model, fail_after_steps, marker, nan_after_steps, fail_with,
-                       step_seconds),
+                       step_seconds, record_samples),
         train_dataset=torch.utils.data.TensorDataset(x_train, y_train),
         val_dataset=torch.utils.data.TensorDataset(x_val, y_val),
         test_dataset=torch.utils.data.TensorDataset(x_test, y_test) if with_test else None,
