@@ -156,8 +156,10 @@ def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp
     state = torch.load(sorted(preempted)[-1] / "train_state.pt", weights_only=True)
     consumed, epoch = state["consumed"], state["epoch"]
 
-    # The last resume: 3 workers instead of 2. The rest of the epoch is re-sharded.
-    final = start("preempted", "--resume", "--set", "scaling.num_workers=3")
+    # The last resume: 3 workers instead of 2 (half a CPU each: this machine has 2). The rest
+    # of the epoch is re-sharded.
+    final = start("preempted", "--resume", "--set", "scaling.num_workers=3",
+                  "--set", "scaling.cpus_per_worker=0.5")
     out, err = final.communicate(timeout=300)
     assert final.returncode == 0, err[-3000:]
     counts = trained_samples(tmp_path / "preempted")
