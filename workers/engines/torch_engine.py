@@ -181,9 +181,10 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
 
 
 def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock: Clock,
-              epoch: int, stops: StopRequests) -> bool:
+              epoch: int, stops: StopRequests, running: MeanLoss) -> bool:
     """Train on this rank's shard, evaluating and reporting when the clock says; returns
-    whether the run stops (the same on every rank)."""
+    whether the run stops (the same on every rank). ``running``: the training loss since the
+    last evaluation, which may have begun in an earlier epoch."""
     w, p = worker, parts
     precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
     stream, batches_in_epoch = p.train_loader.sampler, len(p.train_loader)
@@ -210,9 +211,6 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
             state["stop"] = True
         return state["stop"]
 
-    running = MeanLoss()
-    if epoch == w.restored.start_epoch and w.restored.running_loss and w.is_rank_zero:
-        running.add_state(*w.restored.running_loss)  # the preempted stretch's, summed
     train_epoch(p.model, p.train_loader, p.batches, p.stepper, w.device, precision,
                 after_step=after_step, loss=running)
     return state["stop"]
@@ -224,11 +222,14 @@ def train_loop(config: dict[str, Any]) -> None:
     reporter = EpochReporter.create(worker, parts.state, extras=parts.stepper.state_objects())
     cfg, restored, clock = worker.cfg, worker.restored, parts.clock
     stops = StopRequests(worker.stop_queue, worker.rank, worker.device)
+    running = MeanLoss()
+    if restored.running_loss and worker.is_rank_zero:
+        running.add_state(*restored.running_loss)  # a preempted stretch's, of every rank
     for epoch in worker.epochs(until=None if cfg.train.max_steps else cfg.train.epochs):
         if clock.done:
             break  # nothing left to train (a --resume of a finished run)
         if epoch != restored.start_epoch:
             parts.train_loader.sampler.set_epoch(epoch)
-        if run_epoch(worker, parts, reporter, clock, epoch, stops):
+        if run_epoch(worker, parts, reporter, clock, epoch, stops, running):
             break
     reporter.finish()
