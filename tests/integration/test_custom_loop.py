@@ -31,11 +31,15 @@ def recorded_epochs(run_dir) -> int:
         return 0
 
 
-def test_a_two_optimizer_loop_restarts_with_both_and_keeps_an_exact_best(tmp_path, ray_tmp):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_two_optimizer_loop_restarts_with_both_and_keeps_an_exact_best(tmp_path, ray_tmp,
+                                                                         strategy):
+    """Under fsdp ``ctx.prepare`` shards each network; the optimizers' states are gathered
+    whole into the checkpoint and sharded again on the restart."""
     config = {"name": "gan", "storage_path": str(tmp_path / "runs"), "engine": "loop",
               "workload": {"entrypoint": "tests.workloads.gan_pair:build",
                            "params": {"epoch_seconds": 1.0}},
-              "scaling": {"num_workers": 2},
+              "scaling": {"num_workers": 2, "strategy": strategy},
               "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.002},
               "tracker": {"monitor": "val_loss"},
               "checkpoint": {"resume_every_n_epochs": 1}, "failure": {"max_failures": 1},

@@ -331,9 +331,6 @@ class RunConfig(_Section):
             if given:
                 raise ValueError(f"train.{given[0]}: engine loop trains as the workload's "
                                  "loop(ctx) does (it reads ctx.config.train); leave it out")
-            if self.scaling.strategy == "fsdp":
-                raise ValueError("scaling.strategy: fsdp is not available for engine: loop "
-                                 "yet; use ddp (ctx.model is then DDP-wrapped)")
 
     @property
     def schedule(self) -> str:

@@ -19,7 +19,12 @@ from workers.contract.errors import UserInputError
 from workers.loop.batches import Batches, blamed_on, check_first_batch
 from workers.loop.reporter import EpochReporter
 from workers.loop.runtime import Worker, seed_epoch, start_worker
-from workers.loop.sharding import LocalState
+from workers.loop.sharding import (
+    LocalState,
+    ShardedState,
+    fully_shard_model,
+    load_full_optimizer_state,
+)
 from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
@@ -30,6 +35,7 @@ from workers.loop.steps import (
     loader_workers,
     make_loader,
     model_device,
+    most_on_any_rank,
     shard,
     to_device,
     workload_metrics,
@@ -60,10 +66,13 @@ class LoopContext:
         self._batches = Batches.of(self.workload)
         self._collate = collate_of(self.workload)
         self._kept: dict[str, Any] = {}
-        self._reporter = EpochReporter.create(worker, LocalState(self.workload.model, None),
-                                              extras=self._kept)
+        self._sharded = self.config.scaling.strategy == "fsdp"
+        state = (ShardedState(self.workload.model, None) if self._sharded
+                 else LocalState(self.workload.model, None))
+        self._reporter = EpochReporter.create(worker, state, extras=self._kept)
         self._model: torch.nn.Module | None = None
         self._loaders: dict[int, Any] = {}
+        self._forwards: dict[int, tuple[int, Any]] = {}  # fsdp: forwards per evaluation
         self._train_loader: Any = None
         self._metrics: list[Any] | None = None
         self._epoch: int | None = None  # the epoch ctx.epochs() is in
@@ -73,16 +82,28 @@ class LoopContext:
     # -- what the loop trains with ------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
-        """The workload's model, prepared for DDP (wrapped when there is more than one rank;
-        its weights restored on a restart). Prepared on first use: a loop that prepares its
-        sub-networks itself (``ctx.prepare``) never wraps the whole."""
+        """The workload's model, prepared for DDP (wrapped when there is more than one rank)
+        or sharded in place under fsdp (``scaling.fsdp_blocks`` or the workload's
+        ``fsdp_blocks`` as units); its weights restored on a restart. Prepared on first use:
+        a loop that prepares its sub-networks itself (``ctx.prepare``) never wraps the whole.
+        Under fsdp, create the optimizers after this."""
         if self._model is None:
-            self._model = self.prepare(self.workload.model)
+            self._model = self._prepare(self.workload.model, whole=True)
         return self._model
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` on this rank's device, DDP-wrapped when there is more than one rank: for
-        a loop that steps parts of the model on their own (a generator and a discriminator)."""
+        """``module`` on this rank's device, DDP-wrapped when there is more than one rank, or
+        sharded in place under fsdp: for a loop that steps parts of the model on their own
+        (a generator and a discriminator)."""
+        return self._prepare(module, whole=False)
+
+    def _prepare(self, module: torch.nn.Module, whole: bool) -> torch.nn.Module:
+        if self._sharded:
+            cfg = self.config
+            blocks = (cfg.scaling.fsdp_blocks or getattr(self.workload, "fsdp_blocks", None)
+                      if whole else None)
+            return fully_shard_model(module, blocks, self.device, self.world_size,
+                                     cfg.train.precision)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(module,
@@ -123,7 +144,11 @@ class LoopContext:
         saved = (self._worker.restored.extras or {}).get(name)
         if saved is not None:
             with blamed_on(f"ctx.keep({name!r}, ...): its saved state does not load"):
-                obj.load_state_dict(saved)
+                if self._sharded and isinstance(obj, torch.optim.Optimizer):
+                    # saved whole: each rank takes its own shard (every rank keeps it)
+                    load_full_optimizer_state(self.workload.model, obj, saved)
+                else:
+                    obj.load_state_dict(saved)
         self._kept[name] = obj
         return obj
 
@@ -170,12 +195,24 @@ class LoopContext:
         if loader is None:
             loader = self._loader(shard(dataset, self.rank, self.world_size))
             self._loaders[id(dataset)] = loader
+        forwards, padding = self._fsdp_forwards(loader, dataset)
         was_training = plain.training
         broadcast_buffers(plain)  # rank 0's running statistics: the model it saves
-        loss = accumulate(plain, loader, self._batches, metrics, self.device,
-                          self.config.train.precision)
+        # Under fsdp the bf16 policy is FSDP's, and a forward is a collective: every rank
+        # makes as many, the extra ones on a padding input (counted nowhere).
+        precision = "fp32" if self._sharded else self.config.train.precision
+        loss = accumulate(plain, loader, self._batches, metrics, self.device, precision,
+                          forwards, padding)
         plain.train(was_training)
         return global_metrics([(split, loss, metrics)], self.device)
+
+    def _fsdp_forwards(self, loader: Any, dataset: Any) -> tuple[int, Any]:
+        if not self._sharded:
+            return 0, None
+        if id(dataset) not in self._forwards:
+            padding, _ = self._batches.split(first_batch(dataset, self._collate))
+            self._forwards[id(dataset)] = (most_on_any_rank(len(loader), self.device), padding)
+        return self._forwards[id(dataset)]
 
     def _metric_objects(self, model: torch.nn.Module) -> list[Any]:
         if self._metrics is None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from workers.decisions.metrics import MeanLoss
@@ -34,12 +33,12 @@ from workers.loop.steps import (
     broadcast_buffers,
     classes_from,
     collate_of,
-    distributed,
     first_batch,
     global_metrics,
     loader_workers,
     make_loader,
     model_device,
+    most_on_any_rank,
     shard,
     to_device,
     train_epoch,
@@ -63,14 +62,6 @@ class TorchParts:
     state: LocalState | ShardedState  # how a save reads the whole model and optimizer
     val_forwards: int = 0  # fsdp: forward calls every rank makes per validation pass
     padding_input: Any = None  # fsdp: the input of the extra ones
-
-
-def most_on_any_rank(count: int, device: torch.device) -> int:
-    if not distributed():
-        return count
-    t = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def setup(worker: Worker) -> TorchParts:

@@ -169,6 +169,7 @@ class EpochReporter:
         gather_started = time.perf_counter()
         weights = self.state.weights()
         optimizer = self.state.optimizer_state() if full_state else None
+        extras = self._extras_state() if full_state else None
         if self.state.collective:
             metrics["gather_seconds"] = time.perf_counter() - gather_started
         if self.tracker is None:
@@ -178,8 +179,8 @@ class EpochReporter:
         train_state = {"epoch": epoch, "tracker": tracker.state_dict(), "seed": cfg.seed}
         if at is not None:  # consumed: None at the epoch's end (the next one starts afresh)
             train_state.update(step=at.step, global_step=at.global_step, consumed=at.consumed)
-        if full_state and self.extras:
-            train_state["extras"] = to_host({k: v.state_dict() for k, v in self.extras.items()})
+        if extras is not None:
+            train_state["extras"] = extras
         snap = snapshot(
             weights, optimizer, train_state,
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
@@ -210,6 +211,7 @@ class EpochReporter:
         if self.tracker is not None:
             self.saver.wait()
         weights, optimizer = self.state.weights(), self.state.optimizer_state()
+        extras = self._extras_state()
         if self.tracker is None:
             ray.train.report(metrics)
             return
@@ -218,8 +220,8 @@ class EpochReporter:
             "epoch": epoch, "tracker": self.tracker.state_dict(), "seed": self.cfg.seed,
             "step": at.step, "global_step": at.global_step, "consumed": at.consumed,
             "running_loss": [total, count]}
-        if self.extras:
-            train_state["extras"] = to_host({k: v.state_dict() for k, v in self.extras.items()})
+        if extras is not None:
+            train_state["extras"] = extras
         snap = snapshot(weights, optimizer, train_state, {
             "epoch": epoch, "step": at.step, "global_step": at.global_step,
             "monitor": self.tracker.monitor, "mode": self.tracker.mode, "is_best": False,
@@ -228,6 +230,20 @@ class EpochReporter:
             buffers=self.saver.buffers)
         self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}step{at.global_step:08d}_"
                           f"preempt_{time.time_ns()}")
+
+    def _extras_state(self) -> dict[str, Any] | None:
+        """The kept objects' states in host memory, on rank 0 (None elsewhere, and when there
+        are none). Under fsdp an optimizer's is gathered whole, every rank taking part, as the
+        run's own optimizer's is."""
+        if not self.extras or (self.tracker is None and not self.state.collective):
+            return None
+        out = {}
+        for name, obj in self.extras.items():
+            if self.state.collective and isinstance(obj, torch.optim.Optimizer):
+                out[name] = self.state.optimizer_state(obj).state_dict()
+            else:
+                out[name] = obj.state_dict()
+        return to_host(out) if self.tracker is not None else None
 
     def finish(self) -> None:
         """Wait for the last save in flight."""

@@ -66,10 +66,15 @@ class ShardedState:
 
         return Gathered(get_model_state_dict(self.model, options=self._options()))
 
-    def optimizer_state(self) -> Gathered:
+    def optimizer_state(self, optimizer: Any = None) -> Gathered | None:
+        """The whole state of ``optimizer`` (default: the run's; None when there is none:
+        a custom loop keeps its optimizers itself)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return Gathered(get_optimizer_state_dict(self.model, self.optimizer,
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if optimizer is None:
+            return None
+        return Gathered(get_optimizer_state_dict(self.model, optimizer,
                                                  options=self._options()))
 
 

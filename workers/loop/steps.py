@@ -209,6 +209,15 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def most_on_any_rank(count: int, device: torch.device) -> int:
+    """The largest ``count`` among the ranks (a sharded model's forwards per evaluation)."""
+    if not distributed():
+        return count
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_buffers(model: torch.nn.Module) -> None:
     """Rank 0's buffers (BatchNorm's running statistics, or any other) on every rank.
 
