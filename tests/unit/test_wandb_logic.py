@@ -182,3 +182,27 @@ def test_the_calls_the_pruner_makes_exist_in_wandbs_public_api():
     assert "delete_aliases" in inspect.signature(Artifact.delete).parameters
     assert "timeout" in inspect.signature(Artifact.wait).parameters
     assert isinstance(Artifact.qualified_name, property)
+
+
+def step_ckpt(epoch: int, global_step: int, is_best: bool, saved_because: str = "best") -> dict:
+    metadata = {"epoch": epoch, "step": global_step % 6 or 6, "global_step": global_step,
+                "is_best": is_best, "saved_because": saved_because}
+    return {"epoch": epoch, "path": f"/runs/r/checkpoint_step{global_step:08d}",
+            "is_best": is_best, "metadata": metadata}
+
+
+def test_a_run_that_evaluates_by_steps_names_its_versions_by_global_step():
+    """Two evaluations in epoch 2 (steps 8 and 10): the versions are step-8 and step-10, in
+    the order of the run; a checkpoint a signal had saved is never a model to log."""
+    from orchestrator.tracking.policy import kept_at_end, version_alias
+
+    checkpoints = [step_ckpt(2, 8, True), step_ckpt(2, 10, False, "every_n"),
+                   step_ckpt(2, 11, False, "preempt")]
+    kept = kept_at_end("policy", "best_and_last", checkpoints[0]["path"], checkpoints,
+                       by_steps=True)
+    assert [(m["global_step"], aliases) for _, m, aliases in kept] == [
+        (8, ["step-8", "best"]), (10, ["step-10", "last"])]
+    assert version_alias(checkpoints[0]["metadata"], by_steps=False) == "epoch-2"
+    assert not should_log_model("policy", "preempt", False)
+    best = best_summary({**checkpoints[0]["metadata"], "val_loss": 0.5}, None)
+    assert (best["best_epoch"], best["best_step"], best["best_global_step"]) == (2, 2, 8)
