@@ -1,6 +1,6 @@
 """The baselines' per-worker loops on Ray Train: the project's training steps, their saving.
 
-Both reuse the project's ``start_worker``, ``setup`` and ``run_epoch`` (so the training,
+Both reuse the project's ``start_worker``, ``setup`` and ``epoch_metrics`` (so the training,
 the data, the seeds and the one all-reduce of metric statistics are the project's), and
 differ only in how they save. They report what they wrote (``WRITTEN_KEY``) and how long
 the save itself took (``SAVE_KEY``) for the benchmark's accounting.
@@ -24,7 +24,7 @@ import torch
 
 from bench.probes import SAVE_KEY, WRITTEN_KEY
 from workers.compat import train_run_storage
-from workers.engines.torch_engine import run_epoch, setup
+from workers.engines.torch_engine import epoch_metrics, setup
 from workers.loop.runtime import start_worker
 
 
@@ -33,7 +33,7 @@ def _epochs(config: dict[str, Any]):
     worker = start_worker(config)
     parts = setup(worker)
     for epoch in worker.epochs():
-        yield epoch, parts, worker.rank, {"epoch": epoch, **run_epoch(worker, parts, epoch)}
+        yield epoch, parts, worker.rank, {"epoch": epoch, **epoch_metrics(worker, parts, epoch)}
 
 
 def naive_loop(config: dict[str, Any]) -> None:

@@ -171,6 +171,16 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     return {**values, "lr": p.stepper.last_lr}
 
 
+def epoch_metrics(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
+    """One whole epoch trained, then its global metrics, reporting nothing: for loops that
+    report and save themselves (the benchmark's baselines, ``bench/loops.py``)."""
+    precision = "fp32" if worker.cfg.scaling.strategy == "fsdp" else worker.cfg.train.precision
+    parts.train_loader.sampler.set_epoch(epoch)
+    loss = train_epoch(parts.model, parts.train_loader, parts.batches, parts.stepper,
+                       worker.device, precision)
+    return evaluate(worker, parts, loss)
+
+
 def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock: Clock,
               epoch: int, stops: StopRequests, running: MeanLoss) -> bool:
     """Train on this rank's shard, evaluating and reporting when the clock says; returns
