@@ -339,6 +339,12 @@ class RunConfig(_Section):
             return "one_cycle" if self.engine == "fastai" else "constant"
         return self.train.schedule
 
+    @property
+    def autocast_precision(self) -> str:
+        """The precision of forward passes under autocast: under fsdp bf16 is FSDP's own
+        mixed-precision policy instead, so autocast stays off (fp32)."""
+        return "fp32" if self.scaling.strategy == "fsdp" else self.train.precision
+
     def to_dict(self) -> dict[str, Any]:
         """The plain, JSON-safe form that crosses into Ray (and into metadata.json)."""
         return self.model_dump(mode="json")

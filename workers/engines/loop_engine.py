@@ -198,11 +198,10 @@ class LoopContext:
         forwards, padding = self._fsdp_forwards(loader, dataset)
         was_training = plain.training
         broadcast_buffers(plain)  # rank 0's running statistics: the model it saves
-        # Under fsdp the bf16 policy is FSDP's, and a forward is a collective: every rank
-        # makes as many, the extra ones on a padding input (counted nowhere).
-        precision = "fp32" if self._sharded else self.config.train.precision
-        loss = accumulate(plain, loader, self._batches, metrics, self.device, precision,
-                          forwards, padding)
+        # Under fsdp a forward is a collective: every rank makes as many, the extra ones on a
+        # padding input (counted nowhere).
+        loss = accumulate(plain, loader, self._batches, metrics, self.device,
+                          self.config.autocast_precision, forwards, padding)
         plain.train(was_training)
         return global_metrics([(split, loss, metrics)], self.device)
 

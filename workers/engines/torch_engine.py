@@ -157,7 +157,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     """The global metrics, identical on every rank: the training loss since the previous
     evaluation and the whole validation set's."""
     w, p = worker, parts
-    precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
+    precision = w.cfg.autocast_precision
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
     # module, since DDP's forward would broadcast buffers, a collective that ranks with
     # different numbers of validation batches would never all reach. (A sharded model's
@@ -174,7 +174,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
 def epoch_metrics(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
     """One whole epoch trained, then its global metrics, reporting nothing: for loops that
     report and save themselves (the benchmark's baselines, ``bench/loops.py``)."""
-    precision = "fp32" if worker.cfg.scaling.strategy == "fsdp" else worker.cfg.train.precision
+    precision = worker.cfg.autocast_precision
     parts.train_loader.sampler.set_epoch(epoch)
     loss = train_epoch(parts.model, parts.train_loader, parts.batches, parts.stepper,
                        worker.device, precision)
@@ -187,7 +187,7 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
     whether the run stops (the same on every rank). ``running``: the training loss since the
     last evaluation, which may have begun in an earlier epoch."""
     w, p = worker, parts
-    precision = "fp32" if w.cfg.scaling.strategy == "fsdp" else w.cfg.train.precision
+    precision = w.cfg.autocast_precision
     stream, batches_in_epoch = p.train_loader.sampler, len(p.train_loader)
     # Steps of this epoch trained before a mid-epoch resume.
     step = w.restored.step if epoch == w.restored.start_epoch else 0
