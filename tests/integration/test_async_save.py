@@ -23,7 +23,7 @@ def test_each_checkpoint_holds_its_epochs_weights_while_training_goes_on(tmp_pat
     cfg = overfit_config(
         tmp_path, name="async-save", train={"epochs": EPOCHS, "batch_size": 8, "lr": 0.01},
         workload={"entrypoint": "tests.workloads.recorded:build",
-                  "params": {"record_dir": str(record_dir)}},
+                  "params": {"record_dir": str(record_dir), "last_epoch": EPOCHS}},
         checkpoint={"policy": "all"},
     )
     summary = run_training(cfg)

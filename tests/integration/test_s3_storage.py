@@ -199,7 +199,7 @@ def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path, ray_l
     config = {
         "name": "retried", "storage_path": uri, "seed": 0,
         "workload": {"entrypoint": "tests.workloads.recorded:build",
-                     "params": {"record_dir": str(record_dir), "max_delay_s": 5.0,
+                     "params": {"record_dir": str(record_dir), "max_delay_s": 5.0, "last_epoch": 4,
                                 "fail_first_write_of": [1, 2]}},
         "scaling": {"num_workers": 2}, "train": {"epochs": 4, "batch_size": 8, "lr": 0.01},
         "checkpoint": {"policy": "all"}, "wandb": {"mode": "disabled"},

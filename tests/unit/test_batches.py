@@ -128,12 +128,17 @@ def test_a_torchmetric_it_would_average_across_ranks_is_refused_by_name():
 def test_a_torchmetric_in_one_process_equals_its_own_compute():
     from torchmetrics.classification import MulticlassAUROC
 
+    # Probabilities, not logits: torchmetrics applies softmax to a batch only when some value
+    # lies outside [0, 1], so a last batch of 2 rows whose logits all fall inside would be
+    # scored as probabilities (about 1 draw in 100) and differ from the one-call compute.
     [ours] = build_metrics([MulticlassAUROC(num_classes=2)], 2)
-    logits, y = torch.randn(50, 2), torch.randint(0, 2, (50,))
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.randn(50, 2, generator=generator).softmax(1)
+    y = torch.randint(0, 2, (50,), generator=generator)
     for part in range(0, 50, 16):
-        ours.update(logits[part:part + 16], y[part:part + 16])
+        ours.update(probs[part:part + 16], y[part:part + 16])
     assert ours.compute(ours.state()) == pytest.approx(
-        MulticlassAUROC(num_classes=2)(logits, y).item(), rel=1e-7)
+        MulticlassAUROC(num_classes=2)(probs, y).item(), rel=1e-7)
 
 
 def test_a_workloads_loader_options_set_the_loaders_but_not_the_runs_own_settings():

@@ -10,8 +10,9 @@ checkpoint's write start only after training has moved on.
   waits (up to ``max_delay_s``) until the model has begun its second training step since
   the epoch was recorded (so the first one's optimizer step has changed the weights), and
   notes the step counts in ``<record_dir>/writes.jsonl``. So the weights are being changed
-  by training while their checkpoint is written; only the last epoch's write, with no
-  training after it, goes ahead after the delay.
+  by training while their checkpoint is written; the write of ``last_epoch``, with no
+  training after it, goes ahead at once. The delay is long (a loaded machine can take
+  seconds between an epoch's report and its next step); it ends as soon as training moves on.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Recorded(torch.nn.Module):
         return self.inner(x)
 
 
-def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[int]) -> None:
+def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[int],
+                 last_epoch: int | None) -> None:
     import workers.checkpoint.writer as checkpointing
 
     write = checkpointing.write_checkpoint
@@ -67,7 +69,8 @@ def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[
         if attempt > 1:  # Ray's retry: let training record the next epoch and snapshot it
             wait_for(lambda: model.epochs > epoch)
             time.sleep(0.5)
-        wait_for(lambda: model.steps >= model.steps_at_record + 2)
+        if epoch != last_epoch:
+            wait_for(lambda: model.steps >= model.steps_at_record + 2)
         record = {"epoch": epoch, "attempt": attempt, "steps_at_record": model.steps_at_record,
                   "steps_at_write": model.steps, "t": time.time()}
         failing = epoch in fail_first_write_of and attempt == 1
@@ -82,16 +85,17 @@ def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[
 
 
 def build(record_dir: str, n_train: int = 64, dim: int = 8, hidden: int = 32,
-          max_delay_s: float = 1.0, fail_first_write_of: list[int] | None = None,
-          ) -> SimpleNamespace:
+          max_delay_s: float = 30.0, fail_first_write_of: list[int] | None = None,
+          last_epoch: int | None = None) -> SimpleNamespace:
     """``fail_first_write_of``: epochs whose first write fails as an object store's network
-    error does (Ray Train retries it, while training goes on)."""
+    error does (Ray Train retries it, while training goes on). ``last_epoch``: the run's
+    last epoch, whose write does not wait for training that never comes."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(n_train, dim, generator=gen)
     y = (x.sum(dim=1) > 0).long()
     model = Recorded(torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
                                          torch.nn.Linear(hidden, 2)), record_dir)
-    delay_writes(model, max_delay_s, fail_first_write_of or [])
+    delay_writes(model, max_delay_s, fail_first_write_of or [], last_epoch)
     data = torch.utils.data.TensorDataset(x, y)
     return SimpleNamespace(model=model, train_dataset=data, val_dataset=data,
                            loss_fn=torch.nn.functional.cross_entropy, metrics=["accuracy"])
