@@ -48,19 +48,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def overfit_config(tmp_path: Path, name: str = "overfit", **sections: Any) -> RunConfig:
-    """The test workload whose validation loss improves, then worsens, on 2 workers."""
+OVERFIT = "tests.workloads.overfit:build"
+
+
+def overfit_config(tmp_path: Path, name: str = "overfit", test_split: bool = False,
+                   **sections: Any) -> RunConfig:
+    """The test workload whose validation loss improves, then worsens, on 2 workers.
+
+    ``test_split``: give it its test split, which the run scores with the best weights in a
+    Ray task of its own once training ends (about 3 s here, most of a short run's record
+    step); only the tests that check the test metrics ask for it."""
     base = {
         "name": name,
         "storage_path": str(tmp_path / "runs"),
         "seed": 0,
-        "workload": {"entrypoint": "tests.workloads.overfit:build", "params": {}},
+        "workload": {"entrypoint": OVERFIT, "params": {}},
         "scaling": {"num_workers": 2},
         "train": {"epochs": 10, "batch_size": 8, "lr": 0.002},
         "tracker": {"monitor": "val_loss"},
         "wandb": {"mode": "disabled"},
     }
-    return RunConfig.model_validate(_merge(base, sections))
+    merged = _merge(base, sections)
+    if merged["workload"]["entrypoint"] == OVERFIT:
+        merged["workload"]["params"].setdefault("with_test", test_split)
+    return RunConfig.model_validate(merged)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

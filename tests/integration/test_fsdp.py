@@ -24,16 +24,17 @@ pytestmark = pytest.mark.integration
 PARAMS = {"n_val": 97, "norm": True, "dropout": 0.1}
 
 
-def fsdp_config(tmp_path: Path, name: str, workers: int = 2, **sections):
+def fsdp_config(tmp_path: Path, name: str, workers: int = 2, test_split: bool = False,
+                **sections):
     sections.setdefault("workload", {"params": PARAMS})
     sections["scaling"] = {"num_workers": workers, "cpus_per_worker": 2 / workers,
                            "strategy": "fsdp", **sections.get("scaling", {})}
-    return overfit_config(tmp_path, name=name, **sections)
+    return overfit_config(tmp_path, name=name, test_split=test_split, **sections)
 
 
 def test_fsdp_gathers_only_to_save_and_its_best_model_reproduces_its_metrics(tmp_path,
                                                                              ray_local):
-    cfg = fsdp_config(tmp_path, "fsdp", train={"epochs": 8})
+    cfg = fsdp_config(tmp_path, "fsdp", test_split=True, train={"epochs": 8})
     summary = run_training(cfg)
     history = summary["history"]
     losses = [h["val_loss"] for h in history]

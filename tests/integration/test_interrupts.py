@@ -32,7 +32,7 @@ def epochs_done(run_dir: Path) -> int:
 def cli_run(tmp_path, ray_tmp):
     # A signal lets the workers finish the step in flight (failure.preempt_grace_s): each
     # batch lasts a tenth of a second, so that the step after a signal is never the run's end.
-    cfg = overfit_config(tmp_path, name="signals", train={"epochs": EPOCHS},
+    cfg = overfit_config(tmp_path, name="signals", test_split=True, train={"epochs": EPOCHS},
                          workload={"params": {"step_seconds": 0.1}},
                          checkpoint={"resume_every_n_epochs": 1})  # resumes where it stopped
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))

@@ -106,7 +106,7 @@ def test_an_elastic_run_continues_on_the_node_left_with_the_same_best(two_nodes,
     summaries = {}
     # The undisturbed run stops at epoch 8: from the best (epoch 4) on it only overfits.
     for name, workers, epochs in (("undisturbed", 2, 8), ("elastic", [1, 2], 20)):
-        cfg = overfit_config(tmp_path, name=name, scaling={"num_workers": workers,
+        cfg = overfit_config(tmp_path, name=name, test_split=True, scaling={"num_workers": workers,
                                                            "use_gpu": False},
                              **{**common, "train": {"epochs": epochs}})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg.to_dict()))

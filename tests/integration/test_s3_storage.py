@@ -77,7 +77,8 @@ def test_object_store_down_during_uploads_then_resume(s3_server, tmp_path):
     proxy = Outage(s3_server["port"], free_port())
     uri = (f"s3://{BUCKET}/outage?endpoint_override=127.0.0.1:{proxy.port}&scheme=http"
            "&region=us-east-1")
-    cfg = overfit_config(tmp_path, name="outage", storage_path=uri, train={"epochs": 6},
+    cfg = overfit_config(tmp_path, name="outage", storage_path=uri, test_split=True,
+                         train={"epochs": 6},
                          failure={"max_failures": 2}, checkpoint={"resume_every_n_epochs": 1})
     (tmp_path / "run.yaml").write_text(json.dumps(cfg.to_dict()))
     env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO),

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_saved_model_is_the_best_epochs(tmp_path, ray_local):
-    cfg = overfit_config(tmp_path)
+    cfg = overfit_config(tmp_path, test_split=True)
     summary = run_training(cfg)
     run_dir = Path(summary["run_dir"])
 
@@ -79,7 +79,7 @@ def test_saved_model_is_the_best_epochs(tmp_path, ray_local):
     ],
 )
 def test_other_policies_write_what_they_promise(tmp_path, ray_local, policy, extra, expected_saved):
-    cfg = overfit_config(tmp_path, name=policy, train={"epochs": 4},
+    cfg = overfit_config(tmp_path, name=policy, test_split=True, train={"epochs": 4},
                          checkpoint={"policy": policy, **extra})
     summary = run_training(cfg)
     run_dir = Path(summary["run_dir"])
@@ -251,7 +251,7 @@ def test_processes_of_a_local_run_query_their_own_clusters_state(ray_local):
 def test_a_batchnorm_models_record_is_that_of_its_saved_weights(tmp_path, ray_local):
     """After an epoch each rank's BatchNorm statistics come from its own last batch; the
     metrics recorded must still be those of the weights and buffers rank 0 saved."""
-    cfg = overfit_config(tmp_path, name="batchnorm", train={"epochs": 8},
+    cfg = overfit_config(tmp_path, name="batchnorm", test_split=True, train={"epochs": 8},
                          workload={"params": {"norm": True, "dropout": 0.2}})
     summary = run_training(cfg)
     history = summary["history"]
@@ -302,7 +302,7 @@ def test_a_run_stopped_before_its_last_report_was_recorded_names_its_best(tmp_pa
                                                                           ray_local):
     """Ray registers a checkpoint (deleting the one it replaces) before the controller's
     recorder sees that report; a run stopped in between still has its best model named."""
-    cfg = overfit_config(tmp_path, name="unrecorded", train={"epochs": 6})
+    cfg = overfit_config(tmp_path, name="unrecorded", test_split=True, train={"epochs": 6})
     summary = run_training(cfg)
     run_dir, best = Path(summary["run_dir"]), summary["best_epoch"]
     # What such a stop leaves: history.json ends before the best epoch's report, and only the

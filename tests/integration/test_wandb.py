@@ -70,7 +70,7 @@ def md5_b64(path: Path) -> str:
 
 
 def test_best_artifact_carries_the_best_epochs_metadata(wandb_env, ray_local):
-    cfg = overfit_config(wandb_env, name="wb-best", train={"epochs": 8},
+    cfg = overfit_config(wandb_env, name="wb-best", test_split=True, train={"epochs": 8},
                          wandb={"mode": "offline"})
     summary = run_training(cfg)
     history = summary["history"]
