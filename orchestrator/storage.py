@@ -68,6 +68,15 @@ def list_dirs(path: str) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
+def list_files(path: str) -> list[str]:
+    """Names of the files directly in ``path`` (empty when it does not exist)."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
 def delete_file(path: str) -> None:
     fs, p = _fs(path)
     if fs.get_file_info(p).type == pafs.FileType.File:

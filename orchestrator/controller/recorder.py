@@ -1,10 +1,11 @@
 """Every epoch's record, kept in one place: a Ray Train callback in the controller process.
 
 ``after_report`` runs once per ``ray.train.report`` (after all ranks reported), with rank 0's
-metrics and the persisted checkpoint, if any. It appends the epoch to ``history.json`` in the
-run directory, sets aside a model that W&B is to log (``wandb_staging``), and sends both to
-the driver, which prints the epoch and logs it. A restarted or resumed run re-trains epochs
-after its checkpoint: their new records replace the old ones, so the history stays in order.
+metrics and the persisted checkpoint, if any. It appends the record to the run's history
+(``results/history.HistoryLog``: a segment of at most 64 records, so each write is small),
+sets aside a model that W&B is to log (``wandb_staging``), and sends both to the driver, which
+prints the epoch and logs it. A restarted or resumed run re-trains epochs after its
+checkpoint: their new records replace the old ones when the history is read.
 """
 
 from __future__ import annotations
@@ -15,29 +16,17 @@ from ray.train import UserCallback
 
 from orchestrator import storage
 from orchestrator.errors import one_line, user_error_among
-from orchestrator.results.epochs import epoch_record, merge_history
+from orchestrator.results.epochs import epoch_record
+from orchestrator.results.history import HistoryLog
 from orchestrator.tracking.policy import should_log_model
 from orchestrator.tracking.staging import stage_checkpoint
 from workers.compat import train_controller_handle
-from workers.contract.names import HISTORY_FILE, METADATA_FILE, PREEMPT_KEY
+from workers.contract.names import METADATA_FILE, PREEMPT_KEY
 
 CONTROLLER = "controller"  # an event carrying the controller actor's own handle
 USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
 WORKER_FAILED = "worker_failed"  # an event carrying a fault's one line (Ray may restart)
 PREEMPTED = "preempted"  # the workers saved the step in flight, as the driver asked
-
-
-def read_history(run_dir: str) -> list[dict[str, Any]]:
-    """The run's history; empty when missing, or damaged from outside (every write is
-    atomic): the summary then rebuilds it from the checkpoints' own metadata."""
-    path = storage.join(run_dir, HISTORY_FILE)
-    if not storage.exists(path):
-        return []
-    try:
-        history = storage.read_json(path)["history"]
-    except (ValueError, KeyError, TypeError):
-        return []
-    return history if isinstance(history, list) else []
 
 
 class RunRecorder(UserCallback):
@@ -49,7 +38,7 @@ class RunRecorder(UserCallback):
         self.run_dir = run_dir
         self.log_model = log_model
         self.events = events
-        self._history: list[dict[str, Any]] | None = None
+        self._history = HistoryLog(run_dir)
         self._introduced = False
 
     def _stage(self, checkpoint_name: str) -> str | None:
@@ -66,10 +55,7 @@ class RunRecorder(UserCallback):
                 self.events.put((PREEMPTED, checkpoint.path if checkpoint else None))
             return
         record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
-        if self._history is None:  # first report of this controller: continue a resumed run
-            self._history = read_history(self.run_dir)
-        self._history = merge_history(self._history, record)
-        storage.write_json(storage.join(self.run_dir, HISTORY_FILE), {"history": self._history})
+        self._history.append(record)
         staged = self._stage(record["checkpoint"]) if checkpoint else None
         if self.events is None:
             return

@@ -12,16 +12,15 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
-from orchestrator.controller.recorder import read_history
 from orchestrator.errors import user_error_among
 from orchestrator.results.checkpoints import kept_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
+from orchestrator.results.history import compact, read_history, segment_numbers
 from orchestrator.tracking.staging import discard_staged
 from workers.compat import TRAIN_SNAPSHOT_FILE, registered_checkpoint_names
 from workers.contract.config import RunConfig
 from workers.contract.names import (
     CHECKPOINT_PREFIX,
-    HISTORY_FILE,
     PLOT_FILE,
     SUMMARY_FILE,
     point,
@@ -49,14 +48,15 @@ def repair_history(history: list[dict[str, Any]],
 
 
 def repair_history_file(run_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """history.json completed from the kept checkpoints (``repair_history``) and written back
-    if anything was missing. Before a resume too: Ray continues after its newest checkpoint,
+    """The history completed from the kept checkpoints (``repair_history``) and compacted
+    into history.json if anything was missing or segments were written since (once per run
+    end, and before a resume). Before a resume too: Ray continues after its newest checkpoint,
     whose epoch a killed run may not have recorded, and which Ray deletes once a newer one
     replaces it. Returns (history, kept checkpoints)."""
     kept = kept_checkpoints(run_dir)
     history, repaired = repair_history(read_history(run_dir), kept)
-    if repaired:
-        storage.write_json(storage.join(run_dir, HISTORY_FILE), {"history": history})
+    if repaired or segment_numbers(run_dir):
+        compact(run_dir, history)
     return history, kept
 
 

@@ -74,6 +74,14 @@ def overfit_config(tmp_path: Path, name: str = "overfit", test_split: bool = Fal
     return RunConfig.model_validate(merged)
 
 
+def recorded(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's history as the project reads it while the run goes (history.json, then the
+    segments written since: ``orchestrator.results.history``); empty before the first."""
+    from orchestrator.results.history import read_history
+
+    return read_history(str(run_dir))
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
 

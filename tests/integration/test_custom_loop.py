@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, RunProcesses, wait_for
+from tests.integration.conftest import REPO, RunProcesses, recorded, wait_for
 from tests.integration.test_wandb import run_summary
 from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
@@ -25,10 +25,7 @@ EPOCHS, STEPS_PER_EPOCH = 7, 3  # 96 points, 48 per worker, batches of 16
 
 
 def recorded_epochs(run_dir) -> int:
-    try:
-        return len(json.loads((run_dir / "history.json").read_text())["history"])
-    except (OSError, ValueError):
-        return 0
+    return len(recorded(run_dir))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, RunProcesses, overfit_config, wait_for
+from tests.integration.conftest import REPO, RunProcesses, overfit_config, recorded, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +22,7 @@ EPOCHS = 9
 
 
 def epochs_done(run_dir: Path) -> int:
-    try:
-        return len(json.loads((run_dir / "history.json").read_text())["history"])
-    except (OSError, ValueError):
-        return 0
+    return len(recorded(run_dir))
 
 
 @pytest.fixture

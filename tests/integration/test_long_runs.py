@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from orchestrator.training.run import run_training
-from tests.integration.conftest import REPO, RunProcesses, overfit_config, wait_for
+from tests.integration.conftest import REPO, RunProcesses, overfit_config, recorded, wait_for
 from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
 
@@ -118,11 +118,7 @@ def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp
         return proc
 
     def records(name: str) -> list[dict]:
-        try:
-            return json.loads((tmp_path / "runs" / name / "history.json").read_text())[
-                "history"]
-        except (OSError, ValueError):
-            return []
+        return recorded(tmp_path / "runs" / name)
 
     for name, seconds in (("undisturbed", 0.0), ("preempted", 0.25)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config(name, seconds)))

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, RunProcesses, free_port, overfit_config, stop_group
+from tests.integration.conftest import (
+    REPO,
+    RunProcesses,
+    free_port,
+    overfit_config,
+    recorded,
+    stop_group,
+)
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -92,9 +99,9 @@ def kill_second_node(two_nodes: dict) -> None:
     os.kill(raylet, signal.SIGKILL)  # the second node is gone, and nothing replaces it
 
 
-def wait_for_epochs(proc: subprocess.Popen, history: Path, n: int) -> None:
+def wait_for_epochs(proc: subprocess.Popen, run_dir: Path, n: int) -> None:
     deadline = time.monotonic() + 240
-    while not (history.exists() and len(json.loads(history.read_text())["history"]) >= n):
+    while len(recorded(run_dir)) < n:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.5)
 
@@ -117,7 +124,7 @@ def test_an_elastic_run_continues_on_the_node_left_with_the_same_best(two_nodes,
         if name == "elastic":
             # Past the best epoch: what follows on one worker overfits further. Ray notices
             # the lost node some seconds later; the run must still be going then.
-            wait_for_epochs(proc, run_dir / "history.json", 6)
+            wait_for_epochs(proc, run_dir, 6)
             kill_second_node(two_nodes)
         out, err = proc.communicate(timeout=400)
         assert proc.returncode == 0, err[-6000:] + out[-3000:]
@@ -148,8 +155,8 @@ def test_a_lost_node_stops_a_fixed_size_run_after_worker_wait_s(two_nodes, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", "run.yaml"],
                             cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    history = tmp_path / "runs" / "node-lost" / "history.json"
-    wait_for_epochs(proc, history, 3)
+    run_dir = tmp_path / "runs" / "node-lost"
+    wait_for_epochs(proc, run_dir, 3)
     kill_second_node(two_nodes)
     lost_at = time.monotonic()
     out, err = proc.communicate(timeout=300)
@@ -162,6 +169,6 @@ def test_a_lost_node_stops_a_fixed_size_run_after_worker_wait_s(two_nodes, tmp_p
     assert last.startswith("error: the cluster had no room for the run's workers"), last
     assert last.endswith("continue with: orchestrator train run.yaml --resume"), last
     assert waited < 20 + 120, waited  # the limit, plus Ray noticing the node is gone
-    summary = json.loads(history.with_name("summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["epochs_completed"] >= 3
     assert (Path(summary["best_checkpoint"]) / "model.safetensors").is_file()

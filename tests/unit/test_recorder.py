@@ -13,10 +13,12 @@ import pytest
 import ray
 
 from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, WORKER_FAILED, RunRecorder
-from tests.unit.run_files import epoch_metrics, read_history_file, write_checkpoint_dir
+from orchestrator.results.history import read_history
+from tests.unit.run_files import epoch_metrics, write_checkpoint_dir
 from workers.contract.errors import UserInputError
 from workers.contract.names import (
     HISTORY_FILE,
+    HISTORY_SEGMENTS_DIR,
     MODEL_FILE,
     RANK_KEY,
     STAGED_FILES,
@@ -51,10 +53,10 @@ def test_each_report_is_appended_to_history_in_order_with_rank_zeros_metrics(tmp
     best = write_checkpoint_dir(tmp_path, 2, 0.5, is_best=True)
     recorder = RunRecorder(str(tmp_path), "none")
     report(recorder, 1, 0.9, True)
-    assert [r["epoch"] for r in read_history_file(tmp_path)] == [1]
+    assert [r["epoch"] for r in read_history(str(tmp_path))] == [1]
     report(recorder, 2, 0.5, True, best)
     report(recorder, 3, 0.7, False)
-    history = read_history_file(tmp_path)
+    history = read_history(str(tmp_path))
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert [r["val_loss"] for r in history] == [0.9, 0.5, 0.7]
     assert [r["checkpoint"] for r in history] == [None, best.name, None]
@@ -69,7 +71,7 @@ def test_a_restarted_epoch_replaces_the_records_from_there_on(tmp_path):
         report(recorder, epoch, loss, epoch <= 2)
     # The worker group restarted from epoch 2's checkpoint: epoch 3 is trained again.
     report(recorder, 3, 0.6, True)
-    history = read_history_file(tmp_path)
+    history = read_history(str(tmp_path))
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert history[-1]["val_loss"] == 0.6 and history[-1]["is_best"] is True
 
@@ -83,7 +85,7 @@ def test_a_new_controller_continues_the_history_it_finds(tmp_path):
     second = RunRecorder(str(tmp_path), "none")
     report(second, 3, 0.2, True)  # continued from epoch 2's checkpoint
     report(second, 4, 0.1, True)
-    history = read_history_file(tmp_path)
+    history = read_history(str(tmp_path))
     assert [(r["epoch"], r["val_loss"]) for r in history] == [(1, 1.0), (2, 0.5), (3, 0.2),
                                                             (4, 0.1)]
 
@@ -143,4 +145,4 @@ def test_a_fault_is_not_a_user_error_and_is_left_to_ray_to_retry(tmp_path, event
     recorder.after_exception(None, {1: OSError("disk"), 0: RuntimeError("worker died\nmore")})
     assert events[1:] == [(WORKER_FAILED, "worker 0: RuntimeError: worker died")]
     assert all(kind != USER_ERROR for kind, _ in events)
-    assert not (tmp_path / HISTORY_FILE).exists()
+    assert not (tmp_path / HISTORY_FILE).exists() and not (tmp_path / HISTORY_SEGMENTS_DIR).exists()

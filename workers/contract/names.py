@@ -16,7 +16,8 @@ CHECKPOINT_PREFIX = "checkpoint_"
 # A run directory, <storage_path>/<name>/.
 RUN_MARKER = ".orchestrator-run.json"  # written at its creation: only such may be deleted
 RUN_LOCK = ".orchestrator-lock.json"  # while a driver runs it: pid, host, start time
-HISTORY_FILE = "history.json"  # every epoch's record, written as the run goes
+HISTORY_FILE = "history.json"  # every evaluation's record, compacted (results/history.py)
+HISTORY_SEGMENTS_DIR = "history"  # the records written since, in segments NNNNNNNN.json
 SUMMARY_FILE = "summary.json"  # the finished (or stopped) run's record
 PLOT_FILE = "training_curves.png"
 # Models waiting to be logged to W&B: Ray may delete a checkpoint (num_to_keep) before the
