@@ -6,9 +6,11 @@ Exit codes: 0 success, 1 training failed, 2 bad input (one line on stderr, nothi
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shlex
+import signal
 import sys
 
 from orchestrator.errors import TrainingError, UserError
@@ -122,11 +124,19 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join(["orchestrator", args.command, args.config, *sets, "--resume"])
 
 
+def install_stack_dumps() -> None:
+    """``kill -USR1 <pid>`` of a driver that seems stuck prints every thread's stack to its
+    stderr, and the run goes on (where signals have no SIGUSR1, nothing)."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ray folds look-alike log lines from different processes into "[repeated Nx]": that
     # would hide epochs of concurrent trials. Read by Ray when it starts, so set it first.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
+    install_stack_dumps()
     try:
         return {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}[args.command](args)
     except UserError as exc:

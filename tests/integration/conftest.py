@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -88,6 +89,25 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 def assert_close(actual: float, expected: float, rel: float = 1e-6) -> None:
     assert actual == pytest.approx(expected, rel=rel, abs=1e-12), (actual, expected)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str],
+            timeout: float) -> subprocess.CompletedProcess:
+    """``python -m orchestrator *args`` to its end. Past ``timeout`` the test fails with where
+    the driver was: SIGUSR1 makes it print every thread's stack (``cli.main``), then it is
+    killed, and its output is the failure's message."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"orchestrator {' '.join(args)} still ran after {timeout} s; its stacks:\n"
+                    f"{err[-12000:]}\nits output:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def free_port() -> int:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO, find_secrets, overfit_config, secret_markers
+from tests.integration.conftest import (
+    REPO,
+    find_secrets,
+    overfit_config,
+    run_cli,
+    secret_markers,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +43,7 @@ def test_no_secret_reaches_a_file_a_log_or_the_terminal(tmp_path):
 
     printed = {}
     for command in (["train", "train.yaml", "--verbose"], ["tune", "tune.yaml"]):
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", *command], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=400)
+        proc = run_cli(command, tmp_path, env, timeout=400)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         printed[f"{command[0]} stdout"], printed[f"{command[0]} stderr"] = proc.stdout, proc.stderr
 

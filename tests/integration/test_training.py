@@ -37,6 +37,9 @@ def test_saved_model_is_the_best_epochs(tmp_path, ray_local):
     assert 1 < best_epoch < 10 and losses[-1] > min(losses), losses
     assert summary["best_epoch"] == best_epoch
     assert summary["best_metrics"]["val_loss"] == min(losses)
+    # The records the controller wrote in segments, compacted into history.json at the end.
+    assert json.loads((run_dir / "history.json").read_text())["history"] == history
+    assert not (run_dir / "history").exists()
 
     # Saved once per improvement, and only then; storage keeps at most best + latest.
     saved = [h["epoch"] for h in history if h["checkpoint"]]

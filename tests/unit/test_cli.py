@@ -114,3 +114,27 @@ def test_a_reader_that_goes_away_does_not_stop_the_run():
     console.say("epoch 1/3 ...")  # as `orchestrator train ... | head -1` does
     console.say("epoch 2/3 ...")
     assert console.gone
+
+
+def test_sigusr1_prints_where_a_driver_is_and_it_goes_on(tmp_path):
+    """What the CLI installs (``cli.main.install_stack_dumps``) in a real process that waits:
+    SIGUSR1 prints every thread's stack to stderr, and the process carries on."""
+    import signal
+    import time
+
+    script = ("import time, sys\n"
+              "from orchestrator.cli.main import install_stack_dumps\n"
+              "install_stack_dumps()\n"
+              "print('ready', flush=True)\n"
+              "def waiting_for_the_search():\n"
+              "    time.sleep(2)\n"
+              "waiting_for_the_search()\n"
+              "print('went on', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == "ready\n"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out == "went on\n", err
+    assert "waiting_for_the_search" in err and "Current thread" in err, err
