@@ -126,9 +126,14 @@ def resume_command(args: argparse.Namespace) -> str:
 
 def install_stack_dumps() -> None:
     """``kill -USR1 <pid>`` of a driver that seems stuck prints every thread's stack to its
-    stderr, and the run goes on (where signals have no SIGUSR1, nothing)."""
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stderr, and the run goes on. Nothing where there is no SIGUSR1, or no stderr file
+    descriptor (``main`` called with its output captured in memory)."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

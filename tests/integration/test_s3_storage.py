@@ -98,7 +98,8 @@ def test_object_store_down_during_uploads_then_resume(s3_server, tmp_path):
             pass
         listing = client.list_objects_v2(Bucket=BUCKET, Prefix="outage/outage/history/")
         for item in sorted(listing.get("Contents", []), key=lambda o: o["Key"]):
-            if int(item["Key"].rsplit("/", 1)[1].removesuffix(".json")) > through:
+            name = item["Key"].rsplit("/", 1)[1]  # "" for the folder's own marker object
+            if name.endswith(".json") and int(name.removesuffix(".json")) > through:
                 body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"]
                 records += json.loads(body.read())["records"]
         return records
