@@ -59,22 +59,22 @@ def is_nonempty_dir(path: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
 
 
-def list_dirs(path: str) -> list[str]:
-    """Names of the sub-directories of ``path`` (empty when it does not exist)."""
+def _names(path: str, kind: pafs.FileType) -> list[str]:
     fs, p = _fs(path)
     if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return sorted(i.base_name for i in infos if i.type == kind)
+
+
+def list_dirs(path: str) -> list[str]:
+    """Names of the sub-directories of ``path`` (empty when it does not exist)."""
+    return _names(path, pafs.FileType.Directory)
 
 
 def list_files(path: str) -> list[str]:
     """Names of the files directly in ``path`` (empty when it does not exist)."""
-    fs, p = _fs(path)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return _names(path, pafs.FileType.File)
 
 
 def delete_file(path: str) -> None:
