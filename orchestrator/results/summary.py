@@ -124,7 +124,9 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         stopped_early = bool(last) and last["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")
     test_metrics, test_error = None, None
-    if best_ckpt and status in ("completed", "stopped_early"):
+    # A checkpoint written before the metadata said whether there is a test split: try it.
+    if (best_ckpt and status in ("completed", "stopped_early")
+            and best_ckpt["metadata"].get("test_split", True)):
         test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
         test_error = (test_metrics or {}).pop("test_error", None)
         test_metrics = test_metrics or None

@@ -26,14 +26,14 @@ def epoch_metrics(epoch: int, val_loss: float) -> dict[str, Any]:
 
 def write_checkpoint_dir(run_dir: Path, epoch: int, val_loss: float, *, is_best: bool,
                          saved_because: str = "best", config: dict[str, Any] | None = None,
-                         ) -> Path:
+                         **extra: Any) -> Path:
     """``checkpoint_epochNNNN_<ns>`` with model.safetensors, train_state.pt, metadata.json."""
     torch.manual_seed(epoch)
     model = torch.nn.Linear(4, 2)
     record = epoch_metrics(epoch, val_loss)
     metadata = {**record, "monitor": "val_loss", "mode": "min", "is_best": is_best,
                 "saved_because": saved_because, "world_size": 2, "seed": 0,
-                "config": config or {}}
+                "config": config or {}, **extra}
     tracker = {"best_epoch": epoch if is_best else None}
     snap = snapshot(model, None, {"epoch": epoch, "tracker": tracker, "seed": 0}, metadata)
     path = run_dir / f"{CHECKPOINT_PREFIX}epoch{epoch:04d}_{1_700_000_000_000_000_000 + epoch}"

@@ -115,6 +115,7 @@ def test_each_improvement_is_saved_once_with_that_epochs_metrics_and_weights(epo
         assert metadata["train_loss"] == 0.5 / epoch and metadata["val_accuracy"] == 0.25
         assert metadata["is_best"] is True and metadata["saved_because"] == "best"
         assert metadata["monitor"] == "val_loss" and metadata["mode"] == "min"
+        assert metadata["test_split"] is True  # the reporter's default; create() reads it
         assert reported["is_best"] is True
         # The weights of that epoch, not of a later one (the host buffers are reused).
         saved = load_weights(path)

@@ -7,6 +7,7 @@ task, is replaced by a function that names the checkpoint it was given."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,23 @@ def test_a_checkpoint_whose_metadata_is_damaged_is_neither_best_nor_history(run)
     assert [h["epoch"] for h in out["history"]] == [1, 2]
     assert out["best_epoch"] == 2 and out["best_checkpoint"] == str(best)
     assert [c["epoch"] for c in out["checkpoints"]] == [2]
+
+
+def test_no_ray_task_scores_a_test_split_the_workload_does_not_have(run):
+    """The best model's metadata says the workload has no test split (rank 0 knows it from
+    the workload it built): the run ends without starting the scoring task for it."""
+    run_dir, summary, evaluated = run
+    best = write_checkpoint_dir(run_dir, 2, 0.4, is_best=True, test_split=False)
+    write_history(run_dir, [history_record(1, 0.6, True), history_record(2, 0.4, True, best)])
+    out = summary()
+    assert out["best_checkpoint"] == str(best) and out["status"] == "stopped_early"
+    assert out["test_metrics"] is None and evaluated == []
+    # With one (or a checkpoint from before the metadata said), it is scored.
+    shutil.rmtree(best)
+    with_test = write_checkpoint_dir(run_dir, 2, 0.4, is_best=True, test_split=True)
+    write_history(run_dir, [history_record(1, 0.6, True),
+                            history_record(2, 0.4, True, with_test)])
+    assert summary()["test_metrics"] == {"test_loss": 0.25} and evaluated == [str(with_test)]
 
 
 def test_a_best_record_whose_model_is_gone_names_no_checkpoint(run):

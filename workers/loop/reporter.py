@@ -86,6 +86,9 @@ class EpochReporter:
     # Objects with ``state_dict`` that resume checkpoints also keep (the lr scheduler, a
     # custom loop's ``ctx.keep``), restored from ``Restored.extras``; rank 0's are saved.
     extras: dict[str, Any] = field(default_factory=dict)
+    # Whether the workload has a test split, in each checkpoint's metadata: the driver scores
+    # it with the best weights once the run ends, and skips that Ray task where there is none.
+    test_split: bool = True
 
     @classmethod
     def create(cls, worker: Worker, state: LocalState | ShardedState,
@@ -105,7 +108,8 @@ class EpochReporter:
             # sharded model's whole state exists only once gathered: its first save does it).
             saver.buffers.prepare(state.weights().state_dict())
         return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
-                   torch_weights_file, extras if extras is not None else {})
+                   torch_weights_file, extras if extras is not None else {},
+                   test_split=getattr(worker.workload, "test_dataset", None) is not None)
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
                at: Position | None = None, final: bool | None = None) -> bool:
@@ -186,7 +190,7 @@ class EpochReporter:
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
              "is_best": plan.improved, "saved_because": plan.reason,
              "world_size": self.world_size, "workers": self.world_size,  # as in the record
-             "seed": cfg.seed, "config": cfg.to_dict()},
+             "seed": cfg.seed, "config": cfg.to_dict(), "test_split": self.test_split},
             torch_weights_file=self.torch_weights_file if plan.improved else None,
             buffers=self.saver.buffers,
         )
