@@ -15,16 +15,23 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(VENV)/bin/orchestrator train configs/digits.yaml --overwrite
 
+# Two test files at a time (pytest-xdist, a file's tests on one process: its module fixtures,
+# such as one local Ray, are shared). Every test finds its own run's processes, never another
+# run's, so two Rays side by side are what they would be on a user's machine. TEST_JOBS=0
+# runs everything in this process, one test after another.
+TEST_JOBS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile
+
 # The whole suite (what CI runs): the unit, distributed and integration tiers (pyproject's
 # testpaths; not tests/gpu).
 test: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
-	$(VENV)/bin/python -m pytest
+	$(PYTEST)
 
 # The edit loop: lint, then the tiers without Ray (no cluster starts). A few minutes on 2 cores.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
-	$(VENV)/bin/python -m pytest tests/unit tests/distributed -q
+	$(PYTEST) tests/unit tests/distributed -q
 
 # One NVIDIA GPU (skipped, with the reason, where there is none): about 8 minutes at most.
 # ORCHESTRATOR_TEST_DEVICE=cpu runs the same checks on the CPU.

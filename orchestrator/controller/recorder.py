@@ -30,9 +30,10 @@ PREEMPTED = "preempted"  # the workers saved the step in flight, as the driver a
 
 
 class RunRecorder(UserCallback):
-    """``events``: an optional ``ray.util.queue.Queue`` through which the driver receives each
-    (record, staged model path) as it happens. ``log_model``: the ``wandb.log_model`` choice
-    (``none`` when W&B is off: nothing is staged)."""
+    """``events``: an optional stream of the run channel (``workers.loop.channel``) through
+    which the driver receives each (record, staged model path) as it happens.
+    ``log_model``: the ``wandb.log_model`` choice (``none`` when W&B is off: nothing is
+    staged)."""
 
     def __init__(self, run_dir: str, log_model: str, events: Any = None) -> None:
         self.run_dir = run_dir

@@ -24,23 +24,12 @@ from workers.decisions.policy import ray_keep_settings
 from workers.engines import train_loop_for
 
 
-def driver_queue() -> Any:
-    """A queue actor on the driver's node, as Ray Train places its controller: a node lost
-    elsewhere must not take the run's record stream (or its stop requests) with it."""
-    import ray
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-
-
 def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
                   events: Any = None, callbacks: tuple[Any, ...] | list[Any] = (),
                   stop_requests: Any = None) -> Any:
     """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
-    ``events``: the queue to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
-    callbacks (Tune's report callback); ``stop_requests``: the queue through which the
+    ``events``: the stream to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
+    callbacks (Tune's report callback); ``stop_requests``: the stream through which the
     driver asks the workers to save the step in flight and stop (``workers.loop.preempt``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -81,10 +70,11 @@ class EventPump:
     and kept in ``errors``, never raised.
     """
 
-    def __init__(self, handle: Callable[[dict[str, Any], str | None], None],
+    def __init__(self, queue: Any, handle: Callable[[dict[str, Any], str | None], None],
                  on_failure: Callable[[str], None] = lambda what: None) -> None:
+        """``queue``: the run channel's events stream (``workers.loop.channel``)."""
         self.handle, self.on_failure = handle, on_failure
-        self.queue = driver_queue()
+        self.queue = queue
         self.errors: list[str] = []
         self.controller: Any = None  # the Train controller's actor handle, once it reported
         self.user_error: str | None = None  # a worker's user error, never retried

@@ -38,11 +38,11 @@ from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.ray_trainer import (
     EventPump,
     build_trainer,
-    driver_queue,
     stop_training,
 )
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG, point, where
+from workers.loop.channel import open_channel
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -227,10 +227,11 @@ def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     """Train on Ray, then write the record: (summary, why it stopped if it did)."""
     cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
     handle = EpochHandler(ctx)
-    pump = EventPump(handle, on_failure=handle.failed)
+    stream = open_channel()
+    pump = EventPump(stream("events"), handle, on_failure=handle.failed)
     watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
     # Only the torch engine's loop looks for stop requests (after every optimizer step).
-    stop_requests = (driver_queue() if cfg.engine == "torch" and cfg.failure.preempt_grace_s
+    stop_requests = (stream("stop") if cfg.engine == "torch" and cfg.failure.preempt_grace_s
                      else None)
     trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
                             log_model=tracking.log_model_setting, events=pump.queue,

@@ -1,5 +1,6 @@
-"""Workloads shaped as users write them, each trained through the real CLI on 2 workers, each
-saved best re-scored in this process, independently of the project's own evaluation code
+"""Workloads shaped as users write them, each trained on 2 workers through the Python API (the
+same run as ``orchestrator train``'s, on the module's one local Ray), each saved best
+re-scored in this process, independently of the project's own evaluation code
 (scikit-learn for the metrics), equal to the record for validation and test (1e-6).
 
 - shapes: torchvision's ResNet-18 (BatchNorm) on PIL images, augmented, on loader workers;
@@ -18,13 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from sklearn import metrics as skm
 from torch.utils.data import DataLoader, default_collate
 
-from orchestrator import load_best
+from orchestrator import load_best, train
 from tests.integration.conftest import assert_close
-from tests.integration.test_cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -80,14 +79,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_workload_as_users_write_it_trains_and_its_best_rescores(tmp_path: Path, name: str):
+def test_a_workload_as_users_write_it_trains_and_its_best_rescores(tmp_path: Path, ray_local,
+                                                                   name: str):
     extra, monitor = CASES[name]
     cfg = {"name": name, "storage_path": str(tmp_path / "runs"),
            "workload": {"entrypoint": f"tests.workloads.{name}:build"},
            "scaling": {"num_workers": 2}, "wandb": {"mode": "disabled"}, **extra}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = run_cli("train", "cfg.yaml", cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train(cfg).status == "completed"
     summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
     history = summary["history"]
     values = [h[monitor] for h in history]

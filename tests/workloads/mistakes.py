@@ -8,6 +8,22 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import TensorDataset
 
+# Each mistake, and what the one line that reports it says.
+EXPECTED = {
+    "build_raises": "raised ModuleNotFoundError: No module named 'a_package_these_workers_lack'",
+    "wrong_input": "workload.model: it cannot take a batch of {features: tensor(",
+    "collate_fails": "workload.collate_fn: it fails on the first sample (KeyError",
+    "no_logits": "is neither a tensor nor has logits",
+    "no_loss": "has no 'loss'",
+    "averaged_metric": "cannot be synced exactly across workers: its state(s) value (mean)",
+    "not_an_optimizer": "workload.optimizer: returned a list, not a torch.optim.Optimizer",
+    # the config's mistake, found once the workers know the run's steps
+    "warmup_too_long": "train.warmup_steps: 1000 is more than this run's 9 optimizer steps (3 "
+                       "per epoch on each worker",
+}
+TRAIN = {"epochs": 3, "batch_size": 16}  # the run each mistake is found in
+TRAIN_OF = {"warmup_too_long": {"schedule": "cosine", "warmup_steps": 1000}}
+
 
 class Scores(torch.nn.Module):
     """Returns a mapping without logits."""
