@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,42 @@ def registered_checkpoint_names(snapshot: dict[str, Any]) -> set[str]:
     if snapshot.get("latest_checkpoint_result"):
         results.append(snapshot["latest_checkpoint_result"])
     return {r["checkpoint_dir_name"] for r in results}
+
+
+def split_data_config(exact: frozenset[str] | set[str]) -> Any:
+    """Ray Train's ``DataConfig`` for a run's Ray Dataset splits: the ``exact`` ones (validation
+    and test) split with ``streaming_split(equal=False)``, each row to exactly one worker;
+    the others (the training split) with Ray's own ``equal=True``, in the dataset's order
+    (``preserve_order``), so that an epoch's rows per rank are the same on a restart.
+
+    ``DataConfig.configure`` is a DeveloperAPI meant to be overridden ("this class can be
+    subclassed"); its body here follows Ray 2.60's, including the private
+    ``_resolve_execution_options`` (the per-dataset options given to the constructor).
+    Replacement: an ``equal`` setting per dataset in ``DataConfig``, if Ray adds one."""
+    from ray.train import DataConfig
+
+    class ExactSplits(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            even = {name: ds for name, ds in datasets.items() if name not in exact}
+            output = (super().configure(even, world_size, worker_handles, worker_node_ids,
+                                        **kwargs) if even else [{} for _ in range(world_size)])
+            for name, ds in datasets.items():
+                if name not in exact:
+                    continue
+                if ds.name is None:
+                    ds.set_name(name)
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for rank, split in enumerate(ds.streaming_split(
+                        world_size, equal=False, locality_hints=worker_node_ids)):
+                    output[rank][name] = split
+            return output
+
+    with warnings.catch_warnings():  # Ray's own default carries a deprecated field over
+        warnings.simplefilter("ignore")
+        ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    return ExactSplits(execution_options={"train": ordered})
 
 
 def quiet_ray_train_reports() -> None:

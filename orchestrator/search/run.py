@@ -52,6 +52,7 @@ from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
+from orchestrator.training.datasets import find_streams
 from orchestrator.training.ray_trainer import build_trainer
 from workers.compat import keep_credentials_out_of_trial_runtime_envs
 from workers.contract.config import RunConfig
@@ -82,7 +83,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     use_gpu = tune_config["trial"]["use_gpu"]
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
                             log_model=tune_config["trial"]["log_model"],
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], streams=find_streams(cfg))
     trainer.fit()
 
 

@@ -243,3 +243,19 @@ def check_resources(cfg: RunConfig, resources: Capacity) -> bool:
             f"more than {largest:g} CPUs; use scaling.cpus_per_worker <= {largest:g}"
         )
     return use_gpu
+
+
+def check_data_room(cfg: RunConfig, resources: Capacity | None) -> None:
+    """A run that streams Ray Datasets needs a CPU its workers do not hold: Ray Data's read
+    and transform tasks run beside them, and without one the first batch never comes."""
+    if resources is None:
+        return
+    cpus = resources.total.get("CPU", 0.0)
+    taken = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
+    if cpus - taken < 1:
+        raise UserError(
+            f"scaling.cpus_per_worker: {cfg.scaling.max_workers} workers x "
+            f"{cfg.scaling.cpus_per_worker:g} CPU take {taken:g} of the cluster's {cpus:g} "
+            "CPUs, and the workload's Ray Datasets need one more for Ray Data's read tasks; "
+            f"use scaling.cpus_per_worker <= {max(cpus - 1, 0) / cfg.scaling.max_workers:g} "
+            "or fewer workers")

@@ -17,6 +17,7 @@ from orchestrator.controller.recorder import (
 )
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
+from orchestrator.training.datasets import Streams
 from workers.compat import kill_train_controller
 from workers.contract.config import RunConfig
 from workers.contract.names import RANK_KEY, STOP_QUEUE_KEY
@@ -26,11 +27,12 @@ from workers.engines import train_loop_for
 
 def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
                   events: Any = None, callbacks: tuple[Any, ...] | list[Any] = (),
-                  stop_requests: Any = None) -> Any:
+                  stop_requests: Any = None, streams: Streams | None = None) -> Any:
     """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
     ``events``: the stream to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
     callbacks (Tune's report callback); ``stop_requests``: the stream through which the
-    driver asks the workers to save the step in flight and stop (``workers.loop.preempt``)."""
+    driver asks the workers to save the step in flight and stop (``workers.loop.preempt``);
+    ``streams``: the workload's Ray Dataset splits (``training.datasets``), sharded by Ray."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -43,7 +45,9 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     return TorchTrainer(
         train_loop_for(cfg.engine),
         train_loop_config={**cfg.to_dict(), **(
-            {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {})},
+            {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {}),
+            **(streams.loop_config() if streams else {})},
+        **(streams.trainer_options() if streams else {}),
         scaling_config=ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, list) else workers,
             use_gpu=use_gpu, resources_per_worker=resources,

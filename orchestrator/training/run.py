@@ -22,7 +22,7 @@ from orchestrator.results.summary import (
     remove_unregistered_checkpoints,
     repair_history_file,
 )
-from orchestrator.start.cluster import check_resources
+from orchestrator.start.cluster import check_data_room, check_resources
 from orchestrator.start.console import Console
 from orchestrator.start.context import (
     Prepared,
@@ -35,6 +35,7 @@ from orchestrator.start.context import (
 from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
+from orchestrator.training.datasets import find_streams
 from orchestrator.training.ray_trainer import (
     EventPump,
     build_trainer,
@@ -233,10 +234,13 @@ def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     # Only the torch engine's loop looks for stop requests (after every optimizer step).
     stop_requests = (stream("stop") if cfg.engine == "torch" and cfg.failure.preempt_grace_s
                      else None)
-    trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
-                            log_model=tracking.log_model_setting, events=pump.queue,
-                            stop_requests=stop_requests)
     try:
+        streams = find_streams(cfg)
+        if streams:
+            check_data_room(cfg, ctx.capacity)
+        trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
+                                log_model=tracking.log_model_setting, events=pump.queue,
+                                stop_requests=stop_requests, streams=streams)
         with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
             stopped = fit(trainer, guard, ctx.run_dir,
                           lambda: (pump.check(), watchdog.tick()),

@@ -12,9 +12,9 @@ from workers.contract.config import RunConfig
 from workers.contract.workload import build_workload
 from workers.loop.batches import Batches
 from workers.loop.steps import (
-    collate_of,
     evaluate_dataset,
     infer_num_classes,
+    split_collate,
     workload_metrics,
 )
 
@@ -37,12 +37,14 @@ def evaluate_split(
     if dataset is None:
         return None
     model.to(device)
-    batches, collate = Batches.of(workload), collate_of(workload)
+    batches = Batches.of(workload)
     metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device,
-                                                           batches, collate))
+                                                           batches,
+                                                           split_collate(workload, "train")))
     return evaluate_dataset(model, dataset, batches, metrics, split=split,
                             batch_size=cfg.train.batch_size, device=device,
-                            precision=cfg.train.precision, collate=collate)
+                            precision=cfg.train.precision,
+                            collate=split_collate(workload, split))
 
 
 def evaluate_checkpoint(config: dict[str, Any], checkpoint: Any, split: str):

@@ -44,6 +44,9 @@ INTERNAL_KEYS = (RANK_KEY, PREEMPT_KEY)
 # In the workers' train_loop_config beside the run's config: the queue through which the
 # driver asks them to save the step in flight and stop.
 STOP_QUEUE_KEY = "_stop_requests"
+# ... and what the driver learned of the workload's Ray Dataset splits (``loop.ray_data``):
+# each one's row count and first rows.
+STREAMS_KEY = "_streams"
 
 
 def point(record: dict) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from workers.decisions.metrics import MeanLoss
 from workers.loop.batches import Batches, check_first_batch
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
 from workers.loop.preempt import StopRequests
+from workers.loop.ray_data import StreamedEval, StreamedTrain, joined, rows_collate
 from workers.loop.reporter import EpochReporter, Position, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sharding import (
@@ -55,8 +56,8 @@ class TorchParts:
     plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
     stepper: Stepper  # the optimizer, its schedule, accumulation and clipping
     clock: Clock  # optimizer steps: where the run stands, when it evaluates
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: DataLoader | StreamedTrain
+    val_loader: DataLoader | StreamedEval
     metrics: list[Any]
     batches: Batches  # how a batch goes through the model: inputs, target, logits, loss
     state: LocalState | ShardedState  # how a save reads the whole model and optimizer
@@ -69,26 +70,14 @@ def setup(worker: Worker) -> TorchParts:
 
     cfg, workload = worker.cfg, worker.workload
     plain = workload.model
-    batches, collate = Batches.of(workload), collate_of(workload)
+    batches = Batches.of(workload)
     # One batch through the model first: a batch it cannot take is one line, not an epoch.
-    logits, target = check_first_batch(plain, batches,
-                                       first_batch(workload.train_dataset, collate),
+    logits, target = check_first_batch(plain, batches, sample_batch(worker, "train"),
                                        model_device(plain), to_device)
     metrics = workload_metrics(workload, classes_from(logits, target))
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
-    sampler = EpochStream(len(workload.train_dataset), worker.rank, worker.world_size,
-                          cfg.seed)
-    sampler.set_epoch(worker.restored.start_epoch, worker.restored.consumed)
-    workers = loader_workers(cfg.train.loader_workers, workload.train_dataset,
-                             cfg.scaling.cpus_per_worker)
-    options = getattr(workload, "loader_options", None)
-    train_loader = make_loader(workload.train_dataset, cfg.train.batch_size, collate,
-                               workers=workers, device=worker.device, sampler=sampler,
-                               options=options)
-    val_loader = make_loader(shard(workload.val_dataset, worker.rank, worker.world_size),
-                             cfg.train.batch_size, collate, workers=workers,
-                             device=worker.device, options=options)
+    train_loader, val_loader = train_split(worker), val_split(worker)
     if cfg.scaling.strategy == "fsdp":
         blocks = cfg.scaling.fsdp_blocks or getattr(workload, "fsdp_blocks", None)
         model = fully_shard_model(plain, blocks, worker.device, worker.world_size,
@@ -96,17 +85,73 @@ def setup(worker: Worker) -> TorchParts:
         optimizer = make_optimizer(cfg, workload, model)
         if worker.restored.optimizer_state is not None:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
-        padding_input, _ = batches.split(first_batch(workload.val_dataset, collate))
+        padding_input, _ = batches.split(sample_batch(worker, "val"))
+        # A stream's length is known to no rank ahead: its evaluation is joined batch by batch.
+        forwards = (0 if isinstance(val_loader, StreamedEval)
+                    else most_on_any_rank(len(val_loader), worker.device))
         return TorchParts(model, model, *steps_of(worker, optimizer, train_loader),
                           train_loader, val_loader, metrics, batches,
-                          ShardedState(model, optimizer),
-                          most_on_any_rank(len(val_loader), worker.device), padding_input)
+                          ShardedState(model, optimizer), forwards, padding_input)
     model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
     optimizer = make_optimizer(cfg, workload, plain)
     if worker.restored.optimizer_state is not None:
         load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
     return TorchParts(model, plain, *steps_of(worker, optimizer, train_loader),
                       train_loader, val_loader, metrics, batches, LocalState(plain, optimizer))
+
+
+def streamed(worker: Worker, split: str) -> bool:
+    """Whether ``split`` is a Ray Dataset, which Ray Train shards to the workers."""
+    return bool(worker.streams) and split in worker.streams["rows"]
+
+
+def sample_batch(worker: Worker, split: str) -> Any:
+    """A batch of the split's first rows, collated as its loader collates them (a stream's:
+    read by the driver, whose CPUs the training does not hold)."""
+    if streamed(worker, split):
+        return rows_collate(worker.workload, split)(worker.streams["samples"][split])
+    return first_batch(getattr(worker.workload, f"{split}_dataset"), collate_of(worker.workload))
+
+
+def train_split(worker: Worker) -> DataLoader | StreamedTrain:
+    """This rank's training shard, standing where the run continues (``Restored``)."""
+    import ray.train
+
+    cfg, workload, restored = worker.cfg, worker.workload, worker.restored
+    if streamed(worker, "train"):
+        loader = StreamedTrain(ray.train.get_dataset_shard("train"),
+                               rows_collate(workload, "train"),
+                               rows=worker.streams["rows"]["train"],
+                               batch_size=cfg.train.batch_size, rank=worker.rank,
+                               world_size=worker.world_size, seed=cfg.seed)
+        loader.set_epoch(restored.start_epoch, restored.consumed)
+        return loader
+    sampler = EpochStream(len(workload.train_dataset), worker.rank, worker.world_size,
+                          cfg.seed)
+    sampler.set_epoch(restored.start_epoch, restored.consumed)
+    return make_loader(workload.train_dataset, cfg.train.batch_size, collate_of(workload),
+                       workers=split_loader_workers(worker, workload.train_dataset),
+                       device=worker.device, sampler=sampler,
+                       options=getattr(workload, "loader_options", None))
+
+
+def val_split(worker: Worker) -> DataLoader | StreamedEval:
+    """This rank's share of the validation set: each sample on exactly one rank."""
+    import ray.train
+
+    cfg, workload = worker.cfg, worker.workload
+    if streamed(worker, "val"):
+        return StreamedEval(ray.train.get_dataset_shard("val"), rows_collate(workload, "val"),
+                            cfg.train.batch_size)
+    dataset = workload.val_dataset
+    return make_loader(shard(dataset, worker.rank, worker.world_size), cfg.train.batch_size,
+                       collate_of(workload), workers=split_loader_workers(worker, dataset),
+                       device=worker.device, options=getattr(workload, "loader_options", None))
+
+
+def split_loader_workers(worker: Worker, dataset: Any) -> int:
+    return loader_workers(worker.cfg.train.loader_workers, dataset,
+                          worker.cfg.scaling.cpus_per_worker)
 
 
 def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
@@ -163,7 +208,10 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     # different numbers of validation batches would never all reach. (A sharded model's
     # forward is a collective itself: every rank makes ``val_forwards`` calls.)
     broadcast_buffers(p.plain)
-    val_loss = accumulate(p.plain, p.val_loader, p.batches, p.metrics, w.device,
+    loader = p.val_loader
+    if isinstance(loader, StreamedEval) and p.padding_input is not None:  # fsdp
+        loader = joined(loader, w.device)
+    val_loss = accumulate(p.plain, loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
     p.model.train()  # training goes on after a mid-epoch evaluation
     values = global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)],

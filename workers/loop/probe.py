@@ -12,7 +12,7 @@ from workers.contract.config import RunConfig
 from workers.contract.workload import build_workload
 from workers.loop.batches import Batches
 from workers.loop.reporter import epoch_metric_names, require_monitor
-from workers.loop.steps import collate_of, infer_num_classes, workload_metrics
+from workers.loop.steps import infer_num_classes, split_collate, workload_metrics
 
 
 def reported_metrics(config: dict[str, Any]) -> list[str]:
@@ -27,7 +27,7 @@ def reported_metrics(config: dict[str, Any]) -> list[str]:
     else:
         num_classes = infer_num_classes(workload.model, workload.train_dataset,
                                         torch.device("cpu"), Batches.of(workload),
-                                        collate_of(workload))
+                                        split_collate(workload, "train"))
         metrics = workload_metrics(workload, num_classes)
     return epoch_metric_names(metrics)
 

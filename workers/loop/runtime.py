@@ -19,7 +19,7 @@ from workers.checkpoint.load import load_intact
 from workers.compat import quiet_ray_train_reports
 from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
-from workers.contract.names import STOP_QUEUE_KEY
+from workers.contract.names import STOP_QUEUE_KEY, STREAMS_KEY
 from workers.contract.workload import build_workload
 
 
@@ -93,6 +93,9 @@ class Worker:
     workload: Any  # the user's workload, its model on ``device`` with restored weights
     restored: Restored
     stop_queue: Any = None  # the driver's stop requests (``loop.preempt``); None in a trial
+    # The Ray Dataset splits' row counts and first rows ({"rows": {split: n}, "samples":
+    # {split: columns}}, ``loop.ray_data``); None when every split is map-style.
+    streams: dict[str, Any] | None = None
 
     @property
     def is_rank_zero(self) -> bool:
@@ -120,6 +123,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
 
     config = dict(config)
     stop_queue = config.pop(STOP_QUEUE_KEY, None)
+    streams = config.pop(STREAMS_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -132,4 +136,4 @@ def start_worker(config: dict[str, Any]) -> Worker:
     if cfg.scaling.strategy == "ddp":
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
     return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank),
-                  stop_queue)
+                  stop_queue, streams)

@@ -17,6 +17,7 @@ from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
 from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, logits_of
 from workers.loop.optim import Stepper
+from workers.loop.ray_data import StreamedEval, first_rows, is_ray_dataset, rows_collate
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -106,8 +107,19 @@ def make_loader(dataset: Any, batch_size: int, collate: Callable[[list[Any]], An
         raise UserInputError(f"workload.loader_options: {exc}") from None
 
 
-def first_batch(dataset: Any, collate: Callable[[list[Any]], Any]) -> Any:
-    """A batch of the dataset's first sample, collated as the loaders collate."""
+def split_collate(workload: Any, split: str) -> Callable[[Any], Any]:
+    """How the loaders of ``split`` collate: a Ray Dataset's rows (``ray_data.rows_collate``),
+    or a map-style dataset's samples."""
+    if is_ray_dataset(getattr(workload, f"{split}_dataset", None)):
+        return rows_collate(workload, split)
+    return collate_of(workload)
+
+
+def first_batch(dataset: Any, collate: Callable[[Any], Any]) -> Any:
+    """A batch of the dataset's first sample (a Ray Dataset's first rows), collated as the
+    loaders collate."""
+    if is_ray_dataset(dataset):
+        return collate(first_rows(dataset))
     with blamed_on("workload.collate_fn: it fails on the first sample"):
         return collate([dataset[0]])
 
@@ -190,6 +202,10 @@ def accumulate(
     made = 0
     with torch.no_grad():
         for batch in loader:
+            if batch is None:  # another rank's stream goes on (``ray_data.joined``)
+                with autocast(device, precision):
+                    batches.forward(model, to_device(padding_input, device))
+                continue
             x, y = batches.split(batch)
             x, y = to_device(x, device), to_device(y, device)
             out, batch_loss = forward_loss(model, batches, x, y, device, precision)
@@ -280,8 +296,10 @@ def evaluate_dataset(
     precision: str = "fp32",
     collate: Callable[[list[Any]], Any] = default_collate,
 ) -> dict[str, float]:
-    """A single-process evaluation of a whole split (used for the test split and for checks)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    """A single-process evaluation of a whole split (used for the test split and for checks);
+    a Ray Dataset is read whole, in order (``collate``: its ``ray_data.rows_collate``)."""
+    loader = (StreamedEval(dataset, collate, batch_size) if is_ray_dataset(dataset) else
+              DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
     loss = accumulate(model, loader, batches, metrics, device, precision)
     vector, sizes = pack_states(loss, metrics)
     return unpack_compute(split, vector, sizes, loss, metrics)

@@ -33,6 +33,7 @@ from workers.contract.names import LEARNER_FILE
 from workers.decisions.metrics import MeanLoss
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
 from workers.engines.fastai.learner import MetricColumn, learner_from_workload
+from workers.loop.ray_data import engine_refuses, streamed_splits
 from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, seed_epoch, start_worker
 from workers.loop.sharding import LocalState
@@ -166,6 +167,8 @@ def setup(worker: Worker) -> FastaiParts:
     import ray.train.torch
 
     cfg, workload, device = worker.cfg, worker.workload, worker.device
+    if streamed_splits(workload):
+        raise engine_refuses("fastai", streamed_splits(workload))
     plain = workload.model
     learn = getattr(workload, "extras", {}).get("learner")
     if learn is None:

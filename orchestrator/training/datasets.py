@@ -1,0 +1,107 @@
+"""A workload's Ray Dataset splits, found on the driver before training and handed to Ray
+Train, which shards them to the workers (``workers/loop/ray_data.py`` says how).
+
+The driver builds the workload once (as every worker builds it) to see which splits are Ray
+Datasets; a run of map-style datasets only pays for that build. Each Ray Dataset split is
+checked here, before any worker starts: it has rows, at least one per worker for training,
+and its first rows become a batch (the columns the workload names exist and are numbers).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import UserError
+from workers.contract.config import RunConfig
+from workers.contract.errors import UserInputError
+from workers.contract.names import STREAMS_KEY
+from workers.contract.workload import build_workload
+from workers.loop.batches import Batches, describe
+from workers.loop.ray_data import engine_refuses, first_rows, rows_collate, streamed_splits
+
+# The splits whose rows are all scored, each once (``streaming_split(equal=False)``).
+EXACT_SPLITS = frozenset({"val", "test"})
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The Ray Dataset splits of a run, by name, and what the workers learn of them."""
+
+    datasets: dict[str, Any]
+    rows: dict[str, int]
+    samples: dict[str, dict[str, Any]]  # each split's first rows, as column arrays
+
+    def loop_config(self) -> dict[str, Any]:
+        """For the workers' ``train_loop_config`` (``STREAMS_KEY``)."""
+        return {STREAMS_KEY: {"rows": self.rows, "samples": self.samples}}
+
+    def trainer_options(self) -> dict[str, Any]:
+        """``TorchTrainer``'s ``datasets`` and ``dataset_config``."""
+        from workers.compat import split_data_config
+
+        return {"datasets": self.datasets, "dataset_config": split_data_config(EXACT_SPLITS)}
+
+
+def find_streams(cfg: RunConfig) -> Streams | None:
+    """The run's Ray Dataset splits, checked; None when every split is map-style. Ray must be
+    running (a Ray Dataset reads on it). A mistake is a ``UserError`` naming the split."""
+    import torch
+
+    if cfg.engine == "fastai":  # its engine refuses Ray Datasets itself (a Learner has none)
+        return None
+    torch.manual_seed(cfg.seed)  # as the workers build it
+    random.seed(cfg.seed)
+    try:
+        workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    except UserInputError as exc:
+        raise UserError(str(exc)) from None
+    datasets = streamed_splits(workload)
+    if not datasets:
+        return None
+    quiet_ray_data()
+    if cfg.engine != "torch":
+        raise UserError(str(engine_refuses(cfg.engine, datasets)))
+    rows, samples = {}, {}
+    for split, dataset in datasets.items():
+        rows[split], samples[split] = check_split(workload, split, dataset)
+    if "train" in rows and rows["train"] < cfg.scaling.max_workers:
+        raise UserError(f"workload.train_dataset: {rows['train']} rows for "
+                        f"{cfg.scaling.max_workers} workers; each worker needs at least one")
+    return Streams(datasets, rows, samples)
+
+
+def quiet_ray_data() -> None:
+    """The driver prints one line per epoch: Ray Data's progress bars and its INFO lines for
+    each dataset it runs (here, and in the run it is handed to) would bury them."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def check_split(workload: Any, split: str, dataset: Any) -> tuple[int, dict[str, Any]]:
+    """(rows, first rows) of one Ray Dataset split, whose first rows make a batch."""
+    field = f"workload.{split}_dataset"
+    try:
+        count = dataset.count()  # Parquet: from the files' metadata
+        sample = first_rows(dataset) if count else {}
+    except Exception as exc:  # noqa: BLE001 - a path that is not there, a bad transform
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"{field}: the Ray Dataset cannot be read ({type(exc).__name__}: "
+                        f"{first[:200]})") from None
+    if not count:
+        raise UserError(f"{field}: the Ray Dataset has no rows; every split needs some")
+    try:
+        batch = rows_collate(workload, split)(sample)  # its errors name the split or collate_fn
+    except UserInputError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        Batches.of(workload).split(batch)
+    except UserInputError as exc:
+        raise UserError(f"{field}: {exc} (its first rows collate to {describe(batch)})"
+                        ) from None
+    return count, sample

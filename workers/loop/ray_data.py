@@ -1,0 +1,218 @@
+"""Ray Datasets as a workload's splits: streamed to the workers, sharded by Ray Train.
+
+The driver builds the workload once and hands each split that is a ``ray.data.Dataset`` to
+``TorchTrainer(datasets=...)`` (``orchestrator/training/datasets.py``), with
+``workers.compat.split_data_config``:
+
+- ``train``: ``streaming_split(W, equal=True)`` in the dataset's own order (Ray Data's
+  ``preserve_order``): every rank gets ``rows // W`` rows, so every rank makes as many
+  optimizer steps (DDP and FSDP need that); at most ``W - 1`` rows of an epoch, the last ones,
+  are left out. Each epoch is reshuffled on every rank by a local buffer
+  (``iter_torch_batches(local_shuffle_buffer_size=...)``) seeded by the run's seed, the rank and
+  the epoch, so an epoch's batches are the same on a restart: a resume mid-epoch reads the
+  epoch again up to where it stopped and goes on from there.
+- ``val`` and ``test``: ``equal=False``: each row goes to exactly one worker, none dropped,
+  none padded, so the sufficient statistics summed over the workers are those of the whole
+  split, whatever its row count.
+
+Rows become batches through, in this order: the workload's ``feature_columns`` and
+``label_column`` (``(features, label)``), its ``collate_fn`` (a dict of column arrays in, as
+Ray Data's ``iter_torch_batches`` gives it), else every column as a tensor (a mapping batch,
+whose target is the ``labels`` column).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from workers.contract.errors import UserInputError
+from workers.loop.batches import blamed_on
+from workers.loop.runtime import epoch_seed
+
+SPLITS = ("train", "val", "test")
+# Rows in each rank's shuffle buffer (at least two batches): how far apart two rows of the
+# stream can land. Memory: this many rows per worker.
+SHUFFLE_BUFFER_ROWS = 2048
+PREFETCH_BATCHES = 2
+
+
+def is_ray_dataset(obj: Any) -> bool:
+    """Without importing Ray Data: a Dataset exists only if its module was imported."""
+    module = sys.modules.get("ray.data")
+    return module is not None and isinstance(obj, module.Dataset)
+
+
+def streamed_splits(workload: Any) -> dict[str, Any]:
+    """The workload's splits that are Ray Datasets, by split name."""
+    found = {split: getattr(workload, f"{split}_dataset", None) for split in SPLITS}
+    return {split: ds for split, ds in found.items() if is_ray_dataset(ds)}
+
+
+def engine_refuses(engine: str, datasets: dict[str, Any]) -> UserInputError:
+    """The error for an engine that trains map-style datasets only, given Ray Datasets."""
+    names = ", ".join(f"workload.{split}_dataset" for split in datasets)
+    kind = "is a Ray Dataset" if len(datasets) == 1 else "are Ray Datasets"
+    return UserInputError(f"engine: {engine} trains map-style datasets, and {names} {kind}; "
+                          "use engine: torch, which streams them")
+
+
+def as_tensor(batch: dict[str, np.ndarray], column: str, split: str) -> torch.Tensor:
+    """One column of a batch of rows as a tensor (float64 as float32, the models' dtype)."""
+    if column not in batch:
+        raise UserInputError(
+            f"workload.{split}_dataset: no column {column!r} (its columns: "
+            f"{', '.join(batch) or 'none'}); workload.feature_columns and label_column name "
+            "columns every Ray Dataset split has")
+    values = batch[column]
+    try:
+        if values.dtype == object:  # a column of arrays (a tensor per row) or of odd things
+            values = np.stack([np.asarray(v) for v in values])
+        elif not values.flags.writeable:  # Arrow's buffers: torch would share read-only memory
+            values = np.array(values)
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserInputError(
+            f"workload.{split}_dataset: column {column!r} cannot become a tensor "
+            f"({type(exc).__name__}: {first[:160]}); give numbers or arrays of numbers, or "
+            "a collate_fn that turns it into tensors") from None
+    return tensor.float() if tensor.dtype == torch.float64 else tensor
+
+
+def columns_collate(features: Sequence[str], label: str, split: str
+                    ) -> Callable[[dict[str, np.ndarray]], tuple[torch.Tensor, torch.Tensor]]:
+    """``(features, label)``: one feature column as it is, several side by side, (B, F)."""
+    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = [as_tensor(batch, c, split) for c in features]
+        if len(columns) == 1:
+            x = columns[0]
+        else:
+            x = torch.cat([c.reshape(c.shape[0], -1).float() for c in columns], dim=1)
+        return x, as_tensor(batch, label, split)
+
+    return collate
+
+
+def rows_collate(workload: Any, split: str) -> Callable[[dict[str, np.ndarray]], Any]:
+    """How a batch of a Ray Dataset split's rows (a dict of column arrays) becomes a batch."""
+    features = getattr(workload, "feature_columns", None)
+    label = getattr(workload, "label_column", None)
+    if features or label:
+        if not features or not label:
+            raise UserInputError("workload.feature_columns and workload.label_column: give "
+                                 "both (the model's input columns and the target column)")
+        features = [features] if isinstance(features, str) else list(features)
+        return columns_collate(features, label, split)
+    user = getattr(workload, "collate_fn", None)
+    if user is None:
+        return lambda batch: {c: as_tensor(batch, c, split) for c in batch}
+
+    def collate(batch: dict[str, np.ndarray]) -> Any:
+        with blamed_on(f"workload.collate_fn: it fails on a batch of {split}_dataset's rows "
+                       f"(columns {', '.join(batch)})"):
+            return user(batch)
+
+    return collate
+
+
+def ray_collate(fn: Callable[[dict[str, np.ndarray]], Any]) -> Any:
+    """``fn`` as ``iter_torch_batches`` takes a collate function (numpy batches in)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+            return fn(batch)
+
+    return Collate()
+
+
+def first_rows(dataset: Any, rows: int = 2) -> dict[str, np.ndarray]:
+    """The dataset's first rows as column arrays (runs a little of the dataset: on the driver
+    or in a task, never on a worker whose CPUs the training holds)."""
+    return dataset.take_batch(rows, batch_format="numpy")
+
+
+def iter_batches(dataset: Any, collate: Callable[[dict[str, np.ndarray]], Any],
+                 batch_size: int, **shuffle: Any) -> Iterator[Any]:
+    """A Dataset's (or a worker's shard's) batches, collated on Ray Data's prefetch thread,
+    on the host (the loops move them to the device)."""
+    return iter(dataset.iter_torch_batches(batch_size=batch_size, collate_fn=ray_collate(collate),
+                                           device="cpu", prefetch_batches=PREFETCH_BATCHES,
+                                           **shuffle))
+
+
+class StreamedTrain:
+    """A rank's shard of a streamed training split, as the torch loop uses its DataLoader:
+    ``len()`` batches this epoch, ``sampler`` (this object) with ``set_epoch(epoch,
+    consumed)``, ``batches_per_epoch`` and ``position_after`` as ``loop.stream.EpochStream``
+    has them. ``rows``: the whole split's; ``consumed``: positions of the epoch trained over
+    all ranks (a mid-epoch resume skips this rank's share of them)."""
+
+    def __init__(self, shard: Any, collate: Callable[[dict[str, np.ndarray]], Any], *,
+                 rows: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.shard, self.collate, self.batch_size = shard, collate, batch_size
+        self.per_rank = rows // world_size  # streaming_split(equal=True)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.consumed = 1, 0
+        self.sampler = self
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.per_rank / batch_size)
+
+    def _skipped(self) -> int:
+        return self.consumed // self.world_size // self.batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.batch_size) - self._skipped()
+
+    def position_after(self, batches: int, batch_size: int) -> int:
+        return min(self.per_rank * self.world_size,
+                   self.consumed + batches * batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        buffer = max(SHUFFLE_BUFFER_ROWS, 2 * self.batch_size)
+        batches = iter_batches(self.shard, self.collate, self.batch_size,
+                               local_shuffle_buffer_size=buffer,
+                               local_shuffle_seed=epoch_seed(self.seed, self.rank, self.epoch)
+                               % (2**32))
+        skip, left = self._skipped(), len(self)
+        for index, batch in enumerate(batches):
+            if index >= skip + left:
+                break  # every rank stops at the same batch: the rows Ray Data left over
+            if index >= skip:
+                yield batch
+
+
+class StreamedEval:
+    """A rank's shard of a streamed validation or test split, in order, each row once."""
+
+    def __init__(self, shard: Any, collate: Callable[[dict[str, np.ndarray]], Any],
+                 batch_size: int) -> None:
+        self.shard, self.collate, self.batch_size = shard, collate, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter_batches(self.shard, self.collate, self.batch_size)
+
+
+def joined(batches: Any, device: torch.device) -> Iterator[Any]:
+    """Under fsdp, where a forward is a collective and no rank knows ahead how many batches
+    its stream holds: every rank goes on while any rank has a batch; a rank whose stream ended
+    gets None (a padding forward, counted nowhere). One all-reduce per batch."""
+    stream = iter(batches)
+    while True:
+        batch = next(stream, None)
+        more = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch
