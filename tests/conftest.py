@@ -28,7 +28,7 @@ def _no_inherited_wandb_service():
 # fill whatever time one process still has when the other is busy with its last long file.
 # Only the order changes: every test runs.
 LONGEST_FIRST = ("test_training.py", "test_interrupts.py", "test_node_lost.py", "test_tune.py",
-                 "test_s3_storage.py", "test_wandb.py")
+                 "test_ray_data.py", "test_s3_storage.py", "test_wandb.py")
 
 
 def _order(item: pytest.Item) -> tuple[int, int]:

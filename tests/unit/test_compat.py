@@ -235,6 +235,21 @@ def test_worker_callback_interfaces() -> None:
     assert callable(compat.internal_train_context)
 
 
+def test_split_data_config_overrides_the_configure_ray_calls() -> None:
+    from ray.train import DataConfig
+
+    assert params(DataConfig.configure) == ["self", "datasets", "world_size", "worker_handles",
+                                            "worker_node_ids", "kwargs"]
+    config = compat.split_data_config({"val", "test"})
+    assert isinstance(config, DataConfig)
+    # The private helper the override calls, giving train its own (ordered) options.
+    assert config._resolve_execution_options("train").preserve_order is True
+    assert config._resolve_execution_options("val").preserve_order is False
+    dataset = importlib.import_module("ray.data.dataset").Dataset
+    assert isinstance(inspect.getattr_static(dataset, "copy"), staticmethod)
+    assert "equal" in params(dataset.streaming_split)
+
+
 # --- Ray Tune -------------------------------------------------------------------------------
 
 

@@ -1,0 +1,202 @@
+"""Ray Datasets streamed to the workers: the built-in Parquet digits through the CLI (on local
+disk and on a real S3-compatible server), workloads that collate rows themselves, a worker
+SIGKILLed mid-epoch, fsdp, and the mistakes users make with them.
+
+The validation split has 1,001 rows for 2 workers: the saved best, re-scored in one process
+over the whole validation and test sets, must equal the record to 1e-6, which it can only do
+if every row was counted exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import train
+from orchestrator.errors import UserError
+from tests.integration.conftest import REPO, assert_close, free_port, run_cli
+from workers.checkpoint.saved_model import evaluate_split
+from workers.contract.config import RunConfig
+
+pytestmark = pytest.mark.integration
+VAL_ROWS, TEST_ROWS = 1001, 201  # of 1,797: 595 training rows, 297 a worker, 5 steps of 64
+BUCKET = "ml-data"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+STREAMED = "tests.workloads.streamed:build"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_credentials():
+    """Before the module's Ray starts (autouse: before ``ray_local``): its workers read S3."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in CREDENTIALS.items():
+            patch.setenv(key, value)
+        yield
+
+
+def parquet_config(tmp_path: Path, name: str, data_dir: str, epochs: int,
+                   **extra: object) -> Path:
+    """The built-in ``configs/digits_parquet.yaml`` with a 1,001-row validation split."""
+    cfg = yaml.safe_load((REPO / "configs/digits_parquet.yaml").read_text())
+    cfg.update(name=name, storage_path=str(tmp_path / "runs"))
+    cfg["workload"]["params"].update(data_dir=data_dir, val_rows=VAL_ROWS, test_rows=TEST_ROWS)
+    cfg["train"]["epochs"] = epochs
+    cfg["wandb"] = {"mode": "disabled"}
+    for key, value in extra.items():
+        section, _, field = key.partition("__")
+        cfg.setdefault(section, {})[field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cli(tmp_path: Path, config: Path, *extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **CREDENTIALS}
+    env.pop("RAY_ADDRESS", None)
+    done = run_cli(["train", str(config), *extra], cwd=tmp_path, env=env, timeout=420)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / config.stem / "summary.json").read_text())
+    summary["_stdout"] = done.stdout
+    return summary
+
+
+def assert_rescored(summary: dict) -> None:
+    """The best epoch is the history's best, and its saved weights, scored in this process
+    over the whole validation and test sets, are the record."""
+    history = summary["history"]
+    assert summary["best_epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+    cfg = RunConfig.model_validate(summary["config"])
+    for split, recorded in (("val", summary["best_metrics"]), ("test", summary["test_metrics"])):
+        rescored = evaluate_split(cfg, summary["best_checkpoint"], split)
+        assert set(rescored) <= set(recorded)
+        for key, value in rescored.items():
+            assert_close(value, recorded[key])
+    # Every validation row counted once: the accuracy is k / 1001 for every epoch.
+    for record in history:
+        correct = record["val_accuracy"] * VAL_ROWS
+        assert abs(correct - round(correct)) < 1e-6, record
+
+
+@pytest.fixture
+def s3_server():
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    try:
+        yield {"port": port, "client": client}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_parquet_on_s3_and_on_disk_through_the_cli_exact_and_a_killed_worker_changes_nothing(
+        tmp_path, s3_server, ray_local):
+    """The reference run reads the Parquet files from the S3 server; the second run reads the
+    same files from local disk, and one of its workers SIGKILLs its own process mid-epoch."""
+    full_state = {"checkpoint__resume_every_n_epochs": 1}  # a restart resumes the optimizer
+    uri = (f"s3://{BUCKET}/digits?endpoint_override=127.0.0.1:{s3_server['port']}"
+           "&scheme=http&region=us-east-1")
+    reference = train_cli(tmp_path, parquet_config(tmp_path, "on-s3", uri, 3, **full_state))
+    keys = {o["Key"] for o in s3_server["client"].list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert any(k.endswith("/val/part-003.parquet") for k in keys), keys
+    assert reference["status"] == "completed" and reference["epochs_completed"] == 3
+    assert [r["step"] for r in reference["history"]] == [5] * 3  # 297 rows a worker
+    assert_rescored(reference)
+
+    # A worker SIGKILLs its own process at its 7th training batch (epoch 2, batch 2): Ray
+    # restarts the workers from epoch 1's checkpoint, and the streams replay epoch 2 as it was.
+    marker = tmp_path / "killed.pid"
+    config = parquet_config(tmp_path, "killed", str(tmp_path / "data"), 3,
+                            failure__max_failures=1, **full_state)
+    killed = train_cli(tmp_path, config,
+                       "--set", f"workload.entrypoint={STREAMED}",
+                       "--set", "workload.params.kill_after_steps=6",
+                       "--set", f"workload.params.marker={marker}")
+    assert marker.exists(), "no worker was killed"
+    assert "a worker failed" in killed["_stdout"], killed["_stdout"]
+    assert any((tmp_path / "data").rglob("*.parquet"))
+    assert killed["best_epoch"] == reference["best_epoch"]
+    assert len(killed["history"]) == len(reference["history"])
+    for got, expected in zip(killed["history"], reference["history"], strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_mcc"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-6), (key, got, expected)
+    assert_rescored(killed)
+
+
+def api_config(tmp_path: Path, name: str, **params: object) -> dict:
+    return {"name": name, "storage_path": str(tmp_path / "runs"), "seed": 0,
+            "workload": {"entrypoint": STREAMED,
+                         "params": {"data_dir": str(tmp_path.parent / "data"),
+                                    "val_rows": VAL_ROWS, "test_rows": TEST_ROWS, **params}},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+            "train": {"epochs": 3, "batch_size": 64, "lr": 0.01},
+            "wandb": {"mode": "disabled"}}
+
+
+def test_rows_collated_by_the_workload_under_fsdp(tmp_path, ray_local):
+    """A collate_fn over the column arrays returning a mapping batch, into a BatchNorm model
+    with dropout, under fsdp: a worker whose validation stream ended makes padding forwards
+    until every worker's has."""
+    cfg = api_config(tmp_path, "mapping-fsdp", shape="mapping", batchnorm=True)
+    cfg["scaling"]["strategy"] = "fsdp"
+    cfg["train"]["epochs"] = 2
+    summary = train(cfg).record
+    assert summary["status"] == "completed"
+    assert_rescored(summary)
+
+
+MISTAKES = [
+    ({"mistake": "missing_column"}, {},
+     "workload.train_dataset: no column 'digit' (its columns: pixels, label)"),
+    ({"mistake": "empty_split"}, {}, "workload.val_dataset: the Ray Dataset has no rows"),
+    ({"mistake": "strings"}, {}, "workload.train_dataset: column 'pixels' cannot become a tensor"),
+    ({"mistake": "no_labels"}, {},
+     "workload.train_dataset: a batch is a mapping without the label key 'labels'"),
+    ({}, {"engine": "fastai"}, "engine: fastai trains map-style datasets, and "
+     "workload.train_dataset, workload.val_dataset, workload.test_dataset are Ray Datasets"),
+    ({}, {"scaling": {"num_workers": 2, "cpus_per_worker": 1}},
+     "scaling.cpus_per_worker: 2 workers x 1 CPU take 2 of the cluster's 2 CPUs"),
+]
+
+
+def test_mistakes_are_one_line_before_training_and_leave_nothing(tmp_path, ray_local):
+    for index, (params, sections, message) in enumerate(MISTAKES):
+        cfg = {**api_config(tmp_path, f"mistake-{index}", **params), **sections}
+        with pytest.raises(UserError) as caught:
+            train(cfg)
+        assert str(caught.value).startswith(message), str(caught.value)
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "runs" / f"mistake-{index}").exists()
+
+
+def test_a_mistake_through_the_cli_exits_2_with_one_line(tmp_path):
+    config = parquet_config(tmp_path, "bad-column", str(tmp_path / "data"), 2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = run_cli(["train", str(config), "--set", f"workload.entrypoint={STREAMED}",
+                    "--set", "workload.params.mistake=missing_column"],
+                   cwd=tmp_path, env=env, timeout=240)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "workload.train_dataset: no column 'digit'" in last, done.stderr[-3000:]
+    assert not (tmp_path / "runs" / "bad-column").exists()
