@@ -19,7 +19,13 @@ from workers.contract.errors import UserInputError
 from workers.contract.names import STREAMS_KEY
 from workers.contract.workload import build_workload
 from workers.loop.batches import Batches, describe
-from workers.loop.ray_data import engine_refuses, first_rows, rows_collate, streamed_splits
+from workers.loop.ray_data import (
+    engine_refuses,
+    first_rows,
+    only_named_columns,
+    rows_collate,
+    streamed_splits,
+)
 
 # The splits whose rows are all scored, each once (``streaming_split(equal=False)``).
 EXACT_SPLITS = frozenset({"val", "test"})
@@ -66,6 +72,7 @@ def find_streams(cfg: RunConfig) -> Streams | None:
     rows, samples = {}, {}
     for split, dataset in datasets.items():
         rows[split], samples[split] = check_split(workload, split, dataset)
+        datasets[split] = only_named_columns(workload, dataset)
     if "train" in rows and rows["train"] < cfg.scaling.max_workers:
         raise UserError(f"workload.train_dataset: {rows['train']} rows for "
                         f"{cfg.scaling.max_workers} workers; each worker needs at least one")

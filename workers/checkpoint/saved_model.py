@@ -11,6 +11,7 @@ from workers.checkpoint.load import load_weights
 from workers.contract.config import RunConfig
 from workers.contract.workload import build_workload
 from workers.loop.batches import Batches
+from workers.loop.ray_data import is_ray_dataset, only_named_columns
 from workers.loop.steps import (
     evaluate_dataset,
     infer_num_classes,
@@ -36,6 +37,8 @@ def evaluate_split(
     dataset = getattr(workload, f"{split}_dataset", None)
     if dataset is None:
         return None
+    if is_ray_dataset(dataset):
+        dataset = only_named_columns(workload, dataset)
     model.to(device)
     batches = Batches.of(workload)
     metrics = workload_metrics(workload, infer_num_classes(model, workload.train_dataset, device,

@@ -63,8 +63,9 @@ def engine_refuses(engine: str, datasets: dict[str, Any]) -> UserInputError:
                           "use engine: torch, which streams them")
 
 
-def as_tensor(batch: dict[str, np.ndarray], column: str, split: str) -> torch.Tensor:
-    """One column of a batch of rows as a tensor (float64 as float32, the models' dtype)."""
+def as_tensor(batch: dict[str, Any], column: str, split: str) -> torch.Tensor:
+    """One column of a batch of rows as a tensor (float64 as float32, the models' dtype): from
+    Ray Data's own tensors while streaming, or from the column arrays of ``take_batch``."""
     if column not in batch:
         raise UserInputError(
             f"workload.{split}_dataset: no column {column!r} (its columns: "
@@ -72,9 +73,9 @@ def as_tensor(batch: dict[str, np.ndarray], column: str, split: str) -> torch.Te
             "columns every Ray Dataset split has")
     values = batch[column]
     try:
-        if values.dtype == object:  # a column of arrays (a tensor per row) or of odd things
+        if isinstance(values, np.ndarray) and values.dtype == object:  # a column of arrays
             values = np.stack([np.asarray(v) for v in values])
-        elif not values.flags.writeable:  # Arrow's buffers: torch would share read-only memory
+        elif isinstance(values, np.ndarray) and not values.flags.writeable:  # Arrow's buffers
             values = np.array(values)
         tensor = torch.as_tensor(values)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -86,10 +87,29 @@ def as_tensor(batch: dict[str, np.ndarray], column: str, split: str) -> torch.Te
     return tensor.float() if tensor.dtype == torch.float64 else tensor
 
 
+def named_columns(workload: Any) -> tuple[list[str], str] | None:
+    """The workload's ``feature_columns`` and ``label_column``, if it names them."""
+    features = getattr(workload, "feature_columns", None)
+    label = getattr(workload, "label_column", None)
+    if not features and not label:
+        return None
+    if not features or not label:
+        raise UserInputError("workload.feature_columns and workload.label_column: give "
+                             "both (the model's input columns and the target column)")
+    return ([features] if isinstance(features, str) else list(features)), label
+
+
+def only_named_columns(workload: Any, dataset: Any) -> Any:
+    """A Ray Dataset reduced to the columns the workload names (Parquet then reads no other
+    column); the whole dataset when it names none."""
+    named = named_columns(workload)
+    return dataset.select_columns([*named[0], named[1]]) if named else dataset
+
+
 def columns_collate(features: Sequence[str], label: str, split: str
-                    ) -> Callable[[dict[str, np.ndarray]], tuple[torch.Tensor, torch.Tensor]]:
+                    ) -> Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]:
     """``(features, label)``: one feature column as it is, several side by side, (B, F)."""
-    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         columns = [as_tensor(batch, c, split) for c in features]
         if len(columns) == 1:
             x = columns[0]
@@ -97,22 +117,25 @@ def columns_collate(features: Sequence[str], label: str, split: str
             x = torch.cat([c.reshape(c.shape[0], -1).float() for c in columns], dim=1)
         return x, as_tensor(batch, label, split)
 
+    collate.tensors_in = True  # Ray Data's own conversion of the columns comes first
     return collate
 
 
-def rows_collate(workload: Any, split: str) -> Callable[[dict[str, np.ndarray]], Any]:
-    """How a batch of a Ray Dataset split's rows (a dict of column arrays) becomes a batch."""
-    features = getattr(workload, "feature_columns", None)
-    label = getattr(workload, "label_column", None)
-    if features or label:
-        if not features or not label:
-            raise UserInputError("workload.feature_columns and workload.label_column: give "
-                                 "both (the model's input columns and the target column)")
-        features = [features] if isinstance(features, str) else list(features)
-        return columns_collate(features, label, split)
+def rows_collate(workload: Any, split: str) -> Callable[[dict[str, Any]], Any]:
+    """How a batch of a Ray Dataset split's rows becomes a batch: named columns, the
+    workload's ``collate_fn`` (column arrays in), or every column as a tensor. The first and
+    the last take the tensors Ray Data makes of the columns (``tensors_in``), and the column
+    arrays of ``take_batch`` alike."""
+    named = named_columns(workload)
+    if named:
+        return columns_collate(*named, split)
     user = getattr(workload, "collate_fn", None)
     if user is None:
-        return lambda batch: {c: as_tensor(batch, c, split) for c in batch}
+        def every_column(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return {c: as_tensor(batch, c, split) for c in batch}
+
+        every_column.tensors_in = True
+        return every_column
 
     def collate(batch: dict[str, np.ndarray]) -> Any:
         with blamed_on(f"workload.collate_fn: it fails on a batch of {split}_dataset's rows "
@@ -141,11 +164,15 @@ def first_rows(dataset: Any, rows: int = 2) -> dict[str, np.ndarray]:
 
 def iter_batches(dataset: Any, collate: Callable[[dict[str, np.ndarray]], Any],
                  batch_size: int, **shuffle: Any) -> Iterator[Any]:
-    """A Dataset's (or a worker's shard's) batches, collated on Ray Data's prefetch thread,
-    on the host (the loops move them to the device)."""
-    return iter(dataset.iter_torch_batches(batch_size=batch_size, collate_fn=ray_collate(collate),
-                                           device="cpu", prefetch_batches=PREFETCH_BATCHES,
-                                           **shuffle))
+    """A Dataset's (or a worker's shard's) batches, on the host (the loops move them to the
+    device). A workload's ``collate_fn`` runs on Ray Data's prefetch thread; named columns
+    take Ray Data's own conversion to tensors (a column of arrays becomes one (B, ...) tensor
+    without a copy per row), then are picked here."""
+    options = {"batch_size": batch_size, "device": "cpu", "prefetch_batches": PREFETCH_BATCHES,
+               **shuffle}
+    if getattr(collate, "tensors_in", False):
+        return (collate(batch) for batch in dataset.iter_torch_batches(**options))
+    return iter(dataset.iter_torch_batches(collate_fn=ray_collate(collate), **options))
 
 
 class StreamedTrain:
