@@ -60,7 +60,10 @@ def parquet_config(tmp_path: Path, name: str, data_dir: str, epochs: int,
 def train_cli(tmp_path: Path, config: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), **CREDENTIALS}
     env.pop("RAY_ADDRESS", None)
-    done = run_cli(["train", str(config), *extra], cwd=tmp_path, env=env, timeout=420)
+    # A streamed epoch runs Ray Data pipelines whose tasks need worker processes that Ray may
+    # have to start: under a full suite's load (two test files at a time on two cores) a
+    # 3-epoch run with a restart took over 7 minutes.
+    done = run_cli(["train", str(config), *extra], cwd=tmp_path, env=env, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / config.stem / "summary.json").read_text())
     summary["_stdout"] = done.stdout
