@@ -263,3 +263,36 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+# A real S3-compatible server (moto) for the tests that store runs or read data there.
+S3_BUCKET = "ml-runs"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_server():
+    """``moto_server`` on a free port with ``S3_BUCKET`` created: its port, a boto3 client,
+    and the credentials any client of it needs."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+    try:
+        yield {"port": port, "client": client, "env": S3_CREDENTIALS}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +17,19 @@ import yaml
 
 from orchestrator import train
 from orchestrator.errors import UserError
-from tests.integration.conftest import REPO, assert_close, free_port, run_cli
+from tests.integration.conftest import (
+    REPO,
+    S3_BUCKET,
+    S3_CREDENTIALS,
+    assert_close,
+    run_cli,
+)
 from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
 
 pytestmark = pytest.mark.integration
 VAL_ROWS, TEST_ROWS = 1001, 201  # of 1,797: 595 training rows, 297 a worker, 5 steps of 64
-BUCKET = "ml-data"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET, CREDENTIALS = S3_BUCKET, S3_CREDENTIALS
 STREAMED = "tests.workloads.streamed:build"
 
 
@@ -85,31 +86,6 @@ def assert_rescored(summary: dict) -> None:
     for record in history:
         correct = record["val_accuracy"] * VAL_ROWS
         assert abs(correct - round(correct)) < 1e-6, record
-
-
-@pytest.fixture
-def s3_server():
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                               "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-    try:
-        yield {"port": port, "client": client}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_parquet_on_s3_and_on_disk_through_the_cli_exact_and_a_killed_worker_changes_nothing(

@@ -15,8 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,16 +22,22 @@ from safetensors.torch import load
 
 from orchestrator.start.config_file import apply_overrides, read_yaml
 from orchestrator.training.run import run_training
-from tests.integration.conftest import REPO, assert_close, free_port, overfit_config, wait_for
+from tests.integration.conftest import (
+    REPO,
+    S3_BUCKET,
+    S3_CREDENTIALS,
+    assert_close,
+    free_port,
+    overfit_config,
+    wait_for,
+)
 from tests.integration.outage import Outage
 from workers.contract.config import RunConfig
 from workers.loop.steps import evaluate_dataset, workload_metrics
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration
-BUCKET = "ml-runs"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET, CREDENTIALS = S3_BUCKET, S3_CREDENTIALS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,31 +48,6 @@ def aws_credentials():
         for key, value in CREDENTIALS.items():
             patch.setenv(key, value)
         yield
-
-
-@pytest.fixture
-def s3_server():
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
-                               "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.3)
-    try:
-        yield {"port": port, "client": client, "env": CREDENTIALS}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_object_store_down_during_uploads_then_resume(s3_server, tmp_path):
