@@ -19,8 +19,10 @@ train: $(STAMP)
 # such as one local Ray, are shared). Every test finds its own run's processes, never another
 # run's, so two Rays side by side are what they would be on a user's machine. TEST_JOBS=0
 # runs everything in this process, one test after another.
+# --no-loadscope-reorder: files go out in tests/conftest.py's order (longest first); xdist's
+# default reorders them by their number of tests, which sent the longest files out last.
 TEST_JOBS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # The whole suite (what CI runs): the unit, distributed and integration tiers (pyproject's
 # testpaths; not tests/gpu).

@@ -23,12 +23,14 @@ def _no_inherited_wandb_service():
 
 
 # The order files are handed to pytest-xdist's processes (``make test``: two, a file each at a
-# time): the longest integration files first (measured: each takes 2 to 9 minutes of one
-# process), the rest of the integration tier, then the short unit and distributed files, which
-# fill whatever time one process still has when the other is busy with its last long file.
-# Only the order changes: every test runs.
-LONGEST_FIRST = ("test_training.py", "test_interrupts.py", "test_node_lost.py", "test_tune.py",
-                 "test_ray_data.py", "test_s3_storage.py", "test_wandb.py")
+# time, ``--no-loadscope-reorder`` keeping this order): the longest integration files first
+# (measured in a full run: 20 to 4 minutes of one process each, longest first), the rest of the
+# integration tier, then the short unit and distributed files, which fill whatever time one
+# process still has when the other is busy with its last long file. Only the order changes:
+# every test runs.
+LONGEST_FIRST = ("test_training.py", "test_ray_data.py", "test_tune.py", "test_search_optuna.py",
+                 "test_wandb.py", "test_fastai_ray.py", "test_workloads.py", "test_interrupts.py",
+                 "test_s3_storage.py", "test_node_lost.py", "test_fsdp.py", "test_long_runs.py")
 
 
 def _order(item: pytest.Item) -> tuple[int, int]:

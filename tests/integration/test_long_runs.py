@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -127,9 +128,11 @@ def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp
     assert reference.returncode == 0, err[-3000:]
     expected = json.loads((tmp_path / "runs/undisturbed/summary.json").read_text())["history"]
 
-    def interrupt(proc: subprocess.Popen, after: int) -> str:
-        wait_for(lambda: len(records("preempted")) >= after or proc.poll() is not None, 240,
-                 f"evaluation {after}")
+    def batches() -> int:  # training batches recorded by the workers, every run together
+        return sum(p.read_text().count("\n") for p in (tmp_path / "preempted").glob("*.txt"))
+
+    def interrupt(proc: subprocess.Popen, ready: Callable[[], bool], what: str) -> str:
+        wait_for(lambda: ready() or proc.poll() is not None, 240, what)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -137,12 +140,17 @@ def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp
         assert "the step in flight is saved" in out, out
         return err.strip().splitlines()[-1]
 
-    line = interrupt(start("preempted"), after=1)
+    line = interrupt(start("preempted"), lambda: len(records("preempted")) >= 1,
+                     "the first evaluation")
     assert line.startswith("interrupted by SIGTERM after epoch") and line.endswith(
         "continue with: orchestrator train preempted.yaml --resume"), line
-    # A record the resumed run makes itself (the first run may have made two before its
-    # stop: a SIGTERM before the resumed driver is up would find no handler yet).
-    interrupt(start("preempted", "--resume"), after=len(records("preempted")) + 1)
+    # Batches the resumed run trains itself (a SIGTERM before the resumed driver is up would
+    # find no handler yet), as soon as it trains: under load the first run may have gone on
+    # for several evaluations before it stopped, and waiting for a record of the resumed run
+    # let it finish first once.
+    trained = batches()
+    interrupt(start("preempted", "--resume"), lambda: batches() >= trained + 2,
+              "the resumed run's first batches")
     preempted = [p for p in (tmp_path / "runs/preempted").glob("checkpoint_*preempt*")]
     assert preempted, "no checkpoint of the step in flight"
     summary = json.loads((tmp_path / "runs/preempted/summary.json").read_text())
