@@ -14,12 +14,14 @@ from orchestrator.search.space import (
     SearchSpaceError,
     Trial,
     boundary_values,
+    check_search,
     make_trials,
     parse_space,
     sample_trials,
     set_dotted,
 )
 from orchestrator.start.cluster import Capacity, check_resources
+from workers.checkpoint.integrity import FILES_KEY
 from workers.contract.config import RunConfig
 from workers.contract.names import (
     BEST_DIR,
@@ -27,6 +29,7 @@ from workers.contract.names import (
     METADATA_FILE,
     MODEL_FILE,
     SEARCH_FILE,
+    STATE_FILE,
     SUMMARY_FILE,
     TRIALS_DIR,
 )
@@ -60,21 +63,41 @@ def _which(trial: Trial, problem: str) -> str:
     return f"tune.search_space: the value(s) {keys} give an invalid config: {problem}"
 
 
+def search_seed(cfg: RunConfig) -> int:
+    return cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
+
+
 def plan_search(cfg: RunConfig, experiment_dir: str) -> list[Trial]:
-    """Draw the trials and validate every one of them; nothing runs before this passes."""
+    """Draw the trials and validate every one of them; nothing runs before this passes. An
+    adaptive search (optuna) draws none: its options and bounds are validated, each alone."""
     base = cfg.to_dict()
     try:
         params = parse_space(cfg.tune.search_space)
+        check_search(params, cfg.tune.search)
         for param in params:  # each option / bound alone first, for a precise message
             for value in boundary_values(param):
                 trial_config(base, Trial("check", {param.key: value}), experiment_dir)
-        seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.seed
-        trials = make_trials(sample_trials(params, cfg.tune.num_samples, seed))
+        if cfg.tune.search == "optuna":
+            return []
+        trials = make_trials(sample_trials(params, cfg.tune.num_samples, search_seed(cfg),
+                                           cfg.tune.search))
         for trial in trials:
             trial_config(base, trial, experiment_dir)
     except SearchSpaceError as exc:
         raise UserError(str(exc)) from None
     return trials
+
+
+def boundary_configs(cfg: RunConfig, experiment_dir: str) -> dict[str, RunConfig]:
+    """An adaptive search's stand-ins for its trials before any is proposed: the base config
+    and each option or bound alone (what ``check_fit`` checks against the cluster)."""
+    base = cfg.to_dict()
+    configs = {"base": trial_config(base, Trial("base", {}), experiment_dir)}
+    for param in parse_space(cfg.tune.search_space):
+        for value in boundary_values(param):
+            configs[f"{param.key}={value!r}"] = trial_config(
+                base, Trial("check", {param.key: value}), experiment_dir)
+    return configs
 
 
 def trial_status(summary: dict[str, Any]) -> str:
@@ -178,8 +201,15 @@ def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:
     metadata = storage.read_json(storage.join(source, METADATA_FILE))
     metadata.update({"trial_id": top["trial_id"], "hyperparameters": top["hyperparameters"],
                      "source_checkpoint": source})
-    storage.write_bytes(storage.join(target, MODEL_FILE),
-                        storage.read_bytes(storage.join(source, MODEL_FILE)))
+    # The model's files, not the training state (which stays in the trial's checkpoint): the
+    # metadata lists what is here, so `orchestrator best` checks the copy it names.
+    files = {name: digest for name, digest in metadata.get(FILES_KEY, {}).items()
+             if name != STATE_FILE} or None
+    for name in files or (MODEL_FILE,):
+        storage.write_bytes(storage.join(target, name),
+                            storage.read_bytes(storage.join(source, name)))
+    if files is not None:
+        metadata[FILES_KEY] = files
     storage.write_json(storage.join(target, METADATA_FILE), metadata)
     return target
 

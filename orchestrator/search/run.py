@@ -24,8 +24,10 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.errors import TrainingError, UserError, user_error_among
 from orchestrator.results.epochs import epoch_record, progress_line
+from orchestrator.results.history import read_history
 from orchestrator.results.summary import finalize_run
 from orchestrator.search.plan import (
+    boundary_configs,
     check_fit,
     export_best,
     leaderboard,
@@ -33,12 +35,13 @@ from orchestrator.search.plan import (
     plan_search,
     read_search,
     resumed_config,
+    search_seed,
     trial_config,
     trial_status,
     trial_summary_path,
 )
-from orchestrator.search.space import Trial
-from orchestrator.start.cluster import resolve_use_gpu
+from orchestrator.search.space import PARAMS_KEY, Trial, parse_space
+from orchestrator.start.cluster import Capacity, resolve_use_gpu
 from orchestrator.start.console import Console, QuietConsole
 from orchestrator.start.context import (
     Prepared,
@@ -60,6 +63,7 @@ from workers.contract.names import (
     DONE_FILE,
     LEADERBOARD_FILE,
     SEARCH_FILE,
+    SEARCHER_FILE,
     SUMMARY_FILE,
     TUNE_DIR,
 )
@@ -78,13 +82,28 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = RunConfig.model_validate(tune_config["trial"]["config"])
-    # Decided by the driver, which checked the whole cluster's capacity before the search.
-    use_gpu = tune_config["trial"]["use_gpu"]
+    trial = tune_config["trial"]
+    if PARAMS_KEY in tune_config:  # proposed by an adaptive searcher, named by TrialNamer
+        from ray import tune
+
+        cfg = trial_config(trial["base"], Trial(tune.get_context().get_trial_name(),
+                                                tune_config[PARAMS_KEY]),
+                           trial["experiment_dir"])
+        use_gpu = resolve_use_gpu(cfg, Capacity(trial["capacity"], ()))
+    else:
+        cfg = RunConfig.model_validate(trial["config"])
+        # Decided by the driver, which checked the whole cluster's capacity before the search.
+        use_gpu = trial["use_gpu"]
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
                             log_model=tune_config["trial"]["log_model"],
                             callbacks=[TuneReportCallback()], streams=find_streams(cfg))
     trainer.fit()
+
+
+def trial_id_of(trial: Any) -> str:
+    """The project's id of a Tune trial: in its config (drawn up front) or its name
+    (proposed, named by ``TrialNamer``)."""
+    return trial.config["trial"].get("trial_id") or str(trial)
 
 
 class TrialLogger:
@@ -96,40 +115,70 @@ class TrialLogger:
     """
 
     def __init__(self, configs: dict[str, RunConfig], trials: dict[str, Trial],
-                 experiment: str, console: Console) -> None:
+                 experiment: str, console: Console, experiment_dir: str = "") -> None:
         from ray.tune import Callback
 
         logger = self
 
         class _Callback(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                if PARAMS_KEY in trial.config:  # proposed just now: recorded before it runs
+                    logger.proposed(str(trial), trial.config[PARAMS_KEY])
+
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                logger.on_result(trial.config["trial"]["trial_id"], result)
+                logger.on_result(trial_id_of(trial), result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 if not logger.stopping():  # stopped by a signal: it resumes
-                    logger.mark_done(trial.config["trial"]["trial_id"], errored=False)
+                    logger.mark_done(trial_id_of(trial), errored=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 if not logger.stopping():
-                    logger.mark_done(trial.config["trial"]["trial_id"], errored=True)
+                    logger.mark_done(trial_id_of(trial), errored=True)
 
         self.callback = _Callback()
         self.configs = configs
         self.trials = trials
         self.experiment = experiment
+        self.experiment_dir = experiment_dir
         self.console = console
         self.runs: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
         self.stopping: Callable[[], bool] = lambda: False
+        # An adaptive search's: a proposed trial's config, and its record written at once.
+        self.register: Callable[[str, dict[str, Any]], None] = lambda trial_id, overrides: None
+        self.study: Any = None  # an adaptive search's Optuna study: searcher.json
 
     def run_dir(self, trial_id: str) -> str:
         return storage.run_dir(self.configs[trial_id])
+
+    def proposed(self, trial_id: str, overrides: dict[str, Any]) -> None:
+        if trial_id not in self.trials:
+            self.register(trial_id, overrides)
+
+    def best_value(self, trial_id: str | None) -> float | None:
+        """The trial's best monitored value so far (its tracker's, from its history: also the
+        improvements made before a restart), None before any."""
+        if trial_id is None or trial_id not in self.configs:
+            return None
+        monitor = self.configs[trial_id].tracker.monitor
+        best = next((r for r in reversed(read_history(self.run_dir(trial_id)))
+                     if r.get("is_best") and monitor in r), None)
+        return None if best is None else float(best[monitor])
 
     def mark_done(self, trial_id: str, *, errored: bool) -> None:
         """Recorded at once (a small file), so that even if this driver is killed before it
         summarises the trial, a resumed search knows not to train it again."""
         storage.write_json(storage.join(self.run_dir(trial_id), DONE_FILE), {"errored": errored})
+        self.write_searcher()
         self.console.advance()
+
+    def write_searcher(self) -> None:
+        if self.study is not None:
+            from orchestrator.search.adaptive import study_records
+
+            storage.write_json(storage.join(self.experiment_dir, SEARCHER_FILE),
+                               {"searcher": "optuna", "trials": study_records(self.study)})
 
     def wandb_run(self, trial_id: str) -> Any:
         if trial_id not in self.runs:
@@ -215,11 +264,61 @@ def make_scheduler(cfg: RunConfig) -> Any:
     )
 
 
+def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[str, Any]:
+    """Tuner arguments of a search drawn up front: one grid point per trial still to run."""
+    log_model = ctx.tracking.log_model_setting
+    from ray import tune
+
+    return {
+        "param_space": {"trial": tune.grid_search(
+            [{"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
+              "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo])},
+        "num_samples": 1,
+        "trial_dirname_creator": lambda t: t.config["trial"]["trial_id"],
+    }
+
+
+def proposed_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial],
+                    logger: TrialLogger) -> dict[str, Any]:
+    """Tuner arguments of an adaptive search: Optuna's study rebuilt from the trials proposed
+    so far (finished ones observed, unfinished ones enqueued again), and proposals for the
+    rest of ``tune.num_samples``."""
+    from orchestrator.search.adaptive import (
+        BestValueOptunaSearch,
+        Observation,
+        TrialNamer,
+        id_width,
+        make_study,
+    )
+
+    cfg = ctx.cfg
+    params = parse_space(cfg.tune.search_space)
+    pending = {t.trial_id for t in todo}
+    earlier = [Observation(t.overrides, "pending") if t.trial_id in pending else
+               Observation(t.overrides, "complete", logger.best_value(t.trial_id))
+               for t in plan.trials]
+    study, optuna_storage = make_study(cfg, params, search_seed(cfg), earlier)
+    logger.study = study
+    namer = TrialNamer([(t.trial_id, t.overrides) for t in todo], len(plan.trials),
+                       id_width(cfg.tune.num_samples))
+    searcher = BestValueOptunaSearch(cfg, params, study, optuna_storage,
+                                     best_value=lambda tune_id: logger.best_value(
+                                         namer.names.get(tune_id)))
+    return {
+        "param_space": {"trial": {
+            "base": cfg.to_dict(), "experiment_dir": ctx.run_dir,
+            "log_model": ctx.tracking.log_model_setting, "capacity": ctx.capacity.total}},
+        "num_samples": cfg.tune.num_samples - (len(plan.trials) - len(todo)),
+        "search_alg": searcher,
+        "trial_name_creator": namer,
+        "trial_dirname_creator": str,
+    }
+
+
 def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: TrialLogger) -> None:
     """The search, until it ends or a signal stops it (``Interrupted`` once its running
     trials were stopped: trials that ended stay done, the others resume)."""
-    cfg, configs, guard = ctx.cfg, plan.configs, ctx.guard
-    log_model = ctx.tracking.log_model_setting
+    cfg, guard = ctx.cfg, ctx.guard
     from ray import tune
     from ray.tune.stopper import Stopper
 
@@ -227,22 +326,19 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
         pass
 
     keep_credentials_out_of_trial_runtime_envs()
-
+    args = (proposed_trials(ctx, plan, todo, logger) if cfg.tune.search == "optuna"
+            else drawn_trials(ctx, plan, todo))
     tuner = tune.Tuner(
         # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),
         # and 1 MiB of memory, since Ray refuses a placement group bundle that asks for nothing.
         tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
-        param_space={"trial": tune.grid_search(
-            [{"trial_id": t.trial_id, "config": configs[t.trial_id].to_dict(),
-              "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo]
-        )},
+        param_space=args.pop("param_space"),
         tune_config=tune.TuneConfig(
-            num_samples=1, scheduler=make_scheduler(cfg),
+            scheduler=make_scheduler(cfg),
             max_concurrent_trials=cfg.tune.max_concurrent_trials,
-            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
             # A stopped trial's process must go: it owns its trainer's controller, and with it
             # the workers' CPUs; a reused process would keep them and starve the next trial.
-            reuse_actors=False,
+            reuse_actors=False, **args,
         ),
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -315,12 +411,14 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
     base = cfg.to_dict()
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
+    # An adaptive search's trials are proposed as it goes: the options and bounds stand in.
+    checked = configs if cfg.tune.search != "optuna" else boundary_configs(cfg, experiment_dir)
     with SignalGuard() as guard:
         ctx = preflight(  # the W&B run fails here, not mid-search
             prepared.with_config(cfg), kind="search", console=console, guard=guard,
-            fits=lambda capacity: check_fit(cfg, configs, capacity),
+            fits=lambda capacity: check_fit(cfg, checked, capacity),
             open_tracking=lambda: open_run(cfg, experiment_dir, job_type="search"),
-            check_on_ray=lambda: check_monitor_first(configs[trials[0].trial_id]))
+            check_on_ray=lambda: check_monitor_first(next(iter(checked.values()))))
         plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, ctx.capacity)
                                             for trial_id, c in configs.items()})
         try:
@@ -329,32 +427,57 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
             unlock(experiment_dir)
 
 
+def write_search(ctx: RunContext, plan: SearchPlan) -> None:
+    """search.json: the config and every trial drawn or proposed so far, in order."""
+    storage.write_json(storage.join(ctx.run_dir, SEARCH_FILE),
+                       {"trials": [t.to_dict() for t in plan.trials], "config": ctx.cfg.to_dict()})
+
+
+def register(ctx: RunContext, plan: SearchPlan, logger: TrialLogger, trial: Trial) -> None:
+    """A trial the searcher proposed: its config, and search.json rewritten before it runs
+    (so a resume knows it)."""
+    cfg = trial_config(ctx.cfg.to_dict(), trial, ctx.run_dir)
+    plan.trials.append(trial)
+    plan.trials.sort(key=lambda t: t.trial_id)  # the order proposed (a later may start first)
+    plan.configs[trial.trial_id] = cfg
+    plan.gpus[trial.trial_id] = resolve_use_gpu(cfg, ctx.capacity)
+    logger.trials[trial.trial_id] = trial
+    write_search(ctx, plan)
+
+
 def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """The search itself, once its directory and W&B run are ready: the leaderboard."""
     cfg, console, guard, trials = ctx.cfg, ctx.console, ctx.guard, plan.trials
-    storage.write_json(storage.join(ctx.run_dir, SEARCH_FILE),
-                       {"trials": [t.to_dict() for t in trials], "config": cfg.to_dict()})
+    adaptive = cfg.tune.search == "optuna"
+    write_search(ctx, plan)
 
     todo = pending_trials(trials, plan.configs)
-    console.say(f"Search {cfg.name!r}: {len(trials)} trials ({len(trials) - len(todo)} "
-                f"already finished), {cfg.tune.max_concurrent_trials} at a time, scheduler "
+    finished = len(trials) - len(todo)
+    total = cfg.tune.num_samples if adaptive else len(trials)
+    console.say(f"Search {cfg.name!r}: {total} trials ({finished} already finished"
+                + (", each proposed by optuna from the results so far" if adaptive else "")
+                + f"), {cfg.tune.max_concurrent_trials} at a time, scheduler "
                 f"{cfg.tune.scheduler}, in {ctx.run_dir}")
-    logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console)
+    logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console,
+                         ctx.run_dir)
+    logger.register = lambda trial_id, overrides: register(ctx, plan, logger,
+                                                           Trial(trial_id, overrides))
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
     interrupted = None
     logger.stopping = lambda: bool(guard.received)
     try:
-        if todo:
-            with console.progress(len(trials), f"{cfg.name} trials"):
-                console.advance(completed=len(trials) - len(todo))
+        if todo or (adaptive and finished < total):
+            with console.progress(total, f"{cfg.name} trials"):
+                console.advance(completed=finished)
                 run_tuner(ctx, plan, todo, logger)
     except Interrupted as exc:
         interrupted = exc
     finally:
         logger.finish_trials(ctx.use_gpu)
         logger.abort_unfinished()
+        logger.write_searcher()
     board = write_leaderboard(ctx, plan)
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
     if interrupted:

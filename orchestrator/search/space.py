@@ -6,10 +6,12 @@
     workload.params.hidden: {choice: [32, 64, 128]}
     train.batch_size: {grid: [32, 64]}
 
-Trials are drawn up front with the search seed (Tune's semantics: every grid combination,
-``num_samples`` times, the other keys sampled for each), written to ``search.json`` and
-validated against the config schema one by one, so a bad value fails before any training and
-an interrupted search resumes with exactly the same trials.
+Under ``tune.search: random`` and ``grid`` trials are drawn up front with the search seed
+(Tune's semantics: every grid combination, ``num_samples`` times, the other keys sampled for
+each), written to ``search.json`` and validated against the config schema one by one, so a
+bad value fails before any training and an interrupted search resumes with exactly the same
+trials. Under ``optuna`` each trial is proposed as results come in (``search.adaptive``); its
+options and bounds are validated up front instead.
 """
 
 from __future__ import annotations
@@ -85,11 +87,40 @@ def _sample(param: Param, rng: np.random.Generator) -> Any:
     return int(rng.integers(low_high[0], low_high[1]))  # randint: high exclusive, as Tune
 
 
-def sample_trials(params: list[Param], num_samples: int, seed: int) -> list[dict[str, Any]]:
-    """Every grid combination x ``num_samples``; the other keys drawn from ``seed``."""
+SEARCHES = ("random", "grid", "optuna")
+PARAMS_KEY = "params"  # a proposed trial's values, in its Tune config
+# What Optuna's CategoricalDistribution can hold.
+OPTUNA_CHOICE_TYPES = (str, int, float, bool, type(None))
+
+
+def check_search(params: list[Param], search: str) -> None:
+    """Whether ``tune.search`` can take every key of the space (pure: before any trial)."""
+    for param in params:
+        where = f"tune.search_space.{param.key}"
+        if search == "grid" and param.kind not in ("grid", "choice"):
+            raise SearchSpaceError(
+                f"{where}: tune.search grid enumerates values, and {param.kind} is a range; "
+                "give {grid: [...]} or {choice: [...]}, or use tune.search random or optuna")
+        if search == "optuna" and param.kind == "grid":
+            raise SearchSpaceError(
+                f"{where}: tune.search optuna proposes every value itself and cannot take "
+                "{grid: [...]}; give {choice: [...]} instead, or use tune.search random or grid")
+        if search == "optuna" and param.kind == "choice":
+            bad = [v for v in param.values if not isinstance(v, OPTUNA_CHOICE_TYPES)]
+            if bad:
+                raise SearchSpaceError(
+                    f"{where}.choice: Optuna can choose only among strings, numbers, booleans "
+                    f"and null, not {bad[0]!r}; use tune.search random or grid for this key")
+
+
+def sample_trials(params: list[Param], num_samples: int, seed: int,
+                  search: str = "random") -> list[dict[str, Any]]:
+    """Every grid combination x ``num_samples``; the other keys drawn from ``seed``. Under
+    ``search: grid`` the choice keys are enumerated too."""
     rng = np.random.default_rng(seed)
-    grid = [p for p in params if p.kind == "grid"]
-    rest = [p for p in params if p.kind != "grid"]
+    enumerated = ("grid", "choice") if search == "grid" else ("grid",)
+    grid = [p for p in params if p.kind in enumerated]
+    rest = [p for p in params if p.kind not in enumerated]
     combos = list(itertools.product(*(p.values for p in grid))) or [()]
     trials = []
     for _ in range(num_samples):

@@ -62,3 +62,24 @@ def test_the_exported_best_is_row_zero_or_nothing(tmp_path: Path):
     exported = Path(export_best([_row("t1", str(source))], str(tmp_path)))
     assert json.loads((exported / "metadata.json").read_text())["trial_id"] == "t1"
     assert (exported / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_the_exported_best_passes_the_check_orchestrator_best_makes(tmp_path: Path):
+    """The exported copy holds the model's files, not the training state, and its metadata
+    lists exactly them: `orchestrator best` on the search verifies what is there."""
+    from orchestrator.results.checkpoints import verify_checkpoint
+    from workers.checkpoint.integrity import file_digest
+
+    source = tmp_path / "trials" / "t1" / "checkpoint_epoch0002_1"
+    source.mkdir(parents=True)
+    files = {"model.safetensors": b"weights", "train_state.pt": b"optimizer and tracker"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    (source / "metadata.json").write_text(json.dumps(
+        {"epoch": 2, "files": {name: file_digest(data) for name, data in files.items()}}))
+    assert verify_checkpoint(str(source)) is None
+    exported = Path(export_best([_row("t1", str(source))], str(tmp_path)))
+    assert sorted(p.name for p in exported.iterdir()) == ["metadata.json", "model.safetensors"]
+    assert verify_checkpoint(str(exported)) is None
+    (exported / "model.safetensors").write_bytes(b"weightz")  # and damage is still seen
+    assert verify_checkpoint(str(exported)) == "model.safetensors does not match its sha256"

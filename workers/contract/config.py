@@ -232,6 +232,14 @@ class TuneSection(_Section):
     num_samples: Int = Field(4, ge=1, description="draws of the non-grid keys, per grid point")
     max_concurrent_trials: Int = Field(2, ge=1, description="trials running at the same "
                                        "time (may change on a resume)")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: every trial drawn up front from the seed ({grid} keys "
+        "enumerated); grid: every combination of the {grid} and {choice} keys, num_samples "
+        "times; optuna: each trial proposed by Optuna's TPE sampler from the trials finished so "
+        "far (their best monitored values)")
+    startup_trials: Int | None = Field(
+        None, ge=1, description="optuna: trials drawn at random before TPE proposes from "
+        "results; default: a quarter of num_samples, at least 1, at most 10")
     scheduler: Literal["fifo", "asha"] = Field(
         "fifo", description="fifo: every trial runs to its end; asha: bad trials are stopped "
         "early on the monitored metric")

@@ -27,7 +27,8 @@ STAGED_FILES = (MODEL_FILE, METADATA_FILE)
 FAILURE_LOG = "failure.log"  # a failed run's worker tracebacks (the terminal gets one line)
 
 # A search directory (orchestrator tune).
-SEARCH_FILE = "search.json"  # the trials, drawn up front: resume reads it
+SEARCH_FILE = "search.json"  # the trials, drawn or proposed so far: resume reads it
+SEARCHER_FILE = "searcher.json"  # an adaptive search's sampler records (optuna's own trials)
 DONE_FILE = "trial_done.json"  # in a trial's run directory, the moment Tune reports its end
 LEADERBOARD_FILE = "leaderboard.json"
 BEST_DIR = "best_model"  # the overall best model
