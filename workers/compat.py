@@ -275,6 +275,34 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
         name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}
 
 
+def wait_for_tune_to_take_the_last_report(timeout_s: float = 60.0) -> None:
+    """Called by a Tune trial function after its ``TorchTrainer.fit`` returns, before it
+    returns itself. ``TuneReportCallback`` puts each report on a Ray queue of one, which the
+    trial actor's main thread moves into the session's result queue (also of one). When the
+    function returns, Tune's wrapper reports a last "done" result into that result queue from
+    the function's thread. If the run's last report is still on its way then, the main thread
+    takes it and blocks forever putting it into the full result queue: the trial never ends
+    and the search hangs (Ray 2.60, ``function_trainable.py`` line 255 against
+    ``session._get_result_from_queues``; seen here twice in three 8-trial searches). Waiting
+    until both queues have stayed empty for a moment closes the window.
+
+    ``ray.train._internal.session.get_session()``, its ``_inter_actor_queue`` and
+    ``result_queue``. Replacement: a fix in Ray, or a public "report consumed" signal."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None:
+        return
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and quiet < 3:
+        inter = session._inter_actor_queue
+        idle = (inter is None or inter.empty()) and session.result_queue.empty()
+        quiet = quiet + 1 if idle else 0
+        time.sleep(0.1)
+
+
 # --- Weights & Biases -----------------------------------------------------------------------
 
 

@@ -57,7 +57,10 @@ from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
 from orchestrator.training.datasets import find_streams
 from orchestrator.training.ray_trainer import build_trainer
-from workers.compat import keep_credentials_out_of_trial_runtime_envs
+from workers.compat import (
+    keep_credentials_out_of_trial_runtime_envs,
+    wait_for_tune_to_take_the_last_report,
+)
 from workers.contract.config import RunConfig
 from workers.contract.names import (
     DONE_FILE,
@@ -98,6 +101,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
                             log_model=tune_config["trial"]["log_model"],
                             callbacks=[TuneReportCallback()], streams=find_streams(cfg))
     trainer.fit()
+    wait_for_tune_to_take_the_last_report()
 
 
 def trial_id_of(trial: Any) -> str:

@@ -270,6 +270,24 @@ def test_trials_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- Weights & Biases -----------------------------------------------------------------------
 
 
+def test_the_tune_session_queues_compat_waits_on() -> None:
+    """The race ``wait_for_tune_to_take_the_last_report`` closes: Tune's function wrapper
+    reports a last result after the function returns, and the main thread moves the inter-actor
+    queue's reports into the same one-place result queue."""
+    from ray.train._internal import session
+    from ray.tune.trainable import function_trainable
+
+    init = inspect.getsource(session._TrainSession.reset)  # what __init__ calls
+    assert "self.result_queue = queue.Queue(1)" in init
+    assert "self._inter_actor_queue: Optional" in init
+    moving = inspect.getsource(session._TrainSession._get_result_from_queues)
+    assert "self._inter_actor_queue.get(" in moving and "self.report(inter_actor_item)" in moving
+    assert "get_session().report({RESULT_DUPLICATE: True})" in inspect.getsource(
+        function_trainable)
+    assert params(session.get_session) == []
+    compat.wait_for_tune_to_take_the_last_report(timeout_s=1)  # no session here: returns
+
+
 def test_wandb_settings_turn_system_metrics_off() -> None:
     import wandb
     from wandb.proto import wandb_settings_pb2
