@@ -25,7 +25,7 @@ from orchestrator import storage
 from orchestrator.errors import TrainingError, UserError, user_error_among
 from orchestrator.results.epochs import epoch_record, progress_line
 from orchestrator.results.history import read_history
-from orchestrator.results.summary import finalize_run
+from orchestrator.results.summary import best_of, finalize_run
 from orchestrator.search.plan import (
     boundary_configs,
     check_fit,
@@ -165,10 +165,8 @@ class TrialLogger:
         improvements made before a restart), None before any."""
         if trial_id is None or trial_id not in self.configs:
             return None
-        monitor = self.configs[trial_id].tracker.monitor
-        best = next((r for r in reversed(read_history(self.run_dir(trial_id)))
-                     if r.get("is_best") and monitor in r), None)
-        return None if best is None else float(best[monitor])
+        best, _ = best_of(read_history(self.run_dir(trial_id)), [])
+        return None if best is None else float(best[self.configs[trial_id].tracker.monitor])
 
     def mark_done(self, trial_id: str, *, errored: bool) -> None:
         """Recorded at once (a small file), so that even if this driver is killed before it
