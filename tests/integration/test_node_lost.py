@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,35 +34,63 @@ PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metri
               "runtime-env-agent-port", "object-manager-port")
 
 
-def start_node(env: dict, *args: str) -> subprocess.Popen:
-    own = [f"--{flag}={free_port()}" for flag in PORT_FLAGS]  # none of Ray's fixed defaults
-    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1",
-                             "--disable-usage-stats", *own, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+def start_node(env: dict, log: Path, *args: str) -> subprocess.Popen:
+    """``ray start --block`` with ports of its own (none of Ray's fixed defaults), its
+    output in ``log`` for the failure message should it not come up."""
+    own = [f"--{flag}={free_port()}" for flag in PORT_FLAGS]
+    if "--head" in args:  # the address is the head's own, for the others
+        env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    with log.open("w") as out:
+        return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus=1",
+                                 "--disable-usage-stats", *own, *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def alive_node_ports(env: dict) -> set[int]:
-    """The node manager ports of the cluster's live nodes."""
+    """The node manager ports of the cluster's live nodes; none while the cluster does not
+    answer (a loaded machine may take its time)."""
     code = ("import ray, logging; ray.init(logging_level=logging.ERROR); "
             "print(*[n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=120)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return set()
     return {int(p) for p in proc.stdout.split()} if proc.returncode == 0 else set()
 
 
-def wait_for_node(env: dict, node_port: int, what: str) -> None:
-    deadline = time.monotonic() + 180
+def wait_for_node(env: dict, node: subprocess.Popen, log: Path, node_port: int) -> bool:
+    """True once the node is alive in the cluster; False if its ``ray start`` exited (a
+    port taken between ``free_port`` and the bind). Fails after 5 minutes."""
+    deadline = time.monotonic() + 300
     while node_port not in alive_node_ports(env):
-        assert time.monotonic() < deadline, f"{what} did not come up"
+        if node.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"the node did not come up:\n{log.read_text()[-3000:]}"
         time.sleep(1)
+    return True
+
+
+def start_alive_node(env: dict, log: Path, args: Callable[[int], list[str]]
+                     ) -> tuple[subprocess.Popen, int]:
+    """A node alive in the cluster and its node manager port, started with ``args(port)``:
+    again on fresh ports when its ``ray start`` exits before it comes up."""
+    for _ in range(3):
+        node_port = free_port()
+        node = start_node(env, log, f"--node-manager-port={node_port}", *args(node_port))
+        try:
+            if wait_for_node(env, node, log, node_port):
+                return node, node_port
+        except BaseException:
+            stop_group(node)
+            raise
+    pytest.fail(f"ray start exited three times:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory):
     """One head node (1 CPU) for the module; each test adds the second node it loses."""
     home = tmp_path_factory.mktemp("home")  # Ray looks for ~/.ray/auth_token: not the real ~
-    port, head_port = free_port(), free_port()
     # The nodes' workers import the project and its test workloads from the repository.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -70,28 +99,29 @@ def head_node(tmp_path_factory):
            # (Ray's default: every 3 s, 5 failures): a killed raylet refuses at once, so the
            # loss is known in about 3 s instead of 15. A live node's check still has 10 s.
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-    env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")  # short: socket paths
-    nodes = [start_node(env, "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                        f"--temp-dir={temp_dir}", "--include-dashboard=false",
-                        f"--node-manager-port={head_port}")]
-    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+
+    def head_args(_node_port: int) -> list[str]:
+        env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"  # the GCS port, fresh on each try
+        return ["--head", "--node-ip-address=127.0.0.1",
+                f"--port={env['RAY_ADDRESS'].rsplit(':', 1)[1]}", f"--temp-dir={temp_dir}",
+                "--include-dashboard=false", f"--ray-client-server-port={free_port()}"]
+
+    head, _ = start_alive_node(env, home / "head.log", head_args)
+    cluster = {"env": env, "address": env["RAY_ADDRESS"], "nodes": [head], "logs": home}
     try:
-        wait_for_node(env, head_port, "the head node")
-        yield {"env": env, "port": port, "nodes": nodes}
+        yield cluster
     finally:
-        for proc in reversed(nodes):
+        for proc in reversed(cluster["nodes"]):
             stop_group(proc)
 
 
 @pytest.fixture
 def two_nodes(head_node):
-    node_port = free_port()
     env = head_node["env"]
-    node = start_node(env, f"--address=127.0.0.1:{head_node['port']}",
-                      f"--node-manager-port={node_port}")
+    node, node_port = start_alive_node(env, head_node["logs"] / "node.log",
+                                       lambda _: [f"--address={head_node['address']}"])
     head_node["nodes"].append(node)
-    wait_for_node(env, node_port, "the second node")
     return {"env": env, "node_manager_port": node_port, "node": node}
 
 
