@@ -87,7 +87,10 @@ def measure(cfg: dict, env: dict[str, str]) -> dict:
                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"search {cfg['name']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # The search's own output (W&B's offline lines) comes before the measurements' line.
+    line = next(line for line in reversed(out.stdout.splitlines())
+                if line.startswith('{"wall_s"'))
+    return json.loads(line)
 
 
 def searchers(root: Path) -> list[dict]:
