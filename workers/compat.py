@@ -303,6 +303,109 @@ def wait_for_tune_to_take_the_last_report(timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+@dataclass
+class PBTHooks:
+    """What ``pbt_scheduler`` asks the project (``orchestrator.search.pbt``), in public terms:
+
+    - ``checkpoint_of(result)``: the checkpoint a compared result came with (None: none);
+    - ``exploit(trial, donor, result, checkpoint)``: prepare the trial to continue from the
+      donor's ``checkpoint`` (of ``result``); returns the ``ray.tune.Checkpoint`` Tune restores
+      the trial from;
+    - ``new_config(trial, explored)``: the trial's config after the exploit, from Tune's
+      ``explored`` (the donor's config, perturbed);
+    - ``after_exploit(trial, donor, trial_score, donor_score)``: the exploit was made;
+    - ``seeded()``: a context in which Tune draws from the ``random`` module;
+    - ``last_epoch``: results from this epoch on are the run's end, never compared;
+    - ``max_running``: trials running at once (Tune's ``max_concurrent_trials`` cannot be
+      used: its variant generator counts a paused trial as live and would never create the
+      trials a synchronous PBT waits for)."""
+
+    checkpoint_of: Any
+    exploit: Any
+    new_config: Any
+    after_exploit: Any
+    seeded: Any
+    last_epoch: int
+    max_running: int
+
+
+def pbt_scheduler(hooks: PBTHooks, **options: Any) -> Any:
+    """Ray Tune's ``PopulationBasedTraining`` (``options``: its own arguments) for trials whose
+    checkpoints are Ray Train's, not Tune's.
+
+    Tune's PBT copies a Tune checkpoint of the donor (``_checkpoint_or_exploit`` asks the
+    trial to save one, ``_exploit`` sets it as the exploiting trial's restore point) and gives
+    the exploiting trial the donor's whole config (``_get_new_config``). A trial that runs a
+    Ray Train trainer reports its checkpoints to Ray Train and only their path to Tune, and
+    the project's trials keep their own id and directory. So three private methods are
+    overridden, with the per-trial state ``_trial_state`` (``last_result``,
+    ``last_checkpoint``, ``last_score``) and ``_metric`` / ``_metric_op``.
+    Replacement: a public PBT hook for where a trial's state comes from, if Tune adds one."""
+    import random
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    class ProjectPBT(PopulationBasedTraining):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.starting: set[Any] = set()  # chosen to run, not running yet
+
+        def choose_trial_to_run(self, tune_controller: Any) -> Any:
+            # Tune's choice (paused or pending trials behind the next comparison, the least
+            # trained first), held back while ``max_running`` trials run or start.
+            trials = tune_controller.get_trials()
+            self.starting = {t for t in self.starting if t.status == Trial.PENDING}
+            running = sum(t.status == Trial.RUNNING for t in trials) + len(self.starting)
+            if running >= hooks.max_running:
+                return None
+            candidates = sorted(
+                (t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)
+                 and t not in self.starting
+                 and self._trial_state[t].last_train_time < self._next_perturbation_sync),
+                key=lambda t: self._trial_state[t].last_train_time)
+            if not candidates:
+                return None
+            self.starting.add(candidates[0])
+            return candidates[0]
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            # A resume checkpoint a signal asked for is no evaluation; the last epoch is the
+            # run's end, where nothing is compared any more.
+            if self._metric not in result or result.get("epoch", 0) >= hooks.last_epoch:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def _checkpoint_or_exploit(self, trial: Any, tune_controller: Any,
+                                   upper_quantile: list, lower_quantile: list) -> None:
+            state = self._trial_state[trial]
+            state.last_checkpoint = (hooks.checkpoint_of(state.last_result or {})
+                                     if trial in upper_quantile else None)
+            if trial not in lower_quantile or not upper_quantile:
+                return
+            with hooks.seeded():
+                donor = random.choice(upper_quantile)
+            donor_state = self._trial_state[donor]
+            if donor_state.last_checkpoint is None:
+                return  # its epoch came without a checkpoint: nothing to continue from
+            path = donor_state.last_checkpoint
+            donor_state.last_checkpoint = hooks.exploit(trial, donor, donor_state.last_result,
+                                                        path)
+            try:
+                with hooks.seeded():
+                    self._exploit(tune_controller, trial, donor)
+            finally:
+                donor_state.last_checkpoint = path
+            hooks.after_exploit(trial, donor, self._trial_state[trial].last_score
+                                * self._metric_op, donor_state.last_score * self._metric_op)
+
+        def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict, dict]:
+            explored, operations = super()._get_new_config(trial, trial_to_clone)
+            return hooks.new_config(trial, explored), operations
+
+    return ProjectPBT(**options)
+
+
 # --- Weights & Biases -----------------------------------------------------------------------
 
 

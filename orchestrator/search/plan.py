@@ -10,6 +10,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import UserError
+from orchestrator.search.pbt import check_pbt
 from orchestrator.search.space import (
     SearchSpaceError,
     Trial,
@@ -74,6 +75,7 @@ def plan_search(cfg: RunConfig, experiment_dir: str) -> list[Trial]:
     try:
         params = parse_space(cfg.tune.search_space)
         check_search(params, cfg.tune.search)
+        check_pbt(cfg)
         for param in params:  # each option / bound alone first, for a precise message
             for value in boundary_values(param):
                 trial_config(base, Trial("check", {param.key: value}), experiment_dir)

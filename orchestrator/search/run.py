@@ -26,6 +26,13 @@ from orchestrator.errors import TrainingError, UserError, user_error_among
 from orchestrator.results.epochs import epoch_record, progress_line
 from orchestrator.results.history import read_history
 from orchestrator.results.summary import best_of, finalize_run
+from orchestrator.search.pbt import (
+    earlier_exploits,
+    exploit_line,
+    make_pbt,
+    pbt_config,
+    resumed_trial,
+)
 from orchestrator.search.plan import (
     boundary_configs,
     check_fit,
@@ -65,6 +72,7 @@ from workers.contract.config import RunConfig
 from workers.contract.names import (
     DONE_FILE,
     LEADERBOARD_FILE,
+    PBT_KEY,
     SEARCH_FILE,
     SEARCHER_FILE,
     SUMMARY_FILE,
@@ -82,7 +90,8 @@ class SearchPlan:
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
-    """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints)."""
+    """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints);
+    under PBT, one leg of it at a time (``search.pbt``)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = tune_config["trial"]
@@ -97,11 +106,22 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         cfg = RunConfig.model_validate(trial["config"])
         # Decided by the driver, which checked the whole cluster's capacity before the search.
         use_gpu = trial["use_gpu"]
+    pbt = trial.get("pbt")
+    extra = {PBT_KEY: {**pbt, "trial_id": trial["trial_id"],
+                       "exploit": trial.get("exploit")}} if pbt else {}
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
                             log_model=tune_config["trial"]["log_model"],
-                            callbacks=[TuneReportCallback()], streams=find_streams(cfg))
+                            callbacks=[TuneReportCallback()], streams=find_streams(cfg),
+                            loop_config=extra)
     trainer.fit()
     wait_for_tune_to_take_the_last_report()
+    history = read_history(storage.run_dir(cfg)) if pbt else []
+    epoch = history[-1]["epoch"] if history else None  # the last evaluation's, not a save's
+    if epoch and epoch < cfg.train.epochs and epoch % pbt["interval"] == 0:
+        # The end of a leg: PBT (synchronous) pauses every trial that reports this epoch, and
+        # this process ends then; returning would end the trial for good.
+        while True:
+            time.sleep(1)
 
 
 def trial_id_of(trial: Any) -> str:
@@ -271,10 +291,19 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
     log_model = ctx.tracking.log_model_setting
     from ray import tune
 
+    cfg = ctx.cfg
+    entries = [{"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
+                "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo]
+    if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
+        exploits = earlier_exploits(ctx.run_dir)
+        pbt = {"interval": cfg.tune.perturbation_interval,
+               "weight_decay": "train.weight_decay" in cfg.tune.search_space}
+        for entry in entries:
+            entry["config"], exploit = resumed_trial(entry["config"], entry["trial_id"],
+                                                     exploits)
+            entry.update(pbt=pbt, exploit=exploit)
     return {
-        "param_space": {"trial": tune.grid_search(
-            [{"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
-              "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo])},
+        "param_space": {"trial": tune.grid_search(entries)},
         "num_samples": 1,
         "trial_dirname_creator": lambda t: t.config["trial"]["trial_id"],
     }
@@ -330,14 +359,22 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
     keep_credentials_out_of_trial_runtime_envs()
     args = (proposed_trials(ctx, plan, todo, logger) if cfg.tune.search == "optuna"
             else drawn_trials(ctx, plan, todo))
+    if cfg.tune.scheduler == "pbt":
+        scheduler = make_pbt(cfg, lambda trial_id: storage.run_dir(plan.configs[trial_id]),
+                             trial_id_of, ctx.run_dir, search_seed(cfg),
+                             on_exploit=lambda e: ctx.console.say(exploit_line(e)))
+    else:
+        scheduler = make_scheduler(cfg)
     tuner = tune.Tuner(
         # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),
         # and 1 MiB of memory, since Ray refuses a placement group bundle that asks for nothing.
         tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
         param_space=args.pop("param_space"),
         tune_config=tune.TuneConfig(
-            scheduler=make_scheduler(cfg),
-            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            scheduler=scheduler,
+            # PBT's scheduler holds trials back itself (compat.pbt_scheduler says why).
+            max_concurrent_trials=(None if cfg.tune.scheduler == "pbt"
+                                   else cfg.tune.max_concurrent_trials),
             # A stopped trial's process must go: it owns its trainer's controller, and with it
             # the workers' CPUs; a reused process would keep them and starve the next trial.
             reuse_actors=False, **args,
@@ -411,6 +448,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         trials = [Trial(t["trial_id"], t["overrides"]) for t in saved["trials"]]
     else:
         trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
+        cfg = pbt_config(cfg)
     base = cfg.to_dict()
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     # An adaptive search's trials are proposed as it goes: the options and bounds stand in.

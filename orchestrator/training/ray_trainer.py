@@ -27,12 +27,14 @@ from workers.engines import train_loop_for
 
 def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
                   events: Any = None, callbacks: tuple[Any, ...] | list[Any] = (),
-                  stop_requests: Any = None, streams: Streams | None = None) -> Any:
+                  stop_requests: Any = None, streams: Streams | None = None,
+                  loop_config: dict[str, Any] | None = None) -> Any:
     """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
     ``events``: the stream to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
     callbacks (Tune's report callback); ``stop_requests``: the stream through which the
     driver asks the workers to save the step in flight and stop (``workers.loop.preempt``);
-    ``streams``: the workload's Ray Dataset splits (``training.datasets``), sharded by Ray."""
+    ``streams``: the workload's Ray Dataset splits (``training.datasets``), sharded by Ray;
+    ``loop_config``: more for the workers beside the config (a PBT trial's place, ``PBT_KEY``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -46,7 +48,7 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
         train_loop_for(cfg.engine),
         train_loop_config={**cfg.to_dict(), **(
             {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {}),
-            **(streams.loop_config() if streams else {})},
+            **(streams.loop_config() if streams else {}), **(loop_config or {})},
         **(streams.trainer_options() if streams else {}),
         scaling_config=ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, list) else workers,

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,30 @@ def test_the_tune_session_queues_compat_waits_on() -> None:
         function_trainable)
     assert params(session.get_session) == []
     compat.wait_for_tune_to_take_the_last_report(timeout_s=1)  # no session here: returns
+
+
+def test_the_pbt_methods_compat_overrides_are_tunes_own() -> None:
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    pbt = PopulationBasedTraining
+    assert params(pbt._checkpoint_or_exploit) == ["self", "trial", "tune_controller",
+                                                  "upper_quantile", "lower_quantile"]
+    assert params(pbt._exploit) == ["self", "tune_controller", "trial", "trial_to_clone"]
+    assert params(pbt._get_new_config) == ["self", "trial", "trial_to_clone"]
+    # The exploiting trial restores from the donor state's last_checkpoint, as set by compat.
+    assert "new_state.last_checkpoint" in inspect.getsource(pbt._exploit)
+    assert "self._get_new_config(trial, trial_to_clone)" in inspect.getsource(pbt._exploit)
+    state = _PBTTrialState(trial=types.SimpleNamespace(experiment_tag="0"))
+    assert {"last_result", "last_checkpoint", "last_score"} <= set(vars(state))
+    assert params(pbt.choose_trial_to_run) == ["self", "tune_controller"]
+    assert "self._next_perturbation_sync" in inspect.getsource(pbt.choose_trial_to_run)
+    hooks = compat.PBTHooks(*(lambda *a: None,) * 5, last_epoch=4, max_running=2)
+    scheduler = compat.pbt_scheduler(hooks, metric="val_loss", mode="min",
+                                     hyperparam_mutations={"lr": [0.1, 0.2]})
+    assert isinstance(scheduler, pbt)
+    assert (scheduler._metric, scheduler._metric_op, scheduler._trial_state) == (
+        "val_loss", -1.0, {})
 
 
 def test_wandb_settings_turn_system_metrics_off() -> None:

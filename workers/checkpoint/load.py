@@ -37,6 +37,11 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / METADATA_FILE).read_text())
 
 
+def load_checkpoint_metadata(checkpoint: Any) -> dict[str, Any]:
+    """The metadata of ``checkpoint`` (a ``ray.train.Checkpoint``, on any storage)."""
+    return json.loads(_read(checkpoint.filesystem, f"{checkpoint.path}/{METADATA_FILE}"))
+
+
 def _read(fs: Any, path: str) -> bytes:
     with fs.open_input_stream(path) as f:
         return f.read()

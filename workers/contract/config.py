@@ -240,9 +240,14 @@ class TuneSection(_Section):
     startup_trials: Int | None = Field(
         None, ge=1, description="optuna: trials drawn at random before TPE proposes from "
         "results; default: a quarter of num_samples, at least 1, at most 10")
-    scheduler: Literal["fifo", "asha"] = Field(
+    scheduler: Literal["fifo", "asha", "pbt"] = Field(
         "fifo", description="fifo: every trial runs to its end; asha: bad trials are stopped "
-        "early on the monitored metric")
+        "early on the monitored metric; pbt: population-based training, every "
+        "perturbation_interval epochs the worst quarter of the trials continue from the best "
+        "quarter's weights with perturbed train.lr / weight_decay / grad_clip_norm")
+    perturbation_interval: Int = Field(
+        2, ge=1, description="pbt: epochs between exploit/explore steps (shorter than "
+        "train.epochs)")
     grace_period: Int = Field(1, ge=1, description="asha: epochs before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor")
     seed: Int | None = Field(None, ge=0, description="search seed; default: the run's seed")

@@ -28,6 +28,8 @@ FAILURE_LOG = "failure.log"  # a failed run's worker tracebacks (the terminal ge
 
 # A search directory (orchestrator tune).
 SEARCH_FILE = "search.json"  # the trials, drawn or proposed so far: resume reads it
+PBT_FILE = "pbt.json"  # a population-based search's exploits, in the order they were made
+EXPLOIT_PREFIX = "exploit_"  # in a trial's directory: the copy of the checkpoint it continued from
 SEARCHER_FILE = "searcher.json"  # an adaptive search's sampler records (optuna's own trials)
 DONE_FILE = "trial_done.json"  # in a trial's run directory, the moment Tune reports its end
 LEADERBOARD_FILE = "leaderboard.json"
@@ -48,6 +50,9 @@ STOP_QUEUE_KEY = "_stop_requests"
 # ... and what the driver learned of the workload's Ray Dataset splits (``loop.ray_data``):
 # each one's row count and first rows.
 STREAMS_KEY = "_streams"
+# ... and, in a population-based search, the trial's place in it (``decisions.lineage``): its
+# id, the epoch its leg ends at, and the copy of another trial's checkpoint it continues from.
+PBT_KEY = "_pbt"
 
 
 def point(record: dict) -> tuple[int, int]:

@@ -172,6 +172,7 @@ def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
         left = max(0, math.ceil(len(loader) / accum) + per_epoch * (cfg.train.epochs
                                                                     - restored.start_epoch))
     stepper.restore(restored.extras, done, left)
+    stepper.mutate(restored.lr_scale, restored.weight_decay)  # pbt: another trial's, perturbed
     return stepper, Clock(done, done + left, cfg.train.eval_every_n_steps)
 
 

@@ -187,6 +187,21 @@ class Stepper:
                 self._set_lrs()
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
 
+    def mutate(self, lr_scale: float | None, weight_decay: float | None) -> None:
+        """PBT's explore, after the donor's optimizer and schedule were restored: every rate
+        (and the schedule's base rates, so that its curve goes on at the new level) times
+        ``lr_scale``; ``weight_decay`` set where the optimizer has one."""
+        for group in self.optimizer.param_groups:
+            if lr_scale is not None:
+                group["lr"] *= lr_scale
+                if "initial_lr" in group:
+                    group["initial_lr"] *= lr_scale
+            if weight_decay is not None and "weight_decay" in group:
+                group["weight_decay"] = weight_decay
+        if lr_scale is not None and hasattr(self.scheduler, "base_lrs"):
+            self.scheduler.base_lrs = [base * lr_scale for base in self.scheduler.base_lrs]
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+
     def _set_lrs(self) -> None:
         """The rates of the restored step, from the schedule as it is now."""
         step = self.scheduler.last_epoch

@@ -21,6 +21,7 @@ from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
 from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
+from workers.decisions.lineage import Lineage
 from workers.decisions.metrics import MeanLoss
 from workers.decisions.policy import decide_save
 from workers.decisions.tracker import BestTracker, MonitorNotReportedError
@@ -89,6 +90,9 @@ class EpochReporter:
     # Whether the workload has a test split, in each checkpoint's metadata: the driver scores
     # it with the best weights once the run ends, and skips that Ray task where there is none.
     test_split: bool = True
+    # A population-based search's trial: every saved model's metadata says which trials and
+    # epochs its weights came through; resume checkpoints keep the ancestors.
+    lineage: Lineage | None = None
 
     @classmethod
     def create(cls, worker: Worker, state: LocalState | ShardedState,
@@ -109,7 +113,8 @@ class EpochReporter:
             saver.buffers.prepare(state.weights().state_dict())
         return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
                    torch_weights_file, extras if extras is not None else {},
-                   test_split=getattr(worker.workload, "test_dataset", None) is not None)
+                   test_split=getattr(worker.workload, "test_dataset", None) is not None,
+                   lineage=worker.lineage)
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
                at: Position | None = None, final: bool | None = None) -> bool:
@@ -186,11 +191,12 @@ class EpochReporter:
         if extras is not None:
             train_state["extras"] = extras
         snap = snapshot(
-            weights, optimizer, train_state,
+            weights, optimizer, self._with_ancestors(train_state),
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
              "is_best": plan.improved, "saved_because": plan.reason,
              "world_size": self.world_size, "workers": self.world_size,  # as in the record
-             "seed": cfg.seed, "config": cfg.to_dict(), "test_split": self.test_split},
+             "seed": cfg.seed, "config": cfg.to_dict(), "test_split": self.test_split,
+             **self._lineage(epoch)},
             torch_weights_file=self.torch_weights_file if plan.improved else None,
             buffers=self.saver.buffers,
         )
@@ -226,14 +232,23 @@ class EpochReporter:
             "running_loss": [total, count]}
         if extras is not None:
             train_state["extras"] = extras
-        snap = snapshot(weights, optimizer, train_state, {
+        snap = snapshot(weights, optimizer, self._with_ancestors(train_state), {
             "epoch": epoch, "step": at.step, "global_step": at.global_step,
             "monitor": self.tracker.monitor, "mode": self.tracker.mode, "is_best": False,
             "saved_because": "preempt", "world_size": self.world_size,
-            "workers": self.world_size, "seed": self.cfg.seed, "config": self.cfg.to_dict()},
+            "workers": self.world_size, "seed": self.cfg.seed, "config": self.cfg.to_dict(),
+            **self._lineage(epoch)},
             buffers=self.saver.buffers)
         self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}step{at.global_step:08d}_"
                           f"preempt_{time.time_ns()}")
+
+    def _lineage(self, epoch: int) -> dict[str, Any]:
+        return {"lineage": self.lineage.through(epoch)} if self.lineage else {}
+
+    def _with_ancestors(self, train_state: dict[str, Any]) -> dict[str, Any]:
+        if self.lineage:
+            train_state["lineage"] = [dict(a) for a in self.lineage.ancestors]
+        return train_state
 
     def _extras_state(self) -> dict[str, Any] | None:
         """The kept objects' states in host memory, on rank 0 (None elsewhere, and when there

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint.load import load_intact
+from workers.checkpoint.load import load_checkpoint_metadata, load_intact
 from workers.compat import quiet_ray_train_reports
 from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
-from workers.contract.names import STOP_QUEUE_KEY, STREAMS_KEY
+from workers.contract.names import PBT_KEY, STOP_QUEUE_KEY, STREAMS_KEY
 from workers.contract.workload import build_workload
+from workers.decisions.lineage import Lineage, ancestors_of, exploit_applies, leg_end
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -54,15 +55,31 @@ class Restored:
     step: int = 0  # optimizer steps of start_epoch trained
     global_step: int | None = None  # optimizer steps trained (None: a checkpoint without it)
     running_loss: tuple[float, float] | None = None  # a preempted step's training loss so far
+    lineage: tuple[dict[str, Any], ...] = ()  # pbt: whose weights these were before (ancestors)
+    # pbt, continuing from another trial's weights: its optimizer's rates times this (the
+    # mutated train.lr over the donor's), and the mutated weight decay
+    lr_scale: float | None = None
+    weight_decay: float | None = None
 
 
-def restore(model: torch.nn.Module, rank: int) -> Restored:
-    """Load Ray's checkpoint for this attempt (if any) into ``model``."""
+def restore(model: torch.nn.Module, rank: int, pbt: dict[str, Any] | None = None,
+            train: Any = None) -> Restored:
+    """Load Ray's checkpoint for this attempt (if any) into ``model``; in a population-based
+    search, the copy of another trial's checkpoint instead where the trial continues from it
+    (``pbt["exploit"]``, with ``train``'s mutated lr and weight decay)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return Restored()
+    restored = Restored() if checkpoint is None else restore_from(checkpoint, model, rank)
+    exploit = (pbt or {}).get("exploit")
+    if exploit and exploit_applies(restored.start_epoch, restored.consumed,
+                                   int(exploit["epoch"])):
+        restored = continue_from(exploit["path"], restored, model, rank, train.lr,
+                                 train.weight_decay if pbt.get("weight_decay") else None)
+    return restored
+
+
+def restore_from(checkpoint: Any, model: torch.nn.Module, rank: int) -> Restored:
     weights, state, damaged = load_intact(checkpoint)  # the same choice on every rank
     model.load_state_dict(weights)
     log = logging.getLogger(__name__)
@@ -77,11 +94,35 @@ def restore(model: torch.nn.Module, rank: int) -> Restored:
     epoch, consumed = int(state["epoch"]), state.get("consumed")
     running = state.get("running_loss")  # a preempted stretch's, since its last evaluation
     running = (float(running[0]), float(running[1])) if running else None
+    lineage = tuple(state.get("lineage") or ())
     if consumed is not None:  # taken mid-epoch: the same epoch goes on at the next batch
         return Restored(epoch, state["tracker"], optimizer_state, extras, int(consumed),
-                        int(state.get("step") or 0), state.get("global_step"), running)
+                        int(state.get("step") or 0), state.get("global_step"), running,
+                        lineage)
     return Restored(epoch + 1, state["tracker"], optimizer_state, extras,
-                    global_step=state.get("global_step"), running_loss=running)
+                    global_step=state.get("global_step"), running_loss=running,
+                    lineage=lineage)
+
+
+def continue_from(path: str, own: Restored, model: torch.nn.Module, rank: int, lr: float,
+                  weight_decay: float | None) -> Restored:
+    """PBT's exploit: the donor's weights, optimizer, schedule and epoch, this trial's own
+    tracker (its best so far stays its best), the rates scaled to this trial's mutated lr."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint(path)
+    weights, state, _ = load_intact(checkpoint)
+    metadata = load_checkpoint_metadata(checkpoint)
+    model.load_state_dict(weights)
+    donor = metadata["config"]["train"]
+    if rank == 0:
+        logging.getLogger(__name__).warning(
+            "continuing from %s's weights after its epoch %s (exploit), lr %s -> %s",
+            metadata["config"]["name"], state["epoch"], donor["lr"], lr)
+    return Restored(int(state["epoch"]) + 1, own.tracker_state, state.get("optimizer"),
+                    state.get("extras"), global_step=state.get("global_step"),
+                    lineage=ancestors_of(metadata), lr_scale=lr / float(donor["lr"]),
+                    weight_decay=weight_decay)
 
 
 @dataclass
@@ -96,6 +137,10 @@ class Worker:
     # The Ray Dataset splits' row counts and first rows ({"rows": {split: n}, "samples":
     # {split: columns}}, ``loop.ray_data``); None when every split is map-style.
     streams: dict[str, Any] | None = None
+    # A population-based search's trial: the lineage its saved models carry, and the epoch its
+    # leg ends at (where the population is compared; None: the run's last).
+    lineage: Lineage | None = None
+    leg_end: int | None = None
 
     @property
     def is_rank_zero(self) -> bool:
@@ -110,6 +155,8 @@ class Worker:
         """The epochs still to train, each with this rank's seeds set; up to ``until``
         (default train.epochs; None: no end, the caller stops)."""
         last = self.cfg.train.epochs if until == -1 else until
+        if self.leg_end is not None and last is not None:
+            last = min(last, self.leg_end)
         epoch = self.restored.start_epoch
         while last is None or epoch <= last:
             seed_epoch(self.cfg.seed, self.rank, epoch)
@@ -124,6 +171,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
     config = dict(config)
     stop_queue = config.pop(STOP_QUEUE_KEY, None)
     streams = config.pop(STREAMS_KEY, None)
+    pbt = config.pop(PBT_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -135,5 +183,9 @@ def start_worker(config: dict[str, Any]) -> Worker:
     check_precision(cfg.train.precision, device)
     if cfg.scaling.strategy == "ddp":
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
-    return Worker(cfg, rank, world_size, device, workload, restore(workload.model, rank),
-                  stop_queue, streams)
+    restored = restore(workload.model, rank, pbt, cfg.train)
+    worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, streams)
+    if pbt is not None:
+        worker.lineage = Lineage(pbt["trial_id"], restored.lineage)
+        worker.leg_end = leg_end(restored.start_epoch, pbt["interval"], cfg.train.epochs)
+    return worker

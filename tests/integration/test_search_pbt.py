@@ -1,0 +1,118 @@
+"""Population-based training on real Ray Tune trials (1 worker each): the worst trial
+continues from the best one's weights with a perturbed learning rate, its record and its
+saved models say so (the lineage, the rate), no trial's best is lost, and the overall best
+re-scores to row 0 of the leaderboard, in W&B with its lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.search.run import run_search
+from tests.integration.conftest import REPO, assert_close, overfit_config
+from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
+from workers.checkpoint.load import load_metadata
+from workers.checkpoint.saved_model import evaluate_split
+from workers.contract.config import RunConfig
+
+pytestmark = pytest.mark.integration
+
+
+def pbt_config(root: Path, name: str, wandb: str = "disabled", **tune: object) -> RunConfig:
+    data = overfit_config(root, name=name, scaling={"num_workers": 1},
+                          train={"epochs": 4, "batch_size": 16},
+                          wandb={"mode": wandb}).to_dict()
+    data["tune"] = {"scheduler": "pbt", "perturbation_interval": 2, "num_samples": 4,
+                    "max_concurrent_trials": 2, "seed": 5,
+                    "search_space": {"train.lr": {"loguniform": [0.0002, 0.05]}}, **tune}
+    return RunConfig.model_validate(data)
+
+
+def test_a_pbt_search_exploits_keeps_every_best_and_records_the_lineage(
+        wandb_env, ray_local):  # noqa: F811
+    cfg = pbt_config(wandb_env, "pbt", wandb="offline")
+    board = run_search(cfg)
+    experiment = Path(cfg.storage_path) / "pbt"
+    trials = experiment / "trials"
+
+    # At epoch 2 the worst of the 4 trials continued from the best one's checkpoint.
+    exploits = json.loads((experiment / "pbt.json").read_text())["exploits"]
+    assert exploits, "no exploit"
+    summaries = {row["trial_id"]: json.loads((trials / row["trial_id"] / "summary.json")
+                                             .read_text()) for row in board}
+    at_2 = {t: next(h for h in s["history"] if h["epoch"] == 2)["val_loss"]
+            for t, s in summaries.items()}
+    first = exploits[0]
+    assert first["epoch"] == 2
+    assert first["trial_id"] == max(at_2, key=at_2.get)
+    assert first["from_trial"] == min(at_2, key=at_2.get)
+    before, after = first["before"]["train.lr"], first["after"]["train.lr"]
+    assert after != before
+
+    # Its record: every epoch once, its own rate for epochs 1-2, the donor's perturbed one
+    # after; its last saved model's lineage runs through the donor's first two epochs.
+    exploiter = summaries[first["trial_id"]]
+    history = exploiter["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert [h["lr"] for h in history[:2]] == pytest.approx([before] * 2, rel=1e-6)
+    assert [h["lr"] for h in history[2:]] == pytest.approx([after] * 2, rel=1e-6)
+    latest = max((d for d in (trials / first["trial_id"]).glob("checkpoint_*") if d.is_dir()),
+                 key=lambda d: load_metadata(d)["epoch"])
+    assert load_metadata(latest)["lineage"] == [
+        {"trial_id": first["from_trial"], "epochs": [1, 2]},
+        {"trial_id": first["trial_id"], "epochs": [3, 4]}]
+    copy = Path(first["copy"])
+    assert copy.parent == trials / first["trial_id"] and (copy / "model.safetensors").is_file()
+
+    # No trial's best is lost: each one's best checkpoint is on disk, holds the best of its
+    # whole history, and re-scores to it.
+    for trial_id, summary in summaries.items():
+        assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4], trial_id
+        best = min(h["val_loss"] for h in summary["history"])
+        assert summary["best_metrics"]["val_loss"] == best, trial_id
+        saved = Path(summary["best_checkpoint"])
+        assert load_metadata(saved)["epoch"] == summary["best_epoch"], trial_id
+        assert load_metadata(saved)["lineage"][-1]["trial_id"] == trial_id
+
+    # The overall best: row 0 of a sorted leaderboard, exported, re-scored in one process to
+    # its value, and in W&B with its lineage.
+    losses = [row["best_val_loss"] for row in board]
+    assert losses == sorted(losses) and len(board) == 4
+    best_dir = experiment / "best_model"
+    metadata = load_metadata(best_dir)
+    assert metadata["trial_id"] == board[0]["trial_id"] and metadata["lineage"]
+    recomputed = evaluate_split(RunConfig.model_validate(metadata["config"]), best_dir, "val")
+    assert_close(recomputed["val_loss"], board[0]["best_val_loss"])
+    saved = json.loads((experiment / "leaderboard.json").read_text())
+    assert run_summary(saved["wandb"]["run"])["best_trial"] == board[0]["trial_id"]
+    models = [a for a in artifacts(saved["wandb"]["run"]) if a["type"] == "model"]
+    assert "best" in models[-1]["aliases"]
+    assert models[-1]["metadata"]["lineage"] == metadata["lineage"]
+    shown = subprocess.run([sys.executable, "-m", "orchestrator", "best", str(experiment),
+                            "--json"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)["trials"][0]["trial_id"] == board[0]["trial_id"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"search_space": {"workload.params.separation": {"uniform": [0.1, 1.0]}}},
+     "error: tune.search_space.workload.params.separation: pbt cannot change it"),
+    ({"perturbation_interval": 4}, "error: tune.perturbation_interval: 4 epochs is not shorter"),
+])
+def test_what_pbt_cannot_do_is_one_line_before_any_trial(tmp_path, change, message):
+    cfg = pbt_config(tmp_path, "bad").to_dict()
+    cfg["tune"].update(change)
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "tune", "tune.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "runs").exists()
