@@ -79,6 +79,8 @@ from workers.contract.names import (
     TUNE_DIR,
 )
 
+PBT_PAUSE_WAIT_S = 600  # a PBT trial at the end of a leg waits this long to be paused
+
 
 @dataclass(frozen=True)
 class SearchPlan:
@@ -118,10 +120,12 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     history = read_history(storage.run_dir(cfg)) if pbt else []
     epoch = history[-1]["epoch"] if history else None  # the last evaluation's, not a save's
     if epoch and epoch < cfg.train.epochs and epoch % pbt["interval"] == 0:
-        # The end of a leg: PBT (synchronous) pauses every trial that reports this epoch, and
-        # this process ends then; returning would end the trial for good.
-        while True:
-            time.sleep(1)
+        # The end of a leg: PBT (synchronous) pauses every trial that reports this epoch as
+        # soon as Tune takes the report, and this process ends then; returning would end the
+        # trial for good. Never paused (a Tune that behaves otherwise): an error, not a hang.
+        time.sleep(PBT_PAUSE_WAIT_S)
+        raise RuntimeError(f"{trial['trial_id']} ended its leg at epoch {epoch} and Tune's PBT "
+                           f"did not pause it in {PBT_PAUSE_WAIT_S} s")
 
 
 def trial_id_of(trial: Any) -> str:
