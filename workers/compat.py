@@ -327,6 +327,7 @@ class PBTHooks:
     seeded: Any
     last_epoch: int
     max_running: int
+    interval: int = 1  # only results at multiples of it (the ends of legs) are compared
 
 
 def pbt_scheduler(hooks: PBTHooks, **options: Any) -> Any:
@@ -371,8 +372,10 @@ def pbt_scheduler(hooks: PBTHooks, **options: Any) -> Any:
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             # A resume checkpoint a signal asked for is no evaluation; the last epoch is the
-            # run's end, where nothing is compared any more.
-            if self._metric not in result or result.get("epoch", 0) >= hooks.last_epoch:
+            # run's end, where nothing is compared any more; only the end of a leg is.
+            epoch = result.get("epoch", 0)
+            if (self._metric not in result or epoch >= hooks.last_epoch
+                    or epoch % hooks.interval):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 

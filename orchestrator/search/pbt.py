@@ -229,7 +229,8 @@ def make_pbt(cfg: RunConfig, run_dir_of: Callable[[str], str], trial_id_of: Call
         on_exploit(record)
 
     hooks = PBTHooks(checkpoint_of, exploit, new_config, after_exploit, seeded,
-                     last_epoch=cfg.train.epochs, max_running=cfg.tune.max_concurrent_trials)
+                     last_epoch=cfg.train.epochs, max_running=cfg.tune.max_concurrent_trials,
+                     interval=cfg.tune.perturbation_interval)
     return pbt_scheduler(
         hooks, time_attr="epoch", metric=cfg.tracker.monitor, mode=cfg.tracker.resolved_mode,
         perturbation_interval=cfg.tune.perturbation_interval,

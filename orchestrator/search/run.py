@@ -290,6 +290,13 @@ def make_scheduler(cfg: RunConfig) -> Any:
     )
 
 
+def resumed_pbt(ctx: RunContext) -> bool:
+    """A PBT search continued with --resume: Tune's PBT would start its comparisons afresh on
+    trials that stand at different epochs (its synchronous schedule then waits for a
+    comparison no trial reaches), so the search finishes its trials without it."""
+    return ctx.cfg.tune.scheduler == "pbt" and ctx.start is StartMode.RESUME
+
+
 def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[str, Any]:
     """Tuner arguments of a search drawn up front: one grid point per trial still to run."""
     log_model = ctx.tracking.log_model_setting
@@ -300,7 +307,10 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
                 "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo]
     if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
         exploits = earlier_exploits(ctx.run_dir)
-        pbt = {"interval": cfg.tune.perturbation_interval,
+        # Resumed: Tune's population state is gone, so the trials finish without legs or
+        # further exploits (``resumed_pbt``).
+        pbt = {"interval": (cfg.train.epochs if resumed_pbt(ctx)
+                            else cfg.tune.perturbation_interval),
                "weight_decay": "train.weight_decay" in cfg.tune.search_space}
         for entry in entries:
             entry["config"], exploit = resumed_trial(entry["config"], entry["trial_id"],
@@ -363,7 +373,14 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
     keep_credentials_out_of_trial_runtime_envs()
     args = (proposed_trials(ctx, plan, todo, logger) if cfg.tune.search == "optuna"
             else drawn_trials(ctx, plan, todo))
-    if cfg.tune.scheduler == "pbt":
+    if resumed_pbt(ctx):
+        from ray.tune.schedulers import FIFOScheduler
+
+        ctx.console.say("resumed PBT search: each unfinished trial continues with its last "
+                        "exploit's values to its end; no further exploits (Tune's population "
+                        "state is not restored)")
+        scheduler = FIFOScheduler()
+    elif cfg.tune.scheduler == "pbt":
         scheduler = make_pbt(cfg, lambda trial_id: storage.run_dir(plan.configs[trial_id]),
                              trial_id_of, ctx.run_dir, search_seed(cfg),
                              on_exploit=lambda e: ctx.console.say(exploit_line(e)))
@@ -377,7 +394,7 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             # PBT's scheduler holds trials back itself (compat.pbt_scheduler says why).
-            max_concurrent_trials=(None if cfg.tune.scheduler == "pbt"
+            max_concurrent_trials=(None if cfg.tune.scheduler == "pbt" and not resumed_pbt(ctx)
                                    else cfg.tune.max_concurrent_trials),
             # A stopped trial's process must go: it owns its trainer's controller, and with it
             # the workers' CPUs; a reused process would keep them and starve the next trial.
@@ -446,13 +463,13 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     experiment_dir = prepared.run_dir
     if prepared.nothing_to_resume:
         console.say(start_line(prepared, "search"))
+    cfg = pbt_config(cfg)  # as saved in search.json: a resume compares with it
     saved = read_search(experiment_dir) if prepared.start is StartMode.RESUME else None
     if saved is not None:  # the search that was started, not today's config
         cfg = resumed_config(saved["config"], cfg)
         trials = [Trial(t["trial_id"], t["overrides"]) for t in saved["trials"]]
     else:
         trials = plan_search(cfg, experiment_dir)  # every trial validated before any starts
-        cfg = pbt_config(cfg)
     base = cfg.to_dict()
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     # An adaptive search's trials are proposed as it goes: the options and bounds stand in.

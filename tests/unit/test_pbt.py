@@ -223,3 +223,28 @@ def test_no_more_trials_run_or_start_at_once_than_max_concurrent_trials(tmp_path
     pbt._trial_state[trials[0]].last_train_time = 2
     assert trial_id_of(pbt.choose_trial_to_run(controller)) == "trial-002"
     assert pbt.choose_trial_to_run(controller) is None  # trial-001 runs, trial-002 starts
+
+
+def test_only_the_end_of_a_leg_is_compared(tmp_path):
+    """A result between comparisons (a model saved at an odd epoch, say), the run's last epoch
+    and a preemption's report (no metric) never reach Tune's PBT: a trial is never compared,
+    nor copied from, where it has no full-state checkpoint."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.search.pbt import make_pbt
+    from orchestrator.search.run import trial_id_of
+
+    cfg = config(storage_path=str(tmp_path))  # 6 epochs, compared every 2
+    trial = Trial("run_trial", config={"trial": {"trial_id": "trial-000"}}, stub=True)
+    pbt = make_pbt(cfg, lambda trial_id: str(tmp_path / trial_id), trial_id_of,
+                   str(tmp_path), seed=1)
+
+    class Controller:
+        search_alg = None
+
+    pbt.on_trial_add(Controller(), trial)
+    for result in ({"epoch": 3, "val_loss": 0.2}, {"epoch": 6, "val_loss": 0.1},
+                   {"epoch": 4, "preempted": 1}):
+        assert pbt.on_trial_result(Controller(), trial, result) == TrialScheduler.CONTINUE
+    assert pbt._trial_state[trial].last_result is None  # nothing was recorded for comparing
