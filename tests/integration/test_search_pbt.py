@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from orchestrator.search.run import run_search
-from tests.integration.conftest import REPO, overfit_config
+from tests.integration.conftest import REPO, overfit_config, wait_for
 from tests.integration.test_search_optuna import best_agrees_everywhere
 from tests.integration.test_wandb import wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
@@ -101,3 +102,40 @@ def test_what_pbt_cannot_do_is_one_line_before_any_trial(tmp_path, change, messa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_pbt_search_stopped_by_sigterm_resumes_with_its_exploits(tmp_path):
+    """SIGTERM to the search's driver (by its pid) once the first exploit is recorded, then
+    --resume: every trial ends with each epoch once, the exploiting trial trains on with the
+    exploit's learning rate from the donor's weights, and the resume says there are no further
+    exploits."""
+    cfg = pbt_config(tmp_path, "pbt-resume").to_dict()
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    experiment = tmp_path / "runs" / "pbt-resume"
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: (experiment / "pbt.json").exists() or first.poll() is not None, 600,
+             "the first exploit")
+    assert first.poll() is None, first.communicate()
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1].endswith("orchestrator tune tune.yaml --resume"), err
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, text=True,
+                             capture_output=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed PBT search: each unfinished trial continues" in resumed.stdout
+    exploit = json.loads((experiment / "pbt.json").read_text())["exploits"][0]
+    for trial in ("trial-000", "trial-001", "trial-002", "trial-003"):
+        summary = json.loads((experiment / "trials" / trial / "summary.json").read_text())
+        assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4], trial
+        if trial == exploit["trial_id"]:
+            lrs = [h["lr"] for h in summary["history"]]
+            assert lrs[2:] == pytest.approx([exploit["after"]["train.lr"]] * 2, rel=1e-6)
+            latest = max((d for d in (experiment / "trials" / trial).glob("checkpoint_*")
+                          if d.is_dir()), key=lambda d: load_metadata(d)["epoch"])
+            assert load_metadata(latest)["lineage"][0] == {
+                "trial_id": exploit["from_trial"], "epochs": [1, 2]}
