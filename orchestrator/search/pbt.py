@@ -39,7 +39,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import UserError
-from orchestrator.search.space import Param, parse_space
+from orchestrator.search.space import Param, parse_space, set_dotted
 from workers.compat import PBTHooks, pbt_scheduler
 from workers.contract.config import RunConfig
 from workers.contract.names import EXPLOIT_PREFIX, METADATA_FILE, PBT_FILE
@@ -96,7 +96,7 @@ def pbt_config(cfg: RunConfig) -> RunConfig:
 
 def resampler(param: Param) -> Any:
     """A key's values for Tune's explore step: the options (shifted to a neighbour), or a
-    function drawing from the range with the ``random`` module (seeded by ``ProjectPBT``)."""
+    function drawing from the range with the ``random`` module (seeded by ``make_pbt``)."""
     low, high = (param.values + (None, None))[:2]
     if param.kind in ("choice", "grid"):
         return list(param.values)
@@ -111,8 +111,7 @@ def mutations(cfg: RunConfig) -> dict[str, Any]:
     """Tune's ``hyperparam_mutations``, nested as the trial's Tune config holds its config."""
     tree: dict[str, Any] = {}
     for param in parse_space(cfg.tune.search_space):
-        section, key = param.key.split(".")
-        tree.setdefault(section, {})[key] = resampler(param)
+        set_dotted(tree, param.key, resampler(param))
     return {"trial": {"config": tree}}
 
 
@@ -137,8 +136,7 @@ def resumed_trial(config: dict[str, Any], trial_id: str, exploits: list[dict[str
         return config, None
     config = copy.deepcopy(config)
     for key, value in last["after"].items():
-        section, name = key.split(".")
-        config[section][name] = value
+        set_dotted(config, key, value)
     return config, {"path": last["copy"], "epoch": last["epoch"], "from": last["from_trial"]}
 
 
@@ -154,18 +152,20 @@ def exploit_line(exploit: dict[str, Any]) -> str:
 
 
 def copy_checkpoint(source: str, target: str) -> None:
-    """The donor's checkpoint files, the metadata last (what marks the copy whole)."""
+    """The donor's checkpoint files (hard links on a local disk: checkpoint files are never
+    rewritten, and the donor may delete its own), the metadata last (what marks the copy
+    whole)."""
     names = sorted(storage.list_files(source), key=lambda name: name == METADATA_FILE)
     for name in names:
-        storage.write_bytes(storage.join(target, name),
-                            storage.read_bytes(storage.join(source, name)))
+        storage.link_or_copy(storage.join(source, name), storage.join(target, name))
 
 
 def make_pbt(cfg: RunConfig, run_dir_of: Callable[[str], str], trial_id_of: Callable[[Any], str],
              experiment_dir: str, seed: int,
              on_exploit: Callable[[dict[str, Any]], None] = lambda exploit: None) -> Any:
-    """Ray Tune's PBT scheduler, as the module docstring says (``pbt.json`` goes on after the
-    exploits recorded before a resume); ``on_exploit`` is told each exploit's record."""
+    """Ray Tune's PBT scheduler for a fresh search, as the module docstring says (a resumed one
+    finishes without it: ``search.run.resumed_pbt``); ``on_exploit`` is told each exploit's
+    record."""
     import logging
 
     from ray.tune import Checkpoint
@@ -173,8 +173,8 @@ def make_pbt(cfg: RunConfig, run_dir_of: Callable[[str], str], trial_id_of: Call
     # Tune's own multi-line account of each exploit: the console line and pbt.json say it.
     logging.getLogger("ray.tune.schedulers.pbt").setLevel(logging.WARNING)
     keys = list(cfg.tune.search_space)
-    exploits = earlier_exploits(experiment_dir)
-    rng = random.Random(seed + len(exploits))
+    exploits: list[dict[str, Any]] = []
+    rng = random.Random(seed)
     pending: dict[str, Any] = {}
 
     @contextlib.contextmanager
@@ -208,8 +208,7 @@ def make_pbt(cfg: RunConfig, run_dir_of: Callable[[str], str], trial_id_of: Call
         # its own id and directory, and learns what it continues from.
         own = copy.deepcopy(trial.config)
         for key in keys:
-            section, name = key.split(".")
-            own["trial"]["config"][section][name] = explored["trial"]["config"][section][name]
+            set_dotted(own["trial"]["config"], key, get_dotted(explored["trial"]["config"], key))
         own["trial"]["exploit"] = {"path": pending["path"], "epoch": pending["epoch"],
                                    "from": pending["donor"]}
         return own
