@@ -97,12 +97,18 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"
 TRAIN_HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # How long the controller waits for a worker group to start (default 60 s) before retrying.
 TRAIN_WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Whether the controller starts a preemption watcher with each worker group (default on): an
+# actor process of its own that polls whether a node of the group is being drained. A local
+# Ray that the driver starts is one node, its own, so there it would watch nothing.
+TRAIN_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Where Ray reads each ("module:qualified name", checked by the test).
 TRAIN_ENV_READ_BY = {
     TRAIN_HEALTH_CHECK_INTERVAL_ENV:
         "ray.train.v2._internal.execution.controller.controller:TrainController.__init__",
     TRAIN_WORKER_GROUP_START_TIMEOUT_ENV:
         "ray.train.v2._internal.execution.worker_group.worker_group:WorkerGroup.__init__",
+    TRAIN_PREEMPTION_WATCHER_ENV:
+        "ray.train.v2._internal.execution.controller.controller:TrainController.__init__",
 }
 
 # Files Ray Train writes into a run directory for itself

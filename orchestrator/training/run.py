@@ -43,7 +43,7 @@ from orchestrator.training.ray_trainer import (
 )
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG, point, where
-from workers.loop.channel import open_channel
+from workers.loop.channel import Channel, open_channel
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -226,9 +226,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
 def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     """Train on Ray, then write the record: (summary, why it stopped if it did)."""
-    cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
     handle = EpochHandler(ctx)
     stream = open_channel()
+    try:
+        return _train_and_record(ctx, handle, stream)
+    finally:
+        stream.close()
+
+
+def _train_and_record(ctx: RunContext, handle: EpochHandler,
+                      stream: Channel) -> tuple[dict[str, Any], Stopped | None]:
+    cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
     pump = EventPump(stream("events"), handle, on_failure=handle.failed)
     watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
     # Only the torch engine's loop looks for stop requests (after every optimizer step).

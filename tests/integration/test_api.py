@@ -49,3 +49,23 @@ def test_train_from_a_mapping_then_load_best(tmp_path, ray_local):
     # The same directory again without --resume/--overwrite: the CLI's one-line refusal.
     with pytest.raises(UserError, match="already exists; pass --resume"):
         train(config)
+
+    # Another run from the same Python session: the session's one run channel serves it
+    # (an actor process started once, not once a run).
+    again = train({**config, "name": "api-run-2"},
+                  {"train.epochs": 1, "checkpoint.policy": "none"})
+    assert again.status == "completed" and again.epochs_completed == 1
+    channels = actors("_Channel")
+    assert len(channels) == 1 and channels[0].state == "ALIVE", channels
+    # A local Ray is one node, the driver's: no preemption watcher was started for either run.
+    assert actors("PreemptionWatcher") == []
+
+
+def actors(class_name: str) -> list:
+    """Every actor of that class this module's local Ray has had, alive or dead, from its
+    state API."""
+    import ray
+    from ray.util.state import list_actors
+
+    own = "http://" + ray._private.worker.get_dashboard_url()
+    return list_actors(address=own, filters=[("class_name", "=", class_name)])

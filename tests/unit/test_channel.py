@@ -34,3 +34,17 @@ def test_a_waiting_get_returns_as_soon_as_an_item_is_put():
         return await asyncio.wait_for(waiting, 5)
 
     assert asyncio.run(scenario()) == (True, "SIGINT")
+
+
+def test_runs_on_one_channel_keep_apart_and_an_ended_runs_queues_go():
+    async def scenario() -> list:
+        channel = _Channel()
+        await channel.put("run-a/events", 1)
+        await channel.put("run-b/events", 2)
+        await channel.close("run-a")
+        await channel.put("run-a/events", 3)  # late news of the ended run
+        return [await channel.get("run-b/events", 0), await channel.get("run-a/events", 0),
+                sorted(channel._queues), await channel.ping()]
+
+    assert asyncio.run(scenario()) == [(True, 2), (False, None), ["run-a/events", "run-b/events"],
+                                       True]

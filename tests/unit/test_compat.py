@@ -102,7 +102,8 @@ def test_worker_niceness_variable() -> None:
 def test_train_env_variables_are_read_where_compat_says() -> None:
     constants = importlib.import_module("ray.train.v2._internal.constants")
     defaults = {compat.TRAIN_HEALTH_CHECK_INTERVAL_ENV: 2.0,
-                compat.TRAIN_WORKER_GROUP_START_TIMEOUT_ENV: 60.0}
+                compat.TRAIN_WORKER_GROUP_START_TIMEOUT_ENV: 60.0,
+                compat.TRAIN_PREEMPTION_WATCHER_ENV: True}
     assert set(compat.TRAIN_ENV_READ_BY) == set(defaults)
     for env, where in compat.TRAIN_ENV_READ_BY.items():
         names = [k for k, v in vars(constants).items() if v == env and k.endswith("_ENV_VAR")]
@@ -113,7 +114,7 @@ def test_train_env_variables_are_read_where_compat_says() -> None:
         reader = importlib.import_module(module)
         for part in qualname.split("."):
             reader = getattr(reader, part)
-        assert re.search(rf"os\.(getenv|environ\.get)\(\s*{names[0]}\b",
+        assert re.search(rf"(os\.getenv|os\.environ\.get|env_bool)\(\s*{names[0]}\b",
                          inspect.getsource(reader)), (env, where)
         # Copied from the driver into the controller's runtime_env, and into Tune trials'.
         assert env in constants.ENV_VARS_TO_PROPAGATE
