@@ -135,14 +135,13 @@ def best_agrees_everywhere(experiment: Path, board: list[dict]) -> dict:
 def test_a_resumed_optuna_search_proposes_what_an_uninterrupted_one_did(
         tmp_path, ray_local, ray_tmp):
     """SIGTERM while the third trial runs, then --resume one trial at a time: the interrupted
-    trial runs again with its values, and the fourth, proposed by TPE from the three before
-    it, equals an uninterrupted search's with the same seed."""
-    reference = run_search(optuna_config(tmp_path / "reference", "s", num_samples=4,
-                                         max_concurrent_trials=1))
-    proposed = {r["trial_id"]: r["hyperparameters"] for r in reference}
-
-    cfg = optuna_config(tmp_path, "s", num_samples=4, max_concurrent_trials=1).to_dict()
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    trial runs again with its values, and every trial's values are what the seeded sampler
+    proposes from the trials that had ended before it, with the values they recorded: what an
+    uninterrupted search, one trial at a time, proposes (the fourth by TPE from the three
+    before it). Replayed from the records rather than run a second time: the sampler is the
+    same, and an uninterrupted search's proposals are checked by the test above."""
+    cfg = optuna_config(tmp_path, "s", num_samples=4, max_concurrent_trials=1)
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]
@@ -163,6 +162,7 @@ def test_a_resumed_optuna_search_proposes_what_an_uninterrupted_one_did(
         "continue with: orchestrator tune tune.yaml --resume"), err[-2000:]
     wait_for(lambda: not search.find(), 60, "the search's Ray processes to exit")
     before = {t: (trials / t / "history.json").read_text() for t in ("trial-000", "trial-001")}
+    interrupted = json.loads((tmp_path / "runs" / "s" / "searcher.json").read_text())["trials"]
 
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
@@ -171,18 +171,25 @@ def test_a_resumed_optuna_search_proposes_what_an_uninterrupted_one_did(
     for trial_id, history in before.items():  # finished trials are not trained again
         assert (trials / trial_id / "history.json").read_text() == history
     board = json.loads((tmp_path / "runs" / "s" / "leaderboard.json").read_text())["trials"]
-    assert {r["trial_id"]: r["hyperparameters"] for r in board} == proposed
     assert sorted(r["status"] for r in board) == ["completed"] * 4
-    # The sampler's state after the resume: the two finished trials observed with the best
-    # values they had recorded, in their order.
     records = json.loads((tmp_path / "runs" / "s" / "searcher.json").read_text())["trials"]
-    for record in records[:2]:
+    assert [r["number"] for r in records] == list(range(4))
+    # The interrupted trial ran again with the values it was first given.
+    assert records[2]["params"] == interrupted[2]["params"]
+    assert {r["trial_id"]: r["hyperparameters"] for r in board} == {
+        f"trial-{r['number']:03d}": r["params"] for r in records}
+    # One trial at a time: each was asked once every trial before it had ended.
+    for n in range(1, 4):
+        assert all(r["completed"] < records[n]["started"] for r in records[:n]), records
+    # Each trial's values are the seeded sampler's proposal from the ones before it (the two
+    # random start-up trials included), and each value the sampler holds is the trial's best.
+    for n in range(4):
+        assert replayed_proposal(records, n, cfg) == records[n]["params"], n
+    for record in records:
         summary = json.loads((trials / f"trial-{record['number']:03d}" / "summary.json")
                              .read_text())
         assert record["value"] == summary["best_metrics"]["val_loss"]
-    reference_values = {r["trial_id"]: r["best_val_loss"] for r in reference}
-    for row in board:
-        assert_close(row["best_val_loss"], reference_values[row["trial_id"]])
+        assert [h["epoch"] for h in summary["history"]] == [1, 2]
 
 
 def test_an_optuna_search_refuses_a_grid_key_in_one_line(tmp_path):
