@@ -15,7 +15,11 @@ from workers.contract.names import LEARNER_FILE
 
 pytestmark = pytest.mark.integration
 
-LEARNER_WORKLOAD = {"entrypoint": "tests.workloads.overfit_fastai:build"}
+# With BatchNorm: per-rank BatchNorm statistics must never reach the recorded metrics, which
+# are those of the weights and buffers rank 0 saved, under fastai's own loop too.
+LEARNER_PARAMS = {"norm": True}
+LEARNER_WORKLOAD = {"entrypoint": "tests.workloads.overfit_fastai:build",
+                    "params": LEARNER_PARAMS}
 # fit_one_cycle at this peak lr overfits the test workload after a few epochs.
 COMMON = {"engine": "fastai", "train": {"epochs": 6, "lr": 0.005}}
 
@@ -61,10 +65,11 @@ def test_best_model_loads_into_a_fresh_learner_and_reproduces_its_metrics(learne
         assert metadata[key] == best[key], key
     assert load_train_state(best_dir)["epoch"] == best_epoch  # weights_only: no pickle
     weights = torch.load(best_dir / LEARNER_FILE, weights_only=True)
-    assert set(weights) == set(build().model.state_dict())
+    assert set(weights) == set(build(**LEARNER_PARAMS).model.state_dict())
+    assert any("running_mean" in k for k in weights)
 
     # One process, a fresh Learner, fastai's own load and validate: the recorded metrics.
-    learn = build()
+    learn = build(**LEARNER_PARAMS)
     learn.path, learn.model_dir = best_dir, "."
     learn.load(Path(LEARNER_FILE).stem, with_opt=False)
     val_loss, val_accuracy = learn.validate()
@@ -83,7 +88,8 @@ def test_restart_after_a_worker_failure_continues_the_one_cycle(learner_run, tmp
     cfg = fastai_config(
         tmp_path, "fastai-restarted", failure={"max_failures": 1},
         checkpoint={"resume_every_n_epochs": 1},
-        workload={**LEARNER_WORKLOAD, "params": {"fail_after_steps": 7, "marker": str(marker)}},
+        workload={**LEARNER_WORKLOAD, "params": {**LEARNER_PARAMS, "fail_after_steps": 7,
+                                                 "marker": str(marker)}},
     )
     summary = run_training(cfg)
     assert marker.exists(), "the injected failure did not happen"
@@ -116,17 +122,3 @@ def test_standard_workload_with_constant_schedule(tmp_path, ray_local):
     recomputed = evaluate_split(cfg, best_dir, "val")
     for key, value in recomputed.items():
         assert_close(value, summary["best_metrics"][key])
-
-
-def test_a_batchnorm_learners_record_is_that_of_its_saved_weights(tmp_path, ray_local):
-    """The same guarantee under fastai's own loop: per-rank BatchNorm statistics never reach
-    the recorded metrics; they are those of the weights and buffers rank 0 saved."""
-    cfg = fastai_config(tmp_path, "fastai-batchnorm",
-                        workload={**LEARNER_WORKLOAD, "params": {"norm": True}})
-    summary = run_training(cfg)
-    best_dir = Path(summary["best_checkpoint"])
-    assert summary["best_epoch"] >= 2
-    for key, value in evaluate_split(cfg, best_dir, "val").items():
-        assert_close(value, summary["best_metrics"][key])
-    for key, value in evaluate_split(cfg, best_dir, "test").items():
-        assert_close(value, summary["test_metrics"][key])
