@@ -9,7 +9,7 @@ raises ``ray.util.queue.Empty`` when nothing came. It pickles as the actor's han
 name, so it travels in the trainer's config and callbacks to the controller and workers.
 
 A driver process keeps one channel actor for all its runs (a Python session calling
-``train`` again and again, a Tune trial's PBT legs): each run's queues have names of their
+``train`` again and again): each run's queues have names of their
 own, dropped when it ends (``Channel.close``). One actor per run cost a Python process's
 start at each run, about 2 CPU-seconds on 2 cores.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 
@@ -111,7 +110,7 @@ def _alive(actor: Any) -> bool:
         return False
 
 
-def open_channel() -> Callable[[str], Stream]:
+def open_channel() -> Channel:
     """A run's channel: its queues on this process's channel actor, made on the driver's node
     on first use, as Ray Train places its controller (a node lost elsewhere must not take the
     run's record stream, or its stop requests, with it). Returns a ``Channel``: called with a
