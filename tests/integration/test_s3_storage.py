@@ -205,7 +205,7 @@ def test_retried_uploads_keep_each_epochs_own_weights(s3_server, tmp_path, ray_l
     assert [w["epoch"] for w in failed] == [1, 2], writes
     for w in failed:  # each retry came after training had recorded the next epoch
         retry = next(x for x in writes if x["epoch"] == w["epoch"] and x["attempt"] == 2)
-        assert retry["steps_at_record"] > w["steps_at_record"], (w, retry)
+        assert retry["epochs_recorded"] > w["epoch"], (w, retry)
 
     client = s3_server["client"]
     summary = json.loads(client.get_object(Bucket=BUCKET, Key="retry/retried/summary.json")

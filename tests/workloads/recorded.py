@@ -26,6 +26,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+RETRY_WAIT_S = 300.0  # the longest a retried write waits for the next epoch to be recorded
+
 
 class Recorded(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module, record_dir: str) -> None:
@@ -34,7 +36,7 @@ class Recorded(torch.nn.Module):
         self.record_dir = Path(record_dir)
         self.steps = 0  # training forwards in this process (one per optimizer step)
         self.epochs = 0
-        self.steps_at_record = 0
+        self.steps_at_record: dict[int, int] = {}  # epoch -> training steps when it was recorded
         self._training_since_record = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,7 @@ class Recorded(torch.nn.Module):
         elif self._training_since_record:  # the first evaluation after an epoch's training
             self._training_since_record = False
             self.epochs += 1
-            self.steps_at_record = self.steps
+            self.steps_at_record[self.epochs] = self.steps
             rank = dist.get_rank() if dist.is_initialized() else 0
             state = {k: v.detach().clone() for k, v in self.state_dict().items()}
             torch.save(state, self.record_dir / f"epoch{self.epochs:04d}-rank{rank}.pt")
@@ -58,21 +60,24 @@ def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[
     write = checkpointing.write_checkpoint
     attempts: dict[int, int] = {}
 
-    def wait_for(done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + max_delay_s
+    def wait_for(done: Callable[[], bool], limit_s: float = max_delay_s) -> None:
+        deadline = time.monotonic() + limit_s
         while not done() and time.monotonic() < deadline:
             time.sleep(0.002)
 
     def delayed(snap, fs, path):  # noqa: ANN001 - the wrapped function's own arguments
         epoch = snap.metadata["epoch"]
         attempts[epoch] = attempt = attempts.get(epoch, 0) + 1
-        if attempt > 1:  # Ray's retry: let training record the next epoch and snapshot it
-            wait_for(lambda: model.epochs > epoch)
+        if attempt > 1:  # Ray's retry: let training record the next epoch and snapshot it.
+            # Not bounded by max_delay_s: the next epoch always comes (a failing epoch is not
+            # the last), and a loaded machine can take longer than that to train one.
+            wait_for(lambda: model.epochs > epoch, RETRY_WAIT_S)
             time.sleep(0.5)
+        at_record = model.steps_at_record[epoch]
         if epoch != last_epoch:
-            wait_for(lambda: model.steps >= model.steps_at_record + 2)
-        record = {"epoch": epoch, "attempt": attempt, "steps_at_record": model.steps_at_record,
-                  "steps_at_write": model.steps, "t": time.time()}
+            wait_for(lambda: model.steps >= at_record + 2)
+        record = {"epoch": epoch, "attempt": attempt, "epochs_recorded": model.epochs,
+                  "steps_at_record": at_record, "steps_at_write": model.steps, "t": time.time()}
         failing = epoch in fail_first_write_of and attempt == 1
         with open(model.record_dir / "writes.jsonl", "a") as f:
             f.write(json.dumps({**record, "failed": failing}) + "\n")
