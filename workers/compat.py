@@ -101,6 +101,12 @@ TRAIN_WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # actor process of its own that polls whether a node of the group is being drained. A local
 # Ray that the driver starts is one node, its own, so there it would watch nothing.
 TRAIN_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# How many actor processes Ray Data starts to read Parquet footers, at each execution that
+# lists files (each epoch's pipelines; default 32, one at a time as CPUs allow): a pool to
+# spread footer reads over a cluster's nodes. Read by ``FooterFileIndexer.__init__``.
+DATA_PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+DATA_PARQUET_FOOTER_READ_BY = ("ray.data._internal.datasource_v2.formats.parquet."
+                               "footer_file_indexer:FooterFileIndexer.__init__")
 # Where Ray reads each ("module:qualified name", checked by the test).
 TRAIN_ENV_READ_BY = {
     TRAIN_HEALTH_CHECK_INTERVAL_ENV:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from workers.compat import (
+    DATA_PARQUET_FOOTER_ACTORS_ENV,
     TRAIN_HEALTH_CHECK_INTERVAL_ENV,
     TRAIN_PREEMPTION_WATCHER_ENV,
     TRAIN_WORKER_GROUP_START_TIMEOUT_ENV,
@@ -56,13 +59,24 @@ def ray_env_vars() -> dict[str, str]:
     return env
 
 
+# For a local Ray, one node: one process reads Parquet footers, with its many IO threads.
+ONE_NODE_FOOTER_ACTORS = "1"
+
+
 def one_node_env_vars() -> dict[str, str]:
-    """For a local Ray started here, one node (the driver's): Ray Train's preemption watcher,
-    an actor process at each worker-group start (about 1.7 CPU-seconds each on 2 cores), off,
-    since no other node can be drained. A user's own setting wins."""
-    if TRAIN_PREEMPTION_WATCHER_ENV in os.environ:
-        return {}
-    return {TRAIN_PREEMPTION_WATCHER_ENV: "0"}
+    """For a local Ray started here, one node (the driver's), no pools of processes that only
+    a cluster of many nodes needs. A user's own setting of each wins.
+
+    - Ray Train's preemption watcher, an actor process at each worker-group start (about
+      1.7 CPU-seconds each on 2 cores), off: no other node can be drained.
+    - Ray Data's Parquet footer readers, a pool of actor processes at each read of a Parquet
+      dataset (every epoch), one: a pool spreads footer reads over nodes. Measured, a 2-epoch
+      run of ``configs/digits_parquet.yaml``: 136 CPU-seconds and 78 s with the default pool,
+      99 and 66 s with one reader, the same metrics.
+    """
+    defaults = {TRAIN_PREEMPTION_WATCHER_ENV: "0",
+                DATA_PARQUET_FOOTER_ACTORS_ENV: ONE_NODE_FOOTER_ACTORS}
+    return {k: v for k, v in defaults.items() if k not in os.environ}
 
 
 def attaches_to_cluster() -> bool:
@@ -95,6 +109,26 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 _started_here: list[str] = []  # the dashboard URL of the local Ray this process started
 
 
+def started_here() -> bool:
+    """Whether the Ray this process is connected to is the local one it started."""
+    return bool(_started_here) and _started_here[-1] == dashboard_url()
+
+
+@contextmanager
+def one_node_driver_env() -> Iterator[None]:
+    """In this process, for what runs inside (a workload building its Ray Datasets on the
+    driver), ``one_node_env_vars`` when its Ray is the local one it started: Ray Data reads
+    some of them where a dataset is made, not where it runs. The process's own environment
+    is as it was afterwards."""
+    added = one_node_env_vars() if started_here() else {}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,7 +147,7 @@ def init_ray(verbose: bool = False) -> bool:
     import ray
 
     if ray.is_initialized():
-        return bool(_started_here) and _started_here[-1] == dashboard_url()
+        return started_here()
     quiet = {"logging_level": logging.INFO if verbose else logging.WARNING,
              "log_to_driver": verbose}
     if os.environ.get("RAY_ADDRESS"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.errors import UserError
+from orchestrator.start.cluster import one_node_driver_env
 from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
 from workers.contract.names import STREAMS_KEY
@@ -60,7 +61,8 @@ def find_streams(cfg: RunConfig) -> Streams | None:
     torch.manual_seed(cfg.seed)  # as the workers build it
     random.seed(cfg.seed)
     try:
-        workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+        with one_node_driver_env():  # the Ray Datasets it makes are read on this Ray
+            workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
     datasets = streamed_splits(workload)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.util.state import list_actors, list_tasks
 
 from orchestrator import train
 from orchestrator.errors import UserError
@@ -142,6 +143,12 @@ def test_rows_collated_by_the_workload_under_fsdp(tmp_path, ray_local):
     summary = train(cfg).record
     assert summary["status"] == "completed"
     assert_rescored(summary)
+    # On this local one-node Ray, Ray Data read the Parquet footers with one actor process at
+    # each listing of a split's files, not a pool of them.
+    readers = [a for a in list_actors(filters=[("class_name", "=", "FooterReader")],
+                                      detail=True, limit=10_000) if a.pid]
+    listings = list_tasks(filters=[("name", "=", "ListFiles")], limit=10_000)
+    assert 0 < len(readers) <= len(listings), (len(readers), len(listings))
 
 
 MISTAKES = [

@@ -1,4 +1,5 @@
-"""What a cluster can ever provide, and the fail-fast check built on it (pure logic)."""
+"""What a cluster can ever provide, the fail-fast check built on it, and what a local one-node
+Ray is started with (pure logic)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.start.cluster import Capacity, capacity, check_resources
+from orchestrator.start.cluster import Capacity, capacity, check_resources, one_node_env_vars
+from workers.compat import DATA_PARQUET_FOOTER_ACTORS_ENV, TRAIN_PREEMPTION_WATCHER_ENV
 from workers.contract.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +86,13 @@ def test_local_machine_shape() -> None:
     assert check_resources(config(num_workers=2), cap) is False
     with pytest.raises(UserError, match="use at most 2 workers"):
         check_resources(config(num_workers=3), cap)
+
+
+def test_a_local_one_node_ray_starts_no_pools_for_many_nodes_unless_the_user_says(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (TRAIN_PREEMPTION_WATCHER_ENV, DATA_PARQUET_FOOTER_ACTORS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert one_node_env_vars() == {TRAIN_PREEMPTION_WATCHER_ENV: "0",
+                                   DATA_PARQUET_FOOTER_ACTORS_ENV: "1"}
+    monkeypatch.setenv(DATA_PARQUET_FOOTER_ACTORS_ENV, "8")  # the user's own: Ray reads it
+    assert one_node_env_vars() == {TRAIN_PREEMPTION_WATCHER_ENV: "0"}

@@ -252,6 +252,19 @@ def test_split_data_config_overrides_the_configure_ray_calls() -> None:
     assert "equal" in params(dataset.streaming_split)
 
 
+def test_the_parquet_footer_reader_pool_is_sized_by_the_variable_compat_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module, qualname = compat.DATA_PARQUET_FOOTER_READ_BY.split(":")
+    indexer_module = importlib.import_module(module)
+    indexer = getattr(indexer_module, qualname.split(".")[0])
+    assert re.search(rf'env_integer\(\s*"{compat.DATA_PARQUET_FOOTER_ACTORS_ENV}"',
+                     inspect.getsource(indexer.__init__))
+    monkeypatch.delenv(compat.DATA_PARQUET_FOOTER_ACTORS_ENV, raising=False)
+    assert indexer(ignore_missing_paths=False)._num_actors == 32  # a pool by default
+    monkeypatch.setenv(compat.DATA_PARQUET_FOOTER_ACTORS_ENV, "1")
+    assert indexer(ignore_missing_paths=False)._num_actors == 1
+
+
 # --- Ray Tune -------------------------------------------------------------------------------
 
 
