@@ -268,6 +268,34 @@ def internal_train_context() -> Any:
     return get_train_context()
 
 
+def torch_trainer_class(ray_datasets: bool) -> type:
+    """``TorchTrainer``, or for a run without Ray Datasets, a ``TorchTrainer`` whose controller
+    does not run Ray Train's ``DatasetsCallback``. That callback starts a ``DatasetManager``
+    actor at every worker-group start (each restart too), a process of its own (about
+    1.8 CPU-seconds on 2 cores), even when the trainer has no datasets, and hands the workers
+    a shard provider they never ask; without it the workers' train context has none, which
+    ``ray.train.get_dataset_shard`` alone would need. ``_create_default_callbacks`` is
+    ``DataParallelTrainer``'s private method. Replacement: none in 2.60."""
+    from ray.train.torch import TorchTrainer
+
+    if ray_datasets:
+        return TorchTrainer
+    return _trainer_without_datasets()
+
+
+@functools.cache
+def _trainer_without_datasets() -> type:
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class TorchTrainerWithoutDatasets(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, DatasetsCallback)]
+
+    return TorchTrainerWithoutDatasets
+
+
 # --- Ray Tune -------------------------------------------------------------------------------
 
 

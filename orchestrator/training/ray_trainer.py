@@ -18,7 +18,7 @@ from orchestrator.controller.recorder import (
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
 from orchestrator.training.datasets import Streams
-from workers.compat import kill_train_controller
+from workers.compat import kill_train_controller, torch_trainer_class
 from workers.contract.config import RunConfig
 from workers.contract.names import RANK_KEY, STOP_QUEUE_KEY
 from workers.decisions.policy import ray_keep_settings
@@ -37,14 +37,13 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     ``loop_config``: more for the workers beside the config (a PBT trial's place, ``PBT_KEY``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
 
     pace_reports()
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     workers = cfg.scaling.num_workers  # [min, max]: Ray Train's elastic worker group
-    return TorchTrainer(
+    return torch_trainer_class(ray_datasets=streams is not None)(
         train_loop_for(cfg.engine),
         train_loop_config={**cfg.to_dict(), **(
             {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {}),

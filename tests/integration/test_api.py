@@ -59,6 +59,8 @@ def test_train_from_a_mapping_then_load_best(tmp_path, ray_local):
     assert len(channels) == 1 and channels[0].state == "ALIVE", channels
     # A local Ray is one node, the driver's: no preemption watcher was started for either run.
     assert actors("PreemptionWatcher") == []
+    # Neither run has a Ray Dataset: no dataset manager either.
+    assert actors("DatasetManager") == []
 
 
 def actors(class_name: str) -> list:

@@ -252,6 +252,29 @@ def test_split_data_config_overrides_the_configure_ray_calls() -> None:
     assert "equal" in params(dataset.streaming_split)
 
 
+def test_a_trainer_without_ray_datasets_starts_no_dataset_manager() -> None:
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
+
+    assert params(TorchTrainer._create_default_callbacks) == ["self"]
+    # The workers' train context takes no shard provider when no callback gives one.
+    init = inspect.signature(RayTrainWorker.init_train_context)
+    assert init.parameters["dataset_shard_provider"].default is None
+
+    def loop(config: dict) -> None:  # never runs: the trainers are only built
+        pass
+
+    assert compat.torch_trainer_class(ray_datasets=True) is TorchTrainer
+    without = compat.torch_trainer_class(ray_datasets=False)
+    assert issubclass(without, TorchTrainer)
+    assert compat.torch_trainer_class(ray_datasets=False) is without  # one class
+    full = [type(cb) for cb in TorchTrainer(loop)._create_default_callbacks()]
+    lean = [type(cb) for cb in without(loop)._create_default_callbacks()]
+    assert DatasetsCallback in full
+    assert lean == [cb for cb in full if cb is not DatasetsCallback]
+
+
 def test_the_parquet_footer_reader_pool_is_sized_by_the_variable_compat_names(
         monkeypatch: pytest.MonkeyPatch) -> None:
     module, qualname = compat.DATA_PARQUET_FOOTER_READ_BY.split(":")
