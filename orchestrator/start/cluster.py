@@ -71,8 +71,8 @@ def one_node_env_vars() -> dict[str, str]:
       1.7 CPU-seconds each on 2 cores), off: no other node can be drained.
     - Ray Data's Parquet footer readers, a pool of actor processes at each read of a Parquet
       dataset (every epoch), one: a pool spreads footer reads over nodes. Measured, a 2-epoch
-      run of ``configs/digits_parquet.yaml``: 136 CPU-seconds and 78 s with the default pool,
-      99 and 66 s with one reader, the same metrics.
+      run of ``configs/digits_parquet.yaml`` through the CLI: 136 CPU-seconds and 78 s with
+      the default pool, 105 and 70 s with one reader, the same metrics.
     """
     defaults = {TRAIN_PREEMPTION_WATCHER_ENV: "0",
                 DATA_PARQUET_FOOTER_ACTORS_ENV: ONE_NODE_FOOTER_ACTORS}
