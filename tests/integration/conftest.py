@@ -39,6 +39,14 @@ def ray_local():
     ray.shutdown()
 
 
+def own_state_api() -> str:
+    """The state API of the Ray this process is connected to. ``ray.util.state`` without an
+    address looks for "the" local Ray, and finds two where another test process runs its own."""
+    from workers.compat import dashboard_url
+
+    return "http://" + dashboard_url()
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():

@@ -8,7 +8,7 @@ import torch
 
 from orchestrator import load_best, train
 from orchestrator.errors import UserError
-from tests.integration.conftest import assert_close
+from tests.integration.conftest import assert_close, own_state_api
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +66,6 @@ def test_train_from_a_mapping_then_load_best(tmp_path, ray_local):
 def actors(class_name: str) -> list:
     """Every actor of that class this module's local Ray has had, alive or dead, from its
     state API."""
-    import ray
     from ray.util.state import list_actors
 
-    own = "http://" + ray._private.worker.get_dashboard_url()
-    return list_actors(address=own, filters=[("class_name", "=", class_name)])
+    return list_actors(address=own_state_api(), filters=[("class_name", "=", class_name)])

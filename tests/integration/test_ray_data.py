@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     S3_BUCKET,
     S3_CREDENTIALS,
     assert_close,
+    own_state_api,
     run_cli,
 )
 from workers.checkpoint.saved_model import evaluate_split
@@ -140,15 +141,26 @@ def test_rows_collated_by_the_workload_under_fsdp(tmp_path, ray_local):
     cfg = api_config(tmp_path, "mapping-fsdp", shape="mapping", batchnorm=True)
     cfg["scaling"]["strategy"] = "fsdp"
     cfg["train"]["epochs"] = 2
+    before = footer_readers_and_listings()
     summary = train(cfg).record
     assert summary["status"] == "completed"
-    assert_rescored(summary)
-    # On this local one-node Ray, Ray Data read the Parquet footers with one actor process at
-    # each listing of a split's files, not a pool of them.
-    readers = [a for a in list_actors(filters=[("class_name", "=", "FooterReader")],
-                                      detail=True, limit=10_000) if a.pid]
-    listings = list_tasks(filters=[("name", "=", "ListFiles")], limit=10_000)
+    # On this local one-node Ray, the run's Ray Data read Parquet footers with one actor
+    # process at each listing of a split's files, not a pool of them.
+    readers, listings = (now - then for now, then in
+                         zip(footer_readers_and_listings(), before, strict=True))
     assert 0 < len(readers) <= len(listings), (len(readers), len(listings))
+    assert_rescored(summary)
+
+
+def footer_readers_and_listings() -> tuple[set[str], set[str]]:
+    """The ids of every Parquet footer reader actor that got a process, and of every file
+    listing task, that this module's Ray has had so far (its state API)."""
+    readers = list_actors(address=own_state_api(), detail=True, limit=10_000,
+                          filters=[("class_name", "=", "FooterReader")])
+    listings = list_tasks(address=own_state_api(), limit=10_000,
+                          filters=[("name", "=", "ListFiles")])
+    return ({a.actor_id for a in readers if a.pid},
+            {f"{t.task_id}/{t.attempt_number}" for t in listings})
 
 
 MISTAKES = [
