@@ -18,7 +18,7 @@ from tests.integration.conftest import REPO, RunProcesses, overfit_config, recor
 
 pytestmark = pytest.mark.integration
 
-EPOCHS = 9
+EPOCHS = 12
 
 
 def epochs_done(run_dir: Path) -> int:
