@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator import storage
 from orchestrator.start.console import Console
-from orchestrator.start.run_dir import open_in, prepare_run_dir
+from orchestrator.start.run_dir import SetAside, open_in, prepare_run_dir
 from workers.contract.config import RunConfig
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class RunContext:
     use_gpu: bool
     guard: SignalGuard | None = None  # None in a trial's context: the search holds it
     capacity: Capacity | None = None
+    replaced: SetAside | None = None  # an --overwrite's old run, aside until the new one trains
 
 
 def preflight(prepared: Prepared, *, kind: str, console: Console, guard: SignalGuard,
@@ -105,7 +106,9 @@ def preflight(prepared: Prepared, *, kind: str, console: Console, guard: SignalG
     use_gpu = fits(capacity)
     check_on_ray()
     # A bad W&B key or no network fails here, with the old run (if any) intact.
-    tracking = open_in(prepared.run_dir, prepared.start.value, kind, open_tracking)
+    # A run's replaced old run stays aside until its workers have checked the workload.
+    tracking, replaced = open_in(prepared.run_dir, prepared.start.value, kind, open_tracking,
+                                 keep_replaced=kind == "run")
     return RunContext(cfg=prepared.cfg, run_dir=prepared.run_dir, start=prepared.start,
                       console=console, tracking=tracking, use_gpu=use_gpu, guard=guard,
-                      capacity=capacity)
+                      capacity=capacity, replaced=replaced)

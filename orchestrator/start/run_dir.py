@@ -145,10 +145,17 @@ def check_resumable(run_dir: str) -> None:
                             "--overwrite") from None
 
 
-def open_in(run_dir: str, mode: str, kind: str, open_record: Callable[[], T]) -> T:
+def open_in(run_dir: str, mode: str, kind: str, open_record: Callable[[], T], *,
+            keep_replaced: bool = False) -> tuple[T, SetAside | None]:
     """Open what must work before anything trains (the W&B run), then take ``run_dir``:
     an ``--overwrite``'s old run goes only once that opened, and is put back if it did not;
-    a new directory is marked as ours (``kind``: run | search); this process locks it."""
+    a new directory is marked as ours (``kind``: run | search); this process locks it.
+
+    ``keep_replaced``: the old run, when it was set aside on a local disk, stays aside until
+    the caller knows whether the new run trains (``SetAside.discard``) or stops on the
+    user's mistake, found on the workers before the first record (``SetAside.restore``); it
+    is returned with the record. Otherwise it goes now (on an object store, always: the new
+    run writes where the old one was)."""
     old = SetAside(run_dir) if mode == "overwrite" else None
     try:
         opened = open_record()
@@ -158,12 +165,13 @@ def open_in(run_dir: str, mode: str, kind: str, open_record: Callable[[], T]) ->
         elif mode != "resume":
             storage.delete_dir(run_dir)  # nothing of a run that could not start
         raise
-    if old is not None:
+    kept = old if keep_replaced and old is not None and old.aside is not None else None
+    if old is not None and kept is None:
         old.discard()
     if mode != "resume":
         mark(run_dir, kind)
     lock(run_dir)  # a second driver for the same directory is refused until unlock
-    return opened
+    return opened, kept
 
 
 class SetAside:

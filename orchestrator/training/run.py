@@ -259,10 +259,16 @@ def _train_and_record(ctx: RunContext, handle: EpochHandler,
         tracking.abort()
         if ctx.start is not StartMode.RESUME:  # nothing of a run that never could work stays
             storage.delete_dir(ctx.run_dir)
+        if ctx.replaced is not None:  # and the run that --overwrite was to replace is back
+            ctx.replaced.restore()
         raise
     except BaseException:
         tracking.abort()
+        if ctx.replaced is not None:  # the new run trained, or stopped with its record
+            ctx.replaced.discard()
         raise
+    if ctx.replaced is not None:
+        ctx.replaced.discard()
     if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
         stop_training(pump.controller, guard)
     try:

@@ -159,7 +159,29 @@ def test_an_overwrite_replaces_the_old_run_only_once_the_new_one_opened(tmp_path
     assert (run / "model.safetensors").read_bytes() == b"old weights"
     assert not (run / "wandb").exists() and not (run / RUN_LOCK).exists()
 
-    assert open_in(str(run), "overwrite", "run", lambda: "opened") == "opened"
+    assert open_in(str(run), "overwrite", "run", lambda: "opened") == ("opened", None)
     assert sorted(p.name for p in run.iterdir()) == sorted([RUN_LOCK, RUN_MARKER])
     assert json.loads((run / RUN_LOCK).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+
+def test_a_kept_old_run_waits_aside_until_the_new_one_trains_or_fails(tmp_path):
+    """``keep_replaced``: the old run stays aside, whole, while the new run's workers check
+    the workload; a mistake there puts it back, training discards it."""
+    run = a_run(tmp_path / "runs" / "mine")
+    (run / "model.safetensors").write_bytes(b"old weights")
+    opened, kept = open_in(str(run), "overwrite", "run", lambda: "opened", keep_replaced=True)
+    assert opened == "opened" and kept is not None
+    assert sorted(p.name for p in run.iterdir()) == sorted([RUN_LOCK, RUN_MARKER])
+    aside = [p for p in run.parent.iterdir() if p.name != "mine"]
+    assert [(p / "model.safetensors").read_bytes() for p in aside] == [b"old weights"]
+    (run / "checkpoint_epoch0001").mkdir()  # what the new run wrote before its mistake
+    kept.restore()
+    assert (run / "model.safetensors").read_bytes() == b"old weights"
+    assert not (run / "checkpoint_epoch0001").exists()
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+    _, kept = open_in(str(run), "overwrite", "run", lambda: "opened", keep_replaced=True)
+    kept.discard()
+    assert sorted(p.name for p in run.iterdir()) == sorted([RUN_LOCK, RUN_MARKER])
     assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
