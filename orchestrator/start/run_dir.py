@@ -152,9 +152,9 @@ def open_in(run_dir: str, mode: str, kind: str, open_record: Callable[[], T], *,
     a new directory is marked as ours (``kind``: run | search); this process locks it.
 
     ``keep_replaced``: the old run, when it was set aside on a local disk, stays aside until
-    the caller knows whether the new run trains (``SetAside.discard``) or stops on the
-    user's mistake, found on the workers before the first record (``SetAside.restore``); it
-    is returned with the record. Otherwise it goes now (on an object store, always: the new
+    the caller knows whether the new run trains (``SetAside.discard``) or stops on a mistake
+    of the user's that its workers found (``SetAside.restore``); it is returned with the
+    record. Otherwise it goes now (on an object store, always: the new
     run writes where the old one was)."""
     old = SetAside(run_dir) if mode == "overwrite" else None
     try:
