@@ -56,6 +56,13 @@ class ScalingSection(_Section):
     fsdp_blocks: list[str] | None = Field(
         None, description="fsdp: class names of the modules sharded as units (default: the "
         "workload's fsdp_blocks, else each direct child of the model with parameters)")
+    find_unused_parameters: bool | Literal["auto"] = Field(
+        "auto", description="ddp: whether a step may leave some parameters without a gradient "
+        "(an unused head, LayerDrop, an auxiliary branch); auto: found out on the first "
+        "training step (DDP then looks for them each step); true: always look (slower); "
+        "false: never (DDP fails on such a model). Frozen (requires_grad=False) parameters "
+        "never count. Lightning's ddp_find_unused_parameters_true, transformers' "
+        "ddp_find_unused_parameters")
 
     @field_validator("num_workers")
     @classmethod
@@ -150,11 +157,20 @@ class TrackerSection(_Section):
                          "(test_* is computed after training, with the best weights); one the "
                          "run does not report is refused before the first epoch")
     mode: Literal["auto", "min", "max"] = Field(
-        "auto", description="whether lower or higher is better; auto: min when the monitor's "
-        "name contains loss or error, else max")
-    min_delta: float = Field(0.0, ge=0, description="a finite number: an improvement must "
-                             "beat the best by more than this; NaN and inf never improve")
-    patience: Int | None = Field(None, ge=1, description="stop after N epochs without improvement")
+        "auto", description="whether lower or higher is better; auto: the direction the "
+        "monitored metric's object declares (torchmetrics' higher_is_better, or the same "
+        "attribute on a workload's own metric), else the table of name words in "
+        "docs/config.md (loss, mse, perplexity, ... min; accuracy, f1, auroc, ... max); a name "
+        "it cannot place is refused before anything starts. Lightning's mode, transformers' "
+        "greater_is_better")
+    min_delta: float = Field(0.0, ge=0, description="a finite number, for patience only: an "
+                             "evaluation counts as progress when it beats the best by more "
+                             "than this (the best model is always the strictly best value; a "
+                             "tie never improves; NaN and inf never do). Lightning's and "
+                             "Keras' min_delta, transformers' early_stopping_threshold")
+    patience: Int | None = Field(None, ge=1, description="stop after N evaluations without "
+                                 "progress (by more than min_delta). Lightning's and Keras' "
+                                 "patience, transformers' early_stopping_patience")
 
     @field_validator("monitor")
     @classmethod
