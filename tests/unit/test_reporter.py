@@ -177,10 +177,11 @@ def test_patience_stops_after_that_many_epochs_without_improvement_and_last_save
     assert load_metadata(run.saver.saves[0][1])["is_best"] is False
 
 
-def test_min_delta_smaller_gains_are_not_improvements(epochs):
-    run = epochs(3, tracker={"monitor": "val_loss", "min_delta": 0.1})
-    run.run([1.0, 0.95, 0.85])
-    assert run.saved() == [1, 3]
+def test_min_delta_counts_for_patience_only_every_strict_gain_is_saved(epochs):
+    run = epochs(3, tracker={"monitor": "val_loss", "min_delta": 0.1, "patience": 2})
+    # 0.95 and 0.92 are new bests (saved) but no progress by more than 0.1 from 1.0: stop.
+    assert run.run([1.0, 0.95, 0.92]) == [False, False, True]
+    assert run.saved() == [1, 2, 3]
 
 
 def test_resume_checkpoints_hold_the_optimizer_and_are_never_marked_best(epochs):

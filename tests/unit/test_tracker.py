@@ -75,25 +75,62 @@ def test_ties_are_not_improvements(mode: str, values: list[float], improved: lis
 
 
 # Values that are exact in binary floating point, so "exactly min_delta better" is exact.
+# min_delta decides progress for patience only; the best model is the strictly best value, as
+# Lightning's ModelCheckpoint, Keras' ModelCheckpoint and transformers' Trainer keep it.
 @pytest.mark.parametrize(
-    ("mode", "min_delta", "values", "improved"),
+    ("mode", "min_delta", "values", "improved", "best"),
     [
-        ("min", 0.25, [1.0, 0.75], [True, False]),  # better by exactly min_delta: no
-        ("min", 0.25, [1.0, 0.5], [True, True]),  # better by more: yes
-        ("min", 0.25, [1.0, 0.875, 0.5], [True, False, True]),  # compared with the best, 1.0
-        ("max", 0.25, [1.0, 1.25], [True, False]),
-        ("max", 0.25, [1.0, 1.5], [True, True]),
-        ("max", 0.25, [1.0, 1.125, 1.5], [True, False, True]),
-        ("min", 0.0, [1.0, 0.9999999], [True, True]),  # 0: any strict improvement counts
-        ("max", 0.0, [1.0, 1.0000001], [True, True]),
-        ("min", 0.25, [1.0, 2.0, 0.5], [True, False, True]),  # worse, then better by > delta
+        ("max", 0.1, [0.80, 0.85], [True, True], 0.85),  # the issue's case: 0.85 is kept
+        ("min", 0.25, [1.0, 0.75], [True, True], 0.75),  # better by exactly min_delta
+        ("min", 0.25, [1.0, 0.875, 0.5], [True, True, True], 0.5),
+        ("max", 0.25, [1.0, 1.125, 1.5], [True, True, True], 1.5),
+        ("min", 0.25, [1.0, 1.0], [True, False], 1.0),  # a tie never improves
+        ("min", 0.25, [1.0, 2.0, 0.5], [True, False, True], 0.5),
     ],
 )
-def test_min_delta_must_be_exceeded(
-    mode: str, min_delta: float, values: list[float], improved: list[bool]
+def test_min_delta_never_decides_the_best_model(
+    mode: str, min_delta: float, values: list[float], improved: list[bool], best: float
 ) -> None:
     tracker = BestTracker("val_metric", mode, min_delta=min_delta)  # type: ignore[arg-type]
     assert run(tracker, values) == improved
+    assert tracker.best_value == best
+    assert tracker.best_epoch == len(values) - improved[::-1].index(True)
+
+
+# Patience counts evaluations without progress: an evaluation is progress when it beats the
+# value of the last progress by more than min_delta (Lightning's EarlyStopping
+# ``test_early_stopping_patience`` and Keras' ``test_EarlyStopping_reuse`` scenarios).
+@pytest.mark.parametrize(
+    ("mode", "min_delta", "patience", "values", "stop_after"),
+    [
+        ("min", 0.25, 2, [1.0, 0.875, 0.75], 3),  # small improvements are no progress
+        ("min", 0.25, 2, [1.0, 0.875, 0.5], None),  # 0.5 beats 1.0 by more than 0.25
+        ("min", 0.25, 2, [1.0, 0.5, 0.375, 0.25], 4),  # 0.25 beats 0.5 by exactly 0.25: no
+        ("max", 0.1, 3, [0.5, 0.55, 0.59, 0.65], None),  # 0.65 beats 0.5 by 0.15
+        ("max", 0.1, 3, [0.5, 0.55, 0.59, 0.58], 4),
+        ("max", 0.0, 2, [0.5, 0.5, 0.5], 3),  # ties are no progress
+    ],
+)
+def test_patience_counts_by_min_delta(
+    mode: str, min_delta: float, patience: int, values: list[float], stop_after: int | None
+) -> None:
+    tracker = BestTracker("val_metric", mode, min_delta=min_delta,  # type: ignore[arg-type]
+                          patience=patience)
+    stops = [tracker.update(e, {"val_metric": v}).should_stop for e, v in enumerate(values, 1)]
+    assert stops == [stop_after is not None and e >= stop_after
+                     for e in range(1, len(values) + 1)]
+    # Whatever patience decides, the best model is the strictly best value seen.
+    assert tracker.best_value == (min(values) if mode == "min" else max(values))
+
+
+def test_min_delta_progress_survives_a_resume() -> None:
+    tracker = BestTracker("val_loss", "min", min_delta=0.25, patience=3)
+    run(tracker, [1.0, 0.875])  # 0.875: a new best, but no progress
+    resumed = BestTracker("val_loss", "min", min_delta=0.25, patience=3)
+    resumed.load_state_dict(tracker.state_dict())
+    assert resumed.best_value == 0.875 and resumed.epochs_without_improvement == 1
+    assert resumed.update(3, {"val_loss": 0.8}).improved  # the best, still no progress
+    assert resumed.update(4, {"val_loss": 0.79}).should_stop  # 3 without beating 1.0 - 0.25
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])

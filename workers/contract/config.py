@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
+from workers.decisions.direction import resolve as resolve_direction
+
 # What pyarrow (and so Ray Train) can write checkpoints to, besides a local path.
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
 
@@ -185,15 +187,15 @@ class TrackerSection(_Section):
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:
-        return monitor_mode(self.monitor, self.mode)
+        """min or max: as set, or by the monitor's name (``decisions.direction``). A run's
+        driver pins ``mode`` first, from the metric objects' own declarations too."""
+        return resolve_direction(self.monitor, self.mode).mode
 
 
 def monitor_mode(monitor: str, mode: str) -> Literal["min", "max"]:
-    """``auto``: a name containing 'loss' or 'error' is minimised, anything else maximised."""
-    if mode in ("min", "max"):
-        return mode  # type: ignore[return-value]
-    lowered = monitor.lower()
-    return "min" if ("loss" in lowered or "error" in lowered) else "max"
+    """``mode`` as set, or for ``auto`` from the monitor's name (a name the table cannot place
+    is refused): see ``workers.decisions.direction``."""
+    return resolve_direction(monitor, mode).mode
 
 
 class CheckpointSection(_Section):

@@ -4,6 +4,10 @@ It lives on rank 0 only. Each epoch it is given the epoch's global metrics (iden
 every rank) and answers two questions: did the monitored metric improve, and should
 training stop (patience)? Its state round-trips through ``state_dict`` so that a resumed
 run never forgets how good its best model was.
+
+The best is the strictly best value seen (a tie is not an improvement); ``min_delta`` only
+decides what counts as progress for patience, as in Lightning's and Keras' EarlyStopping and
+transformers' EarlyStoppingCallback, while their checkpoints keep the strictly best model.
 """
 
 from __future__ import annotations
@@ -47,18 +51,25 @@ class BestTracker:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, float] | None = None
-        self.epochs_without_improvement = 0
+        self.epochs_without_improvement = 0  # evaluations without progress (patience)
         self.improvements = 0
+        # The value progress is measured from: the best when it last beat this by more than
+        # min_delta (Lightning's and Keras' ``best_score`` of their EarlyStopping).
+        self.progress_value: float | None = None
 
-    def is_improvement(self, value: float) -> bool:
-        """NaN and inf are never an improvement; the first finite value always is."""
+    def beats(self, value: float, reference: float | None, delta: float = 0.0) -> bool:
+        """NaN and inf never beat anything; a finite value beats nothing yet."""
         if not math.isfinite(value):
             return False
-        if self.best_value is None:
+        if reference is None:
             return True
         if self.mode == "min":
-            return value < self.best_value - self.min_delta
-        return value > self.best_value + self.min_delta
+            return value < reference - delta
+        return value > reference + delta
+
+    def is_improvement(self, value: float) -> bool:
+        """A new best model: strictly better than the best so far (min_delta plays no part)."""
+        return self.beats(value, self.best_value)
 
     def update(self, epoch: int, metrics: dict[str, Any]) -> Decision:
         if self.monitor not in metrics:
@@ -69,14 +80,16 @@ class BestTracker:
             )
         value = float(metrics[self.monitor])
         improved = self.is_improvement(value)
+        if self.beats(value, self.progress_value, self.min_delta):
+            self.progress_value = value
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
         if improved:
             self.best_value = value
             self.best_epoch = epoch
             self.best_metrics = {k: float(v) for k, v in metrics.items()}
-            self.epochs_without_improvement = 0
             self.improvements += 1
-        else:
-            self.epochs_without_improvement += 1
         should_stop = (
             self.patience is not None and self.epochs_without_improvement >= self.patience
         )
@@ -94,6 +107,7 @@ class BestTracker:
             "best_metrics": self.best_metrics,
             "epochs_without_improvement": self.epochs_without_improvement,
             "improvements": self.improvements,
+            "progress_value": self.progress_value,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,3 +119,5 @@ class BestTracker:
         self.best_metrics = state["best_metrics"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.improvements = state["improvements"]
+        # A state saved before progress was kept apart: the best was where progress stood.
+        self.progress_value = state.get("progress_value", self.best_value)

@@ -1,0 +1,68 @@
+"""tracker.mode auto: the direction a metric object declares, else the table of name words,
+else a one-line refusal (decisions/direction.py); and what the metrics declare."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.contract.errors import UserInputError
+from workers.decisions.direction import by_name, name_words, resolve
+
+
+@pytest.mark.parametrize(
+    ("monitor", "mode"),
+    [
+        # The names the name-contains-'loss'-or-'error' rule maximised: each kept its worst.
+        ("val_mse", "min"), ("val_rmse", "min"), ("val_mae", "min"), ("val_perplexity", "min"),
+        ("val_ppl", "min"), ("val_hinge", "min"), ("val_wer", "min"), ("val_cer", "min"),
+        ("val_kl_divergence", "min"), ("val_edit_distance", "min"),
+        ("val_mean_squared_error", "min"), ("val_MeanAbsoluteError", "min"),
+        ("val_loss", "min"), ("train_loss", "min"), ("val_error_rate", "min"),
+        ("val_top1_error", "min"), ("val_nll", "min"),
+        ("val_accuracy", "max"), ("val_acc", "max"), ("val_f1_macro", "max"),
+        ("val_multiclass_auroc", "max"), ("val_mcc", "max"), ("val_r2", "max"),
+        ("val_r2_score", "max"), ("val_iou", "max"), ("val_dice", "max"), ("val_bleu", "max"),
+        ("val_binary_f1_score", "max"), ("val_precision", "max"), ("val_recall", "max"),
+    ],
+)
+def test_the_table_places_common_names(monitor: str, mode: str) -> None:
+    direction = resolve(monitor, "auto")
+    assert direction.mode == mode
+    assert direction.source.startswith("by name")
+
+
+@pytest.mark.parametrize("monitor", [
+    "val_custom", "val_throughput", "val_lossless_ratio", "val_accumulated", "val_f1_error",
+    "val_score_x",
+])
+def test_a_name_the_table_cannot_place_is_refused_in_one_line(monitor: str) -> None:
+    # Whole words only: 'lossless' is not 'loss', 'accumulated' is not 'acc'; words of both
+    # kinds ('f1' and 'error') place nothing. 'score' alone is a maximised word.
+    if monitor == "val_score_x":
+        assert resolve(monitor, "auto").mode == "max"
+        return
+    with pytest.raises(UserInputError) as err:
+        resolve(monitor, "auto")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("tracker.mode:")
+    assert monitor in message and "tracker.mode: min" in message and "tracker.mode: max" in message
+
+
+def test_a_declared_direction_wins_over_the_name() -> None:
+    # An object that says higher is better is believed even where the name says otherwise.
+    declared = {"val_mse": (True, "MyMSE"), "val_custom": (False, "Perplexity")}
+    assert resolve("val_mse", "auto", declared).mode == "max"
+    custom = resolve("val_custom", "auto", declared)
+    assert custom.mode == "min" and custom.source == "declared by Perplexity: higher_is_better=False"
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_a_set_mode_is_kept_whatever_the_name_or_declaration(mode: str) -> None:
+    direction = resolve("val_accuracy", mode, {"val_accuracy": (True, "Accuracy")})
+    assert direction.mode == mode and direction.source == "set by tracker.mode"
+
+
+def test_name_words_split_case_and_separators() -> None:
+    assert name_words("val_MeanSquaredError") == ["val", "mean", "squared", "error"]
+    assert name_words("val-top1.acc") == ["val", "top1", "acc"]
+    assert by_name("val_error_score") is not None and by_name("val_error_score").mode == "min"
