@@ -111,7 +111,8 @@ def best_of(history: list[dict[str, Any]],
 
 
 def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
-              status: str | None = None) -> dict[str, Any]:
+              status: str | None = None,
+              mode_source: str = "set by tracker.mode") -> dict[str, Any]:
     """``status``: ``interrupted`` or ``failed`` for a run that did not end by itself (no
     test split then: it is evaluated once, when the run ends); default: from the history."""
     remove_unregistered_checkpoints(run_dir)
@@ -137,6 +138,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "status": status,
         "monitor": cfg.tracker.monitor,
         "mode": cfg.tracker.resolved_mode,
+        "mode_source": mode_source,  # why that direction (decisions.direction)
         "policy": cfg.checkpoint.policy,
         "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
         "best_epoch": best["epoch"] if best else None,
@@ -183,7 +185,7 @@ def finalize_run(ctx: RunContext, *, wandb_errors: list[str] | None = None,
     """summary.json, the plot and the W&B run's last words, in that order of dependence."""
     run_dir, tracking = ctx.run_dir, ctx.tracking
     summary = summarize(ctx.cfg, run_dir, use_gpu=ctx.use_gpu, start=ctx.start.value,
-                        status=status)
+                        status=status, mode_source=ctx.mode_source)
     summary.update(extra or {})
     tracking.catch_up(summary["history"], run_dir)
     summary["wandb"] = tracking.finish(summary, write_plot(summary, run_dir),

@@ -173,6 +173,8 @@ def resumed_config(saved: dict[str, Any], cfg: RunConfig) -> RunConfig:
     ``RESUMABLE_KEYS`` taken from ``cfg``; any other difference is refused (exit 2)."""
     current = cfg.to_dict()
     before, now = _flatten(saved), _flatten(current)
+    if now.get("tracker.mode") == "auto":  # the search pinned what auto resolved to then
+        now["tracker.mode"] = before.get("tracker.mode", "auto")
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k, "<unset>") != now.get(k, "<unset>")
                      and not _under(k, RESUMABLE_KEYS + IDENTITY_KEYS))

@@ -69,15 +69,19 @@ from workers.compat import (
     wait_for_tune_to_take_the_last_report,
 )
 from workers.contract.config import RunConfig
+from workers.contract.errors import UserInputError
 from workers.contract.names import (
     DONE_FILE,
     LEADERBOARD_FILE,
+    MODE_SOURCE_KEY,
     PBT_KEY,
     SEARCH_FILE,
     SEARCHER_FILE,
     SUMMARY_FILE,
     TUNE_DIR,
 )
+from workers.decisions.direction import Direction
+from workers.decisions.direction import resolve as resolve_direction
 
 PBT_PAUSE_WAIT_S = 600  # a PBT trial at the end of a leg waits this long to be paused
 
@@ -111,6 +115,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     pbt = trial.get("pbt")
     extra = {PBT_KEY: {**pbt, "trial_id": trial["trial_id"],
                        "exploit": trial.get("exploit")}} if pbt else {}
+    extra[MODE_SOURCE_KEY] = trial.get("mode_source")
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
                             log_model=tune_config["trial"]["log_model"],
                             callbacks=[TuneReportCallback()], streams=find_streams(cfg),
@@ -172,6 +177,7 @@ class TrialLogger:
         self.console = console
         self.runs: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
+        self.mode_source = "set by tracker.mode"  # the search's (``check_monitor_first``)
         self.stopping: Callable[[], bool] = lambda: False
         # An adaptive search's: a proposed trial's config, and its record written at once.
         self.register: Callable[[str, dict[str, Any]], None] = lambda trial_id, overrides: None
@@ -242,7 +248,8 @@ class TrialLogger:
                 continue
             trial = RunContext(cfg=self.configs[trial_id], run_dir=run_dir,
                                start=StartMode.TRIAL, console=QuietConsole(),
-                               tracking=self.wandb_run(trial_id), use_gpu=use_gpu)
+                               tracking=self.wandb_run(trial_id), use_gpu=use_gpu,
+                               mode_source=self.mode_source)
             summary = finalize_run(
                 trial, wandb_errors=self.errors.get(trial_id),
                 extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
@@ -304,7 +311,8 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
 
     cfg = ctx.cfg
     entries = [{"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
-                "log_model": log_model, "use_gpu": plan.gpus[t.trial_id]} for t in todo]
+                "log_model": log_model, "use_gpu": plan.gpus[t.trial_id],
+                "mode_source": ctx.mode_source} for t in todo]
     if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
         exploits = earlier_exploits(ctx.run_dir)
         # Resumed: Tune's population state is gone, so the trials finish without legs or
@@ -352,7 +360,8 @@ def proposed_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial],
     return {
         "param_space": {"trial": {
             "base": cfg.to_dict(), "experiment_dir": ctx.run_dir,
-            "log_model": ctx.tracking.log_model_setting, "capacity": ctx.capacity.total}},
+            "log_model": ctx.tracking.log_model_setting, "capacity": ctx.capacity.total,
+            "mode_source": ctx.mode_source}},
         "num_samples": cfg.tune.num_samples - (len(plan.trials) - len(todo)),
         "search_alg": searcher,
         "trial_name_creator": namer,
@@ -434,23 +443,36 @@ def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]
     return board
 
 
-def check_monitor_first(cfg: RunConfig) -> None:
+def check_monitor_first(cfg: RunConfig) -> Direction:
     """A monitor that no trial would report is refused before any trial starts (one line,
     exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
-    its reported names are compared with ``tracker.monitor``. Any other failure to build it
-    is left for the trials to report."""
+    its reported names are compared with ``tracker.monitor``. The monitor's direction is
+    resolved from what its metric declares there (``decisions.direction``). Any other failure
+    to build it is left for the trials to report."""
     import ray
     from ray.exceptions import RayTaskError
 
     from workers.loop.probe import check_monitor
 
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_monitor)
+    declared: dict[str, Any] = {}
     try:
-        ray.get(task.remote(cfg.to_dict()))
+        declared = ray.get(task.remote(cfg.to_dict()))
     except RayTaskError as exc:
         message = user_error_among([exc])
         if message:
             raise UserError(message) from None
+    try:
+        return resolve_direction(cfg.tracker.monitor, cfg.tracker.mode, declared)
+    except UserInputError as exc:
+        raise UserError(str(exc)) from None
+
+
+def pin_direction(direction: Direction, *configs: RunConfig) -> None:
+    """Every config of the search minimises or maximises as ``direction`` says: the trials'
+    trackers, the schedulers, Optuna and the leaderboard all take it from there."""
+    for cfg in configs:
+        cfg.tracker.mode = direction.mode
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -474,12 +496,20 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     configs = {t.trial_id: trial_config(base, t, experiment_dir) for t in trials}
     # An adaptive search's trials are proposed as it goes: the options and bounds stand in.
     checked = configs if cfg.tune.search != "optuna" else boundary_configs(cfg, experiment_dir)
+    directions: list[Direction] = []
+
+    def check_on_ray() -> None:
+        directions.append(check_monitor_first(next(iter(checked.values()))))
+        pin_direction(directions[0], cfg, *configs.values(), *checked.values())
+
     with SignalGuard() as guard:
         ctx = preflight(  # the W&B run fails here, not mid-search
             prepared.with_config(cfg), kind="search", console=console, guard=guard,
             fits=lambda capacity: check_fit(cfg, checked, capacity),
             open_tracking=lambda: open_run(cfg, experiment_dir, job_type="search"),
-            check_on_ray=lambda: check_monitor_first(next(iter(checked.values()))))
+            check_on_ray=check_on_ray)
+        ctx.mode_source = directions[0].source
+        console.say(f"every trial: {directions[0].describe(cfg.tracker.monitor)}")
         plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, ctx.capacity)
                                             for trial_id, c in configs.items()})
         try:
@@ -521,6 +551,7 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
                 f"{cfg.tune.scheduler}, in {ctx.run_dir}")
     logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console,
                          ctx.run_dir)
+    logger.mode_source = ctx.mode_source
     logger.register = lambda trial_id, overrides: register(ctx, plan, logger,
                                                            Trial(trial_id, overrides))
     for trial in todo:  # an errored trial runs again: its old verdict goes

@@ -1,10 +1,12 @@
-"""A workload's Ray Dataset splits, found on the driver before training and handed to Ray
-Train, which shards them to the workers (``workers/loop/ray_data.py`` says how).
+"""What the driver learns of a workload before training: the direction of its monitored
+metric, and its Ray Dataset splits, handed to Ray Train, which shards them to the workers
+(``workers/loop/ray_data.py`` says how).
 
 The driver builds the workload once (as every worker builds it) to see which splits are Ray
-Datasets; a run of map-style datasets only pays for that build. Each Ray Dataset split is
-checked here, before any worker starts: it has rows, at least one per worker for training,
-and its first rows become a batch (the columns the workload names exist and are numbers).
+Datasets and which way its metric objects say they improve; a run of map-style datasets only
+pays for that build. Each Ray Dataset split is checked here, before any worker starts: it has
+rows, at least one per worker for training, and its first rows become a batch (the columns the
+workload names exist and are numbers).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
 from workers.contract.names import STREAMS_KEY
 from workers.contract.workload import build_workload
+from workers.decisions.direction import Direction, resolve
+from workers.decisions.metrics import spec_directions
 from workers.loop.batches import Batches, describe
+from workers.loop.iterable import check_iterable_run
 from workers.loop.ray_data import (
     engine_refuses,
     first_rows,
@@ -51,18 +56,61 @@ class Streams:
         return {"datasets": self.datasets, "dataset_config": split_data_config(EXACT_SPLITS)}
 
 
-def find_streams(cfg: RunConfig) -> Streams | None:
-    """The run's Ray Dataset splits, checked; None when every split is map-style. Ray must be
-    running (a Ray Dataset reads on it). A mistake is a ``UserError`` naming the split."""
+@dataclass(frozen=True)
+class WorkloadFacts:
+    """What ``inspect_workload`` learned: the Ray Dataset splits (None: every split is
+    map-style) and the monitored metric's direction."""
+
+    streams: Streams | None
+    direction: Direction
+
+
+def inspect_workload(cfg: RunConfig) -> WorkloadFacts:
+    """The workload built once on the driver: its Ray Dataset splits checked and the
+    monitored metric's direction resolved (``decisions.direction``). A mistake is a
+    ``UserError`` naming the key. Ray must be running (a Ray Dataset reads on it)."""
+    if cfg.engine == "fastai":  # a Learner's metrics declare no direction; no Ray Datasets
+        return WorkloadFacts(None, direction_of(cfg, None))
+    workload = build_on_driver(cfg)
+    return WorkloadFacts(streams_of(cfg, workload),
+                         direction_of(cfg, getattr(workload, "metrics", None)))
+
+
+def direction_of(cfg: RunConfig, spec: Any) -> Direction:
+    """``tracker.mode`` for this run: as set, declared by the monitored metric's object (in the
+    workload's ``metrics`` spec), else by the monitor's name."""
+    try:
+        declared = {f"val_{name}": d for name, d in spec_directions(spec).items()}
+        return resolve(cfg.tracker.monitor, cfg.tracker.mode, declared)
+    except ValueError as exc:  # the workload's metrics: the user's to fix
+        raise UserError(f"workload.{exc}") from None
+    except UserInputError as exc:
+        raise UserError(str(exc)) from None
+
+
+def build_on_driver(cfg: RunConfig) -> Any:
     import torch
 
-    if cfg.engine == "fastai":  # its engine refuses Ray Datasets itself (a Learner has none)
-        return None
     torch.manual_seed(cfg.seed)  # as the workers build it
     random.seed(cfg.seed)
     try:
         with one_node_driver_env():  # the Ray Datasets it makes are read on this Ray
-            workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+            return build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    except UserInputError as exc:
+        raise UserError(str(exc)) from None
+
+
+def find_streams(cfg: RunConfig) -> Streams | None:
+    """The run's Ray Dataset splits, checked; None when every split is map-style."""
+    if cfg.engine == "fastai":  # its engine refuses Ray Datasets itself (a Learner has none)
+        return None
+    return streams_of(cfg, build_on_driver(cfg))
+
+
+def streams_of(cfg: RunConfig, workload: Any) -> Streams | None:
+    """``workload``'s Ray Dataset splits, checked; None when every split is map-style."""
+    try:
+        check_iterable_run(cfg, workload)  # a stream's schedule (workers/loop/iterable.py)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
     datasets = streamed_splits(workload)

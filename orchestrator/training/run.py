@@ -35,14 +35,14 @@ from orchestrator.start.context import (
 from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
-from orchestrator.training.datasets import find_streams
+from orchestrator.training.datasets import WorkloadFacts, inspect_workload
 from orchestrator.training.ray_trainer import (
     EventPump,
     build_trainer,
     stop_training,
 )
 from workers.contract.config import RunConfig
-from workers.contract.names import FAILURE_LOG, point, where
+from workers.contract.names import FAILURE_LOG, MODE_SOURCE_KEY, point, where
 from workers.loop.channel import Channel, open_channel
 
 
@@ -65,13 +65,24 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
     cfg = prepared.cfg
     if prepared.start is StartMode.RESUME:
         check_resume_point(prepared, console)
+    facts: list[WorkloadFacts] = []
+
+    def inspect() -> None:
+        facts.append(inspect_workload(cfg))
+        # Pinned before the config reaches the W&B run, the workers and the records: the one
+        # direction every process and file of the run uses.
+        cfg.tracker.mode = facts[0].direction.mode
+
     ctx = preflight(prepared, kind="run", console=console, guard=guard,
                     fits=lambda capacity: check_resources(cfg, capacity),
-                    open_tracking=lambda: open_run(cfg, prepared.run_dir))
+                    open_tracking=lambda: open_run(cfg, prepared.run_dir),
+                    check_on_ray=inspect)
+    direction = facts[0].direction
+    ctx.streams, ctx.mode_source = facts[0].streams, direction.source
     console.say(start_line(prepared))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if ctx.use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
-                f"policy {cfg.checkpoint.policy}, monitor {cfg.tracker.monitor}, "
+                f"policy {cfg.checkpoint.policy}, {direction.describe(cfg.tracker.monitor)}, "
                 f"W&B {ctx.tracking.mode}")
     return ctx
 
@@ -243,12 +254,12 @@ def _train_and_record(ctx: RunContext, handle: EpochHandler,
     stop_requests = (stream("stop") if cfg.engine == "torch" and cfg.failure.preempt_grace_s
                      else None)
     try:
-        streams = find_streams(cfg)
-        if streams:
+        if ctx.streams:
             check_data_room(cfg, ctx.capacity)
         trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
                                 log_model=tracking.log_model_setting, events=pump.queue,
-                                stop_requests=stop_requests, streams=streams)
+                                stop_requests=stop_requests, streams=ctx.streams,
+                                loop_config={MODE_SOURCE_KEY: ctx.mode_source})
         with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
             stopped = fit(trainer, guard, ctx.run_dir,
                           lambda: (pump.check(), watchdog.tick()),

@@ -82,3 +82,59 @@ def test_auroc_and_average_precision_equal_one_process(tmp_path: Path) -> None:
         logits = model(x)
     per_shard = [MulticlassAUROC(num_classes=2)(logits[r::2], y[r::2]).item() for r in (0, 1)]
     assert sum(per_shard) / 2 != pytest.approx(want["val_auroc"], rel=1e-4)
+
+
+def collection_metrics() -> list:
+    """A MetricCollection with a compute group (accuracy, precision, recall share one state)
+    beside a lone member of the metrics mapping."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassAUROC,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    group = MetricCollection({"acc": MulticlassAccuracy(2), "prec": MulticlassPrecision(2),
+                              "rec": MulticlassRecall(2)}, prefix="cls_", compute_groups=True)
+    return build_metrics({"group": group, "auroc": MulticlassAUROC(num_classes=2)}, 2)
+
+
+def collection_rank_main(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    try:
+        model, dataset = workload()
+        metrics = collection_metrics()
+        loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
+        values = {}
+        for _ in range(2):  # a second evaluation starts from reset states
+            loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
+            values = global_metrics([("val", loss, metrics)], CPU)
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
+
+
+def test_a_metric_collection_with_a_compute_group_equals_one_process(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=collection_rank_main, args=(r, port, str(tmp_path)))
+             for r in range(WORLD_SIZE)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    assert ranks[0] == ranks[1]
+    assert set(ranks[0]) == {"val_loss", "val_group_cls_acc", "val_group_cls_prec",
+                             "val_group_cls_rec", "val_auroc"}
+    model, dataset = workload()
+    want = evaluate_dataset(model, dataset, torch.nn.functional.cross_entropy,
+                            collection_metrics(), split="val", batch_size=BATCH, device=CPU)
+    for key, value in want.items():
+        assert ranks[0][key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    # Guard: the members differ, so a shared state read as one number would show.
+    assert len({round(ranks[0][k], 9) for k in ranks[0] if "group" in k}) > 1

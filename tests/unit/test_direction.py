@@ -66,3 +66,86 @@ def test_name_words_split_case_and_separators() -> None:
     assert name_words("val_MeanSquaredError") == ["val", "mean", "squared", "error"]
     assert name_words("val-top1.acc") == ["val", "top1", "acc"]
     assert by_name("val_error_score") is not None and by_name("val_error_score").mode == "min"
+
+
+def test_torchmetrics_declare_their_direction_in_a_workloads_metrics() -> None:
+    from torchmetrics import MeanSquaredError, MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+    from torchmetrics.regression import KLDivergence, MinkowskiDistance
+    from torchmetrics.text import EditDistance, Perplexity
+
+    from workers.decisions.metrics import spec_directions
+
+    declared = spec_directions([MeanSquaredError(), Perplexity(), EditDistance(),
+                                MinkowskiDistance(p=2), KLDivergence(), "accuracy"])
+    assert declared == {
+        "mean_squared_error": (False, "MeanSquaredError"), "perplexity": (False, "Perplexity"),
+        "edit_distance": (False, "EditDistance"),
+        "minkowski_distance": (False, "MinkowskiDistance"),
+        "kl_divergence": (False, "KLDivergence"), "accuracy": (True, "the built-in accuracy")}
+    # A mapping's own names; a collection's members under the names it gives them.
+    collection = MetricCollection({"acc": MulticlassAccuracy(3), "f1": MulticlassF1Score(3)},
+                                  prefix="cls_", compute_groups=True)
+    assert spec_directions({"lm": Perplexity(), "group": collection}) == {
+        "lm": (False, "Perplexity"), "group_cls_acc": (True, "MulticlassAccuracy"),
+        "group_cls_f1": (True, "MulticlassF1Score")}
+    assert spec_directions(collection) == {"cls_acc": (True, "MulticlassAccuracy"),
+                                           "cls_f1": (True, "MulticlassF1Score")}
+    # A workload's own metric object may declare it with the same attribute.
+
+    class Regret:
+        name, higher_is_better = "custom_regret_value", False
+
+        def update(self, output, target): ...
+        def state(self): ...
+        def compute(self, state): ...
+        def reset(self): ...
+
+    assert spec_directions([Regret()]) == {"custom_regret_value": (False, "Regret")}
+    direction = resolve("val_mean_squared_error", "auto",
+                        {f"val_{k}": v for k, v in declared.items()})
+    assert direction.mode == "min" and "MeanSquaredError" in direction.source
+
+
+def test_a_metric_collection_is_one_metric_object_reporting_each_member() -> None:
+    import torch
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    from workers.decisions.metrics import build_metrics, pack_states, reported_names, unpack_compute
+    from workers.loop.steps import MeanLoss
+
+    def collection():
+        return MetricCollection([MulticlassAccuracy(3), MulticlassPrecision(3),
+                                 MulticlassRecall(3)], postfix="_m", compute_groups=True)
+
+    metrics = build_metrics(collection(), 3)
+    assert [reported_names(m) for m in metrics] == [
+        ["MulticlassAccuracy_m", "MulticlassPrecision_m", "MulticlassRecall_m"]]
+    gen = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(37, 3, generator=gen), torch.randint(0, 3, (37,), generator=gen)
+    for start in range(0, 37, 8):
+        metrics[0].update(logits[start:start + 8], target[start:start + 8])
+    loss = MeanLoss()
+    loss.add_batch(1.0, 37)
+    vector, sizes = pack_states(loss, metrics)
+    values = unpack_compute("val", vector, sizes, loss, metrics)
+    whole = collection()
+    whole.update(logits, target)
+    assert values == {"val_loss": 1.0, **{f"val_{k}": float(v)
+                                         for k, v in whole.compute().items()}}
+    # Each member is named once; two collections naming a member alike are refused.
+    with pytest.raises(ValueError, match="unique"):
+        build_metrics({"a": collection(), "b": MulticlassAccuracy(3),
+                       "a_MulticlassAccuracy_m": MulticlassAccuracy(3)}, 3)
+
+
+def test_an_unknown_builtin_name_names_its_key() -> None:
+    from workers.decisions.metrics import build_metrics
+
+    with pytest.raises(ValueError, match=r"^metrics: unknown metric 'auc'; built-ins"):
+        build_metrics(["auc"], 2)

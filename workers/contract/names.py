@@ -53,6 +53,9 @@ STREAMS_KEY = "_streams"
 # ... and, in a population-based search, the trial's place in it (``decisions.lineage``): its
 # id, the epoch its leg ends at, and the copy of another trial's checkpoint it continues from.
 PBT_KEY = "_pbt"
+# ... and why tracker.mode (pinned to min or max by the driver) is what it is: each saved
+# model's metadata says so (``decisions.direction``).
+MODE_SOURCE_KEY = "_mode_source"
 
 
 def point(record: dict) -> tuple[int, int]:

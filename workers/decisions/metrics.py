@@ -102,6 +102,8 @@ _FROM_CM = {"accuracy": accuracy_from, "f1_macro": f1_macro_from, "mcc": mcc_fro
 class ConfusionMetric:
     """A built-in metric computed from a confusion matrix (shared maths, own state)."""
 
+    higher_is_better = True  # accuracy, macro F1 and Matthews correlation alike
+
     def __init__(self, name: str, num_classes: int) -> None:
         if name not in _FROM_CM:
             raise ValueError(f"unknown metric {name!r}; built-ins: {', '.join(BUILTIN_METRICS)}")
@@ -195,13 +197,16 @@ class TorchMetric:
         return torch.zeros(0, dtype=torch.float64)
 
     def compute(self, state: torch.Tensor) -> float:
-        value = self.metric.compute()
+        return self.as_number(self.name, self.metric, self.metric.compute())
+
+    @staticmethod
+    def as_number(name: str, metric: Any, value: Any) -> float:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             return float(value.item())
         if isinstance(value, (int, float)):
             return float(value)
         raise UserInputError(
-            f"workload.metrics: {self.name} ({type(self.metric).__name__}) computes "
+            f"workload.metrics: {name} ({type(metric).__name__}) computes "
             f"{type(value).__name__} {getattr(value, 'shape', '')}, not one number; use its "
             "averaged form (e.g. average='macro')")
 
@@ -209,35 +214,132 @@ class TorchMetric:
         self.metric.reset()
 
 
+def is_metric_collection(obj: Any) -> bool:
+    """A ``torchmetrics.MetricCollection`` (not a ``Mapping``: iterating it yields its keys)."""
+    module = sys.modules.get("torchmetrics")
+    return module is not None and isinstance(obj, module.MetricCollection)
+
+
+class TorchMetricCollection:
+    """A ``torchmetrics.MetricCollection`` whole: updated once per batch, so that its compute
+    groups share one state as torchmetrics means them to, and computed by torchmetrics (each
+    member syncs its own states across ranks, exactly as a single ``TorchMetric``). Its
+    members are reported under the names the collection gives them (prefix and postfix
+    included), after ``prefix`` (a ``metrics`` mapping's key)."""
+
+    def __init__(self, collection: Any, prefix: str | None = None) -> None:
+        self.collection = collection
+        self.prefix = f"{prefix}_" if prefix else ""
+        # Each member checked as a single metric is (exact reductions only).
+        self.members = {self.prefix + key: TorchMetric(self.prefix + key, member)
+                        for key, member in collection.items()}
+        self.names = list(self.members)
+        self.name = self.names[0] if self.names else self.prefix.rstrip("_")
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        first = next(iter(self.members.values()), None)  # a collection has no device itself
+        if first is not None and first.metric.device != output.device:
+            self.collection.to(output.device)
+        self.collection.update(output.detach(), target.detach())
+
+    def state(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.float64)
+
+    def compute_many(self, state: torch.Tensor) -> dict[str, float]:
+        values = self.collection.compute()  # a collective, as each member's compute is
+        out = {}
+        for key, value in values.items():
+            name = self.prefix + key
+            out[name] = TorchMetric.as_number(name, self.members[name].metric, value)
+        return out
+
+    def reset(self) -> None:
+        self.collection.reset()
+
+
+def reported_names(metric: Any) -> list[str]:
+    """The names (after the split) one metric object reports: a collection's members, else
+    its own name."""
+    return list(getattr(metric, "names", None) or [metric.name])
+
+
+def declared_directions(metric: Any) -> dict[str, tuple[bool, str]]:
+    """name -> (higher is better, the class that says so), for the names whose metric object
+    declares a direction (torchmetrics' ``higher_is_better``, or the same attribute on a
+    workload's own metric); ``decisions.direction`` resolves ``tracker.mode: auto`` with it."""
+    if isinstance(metric, TorchMetricCollection):
+        return {name: d for m in metric.members.values()
+                for name, d in declared_directions(m).items()}
+    inner = metric.metric if isinstance(metric, TorchMetric) else metric
+    higher = getattr(inner, "higher_is_better", None)
+    if isinstance(higher, bool):
+        return {metric.name: (higher, type(inner).__name__)}
+    return {}
+
+
+def _entries(spec: Any) -> list[tuple[str | None, Any]]:
+    """(name or None, item) for each entry of a workload's ``metrics``."""
+    if spec is None:
+        return []
+    if is_metric_collection(spec):
+        return [(None, spec)]
+    if isinstance(spec, Mapping):
+        return list(spec.items())
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise ValueError(f"metrics: {type(spec).__name__} {spec!r} is not a list, a mapping of "
+                         "names to metrics or a torchmetrics MetricCollection")
+    return [(None, item) for item in spec]
+
+
+def _metric_of(name: str | None, item: Any, num_classes: int | None) -> Any:
+    """One entry as an object of this module's protocol (``num_classes``: a built-in's)."""
+    if is_metric_collection(item):
+        return TorchMetricCollection(item, name)
+    if is_torchmetric(item):
+        return TorchMetric(name or snake_case(type(item).__name__), item)
+    if isinstance(item, str) and name is None:
+        if item not in BUILTIN_METRICS:
+            raise ValueError(f"metrics: unknown metric {item!r}; built-ins: "
+                             f"{', '.join(BUILTIN_METRICS)}")
+        if num_classes is None:
+            raise ValueError(
+                f"metrics: {item!r} needs integer class targets; this workload's are not")
+        return ConfusionMetric(item, num_classes)
+    if isinstance(item, Metric):
+        if name is not None:
+            item.name = name
+        return item
+    raise ValueError(
+        f"metrics: {item!r} is neither a built-in name ({', '.join(BUILTIN_METRICS)}), "
+        "a torchmetrics Metric or MetricCollection, nor an object with "
+        "name/update/state/compute/reset")
+
+
 def build_metrics(spec: Sequence[Any] | Mapping[str, Any] | None,
                   num_classes: int | None) -> list[Any]:
     """Metric objects from a workload's ``metrics``: a list of built-in names, objects of this
-    module's protocol and torchmetrics metrics (named after their class), or a mapping of
-    names to such objects."""
-    metrics: list[Any] = []
-    named = spec.items() if isinstance(spec, Mapping) else ((None, item) for item in spec or ())
-    for name, item in named:
-        if is_torchmetric(item):
-            metrics.append(TorchMetric(name or snake_case(type(item).__name__), item))
-        elif isinstance(item, str) and name is None:
-            if num_classes is None:
-                raise ValueError(
-                    f"metrics: {item!r} needs integer class targets; this workload's are not"
-                )
-            metrics.append(ConfusionMetric(item, num_classes))
-        elif isinstance(item, Metric):
-            if name is not None:
-                item.name = name
-            metrics.append(item)
-        else:
-            raise ValueError(
-                f"metrics: {item!r} is neither a built-in name ({', '.join(BUILTIN_METRICS)}), "
-                "a torchmetrics Metric, nor an object with name/update/state/compute/reset"
-            )
-    names = [m.name for m in metrics]
+    module's protocol, torchmetrics metrics (named after their class) and collections, a
+    mapping of names to such objects, or one ``MetricCollection``."""
+    metrics = [_metric_of(name, item, num_classes) for name, item in _entries(spec)]
+    _check_unique([n for m in metrics for n in reported_names(m)])
+    return metrics
+
+
+def spec_directions(spec: Any) -> dict[str, tuple[bool, str]]:
+    """``declared_directions`` of a workload's ``metrics`` before its classes are known (the
+    driver's, before any worker starts): the built-ins are all better higher."""
+    declared: dict[str, tuple[bool, str]] = {}
+    for name, item in _entries(spec):
+        if isinstance(item, str) and name is None and item in BUILTIN_METRICS:
+            declared[item] = (True, f"the built-in {item}")
+        elif not isinstance(item, str):
+            declared.update(declared_directions(_metric_of(name, item, None)))
+    return declared
+
+
+def _check_unique(names: list[str]) -> None:
     if len(set(names)) != len(names) or "loss" in names:
         raise ValueError(f"metrics: names must be unique and not 'loss', got {names}")
-    return metrics
 
 
 def pack_states(loss: MeanLoss, metrics: Sequence[Any]) -> tuple[torch.Tensor, list[int]]:
@@ -253,5 +355,8 @@ def unpack_compute(
     pieces = torch.split(summed.double().cpu(), sizes)
     values = {f"{split}_loss": loss.compute(pieces[0])}
     for metric, piece in zip(metrics, pieces[1:], strict=True):
-        values[f"{split}_{metric.name}"] = float(metric.compute(piece))
+        if hasattr(metric, "compute_many"):  # a collection: a value per member
+            values.update({f"{split}_{k}": v for k, v in metric.compute_many(piece).items()})
+        else:
+            values[f"{split}_{metric.name}"] = float(metric.compute(piece))
     return values

@@ -9,18 +9,22 @@ from typing import Any
 import torch
 
 from workers.contract.config import RunConfig
+from workers.contract.errors import UserInputError
 from workers.contract.workload import build_workload
+from workers.decisions.metrics import spec_directions
 from workers.loop.batches import Batches
 from workers.loop.reporter import epoch_metric_names, require_monitor
 from workers.loop.steps import infer_num_classes, split_collate, workload_metrics
 
 
-def reported_metrics(config: dict[str, Any]) -> list[str]:
-    """The validation-time metric names a run of ``config`` reports each epoch."""
-    cfg = RunConfig.model_validate(config)
+def built(cfg: RunConfig) -> Any:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
+    return build_workload(cfg.workload.entrypoint, cfg.workload.params)
+
+
+def reported_metrics(cfg: RunConfig, workload: Any) -> list[str]:
+    """The validation-time metric names a run of ``cfg`` reports each epoch."""
     learner = getattr(workload, "extras", {}).get("learner") if cfg.engine == "fastai" else None
     if learner is not None:
         metrics = workload.metrics  # the Learner's own, as mergeable sums
@@ -32,9 +36,19 @@ def reported_metrics(config: dict[str, Any]) -> list[str]:
     return epoch_metric_names(metrics)
 
 
-def check_monitor(config: dict[str, Any]) -> None:
-    """``MonitorNotReportedError`` (a user error) when the run would not report its monitor.
-    A workload's own loop reports what it likes: its first report is checked instead."""
+def check_monitor(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """``MonitorNotReportedError`` (a user error) when the run would not report its monitor;
+    else the directions its metric objects declare, by reported name
+    (``metrics.spec_directions``), for the driver to resolve ``tracker.mode``. A workload's own
+    loop reports what it likes: its first report is checked instead."""
     cfg = RunConfig.model_validate(config)
+    workload = built(cfg)
     if cfg.engine != "loop":
-        require_monitor(cfg.tracker.monitor, reported_metrics(config))
+        require_monitor(cfg.tracker.monitor, reported_metrics(cfg, workload))
+    if cfg.engine == "fastai":  # a Learner's metrics declare no direction
+        return {}
+    try:
+        declared = spec_directions(getattr(workload, "metrics", None))
+    except ValueError as exc:
+        raise UserInputError(f"workload.{exc}") from None
+    return {f"val_{name}": d for name, d in declared.items()}

@@ -22,7 +22,7 @@ from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
 from workers.decisions.lineage import Lineage
-from workers.decisions.metrics import MeanLoss
+from workers.decisions.metrics import MeanLoss, reported_names
 from workers.decisions.policy import decide_save
 from workers.decisions.tracker import BestTracker, MonitorNotReportedError
 from workers.loop.runtime import Worker
@@ -41,7 +41,7 @@ def broadcast_flags(flags: list[bool], device: torch.device) -> list[bool]:
 
 def epoch_metric_names(metrics: Iterable[Any]) -> list[str]:
     """The names every epoch reports, given the validation metric objects."""
-    return ["train_loss", "val_loss", *(f"val_{m.name}" for m in metrics)]
+    return ["train_loss", "val_loss", *(f"val_{n}" for m in metrics for n in reported_names(m))]
 
 
 def require_monitor(monitor: str, reported: Iterable[str]) -> None:
@@ -93,6 +93,7 @@ class EpochReporter:
     # A population-based search's trial: every saved model's metadata says which trials and
     # epochs its weights came through; resume checkpoints keep the ancestors.
     lineage: Lineage | None = None
+    mode_source: str = "set by tracker.mode"  # why the tracker's mode (decisions.direction)
 
     @classmethod
     def create(cls, worker: Worker, state: LocalState | ShardedState,
@@ -114,7 +115,7 @@ class EpochReporter:
         return cls(cfg, tracker, saver, state, worker.device, worker.world_size,
                    torch_weights_file, extras if extras is not None else {},
                    test_split=getattr(worker.workload, "test_dataset", None) is not None,
-                   lineage=worker.lineage)
+                   lineage=worker.lineage, mode_source=worker.mode_source)
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
                at: Position | None = None, final: bool | None = None) -> bool:
@@ -193,7 +194,8 @@ class EpochReporter:
         snap = snapshot(
             weights, optimizer, self._with_ancestors(train_state),
             {**record, "monitor": tracker.monitor, "mode": tracker.mode,
-             "is_best": plan.improved, "saved_because": plan.reason,
+             "mode_source": self.mode_source, "is_best": plan.improved,
+             "saved_because": plan.reason,
              "world_size": self.world_size, "workers": self.world_size,  # as in the record
              "seed": cfg.seed, "config": cfg.to_dict(), "test_split": self.test_split,
              **self._lineage(epoch)},
@@ -234,9 +236,10 @@ class EpochReporter:
             train_state["extras"] = extras
         snap = snapshot(weights, optimizer, self._with_ancestors(train_state), {
             "epoch": epoch, "step": at.step, "global_step": at.global_step,
-            "monitor": self.tracker.monitor, "mode": self.tracker.mode, "is_best": False,
-            "saved_because": "preempt", "world_size": self.world_size,
-            "workers": self.world_size, "seed": self.cfg.seed, "config": self.cfg.to_dict(),
+            "monitor": self.tracker.monitor, "mode": self.tracker.mode,
+            "mode_source": self.mode_source, "is_best": False, "saved_because": "preempt",
+            "world_size": self.world_size, "workers": self.world_size, "seed": self.cfg.seed,
+            "config": self.cfg.to_dict(),
             **self._lineage(epoch)},
             buffers=self.saver.buffers)
         self.saver.report(metrics, snap, f"{CHECKPOINT_PREFIX}step{at.global_step:08d}_"

@@ -19,7 +19,7 @@ from workers.checkpoint.load import load_checkpoint_metadata, load_intact
 from workers.compat import quiet_ray_train_reports
 from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
-from workers.contract.names import PBT_KEY, STOP_QUEUE_KEY, STREAMS_KEY
+from workers.contract.names import MODE_SOURCE_KEY, PBT_KEY, STOP_QUEUE_KEY, STREAMS_KEY
 from workers.contract.workload import build_workload
 from workers.decisions.lineage import Lineage, ancestors_of, exploit_applies, leg_end
 
@@ -141,6 +141,8 @@ class Worker:
     # leg ends at (where the population is compared; None: the run's last).
     lineage: Lineage | None = None
     leg_end: int | None = None
+    # Why tracker.mode (pinned by the driver) is what it is: in each saved model's metadata.
+    mode_source: str = "set by tracker.mode"
 
     @property
     def is_rank_zero(self) -> bool:
@@ -172,6 +174,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
     stop_queue = config.pop(STOP_QUEUE_KEY, None)
     streams = config.pop(STREAMS_KEY, None)
     pbt = config.pop(PBT_KEY, None)
+    mode_source = config.pop(MODE_SOURCE_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
     ctx = ray.train.get_context()
@@ -185,6 +188,8 @@ def start_worker(config: dict[str, Any]) -> Worker:
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
     restored = restore(workload.model, rank, pbt, cfg.train)
     worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, streams)
+    if mode_source:
+        worker.mode_source = mode_source
     if pbt is not None:
         worker.lineage = Lineage(pbt["trial_id"], restored.lineage)
         worker.leg_end = leg_end(restored.start_epoch, pbt["interval"], cfg.train.epochs)
