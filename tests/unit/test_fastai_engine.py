@@ -15,6 +15,7 @@ import pytest
 import torch
 from fastai.data.core import DataLoaders
 from fastai.metrics import F1Score
+from fastai.torch_core import find_bs
 from pydantic import ValidationError
 
 from orchestrator.start.config_file import format_validation_error, load_config
@@ -87,6 +88,37 @@ def test_a_learner_workload_scores_as_learn_validate():
                             split="val", batch_size=7, device=torch.device("cpu"))
     assert ours["val_loss"] == pytest.approx(val_loss, rel=1e-6)
     assert ours["val_accuracy"] == pytest.approx(accuracy, rel=1e-6)
+
+
+def test_a_learners_third_loader_is_its_test_split_scored_every_row_once_as_validate():
+    from tests.workloads.tabular_fastai import build as tabular_learner
+    from workers.engines.fastai.splits import evaluate_learner_split, split_loader
+
+    torch.manual_seed(0)
+    workload = build_workload("tests.workloads.tabular_fastai:build", {})
+    learn = workload.extras["learner"]
+    assert workload.test_dataset is learn.dls.loaders[2].dataset  # the metadata's test_split
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=1e-2)  # BatchNorm's running statistics move away from their defaults
+        test_loss, test_accuracy = learn.validate(ds_idx=2)
+    dl = split_loader(learn, "test", batch_size=7)
+    assert (dl.n, dl.bs, dl.shuffle, dl.drop_last) == (57, 7, False, False)
+    assert list(dl.get_idxs()) == list(range(57))  # every row once: none padded, none dropped
+    assert sum(find_bs(b[-1]) for b in dl) == 57
+    ours = evaluate_learner_split(learn, "test", workload.metrics, batch_size=7,
+                                  device=torch.device("cpu"))
+    assert ours == {"test_loss": pytest.approx(test_loss, rel=1e-6),
+                    "test_accuracy": pytest.approx(test_accuracy, rel=1e-6)}
+    # A third loader that shuffles and drops its last partial batch is still scored whole.
+    learn.dls.loaders[2] = learn.dls.loaders[2].new(shuffle=True, drop_last=True)
+    again = evaluate_learner_split(learn, "test", workload.metrics, batch_size=7,
+                                   device=torch.device("cpu"))
+    assert again == {k: pytest.approx(v, rel=1e-6) for k, v in ours.items()}
+    # Without a third loader there is no test split, as a workload without test_dataset.
+    workload = build_workload("tests.workloads.tabular_fastai:build", {"test_rows": 0})
+    assert len(workload.extras["learner"].dls.loaders) == 2 and workload.test_dataset is None
+    assert evaluate_learner_split(tabular_learner(test_rows=0), "test", [], batch_size=7,
+                                  device=torch.device("cpu")) is None
 
 
 def test_a_learner_metric_that_is_not_an_average_is_refused():

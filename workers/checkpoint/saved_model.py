@@ -34,6 +34,13 @@ def evaluate_split(
     """Metrics of one split (train, val, test) for the checkpoint's weights; None if absent."""
     device = torch.device(device)
     workload, model = load_model(cfg, checkpoint_dir)
+    learn = (getattr(workload, "extras", None) or {}).get("learner")
+    if learn is not None:  # a Learner's splits are its DataLoaders, which make its batches
+        from workers.engines.fastai.splits import evaluate_learner_split
+
+        return evaluate_learner_split(learn, split, workload.metrics,
+                                      batch_size=cfg.train.batch_size, device=device,
+                                      precision=cfg.train.precision)
     dataset = getattr(workload, f"{split}_dataset", None)
     if dataset is None:
         return None

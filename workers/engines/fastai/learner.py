@@ -10,7 +10,8 @@ For ``engine: fastai`` a workload's ``build(**params)`` may return either
   ``learner_from_workload`` builds a Learner with the run's optimizer settings.
 
 ``learner_workload`` presents a Learner as a standard workload, so that loading a checkpoint and
-evaluating a split (``workers.checkpoint.saved_model``) work for both.
+evaluating a split (``workers.checkpoint.saved_model``) work for both; a Learner's split is
+scored through its own DataLoader (``workers.engines.fastai.splits``).
 """
 
 from __future__ import annotations
