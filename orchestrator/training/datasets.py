@@ -81,9 +81,10 @@ def direction_of(cfg: RunConfig, spec: Any) -> Direction:
     workload's ``metrics`` spec), else by the monitor's name."""
     try:
         declared = {f"val_{name}": d for name, d in spec_directions(spec).items()}
-        return resolve(cfg.tracker.monitor, cfg.tracker.mode, declared)
     except ValueError as exc:  # the workload's metrics: the user's to fix
         raise UserError(f"workload.{exc}") from None
+    try:
+        return resolve(cfg.tracker.monitor, cfg.tracker.mode, declared)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
 

@@ -53,7 +53,8 @@ def test_a_declared_direction_wins_over_the_name() -> None:
     declared = {"val_mse": (True, "MyMSE"), "val_custom": (False, "Perplexity")}
     assert resolve("val_mse", "auto", declared).mode == "max"
     custom = resolve("val_custom", "auto", declared)
-    assert custom.mode == "min" and custom.source == "declared by Perplexity: higher_is_better=False"
+    assert custom.mode == "min"
+    assert custom.source == "declared by Perplexity: higher_is_better=False"
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])

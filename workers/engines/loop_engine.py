@@ -17,6 +17,7 @@ import torch
 
 from workers.contract.errors import UserInputError
 from workers.loop.batches import Batches, blamed_on, check_first_batch
+from workers.loop.iterable import is_iterable
 from workers.loop.reporter import EpochReporter
 from workers.loop.runtime import Worker, seed_epoch, start_worker
 from workers.loop.sharding import (
@@ -24,6 +25,10 @@ from workers.loop.sharding import (
     ShardedState,
     fully_shard_model,
     load_full_optimizer_state,
+    loader_first_batch,
+    loss_probe,
+    unused_parameters_error,
+    wrap_ddp,
 )
 from workers.loop.steps import (
     accumulate,
@@ -74,6 +79,7 @@ class LoopContext:
         self._loaders: dict[int, Any] = {}
         self._forwards: dict[int, tuple[int, Any]] = {}  # fsdp: forwards per evaluation
         self._train_loader: Any = None
+        self._wrapped: list[torch.nn.Module] = []  # the modules prepared for DDP
         self._metrics: list[Any] | None = None
         self._epoch: int | None = None  # the epoch ctx.epochs() is in
         self._last_reported = worker.restored.start_epoch - 1
@@ -104,10 +110,22 @@ class LoopContext:
                       if whole else None)
             return fully_shard_model(module, blocks, self.device, self.world_size,
                                      cfg.train.precision)
-        import ray.train.torch
+        probe = None
+        workload = self.workload
+        dataset = getattr(workload, "train_dataset", None)
+        if (whole and getattr(workload, "loss_fn", None) is not None and dataset is not None
+                and not is_iterable(dataset)):
+            # auto: the workload's loss on this rank's first batch says whether a step may
+            # leave parameters without a gradient (a module the loop prepares itself, whose
+            # forward and loss only the loop knows, is not probed)
+            probe = loss_probe(self._batches, lambda: loader_first_batch(self.train_loader),
+                               self.config.autocast_precision)
+        self._wrapped.append(module)
+        return wrap_ddp(module, self._worker, probe)
 
-        return ray.train.torch.prepare_model(module,
-                                             parallel_strategy=self._worker.parallel_strategy)
+    def wrapped(self) -> torch.nn.Module | None:
+        """The one module DDP-wrapped (whose parameter indices DDP's errors give), if one."""
+        return self._wrapped[0] if len(self._wrapped) == 1 else None
 
     @property
     def train_loader(self) -> Any:
@@ -259,5 +277,11 @@ def train_loop(config: dict[str, Any]) -> None:
         raise UserInputError("workload.loop: engine loop needs the workload to give "
                              "loop(ctx), a function run on every worker")
     ctx = LoopContext(worker)
-    loop(ctx)
+    try:
+        loop(ctx)
+    except RuntimeError as exc:  # DDP's unused-parameter error: one line naming the setting
+        error = unused_parameters_error(exc, ctx.wrapped())
+        if error is None:
+            raise
+        raise error from None
     ctx.finish()

@@ -15,8 +15,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss
 from workers.loop.batches import Batches, check_first_batch
+from workers.loop.iterable import (
+    RankShare,
+    TrainStream,
+    check_iterable_run,
+    is_iterable,
+    say_resumed,
+)
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
 from workers.loop.preempt import StopRequests
 from workers.loop.ray_data import StreamedEval, StreamedTrain, joined, rows_collate
@@ -28,6 +36,10 @@ from workers.loop.sharding import (
     fully_shard_model,
     load_full_optimizer_state,
     load_local_optimizer_state,
+    loader_first_batch,
+    loss_probe,
+    unused_parameters_named,
+    wrap_ddp,
 )
 from workers.loop.steps import (
     accumulate,
@@ -41,6 +53,7 @@ from workers.loop.steps import (
     model_device,
     most_on_any_rank,
     shard,
+    split_of,
     to_device,
     train_epoch,
     workload_metrics,
@@ -56,7 +69,7 @@ class TorchParts:
     plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
     stepper: Stepper  # the optimizer, its schedule, accumulation and clipping
     clock: Clock  # optimizer steps: where the run stands, when it evaluates
-    train_loader: DataLoader | StreamedTrain
+    train_loader: DataLoader | StreamedTrain | TrainStream
     val_loader: DataLoader | StreamedEval
     metrics: list[Any]
     batches: Batches  # how a batch goes through the model: inputs, target, logits, loss
@@ -66,8 +79,6 @@ class TorchParts:
 
 
 def setup(worker: Worker) -> TorchParts:
-    import ray.train.torch
-
     cfg, workload = worker.cfg, worker.workload
     plain = workload.model
     batches = Batches.of(workload)
@@ -87,12 +98,13 @@ def setup(worker: Worker) -> TorchParts:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
         padding_input, _ = batches.split(sample_batch(worker, "val"))
         # A stream's length is known to no rank ahead: its evaluation is joined batch by batch.
-        forwards = (0 if isinstance(val_loader, StreamedEval)
+        forwards = (0 if unsized(val_loader)
                     else most_on_any_rank(len(val_loader), worker.device))
         return TorchParts(model, model, *steps_of(worker, optimizer, train_loader),
                           train_loader, val_loader, metrics, batches,
                           ShardedState(model, optimizer), forwards, padding_input)
-    model = ray.train.torch.prepare_model(plain, parallel_strategy=worker.parallel_strategy)
+    model = wrap_ddp(plain, worker, loss_probe(
+        batches, lambda: first_train_batch(worker, train_loader), cfg.autocast_precision))
     optimizer = make_optimizer(cfg, workload, plain)
     if worker.restored.optimizer_state is not None:
         load_local_optimizer_state(optimizer, worker.restored.optimizer_state)
@@ -105,19 +117,49 @@ def streamed(worker: Worker, split: str) -> bool:
     return bool(worker.streams) and split in worker.streams["rows"]
 
 
+def unsized(loader: Any) -> bool:
+    """Whether no rank knows ahead how many batches its share of an evaluated split holds
+    (a Ray Dataset's, an ``IterableDataset``'s)."""
+    return isinstance(loader, StreamedEval) or is_iterable(getattr(loader, "dataset", None))
+
+
+def first_train_batch(worker: Worker, loader: Any) -> Any:
+    """This rank's first training batch, for ``wrap_ddp``'s probe (a stream's: its first
+    rows)."""
+    if isinstance(loader, DataLoader) and not is_iterable(loader.dataset):
+        return loader_first_batch(loader)
+    return sample_batch(worker, "train")
+
+
 def sample_batch(worker: Worker, split: str) -> Any:
     """A batch of the split's first rows, collated as its loader collates them (a stream's:
-    read by the driver, whose CPUs the training does not hold)."""
+    read by the driver, whose CPUs the training does not hold); one that is not an (input,
+    target) pair or a mapping is refused in one line naming the split."""
     if streamed(worker, split):
-        return rows_collate(worker.workload, split)(worker.streams["samples"][split])
-    return first_batch(getattr(worker.workload, f"{split}_dataset"), collate_of(worker.workload))
+        batch = rows_collate(worker.workload, split)(worker.streams["samples"][split])
+    else:
+        batch = first_batch(getattr(worker.workload, f"{split}_dataset"),
+                            collate_of(worker.workload), split)
+    split_of(Batches.of(worker.workload), batch, split)
+    return batch
 
 
-def train_split(worker: Worker) -> DataLoader | StreamedTrain:
+def train_split(worker: Worker) -> DataLoader | StreamedTrain | TrainStream:
     """This rank's training shard, standing where the run continues (``Restored``)."""
     import ray.train
 
     cfg, workload, restored = worker.cfg, worker.workload, worker.restored
+    if is_iterable(workload.train_dataset):
+        share = RankShare(workload.train_dataset, worker.rank, worker.world_size,
+                          cfg.train.batch_size)
+        loader = TrainStream(make_loader(
+            share, cfg.train.batch_size, collate_of(workload),
+            workers=split_loader_workers(worker, workload.train_dataset), device=worker.device,
+            options=getattr(workload, "loader_options", None)), share, worker.device)
+        loader.set_epoch(restored.start_epoch, restored.consumed)
+        if restored.consumed and worker.is_rank_zero:
+            say_resumed(restored.start_epoch, restored.consumed)
+        return loader
     if streamed(worker, "train"):
         loader = StreamedTrain(ray.train.get_dataset_shard("train"),
                                rows_collate(workload, "train"),
@@ -144,7 +186,9 @@ def val_split(worker: Worker) -> DataLoader | StreamedEval:
         return StreamedEval(ray.train.get_dataset_shard("val"), rows_collate(workload, "val"),
                             cfg.train.batch_size)
     dataset = workload.val_dataset
-    return make_loader(shard(dataset, worker.rank, worker.world_size), cfg.train.batch_size,
+    share = (RankShare(dataset, worker.rank, worker.world_size, cfg.train.batch_size)
+             if is_iterable(dataset) else shard(dataset, worker.rank, worker.world_size))
+    return make_loader(share, cfg.train.batch_size,
                        collate_of(workload), workers=split_loader_workers(worker, dataset),
                        device=worker.device, options=getattr(workload, "loader_options", None))
 
@@ -160,6 +204,8 @@ def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
     epoch / grad_accum_steps, times the epochs; or train.max_steps), and restored where the
     run stopped (mid-epoch too: ``loader``'s sampler stands at the restored position)."""
     cfg, restored = worker.cfg, worker.restored
+    if isinstance(loader, TrainStream):
+        return stream_steps_of(worker, optimizer)
     accum = cfg.train.grad_accum_steps
     per_epoch = math.ceil(loader.sampler.batches_per_epoch(loader.batch_size) / accum)
     stepper = make_stepper(cfg, worker.workload, optimizer,
@@ -176,18 +222,32 @@ def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
     return stepper, Clock(done, done + left, cfg.train.eval_every_n_steps)
 
 
+def stream_steps_of(worker: Worker, optimizer: torch.optim.Optimizer) -> tuple[Stepper, Clock]:
+    """``steps_of`` for a stream, whose steps per epoch no rank knows: train.max_steps bounds
+    the run, else its epochs do (the clock has no last step then)."""
+    cfg, restored = worker.cfg, worker.restored
+    check_iterable_run(cfg, worker.workload)  # the driver checked it too; a tune trial's
+    total = cfg.train.max_steps
+    stepper = make_stepper(cfg, worker.workload, optimizer, total, None)
+    done = restored.global_step or 0
+    left = None if total is None else max(0, total - done)
+    stepper.restore(restored.extras, done, left)
+    stepper.mutate(restored.lr_scale, restored.weight_decay)
+    return stepper, Clock(done, total, cfg.train.eval_every_n_steps)
+
+
 @dataclass
 class Clock:
     """Where the run stands in optimizer steps, and when it evaluates: every
     ``train.eval_every_n_steps`` steps (else at each epoch's end) and at the last step."""
 
     global_step: int
-    total: int  # the run's last step (train.max_steps, or the epochs' steps)
+    total: int | None  # the run's last step (train.max_steps, or the epochs'; None: unknown)
     every: int | None
 
     @property
     def done(self) -> bool:
-        return self.global_step >= self.total
+        return self.total is not None and self.global_step >= self.total
 
     def evaluates(self, epoch_ends: bool) -> bool:
         if self.done:
@@ -210,7 +270,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     # forward is a collective itself: every rank makes ``val_forwards`` calls.)
     broadcast_buffers(p.plain)
     loader = p.val_loader
-    if isinstance(loader, StreamedEval) and p.padding_input is not None:  # fsdp
+    if unsized(loader) and p.padding_input is not None:  # fsdp
         loader = joined(loader, w.device)
     val_loss = accumulate(p.plain, loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
@@ -237,7 +297,10 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
     last evaluation, which may have begun in an earlier epoch."""
     w, p = worker, parts
     precision = w.cfg.autocast_precision
-    stream, batches_in_epoch = p.train_loader.sampler, len(p.train_loader)
+    stream = p.train_loader.sampler
+    # A stream's epoch ends where the ranks agree it does (``iterable.TrainStream``).
+    of_stream = isinstance(p.train_loader, TrainStream)
+    batches_in_epoch = None if of_stream else len(p.train_loader)
     # Steps of this epoch trained before a mid-epoch resume.
     step = w.restored.step if epoch == w.restored.start_epoch else 0
     state = {"started": time.perf_counter(), "stop": False, "step": step}
@@ -245,7 +308,7 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
     def after_step(batches_done: int, train_loss: Any) -> bool:
         clock.global_step += 1
         state["step"] += 1
-        epoch_ends = batches_done == batches_in_epoch
+        epoch_ends = p.train_loader.ended if of_stream else batches_done == batches_in_epoch
         at = Position(step=state["step"], global_step=clock.global_step,
                       consumed=None if epoch_ends else stream.position_after(
                           batches_done, p.train_loader.batch_size),
@@ -253,7 +316,10 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
         if clock.evaluates(epoch_ends):
             values = evaluate(w, p, train_loss)
             train_loss.reset()
-            stop = reporter.report(epoch, values, state["started"], at=at, final=clock.done)
+            # A stream's run without train.max_steps: its last epoch's end is its last step.
+            final = clock.done or (clock.total is None and epoch_ends
+                                   and epoch == w.cfg.train.epochs)
+            stop = reporter.report(epoch, values, state["started"], at=at, final=final)
             state["started"] = time.perf_counter()
             state["stop"] = stop or clock.done
         if not state["stop"] and stops.asked():  # a signal: save this step, then stop
@@ -263,6 +329,11 @@ def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock:
 
     train_epoch(p.model, p.train_loader, p.batches, p.stepper, w.device, precision,
                 after_step=after_step, loss=running)
+    if of_stream and state["step"] == step:  # the same on every rank: they agreed on none
+        raise UserInputError(
+            f"workload.train_dataset: the IterableDataset's epoch {epoch} gave no batch to at "
+            f"least one of the {w.world_size} workers; each needs one, at least (a stream of "
+            f"at least {w.world_size} items)")
     return state["stop"]
 
 
@@ -275,11 +346,12 @@ def train_loop(config: dict[str, Any]) -> None:
     running = MeanLoss()
     if restored.running_loss and worker.is_rank_zero:
         running.add_state(*restored.running_loss)  # a preempted stretch's, of every rank
-    for epoch in worker.epochs(until=None if cfg.train.max_steps else cfg.train.epochs):
-        if clock.done:
-            break  # nothing left to train (a --resume of a finished run)
-        if epoch != restored.start_epoch:
-            parts.train_loader.sampler.set_epoch(epoch)
-        if run_epoch(worker, parts, reporter, clock, epoch, stops, running):
-            break
+    with unused_parameters_named(parts.plain):
+        for epoch in worker.epochs(until=None if cfg.train.max_steps else cfg.train.epochs):
+            if clock.done:
+                break  # nothing left to train (a --resume of a finished run)
+            if epoch != restored.start_epoch:
+                parts.train_loader.sampler.set_epoch(epoch)
+            if run_epoch(worker, parts, reporter, clock, epoch, stops, running):
+                break
     reporter.finish()

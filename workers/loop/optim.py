@@ -26,6 +26,10 @@ from workers.loop.batches import blamed_on
 # one_cycle's ends, as torch.optim.lr_scheduler.OneCycleLR's defaults: it starts at lr/25 and
 # ends at lr/25/1e4; its rise is 30% of the steps unless warmup_steps says otherwise.
 ONE_CYCLE_DIV, ONE_CYCLE_FINAL_DIV, ONE_CYCLE_RISE = 25.0, 1e4, 0.3
+# The length of a schedule whose run has no known last step (a stream trained for epochs,
+# ``loop.iterable``): only those that never reach their end are allowed there (constant after
+# its warmup, step with its step_size).
+UNSIZED = 2**62
 
 
 def built_in_optimizer(cfg: RunConfig, params: Any) -> torch.optim.Optimizer:
@@ -92,20 +96,24 @@ def cos_anneal(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
-def check_warmup(cfg: RunConfig, total: int, per_epoch: int) -> None:
+def check_warmup(cfg: RunConfig, total: int, per_epoch: int | None) -> None:
+    """``per_epoch`` None: a stream's run, whose steps are train.max_steps."""
     t = cfg.train
     limit = total - 1 if cfg.schedule == "one_cycle" else total
     if t.warmup_steps > limit:
+        why = ("train.max_steps" if per_epoch is None else
+               f"{per_epoch} per epoch on each worker: its batches / grad_accum_steps "
+               f"{t.grad_accum_steps}, x {t.epochs} epochs")
         raise UserInputError(
             f"train.warmup_steps: {t.warmup_steps} is more than this run's {total} optimizer "
-            f"steps ({per_epoch} per epoch on each worker: its batches / grad_accum_steps "
-            f"{t.grad_accum_steps}, x {t.epochs} epochs); use at most {limit}")
+            f"steps ({why}); use at most {limit}")
     if cfg.schedule == "one_cycle" and not t.warmup_steps and ONE_CYCLE_RISE * total < 2:
         raise UserInputError(f"train.schedule: one_cycle needs at least 7 optimizer steps, "
                              f"this run has {total}; use constant or more epochs")
 
 
 def built_in_schedule(cfg: RunConfig, total: int) -> Schedule:
+    """``total``: the run's optimizer steps (``UNSIZED``: unknown)."""
     t = cfg.train
     step_size = t.step_size or max(1, (total - t.warmup_steps) // 3)
     return Schedule(cfg.schedule, t.warmup_steps, total, step_size, t.step_gamma)
@@ -162,12 +170,13 @@ class Stepper:
         """What resume checkpoints keep besides the weights and the optimizer."""
         return {"scheduler": self.scheduler} if self.scheduler is not None else {}
 
-    def restore(self, extras: dict[str, Any] | None, steps_before: int, steps_left: int) -> None:
+    def restore(self, extras: dict[str, Any] | None, steps_before: int,
+                steps_left: int | None) -> None:
         """The schedule where the run stopped: its saved state (a resume checkpoint), else
         stepped forward to ``steps_before``, the steps of the epochs already trained (a model
         checkpoint). ``steps_left``: the rest of the run's steps at this worker count, which
         the built-in schedule's curve is stretched or shrunk to (an elastic run resized, or
-        train.epochs raised for a --resume)."""
+        train.epochs raised for a --resume); None: unknown (a stream's), the curve as built."""
         if self.scheduler is None:
             return
         saved = (extras or {}).get("scheduler")
@@ -178,7 +187,7 @@ class Stepper:
                 warnings.simplefilter("ignore")
                 for _ in range(steps_before - self.steps_done):
                     self.scheduler.step()
-        if self.schedule is not None:
+        if self.schedule is not None and steps_left is not None:
             # A resized run (or more epochs): the curve now ends at this run's last step.
             self.schedule.total = self.steps_done + steps_left
             self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
@@ -223,9 +232,11 @@ def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
 
 
 def make_stepper(cfg: RunConfig, workload: Any, optimizer: torch.optim.Optimizer,
-                 total: int, per_epoch: int) -> Stepper:
+                 total: int | None, per_epoch: int | None) -> Stepper:
     """The built-in schedule (sized to ``total`` optimizer steps), or the workload's
-    ``scheduler(optimizer, total_steps)``."""
+    ``scheduler(optimizer, total_steps)``. ``total`` None: a run whose steps are not known
+    ahead (a stream trained for epochs, ``loop.iterable.check_iterable_run`` allowed its
+    schedule); a workload's scheduler then gets ``total_steps=None``."""
     steps = {"accum": cfg.train.grad_accum_steps, "clip": cfg.train.grad_clip_norm}
     make = getattr(workload, "scheduler", None)
     if make is not None:
@@ -237,9 +248,10 @@ def make_stepper(cfg: RunConfig, workload: Any, optimizer: torch.optim.Optimizer
                                  "not a learning-rate scheduler (one with step() and "
                                  "state_dict(), e.g. torch.optim.lr_scheduler.LambdaLR)")
         return Stepper(optimizer, scheduler, **steps)
-    check_warmup(cfg, total, per_epoch)
+    if total is not None:
+        check_warmup(cfg, total, per_epoch)
     if cfg.schedule == "constant" and not cfg.train.warmup_steps:
         return Stepper(optimizer, **steps)
-    schedule = built_in_schedule(cfg, total)
+    schedule = built_in_schedule(cfg, UNSIZED if total is None else total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Stepper(optimizer, scheduler, schedule, **steps)

@@ -7,11 +7,22 @@ read back for a checkpoint.
   parameter and of the optimizer state. A save gathers the whole state dict into rank 0's
   host memory; every rank takes part, so all of them must know that rank 0 decided to save
   (the reporter broadcasts the decision first) and none gathers otherwise.
+
+``wrap_ddp`` applies ``scaling.find_unused_parameters`` wherever a model is DDP-wrapped: DDP
+syncs each gradient bucket once every parameter in it has a gradient, so a parameter that a
+step leaves without one (an unused head, LayerDrop) stalls its bucket and the next step fails,
+unless DDP looks for such parameters after each forward (``find_unused_parameters=True``, a
+walk of the autograd graph per step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import logging
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +30,8 @@ import torch
 from torch import nn
 
 from workers.contract.errors import UserInputError
+from workers.loop.batches import Batches
+from workers.loop.steps import all_reduce_sum, forward_loss, model_device, to_device
 
 
 @dataclass
@@ -108,15 +121,27 @@ def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def _parts(module: nn.Module) -> list[nn.Module]:
+    """The children of ``module`` with parameters, a ``ModuleList`` or ``ModuleDict`` (which has
+    no forward of its own, so FSDP cannot gather it as a unit) replaced by its own."""
+    parts = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            parts.extend(_parts(child))
+        elif _has_parameters(child):
+            parts.append(child)
+    return parts
+
+
 def shard_units(model: nn.Module, block_classes: Sequence[str] | None) -> list[nn.Module]:
     """The modules sharded as units (each one all-gathered as a whole in its forward), inner
     before outer: every module whose class is named in ``block_classes``, or by default the
     children with parameters of the first module, from the top, that has more than one (a
-    wrapper around one network is looked through)."""
+    wrapper around one network is looked through; a ``ModuleList``'s blocks are children)."""
     if not block_classes:
         module = model
         while True:
-            children = [c for c in module.children() if _has_parameters(c)]
+            children = _parts(module)
             if len(children) != 1:
                 return children
             module = children[0]
@@ -163,3 +188,176 @@ def fully_shard_model(model: nn.Module, block_classes: Sequence[str] | None,
             fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+# --- ddp: scaling.find_unused_parameters ------------------------------------------------------
+
+Probe = Callable[[nn.Module], torch.Tensor]  # one training step's loss on one batch
+
+# DDP's error when a step left a parameter without a gradient and it was not looking for such
+# (the reducer's, torch 2.14), and the lines in it that list them, by name (with
+# TORCH_DISTRIBUTED_DEBUG=INFO or DETAIL) or by index among the parameters that train.
+DDP_UNUSED_MESSAGE = "Expected to have finished reduction in the prior iteration"
+_UNUSED_NAMES = re.compile(r"Parameters which did not receive grad for rank (\d+): ([^\n]+)")
+_UNUSED_INDICES = re.compile(r"Parameter indices which did not receive grad for rank (\d+): "
+                             r"([\d ]+)")
+NAMES_SHOWN = 4
+
+
+class UnusedParametersError(UserInputError):
+    """A DDP step left parameters without a gradient and DDP was not looking for them."""
+
+
+def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a step may train, in DDP's order (frozen ones never count)."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def unused_parameters(module: nn.Module, probe: Probe, seed: int | None = None) -> list[str]:
+    """Names of the trainable parameters of ``module`` that one training step (``probe``: its
+    forward and loss on a batch, then backward here) leaves without a gradient. The module is
+    left as it was: its buffers (BatchNorm's running statistics) restored, no gradients, its
+    train/eval mode; the RNGs too (``seed``: torch's for the step, e.g. the first epoch's)."""
+    params = trainable(module)
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    was_training = module.training
+    device = model_device(module)
+    python_rng = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            module.train()
+            for _, p in params:
+                p.grad = None
+            probe(module).backward()
+            return [name for name, p in params if p.grad is None]
+    finally:
+        random.setstate(python_rng)
+        module.train(was_training)
+        with torch.no_grad():
+            for _, p in params:
+                p.grad = None
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def loss_probe(batches: Batches, batch: Callable[[], Any], precision: str = "fp32") -> Probe:
+    """A probe for ``unused_parameters``: the workload's loss (``batches``) on ``batch()``, as
+    the engine's training step computes it."""
+    def probe(model: nn.Module) -> torch.Tensor:
+        device = model_device(model)
+        x, y = batches.split(batch())
+        _, loss = forward_loss(model, batches, to_device(x, device), to_device(y, device),
+                               device, precision)
+        return loss
+
+    return probe
+
+
+def learner_probe(learn: Any) -> Probe:
+    """A probe for a fastai ``Learner``: its loss on a batch of its training DataLoader."""
+    def probe(model: nn.Module) -> torch.Tensor:
+        dl = learn.dls.train
+        rng = getattr(dl, "rng", None)  # its shuffles' and augmentations' draws, kept
+        state = rng.getstate() if isinstance(rng, random.Random) else None
+        batch = to_device(tuple(dl.one_batch()), model_device(model))
+        if state is not None:
+            rng.setstate(state)
+            dl.rng = rng
+        n_inp = learn.dls.n_inp
+        return learn.loss_func(model(*batch[:n_inp]), *batch[n_inp:])
+
+    return probe
+
+
+def loader_first_batch(loader: Any) -> Any:
+    """The first batch ``loader`` (map-style, with a sampler) would give, without iterating it
+    (no worker processes started, the sampler's position untouched)."""
+    indices = itertools.islice(iter(loader.sampler), loader.batch_size)
+    return loader.collate_fn([loader.dataset[i] for i in indices])
+
+
+def find_unused(module: nn.Module, worker: Any, probe: Probe | None) -> bool:
+    """``scaling.find_unused_parameters`` decided for ``module``; ``auto``: whether the first
+    training step (``probe``) left a trainable parameter without a gradient on any rank (every
+    rank probes and takes part in one all-reduce). Without a probe (a module a custom loop
+    prepares itself) auto is false: the error DDP raises then is ``unused_parameters_named``'s
+    one line."""
+    setting = worker.cfg.scaling.find_unused_parameters
+    if setting != "auto":
+        return bool(setting)
+    if probe is None:
+        return False
+    seed = None
+    if hasattr(worker, "restored"):  # the first epoch's seed: the draws of its first step
+        from workers.loop.runtime import epoch_seed
+
+        seed = epoch_seed(worker.cfg.seed, worker.rank, worker.restored.start_epoch)
+    try:
+        names = unused_parameters(module, probe, seed)
+    except Exception:  # noqa: BLE001 - training raises it again, with the engine's own line
+        logging.getLogger(__name__).debug("find_unused_parameters probe failed", exc_info=True)
+        names = []
+    found = all_reduce_sum(torch.tensor([float(bool(names))], dtype=torch.float64),
+                           worker.device)
+    if not float(found[0]):
+        return False
+    if worker.is_rank_zero:
+        shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
+        logging.getLogger(__name__).warning(
+            "scaling.find_unused_parameters: auto: the first training step left %s without a "
+            "gradient; DDP looks for unused parameters every step", f"{len(names)} "
+            f"parameter(s) ({shown})" if names else "parameters on another rank")
+    return True
+
+
+def wrap_ddp(module: nn.Module, worker: Any, probe: Probe | None = None) -> nn.Module:
+    """``module`` prepared by Ray Train on this rank's device: DDP-wrapped when there is more
+    than one rank, with ``scaling.find_unused_parameters`` applied (``find_unused``).
+    ``worker``: a ``runtime.Worker`` (its config, rank, device, ``parallel_strategy``)."""
+    import ray.train.torch
+
+    strategy = worker.parallel_strategy
+    kwargs = ({"find_unused_parameters": find_unused(module, worker, probe)}
+              if strategy == "ddp" else None)
+    return ray.train.torch.prepare_model(module, parallel_strategy=strategy,
+                                         parallel_strategy_kwargs=kwargs)
+
+
+def unused_parameters_error(exc: BaseException,
+                            module: nn.Module | None) -> UnusedParametersError | None:
+    """DDP's unused-parameter error as one line naming the setting (and the parameters DDP
+    lists; ``module``, the one DDP wrapped, names those it gives by index); None for any other
+    error."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or DDP_UNUSED_MESSAGE not in text:
+        return None
+    named = _UNUSED_NAMES.search(text)
+    if named:
+        rank, names = named.group(1), [n.strip() for n in named.group(2).split(",")]
+    else:
+        indexed = _UNUSED_INDICES.search(text)
+        rank = indexed.group(1) if indexed else "?"
+        params = trainable(module) if module is not None else []
+        names = [params[int(i)][0] for i in (indexed.group(2).split() if indexed else [])
+                 if int(i) < len(params)]
+    shown = ", ".join(names[:NAMES_SHOWN]) + (", ..." if len(names) > NAMES_SHOWN else "")
+    return UnusedParametersError(
+        "scaling.find_unused_parameters: a training step left parameters without a gradient"
+        + (f" ({shown} on rank {rank})" if names else "") + ", and DDP was not looking for "
+        "them (an unused head, LayerDrop, a branch some steps skip); set "
+        "scaling.find_unused_parameters: true")
+
+
+@contextmanager
+def unused_parameters_named(module: nn.Module) -> Iterator[None]:
+    """Training under it: DDP's unused-parameter error becomes ``unused_parameters_error``'s
+    line (``module``: the unwrapped model, whose parameter names it gives)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        error = unused_parameters_error(exc, module)
+        if error is None:
+            raise
+        raise error from None

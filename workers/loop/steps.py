@@ -6,7 +6,7 @@ padded, so every sample is counted exactly once across ranks whatever the set si
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 from workers.contract.errors import UserInputError
 from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
 from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, logits_of
+from workers.loop.iterable import first_item, is_iterable
 from workers.loop.optim import Stepper
 from workers.loop.ray_data import StreamedEval, first_rows, is_ray_dataset, rows_collate
 
@@ -70,9 +71,12 @@ def collate_of(workload: Any) -> Callable[[list[Any]], Any]:
 
 def loader_workers(setting: str | int, dataset: Any, cpus: float) -> int:
     """``train.loader_workers``: ``auto`` is none for in-memory tensors (indexing them costs
-    less than handing batches between processes), else the worker's CPUs, from 2 to 8."""
+    less than handing batches between processes), one for a stream (each worker process reads
+    all of it: ``loop.iterable``), else the worker's CPUs, from 2 to 8."""
     if setting != "auto":
         return int(setting)
+    if is_iterable(dataset):
+        return 1
     inner = dataset.dataset if isinstance(dataset, Subset) else dataset
     if isinstance(inner, TensorDataset):
         return 0
@@ -115,13 +119,23 @@ def split_collate(workload: Any, split: str) -> Callable[[Any], Any]:
     return collate_of(workload)
 
 
-def first_batch(dataset: Any, collate: Callable[[Any], Any]) -> Any:
-    """A batch of the dataset's first sample (a Ray Dataset's first rows), collated as the
-    loaders collate."""
+def first_batch(dataset: Any, collate: Callable[[Any], Any], split: str = "train") -> Any:
+    """A batch of the dataset's first sample (a stream's first item, a Ray Dataset's first
+    rows), collated as the loaders collate. ``split``: the one a failure is blamed on."""
     if is_ray_dataset(dataset):
         return collate(first_rows(dataset))
+    with blamed_on(f"workload.{split}_dataset: its first sample cannot be read"):
+        sample = first_item(dataset, split) if is_iterable(dataset) else dataset[0]
     with blamed_on("workload.collate_fn: it fails on the first sample"):
-        return collate([dataset[0]])
+        return collate([sample])
+
+
+def split_of(batches: Batches, batch: Any, split: str) -> tuple[Any, Any]:
+    """``batches.split(batch)`` of a split's first batch, a failure blamed on the split."""
+    try:
+        return batches.split(batch)
+    except UserInputError as exc:
+        raise UserInputError(f"workload.{split}_dataset: {exc}") from None
 
 
 def classes_from(logits: torch.Tensor, target: Any) -> int | None:
@@ -142,7 +156,7 @@ def infer_num_classes(model: torch.nn.Module, dataset: Any, device: torch.device
     # Without the workload's own: a mapping batch goes in without its target (a loss_fn's
     # rule); the loss is never computed here.
     batches = batches or Batches(loss_fn=lambda out, y: out)
-    inputs, target = batches.split(first_batch(dataset, collate))
+    inputs, target = split_of(batches, first_batch(dataset, collate), "train")
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -305,6 +319,16 @@ def evaluate_dataset(
     return unpack_compute(split, vector, sizes, loss, metrics)
 
 
+def micro_batches(loader: Any, stepper: Stepper) -> Iterator[tuple[Any, int, bool]]:
+    """(batch, micro-batches in its optimizer step, whether it is the step's last): from the
+    loader's length, or as a stream's ranks agree on them (``iterable.TrainStream``)."""
+    agreed = getattr(loader, "micro_batches", None)
+    if agreed is not None:
+        return agreed(stepper.accum)
+    count = len(loader)
+    return ((batch, *stepper.group(index, count)) for index, batch in enumerate(loader))
+
+
 def train_epoch(
     model: torch.nn.Module,
     loader: DataLoader,
@@ -324,12 +348,10 @@ def train_epoch(
     stepper = optimizer if isinstance(optimizer, Stepper) else Stepper(optimizer)
     model.train()
     loss = loss if loss is not None else MeanLoss()
-    count = len(loader)
     stepper.optimizer.zero_grad(set_to_none=True)
-    for index, batch in enumerate(loader):
+    for index, (batch, in_step, last) in enumerate(micro_batches(loader, stepper)):
         x, y = batches.split(batch)
         y = to_device(y, device)
-        in_step, last = stepper.group(index, count)
         with stepper.micro_batch(model, last):
             _, batch_loss = forward_loss(model, batches, to_device(x, device), y, device,
                                          precision)

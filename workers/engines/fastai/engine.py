@@ -164,7 +164,7 @@ class FastaiParts:
 
 
 def setup(worker: Worker) -> FastaiParts:
-    import ray.train.torch
+    from workers.loop.sharding import learner_probe, wrap_ddp
 
     cfg, workload, device = worker.cfg, worker.workload, worker.device
     if streamed_splits(workload):
@@ -184,8 +184,7 @@ def setup(worker: Worker) -> FastaiParts:
     learn.create_opt()  # on the unwrapped model: a Learner's splitter expects its own model
     if worker.restored.optimizer_state is not None:
         PlainOptimizerState.load(learn, worker.restored.optimizer_state, device)
-    learn.model = ray.train.torch.prepare_model(plain,
-                                                parallel_strategy=worker.parallel_strategy)
+    learn.model = wrap_ddp(plain, worker, learner_probe(learn))
     shards = []
     for dl, pad in ((learn.dls.train, True), (learn.dls.valid, False)):
         inner = dl.new(bs=cfg.train.batch_size) if hasattr(dl, "new") else dl
