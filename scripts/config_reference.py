@@ -182,7 +182,38 @@ def render() -> str:
         if name in SEE_ALSO:
             out[-1] += f" More: [{SEE_ALSO[name]}]({SEE_ALSO[name]})."
         out += ["", *table(f"{name}.", model, list(model.model_fields))]
+        if name == "tracker":
+            out += ["", *direction_table()]
     return "\n".join(out) + "\n"
+
+
+def direction_table() -> list[str]:
+    """``tracker.mode: auto``'s order of evidence and its table of name words, from
+    ``workers/decisions/direction.py`` itself."""
+    from workers.decisions.direction import HIGHER_IS_BETTER, LOWER_IS_BETTER
+
+    return [
+        "### Which way a metric improves (`tracker.mode: auto`)",
+        "",
+        "1. The direction the monitored metric's object declares: torchmetrics' "
+        "`higher_is_better` (False for MeanSquaredError, Perplexity, KLDivergence, "
+        "EditDistance, ...), or a `higher_is_better` attribute on a workload's own metric; the "
+        "built-ins `accuracy`, `f1_macro` and `mcc` are better higher. (A fastai Learner's "
+        "metrics declare none.)",
+        "2. Else the monitor's name, split into whole words at `_`, `-`, `.` and case changes "
+        "(`val_MeanSquaredError` -> val, mean, squared, error), looked up in this table; words "
+        "of both kinds, or none, place nothing (`score` beside a minimised word defers to it):",
+        "",
+        "| better | words |",
+        "|---|---|",
+        f"| lower (`min`) | {', '.join(sorted(LOWER_IS_BETTER))} |",
+        f"| higher (`max`) | {', '.join(sorted(HIGHER_IS_BETTER))} |",
+        "",
+        "3. Else the run is refused before anything starts (exit 2), naming `tracker.mode`: set "
+        "`min` or `max`. The start line, `summary.json` (`mode`, `mode_source`) and every "
+        "saved model's `metadata.json` say which direction was used and why; searches (Optuna, "
+        "ASHA, PBT, the leaderboard) follow it.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,8 +161,7 @@ class TrackerSection(_Section):
     mode: Literal["auto", "min", "max"] = Field(
         "auto", description="whether lower or higher is better; auto: the direction the "
         "monitored metric's object declares (torchmetrics' higher_is_better, or the same "
-        "attribute on a workload's own metric), else the table of name words in "
-        "docs/config.md (loss, mse, perplexity, ... min; accuracy, f1, auroc, ... max); a name "
+        "attribute on a workload's own metric), else the table of name words below (loss, mse, perplexity, ... min; accuracy, f1, auroc, ... max); a name "
         "it cannot place is refused before anything starts. Lightning's mode, transformers' "
         "greater_is_better")
     min_delta: float = Field(0.0, ge=0, description="a finite number, for patience only: an "

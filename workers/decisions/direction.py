@@ -79,5 +79,6 @@ def resolve(monitor: str, mode: str, declared: Mapping[str, tuple[bool, str]] | 
         raise UserInputError(
             f"tracker.mode: auto cannot tell whether {monitor} is better lower or higher (its "
             "metric declares no higher_is_better, and its name has no word of the table in "
-            "docs/config.md#tracker); set tracker.mode: min or tracker.mode: max")
+            "docs/config.md#tracker, or words of both kinds); set tracker.mode: min or "
+            "tracker.mode: max")
     return found
