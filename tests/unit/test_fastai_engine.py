@@ -68,6 +68,32 @@ def test_training_shards_are_equal_disjoint_and_reshuffled_each_epoch():
     assert epoch2 != epoch1[0]
 
 
+def test_a_loader_drawing_from_numpy_is_drawn_the_same_on_every_rank():
+    """fastai's tabular default (TabWeightedDL) samples with replacement from numpy's global
+    generator: each rank must shard the same draw, or the shards overlap at random."""
+    import numpy as np
+    import pandas as pd
+    from fastai.tabular.all import TabularPandas
+
+    frame = pd.DataFrame({"x": np.arange(101, dtype="float32"), "y": np.zeros(101)})
+    dl = TabularPandas(frame, cont_names=["x"], y_names="y").dataloaders(bs=8).train
+    assert type(dl).__name__ == "TabWeightedDL"
+
+    def rows(rank: int) -> list[float]:
+        np.random.seed(1000 + rank)  # each rank's own numpy state, as in separate processes
+        shard = RankShardDL(dl, rank, 2, pad=True, seed=0)
+        shard.set_epoch(3)
+        idxs = shard.get_idxs()
+        assert np.random.randint(10**9) == np.random.RandomState(1000 + rank).randint(10**9)
+        return idxs
+
+    draw = RankShardDL(dl, 0, 1, pad=False, seed=0)
+    draw.set_epoch(3)
+    whole = draw.get_idxs()  # the one draw both ranks shard
+    padded = whole + whole[:1]
+    assert rows(0) == padded[0::2] and rows(1) == padded[1::2]
+
+
 def test_drop_last_counts_full_batches_only():
     dl = indices_dl(101, bs=8, shuffle=True, drop_last=True)
     assert [len(b) for b in shard_batches(dl, 1, 2, pad=True)] == [8] * 6

@@ -66,8 +66,17 @@ class RankShardDL(TfmdDL):
         self.epoch = epoch
 
     def get_idxs(self) -> list[int]:
-        self.dl.rng = random.Random(epoch_seed(self.seed, 0, self.epoch))  # the same on all ranks
-        idxs = list(self.dl.get_idxs())
+        seed = epoch_seed(self.seed, 0, self.epoch)  # the same on all ranks
+        self.dl.rng = random.Random(seed)
+        # Some loaders draw from numpy's global generator instead (fastai's TabWeightedDL,
+        # tabular's default, samples with replacement there): the same draw on every rank too,
+        # or each rank would shard its own sample. The caller's numpy state is left as it was.
+        outside = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        try:
+            idxs = list(self.dl.get_idxs())
+        finally:
+            np.random.set_state(outside)
         if self.pad and idxs:
             padded = -(-len(idxs) // self.world_size) * self.world_size
             idxs += (idxs * (padded // len(idxs) + 1))[: padded - len(idxs)]
