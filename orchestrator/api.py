@@ -114,7 +114,7 @@ def tune(config: Any, overrides: Overrides | None = None, *, resume: bool = Fals
     from workers.contract.names import LEADERBOARD_FILE
 
     cfg = _config(config, overrides)
-    prepared = prepare(cfg, resume=resume, overwrite=overwrite)
+    prepared = prepare(cfg, resume=resume, overwrite=overwrite, kind="search")
     from orchestrator.search.run import run_search
 
     run_search(cfg, console=console or Console(verbose=verbose), prepared=prepared)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,45 @@ def _fs(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path
+
+
+# How long a command waits for an object store to answer its first look, and how long
+# Arrow's GCS client may retry within it (by default it retries for minutes, silently: still
+# nothing after 120 s here without credentials).
+PROBE_S = 10.0
+_GCS_PROBE_RETRY_S = 3
+
+_PROBE = """
+import sys
+import pyarrow.fs as pafs
+try:
+    fs, path = pafs.FileSystem.from_uri(sys.argv[1])
+    fs.get_file_info(path)
+except Exception as exc:
+    lines = str(exc).strip().splitlines()
+    print(f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+    sys.exit(1)
+"""
+
+
+def unreachable(uri: str, seconds: float = PROBE_S) -> str | None:
+    """Why the store behind ``uri`` does not answer (one line: unreachable, unauthorised, no
+    such bucket, no answer within ``seconds``), or None when it does.
+
+    The look runs in a child process: whatever the store's client does (retries for
+    minutes, prints to the terminal, runs a credential helper, aborts) stays there and ends
+    with it, so every scheme pyarrow takes is answered in bounded time."""
+    if uri.lower().startswith(("gs://", "gcs://")) and "retry_limit_seconds=" not in uri:
+        uri += ("&" if "?" in uri else "?") + f"retry_limit_seconds={_GCS_PROBE_RETRY_S}"
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, uri], capture_output=True,
+                              text=True, timeout=seconds, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"no answer within {seconds:g} s"
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
+    return lines[-1] if lines else f"its client failed (exit code {proc.returncode})"
 
 
 def exists(path: str) -> bool:

@@ -158,7 +158,12 @@ def render() -> str:
         "",
         "A bad key or value is one line naming its dotted key, exit 2, before anything starts. "
         "`--set KEY=VALUE` overrides any key by its dotted path, the value read as YAML "
-        "(`--set train.lr=0.01 --set workload.params.hidden=128`).",
+        "(`--set train.lr=0.01 --set workload.params.hidden=128`). What follows "
+        "`tune.search_space.` is one key, dots and all "
+        "(`--set 'tune.search_space.train.lr={loguniform: [0.001, 0.1]}'`); "
+        "`workload.params` is split at every dot like the rest (its keys are keyword "
+        "arguments, which have no dots, and a dotted path reaches into a nested mapping). "
+        "A key given twice in one mapping of the file is refused, with both lines.",
         "",
         "Built-in configs (`orchestrator train NAME` runs one from any directory):",
         "",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,44 @@ def autoscaler_node_groups() -> list[tuple[dict[str, Any], int]] | None:
     if config is None:
         return None
     return [(dict(g.resources), g.max_count) for g in config.node_group_configs]
+
+
+@contextmanager
+def ray_daemons_in_own_process_group() -> Iterator[None]:
+    """While a local Ray starts (``ray.init``), its daemons (GCS, raylet, dashboard, their
+    helpers) start each in a process group of its own instead of the driver's.
+
+    A signal to the driver's process group (``timeout`` forwards a SIGTERM to its command's
+    group, a job wrapper's ``kill -- -PGID``) then reaches the driver alone, which stops the
+    run in order: ask the workers to save the step in flight, stop Ray, write the record.
+    In the driver's group, the GCS and raylet died with the same signal (they block SIGINT
+    only), the grace period could not work and the driver's core worker aborted a minute
+    later ("Failed to connect to GCS"). Ray's actors and workers have process groups of their
+    own already; the daemons still die with the driver (Ray's kernel fate-sharing,
+    ``PR_SET_PDEATHSIG``), which is independent of groups.
+
+    ``ray._private.services.ConsolePopen``, the ``Popen`` class Ray starts every daemon with
+    (``start_ray_process``), is swapped for the start. Replacement: a public option of
+    ``ray.init`` for the daemons' process group, if Ray adds one."""
+    import sys
+
+    from ray._private import services
+
+    original = services.ConsolePopen
+    if sys.platform == "win32":  # no process groups to speak of; Ray's own flags stand
+        yield
+        return
+
+    class OwnGroupPopen(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 def launcher_config_path() -> Path:
@@ -313,6 +353,68 @@ def keep_credentials_out_of_trial_runtime_envs() -> None:
 
     class_cache.ENV_VARS_TO_PROPAGATE = {
         name for name in class_cache.ENV_VARS_TO_PROPAGATE if not name.startswith("AWS_")}
+
+
+def trial_error(trial: Any) -> BaseException | None:
+    """The exception a failed Tune trial raised (Ray's ``RayTaskError`` around it), for a
+    ``Callback.on_trial_error``, which is given the trial but not its error; None when Tune
+    kept none.
+
+    ``ray.tune.experiment.Trial.pickled_error_file`` (a DeveloperAPI class): the file on the
+    driver that Tune pickles the error into before it calls the callbacks (its public
+    ``get_pickled_error`` reads the copy in the storage path, synced only later).
+    Replacement: the exception passed to ``on_trial_error``, if Tune adds it."""
+    import pickle
+
+    try:
+        path = trial.pickled_error_file
+        if not path or not Path(path).exists():
+            return None
+        with open(path, "rb") as f:
+            return pickle.load(f)  # noqa: S301 - Tune's own file of this driver's trial
+    except Exception:  # noqa: BLE001 - unreadable or unpicklable: no error to tell apart
+        return None
+
+
+IGNORE_UNHANDLED_ERRORS_ENV = "RAY_IGNORE_UNHANDLED_ERRORS"
+
+
+def quiet_unhandled_task_errors() -> None:
+    """Once a search stops on a trial's user error, the trials Tune stopped at the same time
+    may fail with the same error; nobody reads their results, and Ray logs each as an
+    "Unhandled error" with its traceback when its reference is dropped (at any time, up to
+    Ray's shutdown), after the one line that already said it. Ray reads this variable each
+    time (``ray._private.worker.Worker.raise_errors``); set for the rest of the process.
+    Replacement: a way to drop a Tune trial's result unread, if Ray adds one."""
+    import os
+
+    os.environ[IGNORE_UNHANDLED_ERRORS_ENV] = "1"
+
+
+TUNE_ERROR_LOGGERS = ("ray.tune.execution.tune_controller", "ray.tune.tune")
+
+
+@contextmanager
+def tune_error_logs_filtered(drop: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """While a search runs, Tune's own ERROR log lines that ``drop`` says are told otherwise
+    (a trial's failure with its traceback, the list of trials that did not complete: a user's
+    mistake is one line of the project's instead).
+
+    The loggers of ``ray.tune.execution.tune_controller`` (undocumented) and ``ray.tune.tune``.
+    Replacement: a Tune option not to print trial errors (``TuneController`` has
+    ``_print_trial_errors``, not reachable through ``Tuner``)."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not drop(record)
+
+    loggers, dropper = [logging.getLogger(name) for name in TUNE_ERROR_LOGGERS], _Drop()
+    for logger in loggers:
+        logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(dropper)
 
 
 def wait_for_tune_to_take_the_last_report(timeout_s: float = 60.0) -> None:

@@ -88,6 +88,10 @@ def cmd_best(args: argparse.Namespace) -> int:
     from orchestrator.results.checkpoints import verify_checkpoint
 
     root = storage.resolve(args.path)
+    problem = storage.unreachable(root) if storage.is_uri(root) else None
+    if problem:  # unreachable, unauthorised, no such bucket: as train and tune say it
+        raise UserError(f"{args.path} cannot be reached ({problem[:200]}); check the URI, "
+                        "the credentials and the network")
     for name, show in ((LEADERBOARD_FILE, print_leaderboard), (SUMMARY_FILE, print_summary)):
         path = storage.join(root, name)
         if not storage.exists(path):

@@ -14,7 +14,8 @@ from workers.contract.names import INTERNAL_KEYS, point
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
 RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
-               "gather_seconds", "snapshot_seconds", "save_blocked_seconds", "workers")
+               "gather_seconds", "snapshot_seconds", "save_blocked_seconds", "workers",
+               "stop_reason")
 
 
 def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[str, Any]:

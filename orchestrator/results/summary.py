@@ -151,6 +151,8 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "global_step": history[-1].get("global_step") if history else None,
         "epochs_planned": cfg.train.epochs,
         "stopped_early": stopped_early,
+        # Why the tracker stopped it (patience, tracker.stop_at, divergence, baseline).
+        "stop_reason": last.get("stop_reason") if stopped_early and last else None,
         # A diverged last epoch (train.stop_on_nonfinite): what was not finite.
         "nonfinite": nonfinite(history[-1]) if history else [],
         "checkpoints": [{"epoch": c["epoch"], "global_step": c["metadata"].get("global_step"),

@@ -62,10 +62,7 @@ def check_pbt(cfg: RunConfig) -> None:
     if cfg.train.max_steps or cfg.train.eval_every_n_steps:
         raise UserError("tune.scheduler: pbt compares trials at epoch ends; remove "
                         "train.max_steps and train.eval_every_n_steps")
-    if t.perturbation_interval >= cfg.train.epochs:
-        raise UserError(f"tune.perturbation_interval: {t.perturbation_interval} epochs is not "
-                        f"shorter than the run (train.epochs: {cfg.train.epochs}); no trial "
-                        f"would ever exploit another; use at most {cfg.train.epochs - 1}")
+    # perturbation_interval against train.epochs: in the schema (RunConfig).
     resume_every = cfg.checkpoint.resume_every_n_epochs
     if resume_every and t.perturbation_interval % resume_every:
         raise UserError(

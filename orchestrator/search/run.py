@@ -16,13 +16,14 @@ ASHA stops (its process is gone) is documented exactly like one that ran to the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.errors import TrainingError, UserError, user_error_among
+from orchestrator.errors import TrainingError, UserError, user_error_among, user_error_in
 from orchestrator.results.epochs import epoch_record, progress_line
 from orchestrator.results.history import read_history
 from orchestrator.results.summary import best_of, finalize_run
@@ -66,6 +67,9 @@ from orchestrator.training.datasets import find_streams
 from orchestrator.training.ray_trainer import build_trainer
 from workers.compat import (
     keep_credentials_out_of_trial_runtime_envs,
+    quiet_unhandled_task_errors,
+    trial_error,
+    tune_error_logs_filtered,
     wait_for_tune_to_take_the_last_report,
 )
 from workers.contract.config import RunConfig
@@ -120,7 +124,15 @@ def run_trial(tune_config: dict[str, Any]) -> None:
                             log_model=tune_config["trial"]["log_model"],
                             callbacks=[TuneReportCallback()], streams=find_streams(cfg),
                             loop_config=extra)
-    trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        message = user_error_in(exc)
+        if message:  # the user's mistake, plainly: the driver stops the search on it
+            raise UserInputError(message) from None
+        raise
     wait_for_tune_to_take_the_last_report()
     history = read_history(storage.run_dir(cfg)) if pbt else []
     epoch = history[-1]["epoch"] if history else None  # the last evaluation's, not a save's
@@ -166,6 +178,7 @@ class TrialLogger:
                     logger.mark_done(trial_id_of(trial), errored=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
+                logger.found(trial_error(trial))
                 if not logger.stopping():
                     logger.mark_done(trial_id_of(trial), errored=True)
 
@@ -179,6 +192,10 @@ class TrialLogger:
         self.errors: dict[str, list[str]] = {}
         self.mode_source = "set by tracker.mode"  # the search's (``check_monitor_first``)
         self.stopping: Callable[[], bool] = lambda: False
+        # A trial's user error (the workload's mistake): the search stops on it.
+        self.user_error: str | None = None
+        self.trained = False  # a trial reported an epoch: the workload works
+        self.on_trained: Callable[[], None] = lambda: None
         # An adaptive search's: a proposed trial's config, and its record written at once.
         self.register: Callable[[str, dict[str, Any]], None] = lambda trial_id, overrides: None
         self.study: Any = None  # an adaptive search's Optuna study: searcher.json
@@ -197,6 +214,14 @@ class TrialLogger:
             return None
         best, _ = best_of(read_history(self.run_dir(trial_id)), [])
         return None if best is None else float(best[self.configs[trial_id].tracker.monitor])
+
+    def found(self, error: BaseException | None) -> None:
+        """A trial failed with ``error``: the user's mistake stops the search (``SignalStop``);
+        the trials stopped with it may fail the same way, unheard."""
+        message = user_error_among([error]) if error is not None else None
+        if message and self.user_error is None:
+            self.user_error = message
+            quiet_unhandled_task_errors()
 
     def mark_done(self, trial_id: str, *, errored: bool) -> None:
         """Recorded at once (a small file), so that even if this driver is killed before it
@@ -225,6 +250,9 @@ class TrialLogger:
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if "epoch" not in result:
             return
+        if not self.trained:
+            self.trained = True
+            self.on_trained()
         record = epoch_record(result, result.get("checkpoint_path"))
         cfg = self.configs[trial_id]
         self.console.say(f"[{trial_id}] "
@@ -268,21 +296,24 @@ class TrialLogger:
 
 
 class SignalStop:
-    """A Tune stopper that ends the whole search once ``guard`` received a signal: Tune stops
-    every running trial, and ``tuner.fit`` returns with Ray still up. Tune saves its stoppers
-    with its experiment state: pickled, it is one that never stops."""
+    """A Tune stopper that ends the whole search once ``guard`` received a signal (or
+    ``also`` says so: a trial found the user's mistake): Tune stops every running trial, and
+    ``tuner.fit`` returns with Ray still up. Tune saves its stoppers with its experiment
+    state: pickled, it is one that never stops."""
 
-    def __init__(self, guard: SignalGuard | None) -> None:
+    def __init__(self, guard: SignalGuard | None,
+                 also: Callable[[], bool] | None = None) -> None:
         self.guard = guard
+        self.also = also
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"guard": None}
+        return {"guard": None, "also": None}
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         return self.stop_all()
 
     def stop_all(self) -> bool:
-        return bool(self.guard and self.guard.received)
+        return bool(self.guard and self.guard.received) or bool(self.also and self.also())
 
 
 def make_scheduler(cfg: RunConfig) -> Any:
@@ -412,11 +443,21 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage.join(ctx.run_dir, TUNE_DIR),
-            callbacks=[logger.callback], verbose=0, stop=_Stop(guard),
+            callbacks=[logger.callback], verbose=0,
+            stop=_Stop(guard, lambda: logger.user_error is not None),
         ),
     )
+
+    def told_otherwise(record: logging.LogRecord) -> bool:
+        """Tune's log of a trial's user error (a traceback), and its list of the trials that
+        did not complete once the search stops on one: the search says it in one line."""
+        error = record.exc_info[1] if record.exc_info else None
+        return (error is not None and user_error_among([error]) is not None) or (
+            logger.user_error is not None and record.levelno >= logging.ERROR)
+
     try:
-        guard.run(tuner.fit)
+        with tune_error_logs_filtered(told_otherwise):
+            guard.run(tuner.fit)
     except Interrupted:
         guard.wait_for_fit(timeout=120)  # Tune stops the running trials (SignalStop)
         raise
@@ -481,7 +522,7 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     """The whole search, to its leaderboard. ``prepared``: the search directory's fate, when
     the caller decided it already."""
     console = console or Console()
-    prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite)
+    prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite, kind="search")
     experiment_dir = prepared.run_dir
     if prepared.nothing_to_resume:
         console.say(start_line(prepared, "search"))
@@ -514,8 +555,36 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                                             for trial_id, c in configs.items()})
         try:
             return _search(ctx, plan)
+        except SearchMistake:
+            forget_failed_start(ctx)
+            raise
         finally:
+            let_go_of_replaced(ctx)  # the search ran (or stopped with its record)
             unlock(experiment_dir)
+
+
+class SearchMistake(UserError):
+    """A trial found the user's mistake before any trial trained: nothing of the search is
+    worth keeping."""
+
+
+def let_go_of_replaced(ctx: RunContext) -> None:
+    """The search an ``--overwrite`` replaces goes for good once a trial trained (the
+    workload works) or the search ended; until then it was aside (``run_dir.SetAside``)."""
+    if ctx.replaced is not None:
+        ctx.replaced.discard()
+        ctx.replaced = None
+
+
+def forget_failed_start(ctx: RunContext) -> None:
+    """A search stopped on the user's mistake before any trial trained: what it wrote goes
+    (a resumed search's directory stays), and the search it was to replace is back."""
+    ctx.tracking.abort()
+    if ctx.replaced is not None:
+        ctx.replaced.restore()  # deletes what this search wrote, then puts the old one back
+        ctx.replaced = None
+    elif ctx.start is not StartMode.RESUME:
+        storage.delete_dir(ctx.run_dir)
 
 
 def write_search(ctx: RunContext, plan: SearchPlan) -> None:
@@ -558,7 +627,9 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))
     interrupted = None
-    logger.stopping = lambda: bool(guard.received)
+    # Trials that a signal or the user's mistake stopped are not done: a resume runs them.
+    logger.stopping = lambda: bool(guard.received or logger.user_error)
+    logger.on_trained = lambda: let_go_of_replaced(ctx)
     try:
         if todo or (adaptive and finished < total):
             with console.progress(total, f"{cfg.name} trials"):
@@ -567,10 +638,16 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     except Interrupted as exc:
         interrupted = exc
     finally:
-        logger.finish_trials(ctx.use_gpu)
+        if not (logger.user_error and not logger.trained):  # else nothing of it stays
+            logger.finish_trials(ctx.use_gpu)
         logger.abort_unfinished()
         logger.write_searcher()
+    if logger.user_error and not logger.trained:
+        raise SearchMistake(logger.user_error)
     board = write_leaderboard(ctx, plan)
+    if logger.user_error:  # found by a later trial (its own values): the others stand
+        raise UserError(f"{logger.user_error} (found by a trial after others had trained; "
+                        "the search stopped: fix it, then continue it with --resume)")
     unfinished = [r["trial_id"] for r in board if r["status"] == "interrupted"]
     if interrupted:
         raise TrainingError(f"interrupted by {interrupted}: {len(board) - len(unfinished)} of "

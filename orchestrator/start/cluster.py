@@ -22,6 +22,7 @@ from workers.compat import (
     dashboard_url,
     launcher_config_path,
     quiet_ray_token_setup,
+    ray_daemons_in_own_process_group,
 )
 from workers.contract.config import RunConfig
 
@@ -162,18 +163,19 @@ def init_ray(verbose: bool = False) -> bool:
     # with two runs at once, another run's. So every process of this job is told its own.
     port = _free_port()
     api_server = f"http://127.0.0.1:{port}"
-    ray.init(
-        # "local": a new Ray of its own, even where `ray start` left one running on this
-        # machine (Ray would join the latest one); a running cluster is used only when
-        # RAY_ADDRESS names it.
-        address="local",
-        runtime_env={"env_vars": {**ray_env_vars(), **one_node_env_vars(),
-                                  API_SERVER_ENV: api_server}},
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        **quiet,
-    )
+    with ray_daemons_in_own_process_group():  # a signal to this process's group is its alone
+        ray.init(
+            # "local": a new Ray of its own, even where `ray start` left one running on this
+            # machine (Ray would join the latest one); a running cluster is used only when
+            # RAY_ADDRESS names it.
+            address="local",
+            runtime_env={"env_vars": {**ray_env_vars(), **one_node_env_vars(),
+                                      API_SERVER_ENV: api_server}},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            **quiet,
+        )
     _started_here.append(dashboard_url())
     return True
 

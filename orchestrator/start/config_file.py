@@ -22,8 +22,53 @@ from orchestrator.errors import UserError
 from workers.contract.config import RunConfig
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """The same key twice in one mapping (PyYAML would keep the last one silently)."""
+
+    def __init__(self, key: str, first_line: int, line: int) -> None:
+        where = f"on line {line}" if line == first_line else f"lines {first_line} and {line}"
+        super().__init__(f"{key} given twice ({where})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+def _refuse_duplicates(node: yaml.Node, path: tuple[str, ...] = (),
+                       seen: set[int] | None = None) -> None:
+    """Raise ``DuplicateKeyError`` for the first key given twice in a mapping, anywhere in
+    ``node``, with its dotted path. Merge keys (``<<``) are not duplicates: an explicit key
+    overrides a merged one, as YAML says."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):
+                if (key_node.tag, key_node.value) in lines:
+                    raise DuplicateKeyError(".".join((*path, name)),
+                                            lines[key_node.tag, key_node.value], line)
+                lines[key_node.tag, key_node.value] = line
+            _refuse_duplicates(value_node, (*path, name), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",),
+                               seen)
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a string, users mean a number."""
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a string, users mean a number.
+    A key given twice in a mapping is refused (``DuplicateKeyError``), not the last kept."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicates(node)
+        return self.construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -44,18 +89,34 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+# Keys of this mapping are dotted config keys themselves: what follows it is one key.
+# (workload.params is split at every dot: its keys are keyword arguments, which have none,
+# and a dotted path reaches into a nested mapping, as in tune.search_space.)
+_SEARCH_SPACE = "tune.search_space."
+
+
+def split_key(item: str, key: str) -> list[str]:
+    """A dotted ``--set`` key as a path of sections: ``tune.search_space.train.lr`` is
+    ``["tune", "search_space", "train.lr"]``."""
+    key = key.strip()
+    if any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: {key!r} has an empty part; use dotted names "
+                        "like train.lr")
+    if key.startswith(_SEARCH_SPACE):
+        return [*_SEARCH_SPACE.split(".")[:2], key.removeprefix(_SEARCH_SPACE)]
+    return key.split(".")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
-    if any(not part for part in key.strip().split(".")):
-        raise UserError(f"--set {item!r}: {key!r} has an empty part; use dotted names "
-                        "like train.lr")
+    path = split_key(item, key)
     try:
         value = yaml_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         value = raw  # not YAML: keep it as the literal string
-    return key.strip().split("."), value
+    return path, value
 
 
 Overrides = Sequence[str] | Mapping[str, Any]
@@ -67,8 +128,8 @@ def override_items(overrides: Overrides) -> list[tuple[str, list[str], Any]]:
     if isinstance(overrides, Mapping):
         items = []
         for key, value in overrides.items():
-            parse_override(f"{key}=")  # the same checks of the key
-            items.append((f"{key}={value!r}", str(key).strip().split("."), value))
+            path, _ = parse_override(f"{key}=")  # the same checks and split of the key
+            items.append((f"{key}={value!r}", path, value))
         return items
     if isinstance(overrides, str):
         overrides = [overrides]
@@ -121,6 +182,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read config file ({type(exc).__name__})") from None
     try:
         data = yaml_load(text)
+    except DuplicateKeyError as exc:
+        raise UserError(f"{path}: {exc}; YAML would keep only the last: keep one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

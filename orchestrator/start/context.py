@@ -50,10 +50,12 @@ class Prepared:
         return replace(self, cfg=cfg)
 
 
-def prepare(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Prepared:
-    """The one call per command that decides whether it resumes, replaces or starts a run."""
+def prepare(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+            kind: str = "run") -> Prepared:
+    """The one call per command that decides whether it resumes, replaces or starts a run
+    (``kind``: run | search; a directory holding the other kind is refused)."""
     run_dir = storage.run_dir(cfg)
-    start = StartMode(prepare_run_dir(run_dir, resume=resume, overwrite=overwrite))
+    start = StartMode(prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, kind=kind))
     # The same command for the first start and every restart (what a job's retries need).
     return Prepared(cfg, run_dir, start, nothing_to_resume=resume and start is StartMode.FRESH)
 
@@ -110,9 +112,9 @@ def preflight(prepared: Prepared, *, kind: str, console: Console, guard: SignalG
     use_gpu = fits(capacity)
     check_on_ray()
     # A bad W&B key or no network fails here, with the old run (if any) intact.
-    # A run's replaced old run stays aside until its workers have checked the workload.
+    # A replaced old run (or search) stays aside until workers have checked the workload.
     tracking, replaced = open_in(prepared.run_dir, prepared.start.value, kind, open_tracking,
-                                 keep_replaced=kind == "run")
+                                 keep_replaced=True)
     return RunContext(cfg=prepared.cfg, run_dir=prepared.run_dir, start=prepared.start,
                       console=console, tracking=tracking, use_gpu=use_gpu, guard=guard,
                       capacity=capacity, replaced=replaced)

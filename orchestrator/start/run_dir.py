@@ -4,7 +4,8 @@ fail any more.
 A run (or search) directory gets a marker file when it is created. ``--overwrite`` deletes
 only a directory that has it, never one holding the working directory or the home directory,
 and only after the config, the cluster and the W&B run were checked: until then the old run
-is set aside (a rename, on a local disk) and put back if anything fails.
+is set aside (a rename, on a local disk) and put back if anything fails. The marker says
+what the directory holds (a run or a search): neither command works inside the other's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from orchestrator import storage
-from orchestrator.errors import UserError, one_line
-from workers.contract.names import HISTORY_FILE, RUN_LOCK, RUN_MARKER, SEARCH_FILE
+from orchestrator.errors import UserError
+from workers.contract.names import (
+    HISTORY_FILE,
+    LEADERBOARD_FILE,
+    RUN_LOCK,
+    RUN_MARKER,
+    SEARCH_FILE,
+    SUMMARY_FILE,
+)
 
 T = TypeVar("T")
 
@@ -32,6 +40,38 @@ def mark(run_dir: str, kind: str) -> None:
 
 def is_ours(run_dir: str) -> bool:
     return storage.exists(storage.join(run_dir, RUN_MARKER))
+
+
+COMMAND_OF = {"run": "train", "search": "tune"}  # the command that makes each kind
+
+
+def held_kind(run_dir: str) -> str | None:
+    """What ``run_dir`` holds: ``run`` or ``search``, as its marker says; a marker written
+    before it said so: told by the records, as ``orchestrator best`` tells them (a search's
+    ``search.json`` or ``leaderboard.json``, a run's ``summary.json`` or ``history.json``);
+    None when nothing tells."""
+    try:
+        kind = storage.read_json(storage.join(run_dir, RUN_MARKER)).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # no marker, or a damaged one: the records say it
+    if kind in COMMAND_OF:
+        return kind
+    for found, names in (("search", (SEARCH_FILE, LEADERBOARD_FILE)),
+                         ("run", (SUMMARY_FILE, HISTORY_FILE))):
+        if any(storage.exists(storage.join(run_dir, name)) for name in names):
+            return found
+    return None
+
+
+def check_kind(run_dir: str, kind: str) -> None:
+    """A run is never trained inside a search's directory, nor a search inside a run's
+    (``--resume`` would mix the two; without it the way out is the same)."""
+    held = held_kind(run_dir)
+    if held is not None and held != kind:
+        raise UserError(
+            f"{run_dir} holds a {held} (made by `orchestrator {COMMAND_OF[held]}`), not a "
+            f"{kind}: `orchestrator {COMMAND_OF[kind]}` does not continue it or write into it; "
+            "choose another name (--set name=...), or pass --overwrite to replace it")
 
 
 def _holds(directory: Path, other: Path) -> bool:
@@ -103,14 +143,13 @@ def check_not_running(run_dir: str) -> None:
 
 
 def check_storage(run_dir: str) -> None:
-    """A local storage path must be (or become) a writable directory: said before anything
-    starts, naming the path."""
+    """A local storage path must be (or become) a writable directory, an object store must
+    answer (in bounded time): said before anything starts, naming the path."""
     if storage.is_uri(run_dir):
-        try:
-            storage.exists(run_dir)
-        except OSError as exc:  # unreachable, unauthorised, no such bucket
-            raise UserError(f"storage_path: {run_dir} cannot be reached "
-                            f"({one_line(exc)[:200]})") from None
+        problem = storage.unreachable(run_dir)  # unreachable, unauthorised, no such bucket
+        if problem:
+            raise UserError(f"storage_path: {run_dir} cannot be reached ({problem[:200]}); "
+                            "check the URI, the credentials and the network")
         return
     path = Path(run_dir)
     for parent in [path, *path.parents]:
@@ -196,12 +235,16 @@ class SetAside:
         storage.delete_dir(self.aside if self.aside is not None else self.run_dir)
 
 
-def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool) -> str:
-    """Decide, explicitly, whether this invocation resumes, replaces or starts a run."""
+def prepare_run_dir(run_dir: str, *, resume: bool, overwrite: bool, kind: str = "run") -> str:
+    """Decide, explicitly, whether this invocation resumes, replaces or starts a run (or a
+    search: ``kind``). A directory holding the other kind is refused unless ``overwrite``
+    replaces it (whatever this tool made there is its to replace)."""
     check_storage(run_dir)
     existing = storage.is_nonempty_dir(run_dir)
     if existing:
         check_not_running(run_dir)  # the same name and storage, started twice
+    if existing and not overwrite:
+        check_kind(run_dir, kind)
     if existing and not (resume or overwrite):
         raise UserError(
             f"{run_dir}: a run with this name already exists; pass --resume to continue it, "

@@ -4,9 +4,9 @@ metric, and its Ray Dataset splits, handed to Ray Train, which shards them to th
 
 The driver builds the workload once (as every worker builds it) to see which splits are Ray
 Datasets and which way its metric objects say they improve; a run of map-style datasets only
-pays for that build. Each Ray Dataset split is checked here, before any worker starts: it has
-rows, at least one per worker for training, and its first rows become a batch (the columns the
-workload names exist and are numbers).
+pays for that build (a map-style split of no samples is refused). Each Ray Dataset split is
+checked here, before any worker starts: it has rows, at least one per worker for training, and
+its first rows become a batch (the columns the workload names exist and are numbers).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from workers.contract.names import STREAMS_KEY
 from workers.contract.workload import build_workload
 from workers.decisions.direction import Direction, resolve
 from workers.decisions.metrics import spec_directions
-from workers.loop.batches import Batches, describe
-from workers.loop.iterable import check_iterable_run
+from workers.loop.batches import Batches
+from workers.loop.iterable import check_iterable_run, is_iterable
 from workers.loop.ray_data import (
+    SPLITS,
     engine_refuses,
     first_rows,
+    is_ray_dataset,
     only_named_columns,
     rows_collate,
     streamed_splits,
@@ -114,6 +116,7 @@ def streams_of(cfg: RunConfig, workload: Any) -> Streams | None:
         check_iterable_run(cfg, workload)  # a stream's schedule (workers/loop/iterable.py)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
+    refuse_empty_splits(workload)
     datasets = streamed_splits(workload)
     if not datasets:
         return None
@@ -128,6 +131,23 @@ def streams_of(cfg: RunConfig, workload: Any) -> Streams | None:
         raise UserError(f"workload.train_dataset: {rows['train']} rows for "
                         f"{cfg.scaling.max_workers} workers; each worker needs at least one")
     return Streams(datasets, rows, samples)
+
+
+def refuse_empty_splits(workload: Any) -> None:
+    """A map-style split of no samples (``len()`` 0) would train an epoch and record a NaN
+    loss: refused in one line naming it. Ray Datasets are counted by ``check_split``; a stream
+    has no length (an empty one is refused by the workers' first batch)."""
+    for split in SPLITS:
+        dataset = getattr(workload, f"{split}_dataset", None)
+        if dataset is None or is_ray_dataset(dataset) or is_iterable(dataset):
+            continue
+        try:
+            size = len(dataset)
+        except Exception:  # noqa: BLE001 - no length to check (the workers index it)
+            continue
+        if size == 0:
+            raise UserError(f"workload.{split}_dataset: the dataset is empty (its len() is 0); "
+                            "every split needs at least one sample")
 
 
 def quiet_ray_data() -> None:
@@ -158,8 +178,7 @@ def check_split(workload: Any, split: str, dataset: Any) -> tuple[int, dict[str,
     except UserInputError as exc:
         raise UserError(str(exc)) from None
     try:
-        Batches.of(workload).split(batch)
-    except UserInputError as exc:
-        raise UserError(f"{field}: {exc} (its first rows collate to {describe(batch)})"
-                        ) from None
+        Batches.of(workload).split(batch, split)  # its errors name label_key, collate_fn or
+    except UserInputError as exc:                  # the split, and the batch's structure
+        raise UserError(str(exc)) from None
     return count, sample

@@ -72,7 +72,9 @@ class EventPump:
     (record, staged model) to ``handle`` (print the epoch, log it to W&B).
 
     A failure there (W&B's network, say) must not kill an hour of training: it is reported
-    and kept in ``errors``, never raised.
+    and kept in ``errors``, never raised. A queue that is gone (Ray shut down under it) just
+    ends the pump: no W&B call failed, and the records it did not bring are in the history,
+    printed from there (``training.run.EpochHandler.show_the_rest``).
     """
 
     def __init__(self, queue: Any, handle: Callable[[dict[str, Any], str | None], None],
@@ -80,7 +82,7 @@ class EventPump:
         """``queue``: the run channel's events stream (``workers.loop.channel``)."""
         self.handle, self.on_failure = handle, on_failure
         self.queue = queue
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # W&B logging calls (or printing) that failed
         self.controller: Any = None  # the Train controller's actor handle, once it reported
         self.user_error: str | None = None  # a worker's user error, never retried
         self.preempted: str | None = None  # the checkpoint of the step a signal had saved
@@ -122,8 +124,7 @@ class EventPump:
                 if self._done.is_set():
                     return
                 continue
-            except Exception as exc:  # noqa: BLE001 - the queue is gone (Ray shut down)
-                self.errors.append(f"event queue: {type(exc).__name__}")
+            except Exception:  # noqa: BLE001 - the queue is gone (Ray shut down): not W&B's
                 return
             try:
                 self.handle(record, staged)

@@ -17,6 +17,7 @@ from orchestrator.errors import (
 )
 from orchestrator.results.checkpoints import resume_point
 from orchestrator.results.epochs import nonfinite, progress_line
+from orchestrator.results.history import read_history
 from orchestrator.results.summary import (
     finalize_run,
     remove_unregistered_checkpoints,
@@ -89,11 +90,17 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
 
 class EpochHandler:
     """What the driver does with each epoch's record (print it, log it to W&B), and with a
-    worker's fault (say it, and at the next record that Ray restarted the workers)."""
+    worker's fault (say it, and at the next record that Ray restarted the workers).
 
-    def __init__(self, ctx: RunContext) -> None:
+    ``recorded_before``: where the history ended when this command started (a resume):
+    what a stop leaves unshown is printed from the history (``show_the_rest``), once across
+    a run's parts."""
+
+    def __init__(self, ctx: RunContext, recorded_before: tuple[int, int] = (0, 0)) -> None:
         self.ctx = ctx
         self.at, self.workers, self.failures, self.restarting = (0, 0), None, 0, False
+        self.recorded_before = recorded_before
+        self.shown: set[tuple[int, int]] = set()  # the records printed, by (epoch, step)
 
     def failed(self, what: str) -> None:
         self.failures += 1
@@ -117,14 +124,29 @@ class EpochHandler:
                         f"worker{'s' if workers != 1 else ''} (was {self.workers}), from "
                         "the latest checkpoint")
         self.at, self.workers = point(record), workers
-        console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor,
-                                  bool(cfg.train.eval_every_n_steps)))
+        self.show(record)
+        if record.get("stop_reason"):  # the tracker's, on rank 0 (patience, a threshold)
+            console.say(f"stopping early: {record['stop_reason']}")
         bad = nonfinite(record)
         if bad and cfg.train.stop_on_nonfinite:
             console.say(f"epoch {record['epoch']}: {', '.join(bad)} not finite; the run stops "
                         "here (train.stop_on_nonfinite) and keeps its best so far")
         console.advance(completed=record["epoch"])
         self.ctx.tracking.handle(record, staged)
+
+    def show(self, record: dict[str, Any]) -> None:
+        cfg = self.ctx.cfg
+        self.ctx.console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor,
+                                           bool(cfg.train.eval_every_n_steps)))
+        self.shown.add(point(record))
+
+    def show_the_rest(self, history: list[dict[str, Any]]) -> None:
+        """The records of this part of the run that its history holds and the terminal did
+        not show: events still on their way when a stop shut Ray down, or records the
+        summary repaired from checkpoints (W&B gets them in ``finalize_run``)."""
+        for record in history:
+            if point(record) > self.recorded_before and point(record) not in self.shown:
+                self.show(record)
 
 
 def where_it_stands(summary: dict[str, Any]) -> str:
@@ -204,6 +226,8 @@ def grace_period(ctx: RunContext, stop_requests: Any,
         except Exception:  # noqa: BLE001 - Ray itself is going: stop as without grace
             return "none"
         if not ctx.guard.wait_for_fit(timeout=seconds):
+            if ctx.guard.now:
+                ctx.console.say(f"{signal} again: stopping now, without the step in flight")
             return "none"
         time.sleep(0.5)  # the pump's last events
         if not pump.preempted:  # the workers were done before they heard of it
@@ -223,7 +247,9 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     ``prepared``: the run directory's fate, when the caller decided it already."""
     console = console or Console()
     prepared = prepared or prepare(cfg, resume=resume, overwrite=overwrite)
-    with SignalGuard() as guard:  # a signal from here on stops the run cleanly
+    # A signal from here on stops the run cleanly; a second, later one without waiting for
+    # the step in flight, and still with the record written.
+    with SignalGuard(keep_record=True) as guard:
         ctx = start_run(prepared, console, guard)
         try:
             summary, stopped = train_and_record(ctx)
@@ -237,7 +263,8 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
 def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
     """Train on Ray, then write the record: (summary, why it stopped if it did)."""
-    handle = EpochHandler(ctx)
+    recorded = read_history(ctx.run_dir)  # a resume's: the parts before printed them
+    handle = EpochHandler(ctx, point(recorded[-1]) if recorded else (0, 0))
     stream = open_channel()
     try:
         return _train_and_record(ctx, handle, stream)
@@ -290,4 +317,5 @@ def _train_and_record(ctx: RunContext, handle: EpochHandler,
         raise TrainingError(f"{what}; the storage did not take its summary either "
                             f"({one_line(exc)[:160]}); when it is reachable again",
                             exit_code=1) from None
+    handle.show_the_rest(summary["history"])
     return summary, stopped

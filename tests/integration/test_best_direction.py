@@ -83,12 +83,29 @@ def test_mse_is_minimised_because_its_metric_declares_it(tmp_path: Path) -> None
         assert_close(record[f"{split}_loss"], mse)
 
 
-def test_perplexity_is_minimised(tmp_path: Path) -> None:
+def test_perplexity_is_minimised_on_its_smoothed_value_until_patience_stops_it(
+        tmp_path: Path) -> None:
+    # min_delta 1000: no evaluation is progress, so patience 2 stops the run after epoch 3,
+    # while the best model is still the strictly best smoothed value (tracker.smoothing).
     summary, out = train(tmp_path, "lm", "language_model",
-                         tracker={"monitor": "val_perplexity"},
-                         train={"epochs": 4, "batch_size": 16, "lr": 0.02})
-    kept_is_the_extreme(summary, "val_perplexity", "min")
-    assert "declared by Perplexity" in summary["mode_source"]
+                         tracker={"monitor": "val_perplexity", "smoothing": {"ema": 0.5},
+                                  "patience": 2, "min_delta": 1000.0},
+                         train={"epochs": 6, "batch_size": 16, "lr": 0.02})
+    assert "declared by Perplexity" in summary["mode_source"] and summary["mode"] == "min"
+    reason = ("tracker.patience: 2 evaluations without progress on val_perplexity (smoothed) "
+              "by more than 1000")
+    assert summary["status"] == "stopped_early" and summary["epochs_completed"] == 3
+    assert summary["stop_reason"] == reason and f"stopping early: {reason}" in out
+    raw = [r["val_perplexity"] for r in summary["history"]]
+    smoothed = [r["val_perplexity_smoothed"] for r in summary["history"]]
+    expected = [raw[0]]
+    for value in raw[1:]:
+        expected.append(0.5 * expected[-1] + 0.5 * value)
+    assert smoothed == pytest.approx(expected, rel=1e-12)
+    assert summary["best_epoch"] == smoothed.index(min(smoothed)) + 1
+    metadata = load_metadata(summary["best_checkpoint"])
+    assert metadata["epoch"] == summary["best_epoch"]
+    assert metadata["val_perplexity_smoothed"] == min(smoothed)
     model = best_model(summary, "language_model")
     for split, record in (("val", summary["best_metrics"]), ("test", summary["test_metrics"])):
         logits, y = outputs(model, getattr(build("language_model"), f"{split}_dataset"))

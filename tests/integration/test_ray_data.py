@@ -169,7 +169,8 @@ MISTAKES = [
     ({"mistake": "empty_split"}, {}, "workload.val_dataset: the Ray Dataset has no rows"),
     ({"mistake": "strings"}, {}, "workload.train_dataset: column 'pixels' cannot become a tensor"),
     ({"mistake": "no_labels"}, {},
-     "workload.train_dataset: a batch is a mapping without the label key 'labels'"),
+     "workload.label_key: train_dataset's first batch is a mapping without the label key "
+     "'labels'"),
     ({}, {"engine": "fastai"}, "engine: fastai trains map-style datasets, and "
      "workload.train_dataset, workload.val_dataset, workload.test_dataset are Ray Datasets"),
     ({}, {"scaling": {"num_workers": 2, "cpus_per_worker": 1}},

@@ -12,7 +12,13 @@ from torch.utils.data import Subset, TensorDataset, default_collate
 from workers.contract.errors import UserInputError
 from workers.decisions.metrics import build_metrics, snake_case
 from workers.loop.batches import Batches, check_first_batch, logits_of
-from workers.loop.steps import loader_workers, make_loader, to_device, workload_metrics
+from workers.loop.steps import (
+    check_metrics,
+    loader_workers,
+    make_loader,
+    to_device,
+    workload_metrics,
+)
 
 CPU = torch.device("cpu")
 X = torch.randn(3, 4)
@@ -36,8 +42,23 @@ def test_a_mapping_goes_in_whole_when_the_model_computes_its_own_loss():
 
 
 def test_a_mapping_without_the_label_key_names_its_keys():
-    with pytest.raises(UserInputError, match=r"without the label key 'labels' \(its keys: x, y\)"):
+    with pytest.raises(UserInputError, match=r"^workload\.label_key: a batch is a mapping without "
+                       r"the label key 'labels' \(its keys: x, y\)"):
         Batches(None).split({"x": X, "y": Y})
+    with pytest.raises(UserInputError, match=r"^workload\.label_key: val_dataset's first batch "):
+        Batches(None).split({"x": X, "y": Y}, "val")
+
+
+def test_a_batch_that_is_no_pair_names_the_collate_fn_that_made_it_or_the_split():
+    made = Batches(None, collate_fn_given=True)
+    with pytest.raises(UserInputError, match=r"^workload\.collate_fn: it made train_dataset's "
+                       r"first batch list\(tensor\(3, 4\)\), neither an \(input, target\) pair"):
+        made.split([X], "train")
+    with pytest.raises(UserInputError, match=r"^workload\.test_dataset: a batch \(tensor\(3, 4\)\) "
+                       "is neither"):
+        Batches(None).split(X, "test")
+    assert Batches.of(SimpleNamespace(collate_fn=len)).collate_fn_given
+    assert not Batches.of(SimpleNamespace(collate_fn=None)).collate_fn_given
 
 
 @pytest.mark.parametrize("output", [
@@ -153,3 +174,62 @@ def test_a_workloads_loader_options_set_the_loaders_but_not_the_runs_own_setting
                     options={"shuffle": True, "batch_size": 4})
     with pytest.raises(UserInputError, match="workload.loader_options: .*bogus"):
         make_loader(data, 2, default_collate, workers=0, device=CPU, options={"bogus": 1})
+
+
+def test_the_metrics_are_tried_on_the_first_batch_naming_the_one_that_fails():
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
+    logits, target = torch.randn(4, 10), torch.tensor([0, 9, 3, 7])
+    for spec, name in [([MulticlassAccuracy(num_classes=3)], "multiclass_accuracy"),
+                       (MetricCollection({"top": MulticlassAccuracy(num_classes=10),
+                                          "acc3": MulticlassAccuracy(num_classes=3)}), "acc3")]:
+        metrics = build_metrics(spec, 10)
+        with pytest.raises(UserInputError) as err:
+            check_metrics(metrics, logits, target)
+        message = str(err.value)
+        assert message.startswith(f"workload.metrics: {name} (MulticlassAccuracy) fails on the "
+                                  "first batch's logits (tensor(4, 10)) and target (tensor(4,))")
+        assert "\n" not in message
+
+
+def test_trying_the_metrics_leaves_them_as_they_were():
+    from torchmetrics.classification import MulticlassAccuracy
+    from torchmetrics.regression import R2Score
+
+    logits, target = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    metrics = build_metrics([MulticlassAccuracy(num_classes=3), "accuracy"], 3)
+    check_metrics(metrics, logits, target)
+    assert not metrics[0].metric.update_called
+    assert metrics[1].state().sum() == 0
+    # A value one batch is too small for (R2Score needs two samples) is no mistake.
+    [r2] = build_metrics([R2Score()], None)
+    check_metrics([r2], torch.randn(1), torch.randn(1))
+
+
+class Uncopyable:
+    """A metric of the project's protocol that ``copy.deepcopy`` cannot copy."""
+
+    name = "seen"
+
+    def __init__(self) -> None:
+        self.lock = __import__("threading").Lock()
+        self.reset()
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        self.count += len(target)
+
+    def state(self) -> torch.Tensor:
+        return torch.tensor([self.count], dtype=torch.float64)
+
+    def compute(self, state: torch.Tensor) -> float:
+        return float(state[0])
+
+    def reset(self) -> None:
+        self.count = 0
+
+
+def test_a_metric_that_cannot_be_copied_is_tried_then_reset():
+    metric = Uncopyable()
+    check_metrics([metric], X, Y)
+    assert metric.count == 0

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator import storage
 from orchestrator.errors import failure_summary, user_error_in
 from workers.contract.errors import WorkloadError
 from workers.decisions.tracker import MonitorNotReportedError
@@ -72,6 +74,44 @@ def test_best_on_a_damaged_record_is_one_line_and_exit_2(tmp_path, name, text):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / name}: damaged"), lines
     assert (run / name).read_text() == text  # read, never touched
+
+
+# No network here but the package registries: gs:// without credentials is real (Arrow's GCS
+# client retried for minutes, silently); the s3:// endpoint refuses connections.
+UNANSWERED_GS = "gs://bucket/runs"
+REFUSED_S3 = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+
+
+@pytest.mark.parametrize(("args", "start"), [
+    (("best", f"{UNANSWERED_GS}/x"), f"error: {UNANSWERED_GS}/x cannot be reached ("),
+    (("best", REFUSED_S3), f"error: {REFUSED_S3} cannot be reached (OSError: "),
+    (("train", "cfg.yaml", "--resume"), f"error: storage_path: {UNANSWERED_GS}/run cannot be "),
+    (("tune", "cfg.yaml"), f"error: storage_path: {UNANSWERED_GS}/run cannot be reached ("),
+], ids=["best-gs", "best-s3", "train-resume-gs", "tune-gs"])
+def test_an_object_store_that_does_not_answer_is_one_line_and_exit_2_in_seconds(
+        tmp_path, args, start):
+    (tmp_path / "cfg.yaml").write_text(f"storage_path: {UNANSWERED_GS}\n"
+                                       "workload: {entrypoint: workers.workloads.digits:build}\n")
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO)})
+    took = time.monotonic() - began
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(start), lines
+    # Before: no answer for minutes. Now the probe's 10 s at most beside the start-up (about
+    # 10-20 s for train and tune, which import torch; more on a loaded machine).
+    assert took < 90, f"{took:.1f} s"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]  # nothing written
+
+
+def test_the_storage_probe_is_bounded(tmp_path):
+    assert storage.unreachable(f"file://{tmp_path}") is None
+    assert storage.unreachable(f"file://{tmp_path}", seconds=0.001) == "no answer within 0.001 s"
+    began = time.monotonic()
+    problem = storage.unreachable(UNANSWERED_GS)
+    assert problem and time.monotonic() - began < storage.PROBE_S + 5, problem
 
 
 def _worker_group_error(exc: Exception):

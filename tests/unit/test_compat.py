@@ -11,6 +11,7 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -59,6 +60,24 @@ def test_token_setup_logger_is_the_one_compat_quiets() -> None:
         assert module.logger.getEffectiveLevel() == logging.ERROR
     finally:
         module.logger.setLevel(before)
+
+
+def test_ray_starts_its_daemons_with_the_popen_class_compat_swaps() -> None:
+    from ray._private import services
+
+    original = services.ConsolePopen
+    assert issubclass(original, subprocess.Popen)
+    assert "ConsolePopen(" in inspect.getsource(services.start_ray_process)
+    with compat.ray_daemons_in_own_process_group():
+        daemon = services.ConsolePopen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert services.ConsolePopen is original
+        # A session (so a process group) of its own: a signal to this process's group
+        # does not reach it.
+        assert os.getsid(daemon.pid) == daemon.pid != os.getpgrp()
+    finally:
+        daemon.kill()
+        daemon.wait()
 
 
 def test_dashboard_url_source() -> None:
@@ -303,6 +322,58 @@ def test_trials_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     others = class_cache.ENV_VARS_TO_PROPAGATE - copied
     compat.keep_credentials_out_of_trial_runtime_envs()
     assert class_cache.ENV_VARS_TO_PROPAGATE == others
+
+
+def test_a_trials_error_is_pickled_on_the_driver_before_the_callbacks_hear_of_it(
+        tmp_path: Path) -> None:
+    """``trial_error``: Tune writes the error to ``Trial.pickled_error_file`` (the driver's
+    copy) in ``handle_error``, which runs before ``Callback.on_trial_error``."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+
+    assert isinstance(Trial.pickled_error_file, property)
+    source = inspect.getsource(TuneController._process_trial_failure)
+    assert source.index("trial.handle_error(") < source.index("on_trial_error(")
+    path = tmp_path / "error.pkl"
+    path.write_bytes(pickle.dumps(ValueError("the user's")))
+    found = compat.trial_error(types.SimpleNamespace(pickled_error_file=str(path)))
+    assert str(found) == "the user's"
+    assert compat.trial_error(types.SimpleNamespace(pickled_error_file=None)) is None
+
+
+def test_tunes_trial_error_logs_come_from_the_loggers_compat_filters() -> None:
+    from ray.tune import tune as tune_module
+    from ray.tune.execution import tune_controller
+
+    assert {tune_controller.logger.name, tune_module.logger.name} == set(
+        compat.TUNE_ERROR_LOGGERS)
+    assert 'logger.error(f"Trial task failed' in inspect.getsource(tune_controller)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger, handler = tune_controller.logger, Keep()
+    logger.addHandler(handler)
+    try:
+        with compat.tune_error_logs_filtered(lambda record: "drop" in record.getMessage()):
+            logger.error("drop me")
+            logger.error("keep me")
+        logger.error("drop me, now kept")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["keep me", "drop me, now kept"]
+
+
+def test_unhandled_task_errors_are_quieted_by_the_variable_ray_reads_each_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private.worker import Worker
+
+    assert compat.IGNORE_UNHANDLED_ERRORS_ENV in inspect.getsource(Worker.raise_errors)
+    monkeypatch.delenv(compat.IGNORE_UNHANDLED_ERRORS_ENV, raising=False)
+    compat.quiet_unhandled_task_errors()
+    assert os.environ[compat.IGNORE_UNHANDLED_ERRORS_ENV] == "1"
 
 
 # --- Weights & Biases -----------------------------------------------------------------------

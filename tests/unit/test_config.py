@@ -198,8 +198,37 @@ def test_set_overrides(tmp_path: Path, overrides: list[str], attribute: str, exp
 
 def test_set_creates_missing_sections(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, {"workload": {"entrypoint": "x:y"}}),
-                      [f"workload.entrypoint={DIGITS}", "tracker.min_delta=0.01"])
+                      [f"workload.entrypoint={DIGITS}", "tracker.patience=3",
+                       "tracker.min_delta=0.01"])
     assert cfg.workload.entrypoint == DIGITS and cfg.tracker.min_delta == 0.01
+
+
+def test_set_overrides_and_adds_search_space_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, DESIGN_EXAMPLE), [
+        "tune.search_space.train.lr={loguniform: [0.001, 0.1]}",
+        "tune.search_space.train.batch_size={choice: [16, 32]}"])
+    assert cfg.tune.search_space == {"train.lr": {"loguniform": [0.001, 0.1]},
+                                     "workload.params.hidden": {"choice": [32, 64, 128]},
+                                     "train.batch_size": {"choice": [16, 32]}}
+    # The Python API's mapping of overrides reads its keys the same way.
+    cfg = load_config(write(tmp_path, DESIGN_EXAMPLE),
+                      {"tune.search_space.train.lr": {"choice": [0.01]}})
+    assert cfg.tune.search_space["train.lr"] == {"choice": [0.01]}
+
+
+def test_keys_whose_partner_uses_them_load(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, deep_merge(MINIMAL, {
+        "train": {"schedule": "step", "step_size": 5, "step_gamma": 0.5},
+        "checkpoint": {"policy": "every_n", "every_n_epochs": 2},
+        "scaling": {"strategy": "fsdp", "fsdp_blocks": ["Linear"]},
+        "tracker": {"patience": 3, "min_delta": 0.01},
+        "tune": {"scheduler": "asha", "grace_period": 20, "reduction_factor": 3,
+                 "search": "optuna", "startup_trials": 2},
+    })))
+    assert (cfg.train.step_size, cfg.tune.grace_period, cfg.tune.startup_trials) == (5, 20, 2)
+    pbt = load_config(write(tmp_path, deep_merge(MINIMAL, {
+        "train": {"epochs": 4}, "tune": {"scheduler": "pbt", "perturbation_interval": 3}})))
+    assert pbt.tune.perturbation_interval == 3
 
 
 def test_set_does_not_touch_the_parsed_file(tmp_path: Path) -> None:
@@ -222,6 +251,14 @@ def test_set_does_not_touch_the_parsed_file(tmp_path: Path) -> None:
         ("a=", ["a"], ""),
         ("a=x: y: z", ["a"], "x: y: z"),  # not YAML: the literal string
         ("a=b=c", ["a"], "b=c"),
+        # A search-space key is one dotted key: everything after tune.search_space.
+        ("tune.search_space.train.lr={loguniform: [0.001, 0.1]}",
+         ["tune", "search_space", "train.lr"], {"loguniform": [0.001, 0.1]}),
+        ("tune.search_space.workload.params.hidden={choice: [8]}",
+         ["tune", "search_space", "workload.params.hidden"], {"choice": [8]}),
+        ("tune.search_space={}", ["tune", "search_space"], {}),
+        # workload.params keys are keyword arguments (no dots): a path reaches into a mapping.
+        ("workload.params.opt.lr=1", ["workload", "params", "opt", "lr"], 1),
     ],
 )
 def test_parse_override(item: str, path: list[str], value: Any) -> None:
@@ -395,6 +432,55 @@ BAD_INPUTS = [
     bad("resume_not_a_run", {"storage_path": "./x", "name": "important"},
         ("--resume", "x/important", "not a run or search"), "--resume",
         files={"x/important/thesis.txt": "years of work\n"}),
+    # Issue 37: what Ray Tune's schedulers assert, said as the key (before: Ray's traceback).
+    bad("asha_grace_period_past_the_run",
+        {"train": {"epochs": 3}, "tune": {"scheduler": "asha", "grace_period": 5}},
+        ("tune.grace_period", "train.epochs: 3", "at most 3")),
+    bad("pbt_interval_not_shorter_than_the_run", {"train": {"epochs": 2},
+                                                 "tune": {"scheduler": "pbt"}},
+        ("tune.perturbation_interval", "train.epochs: 2", "at most 1")),
+    bad("asha_infinite_reduction_factor",
+        {"tune": {"scheduler": "asha", "reduction_factor": float("inf")}},
+        "tune.reduction_factor"),
+    # A URI missing a slash would train into a local folder named 's3:'.
+    bad("storage_path_one_slash", {"storage_path": "s3:/bucket/runs"},
+        ("storage_path", "'s3://bucket/runs'")),
+    bad("storage_path_no_slash", {"storage_path": "gs:bucket/runs"},
+        ("storage_path", "'gs://bucket/runs'")),
+    # gs:// without credentials: Arrow's GCS client retries for minutes; answered in seconds.
+    bad("storage_gs_without_credentials", {"storage_path": "gs://bucket/runs"},
+        ("storage_path", "gs://bucket/runs/run cannot be reached"), in_config=False),
+    Bad("duplicate_key", f"workload:\n  entrypoint: {DIGITS}\ntrain:\n  lr: 0.1\n  epochs: 3\n"
+        "  lr: 0.2\n", names=("cfg.yaml", "train.lr given twice", "lines 4 and 6")),
+    Bad("duplicate_key_in_a_flow_mapping", f"workload: {{entrypoint: {DIGITS}, params: {{}}, "
+        "params: {hidden: 3}}\n", names=("cfg.yaml", "workload.params given twice", "line 1")),
+    # Keys that only one value of another key uses, given with another: they would do nothing.
+    bad("step_size_without_step_schedule", {"train": {"step_size": 10}},
+        ("train.step_size", "train.schedule step", "train.schedule is auto")),
+    bad("step_gamma_without_step_schedule", {"train": {"schedule": "cosine", "step_gamma": 0.5}},
+        ("train.step_gamma", "train.schedule is cosine")),
+    bad("every_n_epochs_without_every_n", {"checkpoint": {"every_n_epochs": 5}},
+        ("checkpoint.every_n_epochs", "checkpoint.policy every_n", "checkpoint.policy is best")),
+    bad("fsdp_blocks_without_fsdp", {"scaling": {"fsdp_blocks": ["Linear"]}},
+        ("scaling.fsdp_blocks", "scaling.strategy fsdp", "scaling.strategy is ddp")),
+    bad("find_unused_parameters_under_fsdp",
+        {"scaling": {"strategy": "fsdp", "find_unused_parameters": True}},
+        ("scaling.find_unused_parameters", "scaling.strategy is fsdp")),
+    bad("min_delta_without_patience", {"tracker": {"min_delta": 0.01}},
+        ("tracker.min_delta", "tracker.patience is null")),
+    bad("startup_trials_without_optuna", {"tune": {"startup_trials": 3}},
+        ("tune.startup_trials", "tune.search optuna", "tune.search is random")),
+    bad("grace_period_without_asha", {"tune": {"grace_period": 3}},
+        ("tune.grace_period", "tune.scheduler asha", "tune.scheduler is fifo")),
+    bad("reduction_factor_without_asha", {"tune": {"scheduler": "pbt", "reduction_factor": 3}},
+        ("tune.reduction_factor", "tune.scheduler is pbt")),
+    bad("perturbation_interval_without_pbt", {"tune": {"perturbation_interval": 3}},
+        ("tune.perturbation_interval", "tune.scheduler pbt")),
+    # W&B's own rule for project names, said as the key (before: blamed on wandb.mode).
+    bad("wandb_project_with_slash", {"wandb": {"project": "team/digits"}},
+        ("wandb.project", "cannot contain", "found /")),
+    bad("wandb_project_from_the_name", {"name": "digits:v2"},
+        ("wandb.project", "'digits:v2'", "found :")),
 ]
 
 # If anything imports Ray while rejecting a config, this stand-in is found first: it leaves a

@@ -35,7 +35,6 @@ def config(space=None, epochs=6, **sections) -> RunConfig:
      "tune.search_space.workload.params.hidden: pbt cannot change it"),
     (config({"train.batch_size": {"grid": [8, 16]}}),
      "tune.search_space.train.batch_size: pbt cannot change it"),
-    (config(epochs=2), "tune.perturbation_interval: 2 epochs is not shorter than the run"),
     (config(tune={"search": "optuna"}), "tune.scheduler: pbt changes its trials'"),
     (config(engine="fastai"), "tune.scheduler: pbt needs engine: torch"),
     (config(train={"eval_every_n_steps": 5}), "tune.scheduler: pbt compares trials at epoch"),

@@ -22,8 +22,7 @@ from workers.checkpoint.snapshot import HostBuffers, Snapshot
 from workers.checkpoint.writer import write_checkpoint
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, RANK_KEY
-from workers.decisions.tracker import BestTracker
-from workers.loop.reporter import EpochReporter
+from workers.loop.reporter import EpochReporter, tracker_of
 from workers.loop.sharding import LocalState
 
 NAN = float("nan")
@@ -59,11 +58,9 @@ class Epochs:
         torch.manual_seed(0)
         self.model = torch.nn.Linear(3, 2)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
-        tracker = self.cfg.tracker
         self.saver = WritingSaver(tmp_path)
         self.reporter = EpochReporter(
-            self.cfg, BestTracker(tracker.monitor, tracker.mode, tracker.min_delta,
-                                  tracker.patience),
+            self.cfg, tracker_of(self.cfg),
             self.saver, LocalState(self.model, self.optimizer), torch.device("cpu"), 1,
             torch_weights_file)
         self.plain: list[dict[str, Any]] = []  # reports without a checkpoint
@@ -205,3 +202,17 @@ def test_resume_checkpoints_hold_the_optimizer_and_are_never_marked_best(epochs)
     # score never keeps it in place of the best model.
     ranks = {epoch: by_epoch[epoch][0][RANK_KEY] for epoch in by_epoch}
     assert ranks[2] < ranks[1] < ranks[3] and ranks[4] < ranks[3]
+
+
+def test_a_smoothed_decision_saves_that_evaluations_weights_and_records_both(epochs):
+    run = epochs(4, tracker={"monitor": "val_loss", "smoothing": {"window": 2},
+                             "stop_at": 0.5})
+    # Smoothed: 1.0, 0.9, 0.6, 0.45 -> the last beats stop_at: one line says why.
+    assert run.run([1.0, 0.8, 0.4, 0.5]) == [False, False, False, True]
+    assert run.saved() == [1, 2, 3, 4]
+    last_reported, path = run.saver.saves[-1]
+    metadata = load_metadata(path)
+    assert metadata["val_loss"] == 0.5 and metadata["val_loss_smoothed"] == pytest.approx(0.45)
+    assert last_reported["stop_reason"] == "tracker.stop_at: val_loss (smoothed) 0.45 reached 0.5"
+    for epoch, (_, saved_path) in enumerate(run.saver.saves, 1):
+        assert torch.equal(load_weights(saved_path)["weight"], run.weights[epoch]["weight"])

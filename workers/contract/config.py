@@ -17,6 +17,22 @@ from workers.decisions.direction import resolve as resolve_direction
 # What pyarrow (and so Ray Train) can write checkpoints to, besides a local path.
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
 
+# Characters W&B refuses in a project name (wandb_settings.validate_project), and its length.
+WANDB_PROJECT_FORBIDS = ("/", "\\", "#", "?", "%", ":")
+WANDB_PROJECT_MAX = 128
+
+
+def wandb_project_problem(project: str) -> str | None:
+    """Why W&B would refuse ``project`` as a project name; None when it takes it."""
+    found = [c for c in WANDB_PROJECT_FORBIDS if c in project]
+    if found:
+        return (f"W&B project names cannot contain {' '.join(WANDB_PROJECT_FORBIDS)} "
+                f"(found {' '.join(found)})")
+    if len(project) > WANDB_PROJECT_MAX:
+        return f"W&B project names are at most {WANDB_PROJECT_MAX} characters"
+    return None
+
+
 # Counts are strict integers: YAML's `true` or `2.5` is a mistake, not 1 or 2.
 Int = Annotated[int, Strict()]
 
@@ -152,6 +168,21 @@ class TrainSection(_Section):
         "(the last epoch stops where they end); null: train.epochs")
 
 
+class Smoothing(_Section):
+    """``tracker.smoothing``: exactly one of ``ema`` and ``window``."""
+
+    ema: float | None = Field(None, gt=0, lt=1, description="the previous smoothed value's "
+                              "weight, 0 < ema < 1")
+    window: Int | None = Field(None, ge=2, description="the number of last values averaged")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Smoothing:
+        if (self.ema is None) == (self.window is None):
+            raise ValueError("give exactly one of ema (0 < ema < 1) and window (>= 2), e.g. "
+                             "{ema: 0.5} or {window: 3}")
+        return self
+
+
 class TrackerSection(_Section):
     """The best-model tracker on rank 0: which metric decides what the best epoch is."""
 
@@ -161,8 +192,9 @@ class TrackerSection(_Section):
     mode: Literal["auto", "min", "max"] = Field(
         "auto", description="whether lower or higher is better; auto: the direction the "
         "monitored metric's object declares (torchmetrics' higher_is_better, or the same "
-        "attribute on a workload's own metric), else the table of name words below (loss, mse, perplexity, ... min; accuracy, f1, auroc, ... max); a name "
-        "it cannot place is refused before anything starts. Lightning's mode, transformers' "
+        "attribute on a workload's own metric), else the table of name words below (loss, "
+        "mse, perplexity, ... min; accuracy, f1, auroc, ... max); a name it cannot place is "
+        "refused before anything starts. Lightning's mode, transformers' "
         "greater_is_better")
     min_delta: float = Field(0.0, ge=0, description="a finite number, for patience only: an "
                              "evaluation counts as progress when it beats the best by more "
@@ -172,6 +204,28 @@ class TrackerSection(_Section):
     patience: Int | None = Field(None, ge=1, description="stop after N evaluations without "
                                  "progress (by more than min_delta). Lightning's and Keras' "
                                  "patience, transformers' early_stopping_patience")
+    smoothing: Smoothing | None = Field(
+        None, description="opt-in: decide (best, progress, thresholds) on a smoothed monitored "
+        "value, {ema: a} (s = a * s + (1 - a) * value, 0 < a < 1) or {window: n} (the mean of "
+        "the last n values); the saved model is the weights of the evaluation the decision was "
+        "made at; the record keeps both (<monitor>_smoothed); null: the raw value")
+    stop_at: float | None = Field(
+        None, description="stop once the monitored value is better than this (Lightning's "
+        "EarlyStopping stopping_threshold); null: never")
+    divergence: float | None = Field(
+        None, description="stop once the monitored value is worse than this (Lightning's "
+        "EarlyStopping divergence_threshold); null: never")
+    baseline: float | None = Field(
+        None, description="with patience: an evaluation counts as progress only if it also "
+        "beats this, so the run stops when the baseline is not beaten within patience "
+        "evaluations (Keras' EarlyStopping baseline); null: none")
+    start_from_epoch: Int = Field(
+        0, ge=0, description="evaluations of epochs up to this one never count for patience "
+        "(Keras' EarlyStopping start_from_epoch; a warmup's noisy epochs); they can still be "
+        "the best model")
+    initial_best: float | None = Field(
+        None, description="no model is the best (nor saved by policy best) until one is "
+        "strictly better than this (Keras' ModelCheckpoint initial_value_threshold); null: none")
 
     @field_validator("monitor")
     @classmethod
@@ -228,9 +282,20 @@ class WandbSection(_Section):
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online with credentials (WANDB_API_KEY or wandb login), "
         "else offline; disabled: wandb is not even imported")
-    project: str | None = Field(None, description="W&B project; default: the run's name")
+    project: str | None = Field(
+        None, description="W&B project; default: the run's name. At most 128 characters, "
+        "none of " + " ".join(WANDB_PROJECT_FORBIDS) + " (W&B refuses them)")
     entity: str | None = Field(None, description="W&B entity (user or team); default: W&B's "
                                "own default for your credentials")
+    @field_validator("project")
+    @classmethod
+    def _wandb_takes_it(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = wandb_project_problem(value)
+            if problem:
+                raise ValueError(f"{problem}, got {value!r}")
+        return value
+
     log_model: Literal["policy", "best", "end", "none"] = Field(
         "policy", description="policy: the models the checkpoint policy saves; best: its "
         "improvements; end: only the final ones, after training; none")
@@ -274,9 +339,31 @@ class TuneSection(_Section):
         "{randint: [low, high]} (high exclusive)")
 
 
+# (key, its default, the key it goes with, the values of that key that use it): see
+# RunConfig._partners_given.
+_PARTNERS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
+    ("train.step_size", None, "train.schedule", ("step",)),
+    ("train.step_gamma", 0.1, "train.schedule", ("step",)),
+    ("checkpoint.every_n_epochs", 1, "checkpoint.policy", ("every_n",)),
+    ("scaling.fsdp_blocks", None, "scaling.strategy", ("fsdp",)),
+    ("scaling.find_unused_parameters", "auto", "scaling.strategy", ("ddp",)),
+    ("tune.startup_trials", None, "tune.search", ("optuna",)),
+    ("tune.grace_period", 1, "tune.scheduler", ("asha",)),
+    ("tune.reduction_factor", 2.0, "tune.scheduler", ("asha",)),
+    ("tune.perturbation_interval", 2, "tune.scheduler", ("pbt",)),
+)
+
+
 class RunConfig(_Section):
     """One run (or search): the keys of the YAML file. Every key has a default except
-    ``workload``; unknown keys are refused."""
+    ``workload``; unknown keys are refused. A key that only one value of another key uses
+    (train.step_size and step_gamma: schedule step; checkpoint.every_n_epochs: policy every_n;
+    scaling.fsdp_blocks: strategy fsdp; scaling.find_unused_parameters: strategy ddp;
+    tracker.min_delta: a patience; tune.startup_trials: search optuna; tune.grace_period and
+    reduction_factor: scheduler asha; tune.perturbation_interval: scheduler pbt) is refused
+    when given, not at its default, beside another value: it would do nothing, so it is a
+    leftover or a partner forgotten, and a run that silently ignores a setting is worse than
+    one line saying so (the fastai and loop engines refuse the train keys they ignore)."""
 
     name: str = Field("run", min_length=1, description="the run's directory under "
                       "storage_path: a plain name (no '/', not hidden)")
@@ -310,6 +397,13 @@ class RunConfig(_Section):
         if sep and scheme.lower() not in STORAGE_SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r} in {value!r}; use a local path or one "
                              f"of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        # 's3:/bucket' or 's3:bucket' is a URI missing a slash, not a local folder named 's3:'.
+        scheme, colon, rest = value.partition(":")
+        if not sep and colon and scheme.lower() in STORAGE_SCHEMES:
+            rest = rest.lstrip("/")
+            meant = f"{scheme}:///{rest}" if scheme.lower() == "file" else f"{scheme}://{rest}"
+            raise ValueError(f"{value!r} is not a URI ({scheme}: needs two slashes); write "
+                             f"{meant!r}")
         return value
 
     @field_validator("name")
@@ -322,10 +416,15 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _finite_numbers(self) -> RunConfig:
         for section, key in (("train", "lr"), ("train", "weight_decay"), ("tracker", "min_delta"),
-                             ("scaling", "cpus_per_worker")):
+                             ("scaling", "cpus_per_worker"), ("tune", "reduction_factor"),
+                             ("tracker", "stop_at"), ("tracker", "divergence"),
+                             ("tracker", "baseline"), ("tracker", "initial_best")):
             value = getattr(getattr(self, section), key)
-            if not math.isfinite(value):
+            if value is not None and not math.isfinite(value):
                 raise ValueError(f"{section}.{key}: must be a finite number, got {value!r}")
+        if self.tracker.baseline is not None and self.tracker.patience is None:
+            raise ValueError("tracker.baseline: it must be beaten within tracker.patience "
+                             "evaluations; set tracker.patience too (e.g. 3)")
         if self.wandb.model_files == "reference" and not self.storage_path.lower().startswith(
                 ("s3://", "gs://", "gcs://")):
             raise ValueError("wandb.model_files: reference points W&B at the checkpoints in an "
@@ -339,7 +438,46 @@ class RunConfig(_Section):
                 raise ValueError("scaling.strategy: fsdp shards the model over the workers and "
                                  "needs at least 2 (scaling.num_workers); with 1, use ddp")
         self._engine_trains_with_these()
+        self._partners_given()
+        self._schedulers_fit_the_run()
+        if not self.wandb.project and self.wandb.mode != "disabled":
+            problem = wandb_project_problem(self.name)
+            if problem:
+                raise ValueError(f"wandb.project: not set, so it is the run's name "
+                                 f"{self.name!r}, and {problem}; set wandb.project")
         return self
+
+    def _partners_given(self) -> None:
+        """A key that only one value of another key uses, given (not left at its default) with
+        another value: it would do nothing, so it is a mistake (a leftover, or the partner
+        forgotten or mistyped), refused as the engines refuse the keys they ignore."""
+        for key, default, partner, used_with in _PARTNERS:
+            value, partner_value = self._dotted(key), self._dotted(partner)
+            if value != default and partner_value not in used_with:
+                uses = " or ".join(used_with)
+                raise ValueError(f"{key}: only {partner} {uses} uses it, and {partner} is "
+                                 f"{partner_value}; leave it out or set {partner}: {uses}")
+        if self.tracker.min_delta and self.tracker.patience is None:
+            raise ValueError("tracker.min_delta: only tracker.patience uses it (what counts as "
+                             "progress; the best model is always the strictly best value), and "
+                             "tracker.patience is null; leave it out or set tracker.patience")
+
+    def _schedulers_fit_the_run(self) -> None:
+        """What Ray Tune's ASHA and PBT assert about their intervals and the run's length
+        (``max_t`` is ``train.epochs``), said as the key to change."""
+        t, epochs = self.tune, self.train.epochs
+        if t.scheduler == "asha" and t.grace_period > epochs:
+            raise ValueError(f"tune.grace_period: {t.grace_period} epochs is longer than the "
+                             f"run (train.epochs: {epochs}); ASHA stops no trial before it; "
+                             f"use at most {epochs}")
+        if t.scheduler == "pbt" and t.perturbation_interval >= epochs:
+            raise ValueError(f"tune.perturbation_interval: {t.perturbation_interval} epochs is "
+                             f"not shorter than the run (train.epochs: {epochs}); no trial "
+                             f"would ever exploit another; use at most {epochs - 1}")
+
+    def _dotted(self, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
 
     def _engine_trains_with_these(self) -> None:
         """The optimisation keys an engine other than torch does not take."""

@@ -1,7 +1,8 @@
 """Loading a user's workload: ``build(**params)`` from ``module:function``.
 
 The returned object only needs the attributes below (a ``Workload``, a SimpleNamespace,
-anything): plain user code never has to import this project.
+anything), or is a mapping with those keys (taken as a SimpleNamespace): plain user code never
+has to import this project.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import importlib
 import inspect
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -75,10 +77,13 @@ def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
         from workers.engines.fastai.learner import learner_workload
 
         workload = learner_workload(workload)
+    kind = "an object"
+    if isinstance(workload, Mapping):  # {"model": ..., "train_dataset": ...}: its keys
+        workload, kind = SimpleNamespace(**{str(k): v for k, v in workload.items()}), "a mapping"
     missing = [name for name in REQUIRED if getattr(workload, name, None) is None]
     if missing:
         raise WorkloadError(
-            f"workload.entrypoint: {entrypoint} returned an object without "
+            f"workload.entrypoint: {entrypoint} returned {kind} without "
             f"{', '.join(missing)} (needs {', '.join(REQUIRED)})"
         )
     if not isinstance(workload.model, torch.nn.Module):

@@ -1,19 +1,26 @@
 """The best-model tracker: pure decision logic, no I/O, no torch.distributed.
 
-It lives on rank 0 only. Each epoch it is given the epoch's global metrics (identical on
-every rank) and answers two questions: did the monitored metric improve, and should
-training stop (patience)? Its state round-trips through ``state_dict`` so that a resumed
-run never forgets how good its best model was.
+It lives on rank 0 only. Each evaluation it is given the global metrics (identical on every
+rank) and answers two questions: did the monitored metric improve, and should training stop?
+Its state round-trips through ``state_dict`` so that a resumed run never forgets how good its
+best model was.
 
 The best is the strictly best value seen (a tie is not an improvement); ``min_delta`` only
 decides what counts as progress for patience, as in Lightning's and Keras' EarlyStopping and
 transformers' EarlyStoppingCallback, while their checkpoints keep the strictly best model.
+
+The thresholds follow their peers (docs/config.md names each): ``stop_at`` and ``divergence``
+are Lightning's ``stopping_threshold`` and ``divergence_threshold`` (strict comparisons),
+``baseline`` and ``start_from_epoch`` Keras' EarlyStopping's, ``initial_best`` Keras'
+ModelCheckpoint ``initial_value_threshold``. With ``smoothing`` every decision (best, progress,
+thresholds) is made on the smoothed value (``Smoother``); the record keeps both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workers.contract.config import monitor_mode
@@ -30,6 +37,40 @@ class Decision:
     should_stop: bool
     best_epoch: int | None
     best_value: float | None
+    value: float = math.nan  # what was decided on: the monitored value, smoothed if asked
+    stop_reason: str | None = None  # one line, when should_stop
+
+
+@dataclass
+class Smoother:
+    """``tracker.smoothing``: an exponential moving average (``ema``: the previous smoothed
+    value's weight, s = ema * s + (1 - ema) * x, starting at the first value) or the mean of
+    the last ``window`` values. Non-finite values are not taken in (a NaN would poison every
+    later average): such an evaluation is decided on its raw value, which never improves."""
+
+    ema: float | None = None
+    window: int | None = None
+    value: float | None = None
+    recent: deque = field(default_factory=deque)
+
+    def add(self, x: float) -> float:
+        if not math.isfinite(x):
+            return x
+        if self.ema is not None:
+            self.value = x if self.value is None else self.ema * self.value + (1 - self.ema) * x
+            return self.value
+        self.recent.append(x)
+        while len(self.recent) > (self.window or 1):
+            self.recent.popleft()
+        return sum(self.recent) / len(self.recent)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "window": self.window, "value": self.value,
+                "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("ema") == self.ema and state.get("window") == self.window:
+            self.value, self.recent = state["value"], deque(state["recent"])
 
 
 class BestTracker:
@@ -39,6 +80,13 @@ class BestTracker:
         mode: Literal["auto", "min", "max"] = "auto",
         min_delta: float = 0.0,
         patience: int | None = None,
+        *,
+        stop_at: float | None = None,
+        divergence: float | None = None,
+        baseline: float | None = None,
+        start_from_epoch: int = 0,
+        initial_best: float | None = None,
+        smoothing: dict[str, Any] | None = None,
     ) -> None:
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
@@ -48,6 +96,9 @@ class BestTracker:
         self.mode = monitor_mode(monitor, mode)
         self.min_delta = min_delta
         self.patience = patience
+        self.stop_at, self.divergence, self.baseline = stop_at, divergence, baseline
+        self.start_from_epoch, self.initial_best = start_from_epoch, initial_best
+        self.smoother = Smoother(**smoothing) if smoothing else None
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, float] | None = None
@@ -68,8 +119,10 @@ class BestTracker:
         return value > reference + delta
 
     def is_improvement(self, value: float) -> bool:
-        """A new best model: strictly better than the best so far (min_delta plays no part)."""
-        return self.beats(value, self.best_value)
+        """A new best model: strictly better than the best so far (min_delta plays no part),
+        and than ``initial_best`` before any."""
+        return self.beats(value, self.initial_best if self.best_value is None
+                          else self.best_value)
 
     def update(self, epoch: int, metrics: dict[str, Any]) -> Decision:
         if self.monitor not in metrics:
@@ -78,22 +131,42 @@ class BestTracker:
                 f"tracker.monitor: {self.monitor!r} is not reported by this run; "
                 f"it reports: {reported}"
             )
-        value = float(metrics[self.monitor])
+        raw = float(metrics[self.monitor])
+        value = self.smoother.add(raw) if self.smoother else raw
         improved = self.is_improvement(value)
-        if self.beats(value, self.progress_value, self.min_delta):
-            self.progress_value = value
-            self.epochs_without_improvement = 0
-        else:
-            self.epochs_without_improvement += 1
+        if epoch > self.start_from_epoch:  # before it, nothing counts for patience (Keras)
+            if (self.beats(value, self.progress_value, self.min_delta)
+                    and (self.baseline is None or self.beats(value, self.baseline,
+                                                             self.min_delta))):
+                self.progress_value = value
+                self.epochs_without_improvement = 0
+            else:
+                self.epochs_without_improvement += 1
         if improved:
             self.best_value = value
             self.best_epoch = epoch
             self.best_metrics = {k: float(v) for k, v in metrics.items()}
             self.improvements += 1
-        should_stop = (
-            self.patience is not None and self.epochs_without_improvement >= self.patience
-        )
-        return Decision(improved, should_stop, self.best_epoch, self.best_value)
+        reason = self.stop_reason(value)
+        return Decision(improved, reason is not None, self.best_epoch, self.best_value, value,
+                        reason)
+
+    def stop_reason(self, value: float) -> str | None:
+        """Why the run stops after this evaluation (one line), or None: the thresholds first,
+        as Lightning checks them, then patience."""
+        name = self.monitor + (" (smoothed)" if self.smoother else "")
+        if self.stop_at is not None and self.beats(value, self.stop_at):
+            return f"tracker.stop_at: {name} {value:.6g} reached {self.stop_at:g}"
+        if self.divergence is not None and math.isfinite(value) and (
+                value > self.divergence if self.mode == "min" else value < self.divergence):
+            return f"tracker.divergence: {name} {value:.6g} is worse than {self.divergence:g}"
+        if self.patience is not None and self.epochs_without_improvement >= self.patience:
+            if self.baseline is not None:
+                return (f"tracker.baseline: {name} did not beat {self.baseline:g} in "
+                        f"{self.patience} evaluations (tracker.patience)")
+            return (f"tracker.patience: {self.patience} evaluations without progress on "
+                    f"{name}" + (f" by more than {self.min_delta:g}" if self.min_delta else ""))
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         # Plain numbers and strings only: this goes into a weights_only torch file and JSON.
@@ -108,6 +181,7 @@ class BestTracker:
             "epochs_without_improvement": self.epochs_without_improvement,
             "improvements": self.improvements,
             "progress_value": self.progress_value,
+            "smoother": self.smoother.state_dict() if self.smoother else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -121,3 +195,5 @@ class BestTracker:
         self.improvements = state["improvements"]
         # A state saved before progress was kept apart: the best was where progress stood.
         self.progress_value = state.get("progress_value", self.best_value)
+        if self.smoother and state.get("smoother"):
+            self.smoother.load_state_dict(state["smoother"])

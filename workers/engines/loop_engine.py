@@ -33,6 +33,7 @@ from workers.loop.sharding import (
 from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
+    check_metrics,
     classes_from,
     collate_of,
     first_batch,
@@ -237,6 +238,7 @@ class LoopContext:
                 model, self._batches, first_batch(self.workload.train_dataset, self._collate),
                 model_device(model), to_device)
             self._metrics = workload_metrics(self.workload, classes_from(logits, target))
+            check_metrics(self._metrics, logits, target)
         return self._metrics
 
     def report(self, metrics: dict[str, Any], model: torch.nn.Module | None = None) -> bool:

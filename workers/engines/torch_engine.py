@@ -44,6 +44,7 @@ from workers.loop.sharding import (
 from workers.loop.steps import (
     accumulate,
     broadcast_buffers,
+    check_metrics,
     classes_from,
     collate_of,
     first_batch,
@@ -86,6 +87,7 @@ def setup(worker: Worker) -> TorchParts:
     logits, target = check_first_batch(plain, batches, sample_batch(worker, "train"),
                                        model_device(plain), to_device)
     metrics = workload_metrics(workload, classes_from(logits, target))
+    check_metrics(metrics, logits, target)  # on that batch too: a metric it fails is one line
     # Before the first epoch, not after it: a misspelt monitor costs seconds, not an epoch.
     require_monitor(cfg.tracker.monitor, epoch_metric_names(metrics))
     train_loader, val_loader = train_split(worker), val_split(worker)

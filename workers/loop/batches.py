@@ -79,26 +79,38 @@ class Batches:
 
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None
     label_key: str = DEFAULT_LABEL_KEY
+    collate_fn_given: bool = False  # the workload's collate_fn makes the batches
 
     @classmethod
     def of(cls, workload: Any) -> Batches:
         return cls(getattr(workload, "loss_fn", None),
-                   getattr(workload, "label_key", None) or DEFAULT_LABEL_KEY)
+                   getattr(workload, "label_key", None) or DEFAULT_LABEL_KEY,
+                   getattr(workload, "collate_fn", None) is not None)
 
-    def split(self, batch: Any) -> tuple[Any, Any]:
-        """(the model's inputs, the target)."""
+    def split(self, batch: Any, split: str | None = None) -> tuple[Any, Any]:
+        """(the model's inputs, the target). ``split``: the split whose first batch this is,
+        named by an error (None: a batch of a running loop). An error begins with the key it is
+        about: ``label_key``, ``collate_fn`` (when the workload's makes the batches), else the
+        split's dataset, whose samples the default collate stacked."""
+        which = f"{split}_dataset's first batch" if split else "a batch"
         if isinstance(batch, Mapping):
             if self.label_key not in batch:
                 raise UserInputError(
-                    f"a batch is a mapping without the label key {self.label_key!r} (its keys: "
-                    f"{', '.join(map(str, batch))}); name the key with the workload's label_key")
+                    f"workload.label_key: {which} is a mapping without the label key "
+                    f"{self.label_key!r} (its keys: {', '.join(map(str, batch))}); set the "
+                    "workload's label_key to the target's key")
             inputs = (dict(batch) if self.loss_fn is None else
                       {k: v for k, v in batch.items() if k != self.label_key})
             return inputs, batch[self.label_key]
         if isinstance(batch, (list, tuple)) and len(batch) == 2:
             return batch[0], batch[1]
-        raise UserInputError(f"a batch ({describe(batch)}) is neither an (input, target) pair "
-                             f"nor a mapping with {self.label_key!r}")
+        neither = f"neither an (input, target) pair nor a mapping with {self.label_key!r}"
+        if self.collate_fn_given:
+            raise UserInputError(f"workload.collate_fn: it made {which} {describe(batch)}, "
+                                 f"{neither}")
+        raise UserInputError(f"{f'workload.{split}_dataset: ' if split else ''}a batch "
+                             f"({describe(batch)}) is {neither}; make its samples (input, "
+                             "target) pairs or mappings, or give a collate_fn")
 
     @staticmethod
     def forward(model: torch.nn.Module, inputs: Any) -> Any:
@@ -135,12 +147,14 @@ def blamed_on(what: str) -> Iterator[None]:
 
 
 def check_first_batch(model: torch.nn.Module, batches: Batches, batch: Any,
-                      device: torch.device, to_device: Callable[[Any, torch.device], Any]
-                      ) -> tuple[torch.Tensor, Any]:
+                      device: torch.device, to_device: Callable[[Any, torch.device], Any],
+                      split: str = "train") -> tuple[torch.Tensor, Any]:
     """One batch through the model before training: a batch the model cannot take, an output
     without logits or a missing loss is one line naming what was passed, not an epoch lost.
-    Returns the batch's (logits, target), from which the loop learns the number of classes."""
-    inputs, target = batches.split(batch)
+    Returns the batch's (logits, target), from which the loop learns the number of classes
+    (and on which the loop tries its metrics: ``steps.check_metrics``). ``split``: whose
+    first batch it is."""
+    inputs, target = batches.split(batch, split)
     was_training = model.training
     model.eval()
     try:

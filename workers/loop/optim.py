@@ -97,19 +97,25 @@ def cos_anneal(start: float, end: float, pct: float) -> float:
 
 
 def check_warmup(cfg: RunConfig, total: int, per_epoch: int | None) -> None:
-    """``per_epoch`` None: a stream's run, whose steps are train.max_steps."""
+    """``total``: the run's optimizer steps, train.max_steps or (``per_epoch``: this rank's
+    steps per epoch) the epochs'; ``per_epoch`` None: a stream's run, whose steps per epoch
+    no rank knows (its ``total`` is train.max_steps)."""
     t = cfg.train
     limit = total - 1 if cfg.schedule == "one_cycle" else total
+    if t.max_steps or per_epoch is None:
+        why = f"train.max_steps: {t.max_steps}"
+        more = "a larger train.max_steps"
+    else:
+        why = (f"{per_epoch} per epoch on each worker (its batches / train.grad_accum_steps "
+               f"{t.grad_accum_steps}) x train.epochs {t.epochs}")
+        more = "more epochs"
     if t.warmup_steps > limit:
-        why = ("train.max_steps" if per_epoch is None else
-               f"{per_epoch} per epoch on each worker: its batches / grad_accum_steps "
-               f"{t.grad_accum_steps}, x {t.epochs} epochs")
         raise UserInputError(
             f"train.warmup_steps: {t.warmup_steps} is more than this run's {total} optimizer "
             f"steps ({why}); use at most {limit}")
     if cfg.schedule == "one_cycle" and not t.warmup_steps and ONE_CYCLE_RISE * total < 2:
         raise UserInputError(f"train.schedule: one_cycle needs at least 7 optimizer steps, "
-                             f"this run has {total}; use constant or more epochs")
+                             f"this run has {total} ({why}); use constant or {more}")
 
 
 def built_in_schedule(cfg: RunConfig, total: int) -> Schedule:

@@ -1,5 +1,7 @@
 """What a run will report, learned before any of its workers start: its workload built once,
-as every rank builds it, on a Ray worker like theirs (where its data and imports live)."""
+as every rank builds it, on a Ray worker like theirs (where its data and imports live), and
+(``engine: torch``) its first batch through the model and the loss as the loop checks it, so
+a search finds such a mistake before it touches any directory."""
 
 from __future__ import annotations
 
@@ -12,9 +14,18 @@ from workers.contract.config import RunConfig
 from workers.contract.errors import UserInputError
 from workers.contract.workload import build_workload
 from workers.decisions.metrics import spec_directions
-from workers.loop.batches import Batches
+from workers.loop.batches import Batches, check_first_batch
 from workers.loop.reporter import epoch_metric_names, require_monitor
-from workers.loop.steps import infer_num_classes, split_collate, workload_metrics
+from workers.loop.steps import (
+    classes_from,
+    first_batch,
+    infer_num_classes,
+    model_device,
+    split_collate,
+    split_of,
+    to_device,
+    workload_metrics,
+)
 
 
 def built(cfg: RunConfig) -> Any:
@@ -28,6 +39,13 @@ def reported_metrics(cfg: RunConfig, workload: Any) -> list[str]:
     learner = getattr(workload, "extras", {}).get("learner") if cfg.engine == "fastai" else None
     if learner is not None:
         metrics = workload.metrics  # the Learner's own, as mergeable sums
+    elif cfg.engine == "torch":  # its first batch as the torch loop checks it: the loss too
+        batches = Batches.of(workload)
+        batch = first_batch(workload.train_dataset, split_collate(workload, "train"))
+        split_of(batches, batch, "train")  # a batch of the wrong shape: blamed on the split
+        logits, target = check_first_batch(workload.model, batches, batch,
+                                           model_device(workload.model), to_device)
+        metrics = workload_metrics(workload, classes_from(logits, target))
     else:
         num_classes = infer_num_classes(workload.model, workload.train_dataset,
                                         torch.device("cpu"), Batches.of(workload),

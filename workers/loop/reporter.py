@@ -44,6 +44,16 @@ def epoch_metric_names(metrics: Iterable[Any]) -> list[str]:
     return ["train_loss", "val_loss", *(f"val_{n}" for m in metrics for n in reported_names(m))]
 
 
+def tracker_of(cfg: RunConfig) -> BestTracker:
+    """The run's tracker, as ``tracker.*`` sets it."""
+    t = cfg.tracker
+    return BestTracker(t.monitor, t.mode, t.min_delta, t.patience, stop_at=t.stop_at,
+                       divergence=t.divergence, baseline=t.baseline,
+                       start_from_epoch=t.start_from_epoch, initial_best=t.initial_best,
+                       smoothing=t.smoothing.model_dump(exclude_none=True) if t.smoothing
+                       else None)
+
+
 def require_monitor(monitor: str, reported: Iterable[str]) -> None:
     names = sorted(reported)
     if monitor not in names:
@@ -102,8 +112,7 @@ class EpochReporter:
         cfg = worker.cfg
         tracker = None
         if worker.is_rank_zero:
-            tracker = BestTracker(cfg.tracker.monitor, cfg.tracker.mode, cfg.tracker.min_delta,
-                                  cfg.tracker.patience)
+            tracker = tracker_of(cfg)
             if worker.restored.tracker_state is not None:
                 tracker.load_state_dict(worker.restored.tracker_state)
         saver = AsyncSaver()
@@ -156,6 +165,11 @@ class EpochReporter:
         cfg, tracker = self.cfg, self.tracker
         decision = tracker.update(epoch, record)
         stop = decision.should_stop or diverged
+        if tracker.smoother is not None:  # the record keeps both values
+            record[f"{tracker.monitor}_smoothed"] = decision.value
+            metrics[f"{tracker.monitor}_smoothed"] = decision.value
+        if decision.stop_reason:  # one line: the driver says it and the summary keeps it
+            metrics["stop_reason"] = decision.stop_reason
         save = decide_save(
             cfg.checkpoint.policy, at.evaluation if at else epoch, improved=decision.improved,
             is_final=stop or (final if final is not None else epoch == cfg.train.epochs),

@@ -6,6 +6,8 @@ padded, so every sample is counted exactly once across ranks whatever the set si
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,8 +16,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
 from workers.contract.errors import UserInputError
-from workers.decisions.metrics import MeanLoss, build_metrics, pack_states, unpack_compute
-from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, logits_of
+from workers.decisions.metrics import (
+    MeanLoss,
+    TorchMetric,
+    TorchMetricCollection,
+    build_metrics,
+    pack_states,
+    unpack_compute,
+)
+from workers.loop.batches import Batches, as_batches, batch_size, blamed_on, describe, logits_of
 from workers.loop.iterable import first_item, is_iterable
 from workers.loop.optim import Stepper
 from workers.loop.ray_data import StreamedEval, first_rows, is_ray_dataset, rows_collate
@@ -131,11 +140,8 @@ def first_batch(dataset: Any, collate: Callable[[Any], Any], split: str = "train
 
 
 def split_of(batches: Batches, batch: Any, split: str) -> tuple[Any, Any]:
-    """``batches.split(batch)`` of a split's first batch, a failure blamed on the split."""
-    try:
-        return batches.split(batch)
-    except UserInputError as exc:
-        raise UserInputError(f"workload.{split}_dataset: {exc}") from None
+    """``batches.split(batch)`` of a split's first batch, a failure naming the split."""
+    return batches.split(batch, split)
 
 
 def classes_from(logits: torch.Tensor, target: Any) -> int | None:
@@ -173,6 +179,55 @@ def workload_metrics(workload: Any, num_classes: int | None) -> list[Any]:
         return build_metrics(spec, num_classes)
     except ValueError as exc:  # the workload's metrics: the user's to fix, never retried
         raise UserInputError(f"workload.{exc}") from None
+
+
+def check_metrics(metrics: Sequence[Any], logits: torch.Tensor, target: Any) -> None:
+    """The metrics tried on the first batch (``check_first_batch``'s logits and target) before
+    training, each on a throwaway copy: one that cannot take them (a torchmetrics metric built
+    for another number of classes) is one line naming it, not a first evaluation failed after
+    an epoch; so is one whose value is not one number (a per-class vector). A value one batch
+    is too small for (an error computing it) is left to the evaluations."""
+    target = to_device(target, logits.device)
+    for metric in metrics:
+        parts = (metric.members if isinstance(metric, TorchMetricCollection)
+                 else {metric.name: metric})
+        for name, part in parts.items():
+            try_metric(name, part, logits.detach(), target)
+
+
+def one_process() -> bool:
+    """A metric copy's ``distributed_available_fn``: its value on this rank's batch alone."""
+    return False
+
+
+def try_metric(name: str, metric: Any, logits: torch.Tensor, target: Any) -> None:
+    inner = metric.metric if isinstance(metric, TorchMetric) else metric
+    try:
+        trial, undo = copy.deepcopy(metric), None
+    except Exception:  # noqa: BLE001 - a metric deepcopy cannot copy: tried itself, then reset
+        trial, undo = metric, metric.reset
+    if isinstance(trial, TorchMetric):  # computed without gathering from other ranks
+        trial.metric.distributed_available_fn = one_process
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # one batch: a class missing, a sample too few
+            with blamed_on(f"workload.metrics: {name} ({type(inner).__name__}) fails on the "
+                           f"first batch's logits ({describe(logits)}) and target "
+                           f"({describe(target)})"):
+                trial.update(logits, target)
+            try:
+                value = trial.compute(trial.state())
+            except UserInputError:
+                raise  # not one number (``TorchMetric.as_number``)
+            except Exception:  # noqa: BLE001 - one batch may be too few (R2Score: 2 samples)
+                return
+    finally:
+        if undo is not None:
+            undo()
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        TorchMetric.as_number(name, inner, value)  # raises: one line naming the metric
 
 
 def shard(dataset: Any, rank: int, world_size: int) -> Any:
