@@ -76,9 +76,10 @@ class ScalingSection(_Section):
         "workload's fsdp_blocks, else each direct child of the model with parameters)")
     find_unused_parameters: bool | Literal["auto"] = Field(
         "auto", description="ddp: whether a step may leave some parameters without a gradient "
-        "(an unused head, LayerDrop, an auxiliary branch); auto: found out on the first "
-        "training step (DDP then looks for them each step); true: always look (slower); "
-        "false: never (DDP fails on such a model). Frozen (requires_grad=False) parameters "
+        "(an unused head, LayerDrop, an auxiliary branch); auto: found out from a forward and "
+        "backward of the first batch (in eval mode: LayerDrop, random in training only, needs "
+        "true); true: always look (slower); false: never (DDP fails on such a model, in one "
+        "line naming this key). Frozen (requires_grad=False) parameters "
         "never count. Lightning's ddp_find_unused_parameters_true, transformers' "
         "ddp_find_unused_parameters")
 

@@ -214,10 +214,16 @@ def trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def unused_parameters(module: nn.Module, probe: Probe, seed: int | None = None) -> list[str]:
-    """Names of the trainable parameters of ``module`` that one training step (``probe``: its
-    forward and loss on a batch, then backward here) leaves without a gradient. The module is
-    left as it was: its buffers (BatchNorm's running statistics) restored, no gradients, its
-    train/eval mode; the RNGs too (``seed``: torch's for the step, e.g. the first epoch's)."""
+    """Names of the trainable parameters of ``module`` that a forward and backward of the
+    first batch (``probe``: its forward and loss on a batch, then backward here) leaves
+    without a gradient, in eval mode: a step of the module's own training would be seen by
+    the user's code (a model counting its training forwards, recording its samples, updating
+    state of its own), where an eval forward is what every evaluation makes anyway. So it
+    finds what is unused whatever the randomness (an unused head, a branch never taken);
+    what only training skips at random (LayerDrop) surfaces as DDP's error, which
+    ``unused_parameters_named`` turns into one line naming the setting. The module is left
+    as it was: its buffers restored, no gradients, its train/eval mode; the RNGs too
+    (``seed``: torch's for the forward, e.g. the first epoch's)."""
     params = trainable(module)
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     was_training = module.training
@@ -227,7 +233,7 @@ def unused_parameters(module: nn.Module, probe: Probe, seed: int | None = None) 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            module.train()
+            module.eval()
             for _, p in params:
                 p.grad = None
             probe(module).backward()
