@@ -7,17 +7,13 @@ over is trained once, on one rank."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
-from tests.distributed.test_global_metrics import free_port
+from tests.distributed.ranks import in_ranks
 from workers.loop.iterable import RankShare, TrainStream
 from workers.loop.optim import Stepper
 from workers.loop.steps import train_epoch
@@ -85,34 +81,13 @@ def train_case(rank: int, accum: int) -> dict[str, Any]:
             "weights": plain.linear.weight.detach().clone()}
 
 
-def rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        out = {accum: train_case(rank, accum) for accum in ACCUMS}
-    finally:
-        dist.destroy_process_group()
-    torch.save(out, Path(out_dir, f"rank{rank}.pt"))
+def every_accum(rank: int) -> dict[int, Any]:
+    return {accum: train_case(rank, accum) for accum in ACCUMS}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[int, Any]]:
-    out_dir = tmp_path_factory.mktemp("iterable")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, str(out_dir)))
-             for r in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():  # a rank waiting in an all-reduce the other never makes
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed or hung"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return in_ranks(every_accum, tmp_path_factory.mktemp("iterable"), WORLD_SIZE)
 
 
 @pytest.mark.parametrize("accum", ACCUMS)

@@ -4,17 +4,13 @@ one process computing them over the whole set."""
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.distributed.test_global_metrics import free_port
+from tests.distributed.ranks import in_ranks
 from workers.decisions.metrics import build_metrics
 from workers.loop.steps import accumulate, evaluate_dataset, global_metrics, shard
 
@@ -35,37 +31,21 @@ def workload() -> tuple[torch.nn.Module, TensorDataset]:
     return model, TensorDataset(x, y)
 
 
-def rank_main(rank: int, port: int, out_dir: str) -> None:
+def auroc_ranks(rank: int) -> dict[str, float]:
     from torchmetrics.classification import MulticlassAUROC, MulticlassAveragePrecision
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        model, dataset = workload()
-        metrics = build_metrics({"auroc": MulticlassAUROC(num_classes=2),
-                                 "ap": MulticlassAveragePrecision(num_classes=2)}, 2)
-        loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
-        loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
-        values = global_metrics([("val", loss, metrics)], CPU)
-    finally:
-        dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
+    model, dataset = workload()
+    metrics = build_metrics({"auroc": MulticlassAUROC(num_classes=2),
+                             "ap": MulticlassAveragePrecision(num_classes=2)}, 2)
+    loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
+    loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
+    return global_metrics([("val", loss, metrics)], CPU)
 
 
 def test_auroc_and_average_precision_equal_one_process(tmp_path: Path) -> None:
     from torchmetrics.classification import MulticlassAUROC, MulticlassAveragePrecision
 
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, str(tmp_path)))
-             for r in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    ranks = in_ranks(auroc_ranks, tmp_path, WORLD_SIZE)
     assert ranks[0] == ranks[1]
     assert set(ranks[0]) == {"val_loss", "val_auroc", "val_ap"}
 
@@ -100,34 +80,19 @@ def collection_metrics() -> list:
     return build_metrics({"group": group, "auroc": MulticlassAUROC(num_classes=2)}, 2)
 
 
-def collection_rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        model, dataset = workload()
-        metrics = collection_metrics()
-        loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
-        values = {}
-        for _ in range(2):  # a second evaluation starts from reset states
-            loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
-            values = global_metrics([("val", loss, metrics)], CPU)
-    finally:
-        dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
+def collection_ranks(rank: int) -> dict[str, float]:
+    model, dataset = workload()
+    metrics = collection_metrics()
+    loader = DataLoader(shard(dataset, rank, WORLD_SIZE), batch_size=BATCH)
+    values = {}
+    for _ in range(2):  # a second evaluation starts from reset states
+        loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
+        values = global_metrics([("val", loss, metrics)], CPU)
+    return values
 
 
 def test_a_metric_collection_with_a_compute_group_equals_one_process(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=collection_rank_main, args=(r, port, str(tmp_path)))
-             for r in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    ranks = in_ranks(collection_ranks, tmp_path, WORLD_SIZE)
     assert ranks[0] == ranks[1]
     assert set(ranks[0]) == {"val_loss", "val_group_cls_acc", "val_group_cls_prec",
                              "val_group_cls_rec", "val_auroc"}

@@ -11,18 +11,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-from datetime import timedelta
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from tests.distributed.test_global_metrics import free_port
+from tests.distributed.ranks import in_ranks
 from tests.workloads.unused_params import build
 from workers.loop.batches import Batches
 from workers.loop.sharding import find_unused, loss_probe, unused_parameters_error
@@ -107,33 +103,9 @@ def rank_cases(rank: int) -> dict[str, Any]:
     return out
 
 
-def rank_main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    try:
-        out = rank_cases(rank)
-    finally:
-        dist.destroy_process_group()
-    torch.save(out, Path(out_dir, f"rank{rank}.pt"))
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("unused")
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, port, str(out_dir)))
-             for r in range(WORLD_SIZE)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return in_ranks(rank_cases, tmp_path_factory.mktemp("unused"), WORLD_SIZE, timeout=120)
 
 
 def test_auto_finds_the_unused_head_and_leaves_the_model_as_it_was(ranks: Any) -> None:
