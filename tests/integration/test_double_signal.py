@@ -19,6 +19,8 @@ import yaml
 
 from tests.integration.conftest import REPO, RunProcesses, overfit_config, recorded, wait_for
 from tests.integration.test_interrupts import gone, last_line, summary_of
+from tests.integration.test_wandb import history_rows
+from tests.integration.test_wandb import wandb_env as wandb_env  # a fixture, re-exported
 
 pytestmark = pytest.mark.integration
 
@@ -40,19 +42,21 @@ def bounded_run(tmp_path: Path, env: dict[str, str], run: RunProcesses,
 
 
 def clean(out: str, err: str) -> None:
-    """Nothing of Ray's own (its C++ log lines), no W&B warning (W&B is off), no second
-    stop."""
+    """Nothing of Ray's own (its C++ log lines), no W&B warning (no W&B call failed), no
+    second stop."""
     assert not RAY_LOG_LINE.search(err), err[-3000:]
     assert "W&B" not in err and "again: stopping now" not in out + err, (out[-2000:],
                                                                         err[-2000:])
 
 
 def test_sigterm_to_timeout_is_one_stop_and_resume_prints_every_evaluation_once(
-        tmp_path, ray_tmp):
+        wandb_env, ray_tmp):
+    tmp_path = wandb_env
     # Each training batch lasts 0.3 s, so that the signal lands mid-run.
     cfg = overfit_config(tmp_path, name="bounded",
                          train={"epochs": EPOCHS, "eval_every_n_steps": 1},
-                         workload={"params": {"step_seconds": 0.3}})
+                         workload={"params": {"step_seconds": 0.3}},
+                         wandb={"mode": "offline"})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     run_dir = tmp_path / "runs" / "bounded"
     run = RunProcesses(marker=ray_tmp)
@@ -76,7 +80,7 @@ def test_sigterm_to_timeout_is_one_stop_and_resume_prints_every_evaluation_once(
                  if (p / "metadata.json").is_file()]
     assert preempted == [f"checkpoint_step{summary['global_step']:08d}_preempt_"
                          + preempted[0].rsplit("_", 1)[1]], preempted
-    wait_for(lambda: gone(run), 30, "the run's Ray processes to exit")
+    wait_for(lambda: gone(run), 120, "the run's Ray processes to exit")  # a loaded machine
 
     proc = bounded_run(tmp_path, env, run, "--resume")
     second_out, second_err = proc.communicate(timeout=400)
@@ -87,4 +91,9 @@ def test_sigterm_to_timeout_is_one_stop_and_resume_prints_every_evaluation_once(
     assert final["status"] == "completed" and steps == list(range(1, 2 * EPOCHS + 1))
     printed = Counter(int(n) for n in EVALUATION.findall(first_out + second_out))
     assert printed == Counter(steps), (first_out, second_out)
-    wait_for(lambda: gone(run), 60, "the run's Ray processes to exit")
+    # Each driver logs a W&B run of its own: together they hold every evaluation of the
+    # record once (the stopped one's last evaluations too, logged before its summary).
+    logged = Counter(row["global_step"] for run in (summary, final)
+                     for row in history_rows(run["wandb"]["run"]) if "val_loss" in row)
+    assert logged == Counter(steps), logged
+    wait_for(lambda: gone(run), 120, "the run's Ray processes to exit")
