@@ -111,8 +111,12 @@ _started_here: list[str] = []  # the dashboard URL of the local Ray this process
 
 
 def started_here() -> bool:
-    """Whether the Ray this process is connected to is the local one it started."""
-    return bool(_started_here) and _started_here[-1] == dashboard_url()
+    """Whether the Ray this process is connected to is the local one it started (False when
+    it is connected to none: the one it started may have been shut down since)."""
+    import ray
+
+    return (bool(_started_here) and ray.is_initialized()
+            and _started_here[-1] == dashboard_url())
 
 
 @contextmanager

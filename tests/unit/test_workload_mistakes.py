@@ -82,3 +82,14 @@ def test_a_build_returning_a_dict_is_taken_as_its_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model, **_: model)
     parts = setup(Worker(cfg, 0, 1, torch.device("cpu"), workload, Restored()))
     assert [m.name for m in parts.metrics] == ["accuracy"]
+
+
+def test_a_ray_started_then_shut_down_in_this_process_is_not_the_one_connected(monkeypatch):
+    """The driver-side checks above, after a Ray that this process started and shut down (a
+    test module's, an earlier run of the Python API): no Ray is connected, so none is "the
+    local one it started" (before: Ray's 'not been started yet' error from the dashboard
+    lookup, in whichever test ran next on that process)."""
+    from orchestrator.start import cluster
+
+    monkeypatch.setattr(cluster, "_started_here", ["http://127.0.0.1:8265"])
+    assert cluster.started_here() is False
