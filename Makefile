@@ -29,11 +29,13 @@ PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-load
 # testpaths; not tests/gpu).
 test: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+	$(VENV)/bin/mypy
 	$(PYTEST)
 
 # The edit loop: lint, then the tiers without Ray (no cluster starts). A few minutes on 2 cores.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+	$(VENV)/bin/mypy
 	$(PYTEST) tests/unit tests/distributed -q
 
 # One NVIDIA GPU (skipped, with the reason, where there is none): about 8 minutes at most.
@@ -43,6 +45,7 @@ test-gpu: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check orchestrator workers tests bench scripts
+	$(VENV)/bin/mypy
 
 # docs/config.md is generated from the config schema; tests/unit/test_docs.py checks it is current.
 docs: $(STAMP)

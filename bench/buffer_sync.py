@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.native import free_port
-from workers.loop.steps import all_reduce_sum, broadcast_buffers
+from workers.evaluation.collectives import all_reduce_sum, broadcast_buffers
 
 
 def models() -> dict[str, torch.nn.Module]:

@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, size: str, repeats: int, out: dict
             for _ in range(repeats + 1):  # the first allocates the host image
                 dist.barrier()
                 started = time.perf_counter()
-                weights = (ShardedState(model, optimizer).weights().state_dict()
+                weights = (ShardedState(model, optimizer).weights()
                            if strategy == "fsdp" else model.state_dict())
                 gathered = time.perf_counter()
                 if rank == 0:

@@ -39,11 +39,11 @@ from rich.console import Console as RichConsole
 from rich.table import Table
 
 from orchestrator import storage
-from orchestrator.controller.recorder import RunRecorder
 from orchestrator.results.epochs import merge_into
 from orchestrator.start.console import Console
 from orchestrator.tracking.wandb_run import NullRun
-from orchestrator.training.run import EpochHandler
+from orchestrator.training.driver import EpochHandler
+from orchestrator.training.recorder import RunRecorder
 from workers.contract.config import RunConfig
 from workers.contract.names import RANK_KEY
 

@@ -22,17 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from workers.contract.config import RunConfig
-from workers.contract.workload import build_workload
+from workers.loop.learner import build_workload
+from workers.loop.loaders import shard
+from workers.loop.metric_setup import infer_num_classes, workload_metrics
 from workers.loop.optim import built_in_optimizer
 from workers.loop.runtime import epoch_seed
-from workers.loop.steps import (
-    accumulate,
-    global_metrics,
-    infer_num_classes,
-    shard,
-    train_epoch,
-    workload_metrics,
-)
+from workers.loop.scoring import accumulate, global_metrics
+from workers.loop.training import train_epoch
 
 
 def free_port() -> int:

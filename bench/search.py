@@ -50,7 +50,7 @@ def one(args: argparse.Namespace) -> None:
     """One search in this process; prints its measurements as one JSON line."""
     from orchestrator.search import adaptive
     from orchestrator.search.plan import plan_search
-    from orchestrator.search.run import run_search
+    from orchestrator.search.runner import run_search
     from orchestrator.start.console import Console as RunConsole
     from workers.contract.config import RunConfig
 

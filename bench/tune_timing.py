@@ -29,7 +29,7 @@ def search(root: Path, name: str, concurrent: int) -> RunConfig:
 
 
 def main() -> None:
-    from orchestrator.search.run import run_search
+    from orchestrator.search.runner import run_search
     from orchestrator.start.cluster import init_ray
     from orchestrator.start.console import Console as RunConsole
 

@@ -35,7 +35,7 @@ def main() -> None:
 
     from orchestrator.start.cluster import init_ray
     from orchestrator.start.console import Console as RunConsole
-    from orchestrator.training.run import run_training
+    from orchestrator.training.driver import run_training
 
     root = Path(tempfile.mkdtemp(prefix="wandb-overhead-"))
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):

@@ -37,7 +37,7 @@ def run_variant(name: str, wandb_cfg: dict[str, Any], size: str, epochs: int,
                 root: Path) -> dict[str, Any]:
     from bench.variants import make_config
     from orchestrator.tracking import wandb_run
-    from orchestrator.training.run import run_training
+    from orchestrator.training.driver import run_training
     from workers.contract.config import RunConfig
 
     dirs = {var: root / name.replace(" ", "_").replace(":", "") / var.lower()

@@ -1,7 +1,7 @@
 """The benchmark's workload: an MLP of a chosen size on data generated from a seed.
 
 The monitored metric is ``val_scheduled_loss``: a metric object (the project's metric
-protocol, see ``workers.decisions.metrics``) whose value follows a fixed schedule, so that the same
+protocol, see ``workers.evaluation.metrics``) whose value follows a fixed schedule, so that the same
 epochs improve in every variant and every run, whatever the weights do. The real
 ``val_loss`` and ``val_accuracy`` are computed and reported as usual; only the tracker's
 decisions are pinned. With 10 epochs the schedule improves in epochs 1, 2, 3, 5 and 8.

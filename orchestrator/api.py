@@ -11,6 +11,7 @@ Importing this module imports neither torch nor Ray: a notebook pays for them on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
     from orchestrator.start.config_file import Overrides
     from workers.contract.config import RunConfig
+    from workers.contract.records import CheckpointMetadata, EpochRecord, Summary
 
 
 
@@ -36,15 +38,15 @@ class RunSummary:
     monitor: str
     mode: str
     best_epoch: int | None
-    best_metrics: dict[str, Any] | None
+    best_metrics: EpochRecord | None
     test_metrics: dict[str, float] | None
     best_checkpoint: str | None
     epochs_completed: int
-    history: list[dict[str, Any]] = field(repr=False)
-    record: dict[str, Any] = field(repr=False)
+    history: list[EpochRecord] = field(repr=False)
+    record: Summary = field(repr=False)
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> RunSummary:
+    def from_record(cls, record: Summary) -> RunSummary:
         return cls(
             name=record["name"], status=record["status"], run_dir=record["run_dir"],
             monitor=record["monitor"], mode=record["mode"], best_epoch=record["best_epoch"],
@@ -57,7 +59,8 @@ class RunSummary:
     @property
     def best_value(self) -> float | None:
         """The monitored metric at the best epoch."""
-        return (self.best_metrics or {}).get(self.monitor)
+        metrics: Mapping[str, Any] = self.best_metrics or {}  # the monitor: an open key
+        return metrics.get(self.monitor)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class BestModel:
     """The workload's model holding the best weights, and the checkpoint's metadata."""
 
     model: torch.nn.Module
-    metadata: dict[str, Any]
+    metadata: CheckpointMetadata
     checkpoint: str
     workload: Any = field(repr=False)  # the workload it was built from (its datasets, loss)
 
@@ -99,7 +102,7 @@ def train(config: Any, overrides: Overrides | None = None, *, resume: bool = Fal
     """Train one run to its end (``orchestrator train``); its summary."""
     cfg = _config(config, overrides)
     prepared = prepare(cfg, resume=resume, overwrite=overwrite)  # before Ray is imported
-    from orchestrator.training.run import run_training
+    from orchestrator.training.driver import run_training
 
     record = run_training(cfg, console=console or Console(verbose=verbose), prepared=prepared)
     return RunSummary.from_record(record)
@@ -115,7 +118,7 @@ def tune(config: Any, overrides: Overrides | None = None, *, resume: bool = Fals
 
     cfg = _config(config, overrides)
     prepared = prepare(cfg, resume=resume, overwrite=overwrite, kind="search")
-    from orchestrator.search.run import run_search
+    from orchestrator.search.runner import run_search
 
     run_search(cfg, console=console or Console(verbose=verbose), prepared=prepared)
     record = storage.read_json(storage.join(prepared.run_dir, LEADERBOARD_FILE))
@@ -139,7 +142,7 @@ def best_checkpoint(path: str | Path) -> str:
         if not storage.exists(record_path):
             continue
         try:
-            best = storage.read_json(record_path).get(key)
+            best: str | None = storage.read_json(record_path).get(key)
         except (ValueError, AttributeError) as exc:
             raise UserError(f"{record_path}: damaged, not the record this tool writes "
                             f"({type(exc).__name__}: {exc})") from None
@@ -160,8 +163,8 @@ def load_best(path: str | Path) -> BestModel:
     from ray.train import Checkpoint
 
     from workers.checkpoint.load import load_metadata
-    from workers.checkpoint.saved_model import load_model
     from workers.contract.config import RunConfig
+    from workers.loop.scoring import load_model
 
     checkpoint = best_checkpoint(path)
     with Checkpoint(checkpoint).as_directory() as directory:  # local, or fetched from a URI

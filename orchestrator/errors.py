@@ -2,7 +2,7 @@
 
 - ``UserError``: bad input (config, arguments, workload, resources); one line, exit code 2,
   nothing started or written. Errors of this kind raised inside Ray workers
-  (``workers.contract.errors.UserInputError``) arrive inside Ray's ``WorkerGroupError``; they
+  (``workers.contract.user_errors.UserInputError``) arrive inside Ray's ``WorkerGroupError``; they
   are found there by type, never by matching text.
 - ``TrainingError``: training itself failed (exit code 1).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 
 
 class UserError(Exception):

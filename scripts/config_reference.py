@@ -194,8 +194,8 @@ def render() -> str:
 
 def direction_table() -> list[str]:
     """``tracker.mode: auto``'s order of evidence and its table of name words, from
-    ``workers/decisions/direction.py`` itself."""
-    from workers.decisions.direction import HIGHER_IS_BETTER, LOWER_IS_BETTER
+    ``workers/contract/direction.py`` itself."""
+    from workers.contract.direction import HIGHER_IS_BETTER, LOWER_IS_BETTER
 
     return [
         "### Which way a metric improves (`tracker.mode: auto`)",

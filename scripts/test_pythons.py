@@ -41,7 +41,8 @@ VENVS = REPO / ".venvs"
 RESCORE = """
 import json, sys, torch
 from workers.checkpoint.load import load_weights
-from workers.loop.steps import evaluate_dataset, workload_metrics
+from workers.loop.metric_setup import workload_metrics
+from workers.loop.scoring import evaluate_dataset
 from workers.workloads.digits import build
 summary = json.load(open(sys.argv[1]))
 workload = build(**summary["config"]["workload"]["params"])

@@ -99,11 +99,11 @@ def ray_daemons_in_own_process_group() -> Iterator[None]:
             kwargs.setdefault("start_new_session", True)
             super().__init__(*args, **kwargs)
 
-    services.ConsolePopen = OwnGroupPopen
+    services.ConsolePopen = OwnGroupPopen  # type: ignore[misc]  # Ray's stubs: a class
     try:
         yield
     finally:
-        services.ConsolePopen = original
+        services.ConsolePopen = original  # type: ignore[misc]
 
 
 def launcher_config_path() -> Path:
@@ -330,7 +330,7 @@ def _trainer_without_datasets() -> type:
 
     class TorchTrainerWithoutDatasets(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
-            return [cb for cb in super()._create_default_callbacks()
+            return [cb for cb in super()._create_default_callbacks()  # type: ignore[misc]
                     if not isinstance(cb, DatasetsCallback)]
 
     return TorchTrainerWithoutDatasets
@@ -371,8 +371,8 @@ def trial_error(trial: Any) -> BaseException | None:
         if not path or not Path(path).exists():
             return None
         with open(path, "rb") as f:
-            return pickle.load(f)  # noqa: S301 - Tune's own file of this driver's trial
-    except Exception:  # noqa: BLE001 - unreadable or unpicklable: no error to tell apart
+            return pickle.load(f)  # Tune's own file of this driver's trial
+    except Exception:  # noqa: BLE001 - a private API: without it, other sources count
         return None
 
 
@@ -541,8 +541,11 @@ def pbt_scheduler(hooks: PBTHooks, **options: Any) -> Any:
                     self._exploit(tune_controller, trial, donor)
             finally:
                 donor_state.last_checkpoint = path
-            hooks.after_exploit(trial, donor, self._trial_state[trial].last_score
-                                * self._metric_op, donor_state.last_score * self._metric_op)
+            # Set by Tune before any result: neither is None here.
+            hooks.after_exploit(trial, donor,
+                                self._trial_state[trial].last_score  # type: ignore[operator]
+                                * self._metric_op,
+                                donor_state.last_score * self._metric_op)  # type: ignore[operator]
 
         def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict, dict]:
             explored, operations = super()._get_new_config(trial, trial_to_clone)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from workers.contract.records import Summary
 
 
 def _fmt(value: Any) -> str:
@@ -16,8 +19,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    best = summary.get("best_metrics") or {}
+def summary_table(summary: Summary) -> Table:
+    best: Mapping[str, Any] = summary.get("best_metrics") or {}  # its metrics: open keys
     test = summary.get("test_metrics") or {}
     title = (
         f"{summary['name']}: best epoch {summary['best_epoch']} of "
@@ -49,7 +52,7 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_summary(summary: Summary, console: Console | None = None) -> None:
     console = console or make_console()
     if summary.get("best_epoch") is None:
         console.print(f"{summary['name']}: no epoch improved {summary['monitor']} (all NaN/inf?)")

@@ -6,18 +6,17 @@ Light on purpose (no torch, no Ray): ``orchestrator best`` checks the best model
 
 from __future__ import annotations
 
-from typing import Any
-
 from orchestrator import storage
 from orchestrator.errors import UserError
 from workers.checkpoint.integrity import damage, newest_intact
 from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, point
+from workers.contract.records import CheckpointMetadata, KeptCheckpoint
 
 
-def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[KeptCheckpoint]:
     """Complete checkpoints in storage, oldest first: epoch, path, is_best and metadata.
     One whose metadata.json cannot be read is left out (and named in ``unreadable``)."""
-    kept = []
+    kept: list[KeptCheckpoint] = []
     for name in storage.list_dirs(run_dir):
         path = storage.join(run_dir, name)
         if not name.startswith(CHECKPOINT_PREFIX) or not (
@@ -26,7 +25,7 @@ def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[
         ):
             continue  # not a checkpoint, or an upload that never finished
         try:
-            metadata = storage.read_json(storage.join(path, METADATA_FILE))
+            metadata: CheckpointMetadata = storage.read_json(storage.join(path, METADATA_FILE))
             kept.append({"epoch": int(metadata["epoch"]), "path": path,
                          "is_best": bool(metadata["is_best"]), "metadata": metadata})
         except (ValueError, KeyError, TypeError):

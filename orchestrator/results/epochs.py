@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import posixpath
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from workers.contract.names import INTERNAL_KEYS, point
+from workers.contract.records import EpochRecord
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
 RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
@@ -18,17 +20,21 @@ RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
                "stop_reason")
 
 
-def epoch_record(metrics: dict[str, Any], checkpoint_path: str | None) -> dict[str, Any]:
+def epoch_record(metrics: Mapping[str, Any], checkpoint_path: str | None) -> EpochRecord:
     """Rank 0's reported metrics without Ray's or the project's internal keys, plus the name
-    of the checkpoint directory persisted with them (None: no model saved this epoch)."""
-    record = {k: v for k, v in metrics.items()
-              if k not in INTERNAL_KEYS and (k in RECORD_KEYS or k.startswith(("train_", "val_")))}
+    of the checkpoint directory persisted with them (None: no model saved this epoch).
+    ``metrics``: a report, or a checkpoint's metadata (``summary.repair_history``)."""
+    # The split metrics are the record's open part (workers.contract.records): built as a
+    # plain dict, then typed.
+    record = cast(EpochRecord, {
+        k: v for k, v in metrics.items()
+        if k not in INTERNAL_KEYS and (k in RECORD_KEYS or k.startswith(("train_", "val_")))})
     record["checkpoint"] = (posixpath.basename(checkpoint_path.rstrip("/").split("?")[0])
                             if checkpoint_path else None)
     return record
 
 
-def merge_into(history: list[dict[str, Any]], record: dict[str, Any]) -> None:
+def merge_into(history: list[EpochRecord], record: EpochRecord) -> None:
     """In place: drop the records at or after the new one's point (a re-trained stretch),
     then append it. A history is always in order, so only its end is looked at: replaying
     10,000 records costs 10,000 steps, not 10,000 squared."""
@@ -38,20 +44,20 @@ def merge_into(history: list[dict[str, Any]], record: dict[str, Any]) -> None:
     history.append(record)
 
 
-def merge_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+def merge_history(history: list[EpochRecord], record: EpochRecord) -> list[EpochRecord]:
     """``merge_into`` on a copy."""
     merged = list(history)
     merge_into(merged, record)
     return merged
 
 
-def nonfinite(record: dict[str, Any]) -> list[str]:
+def nonfinite(record: Mapping[str, Any]) -> list[str]:
     """The epoch's losses and metrics that are NaN or infinite."""
     return [k for k, v in record.items() if k.startswith(("train_", "val_"))
             and isinstance(v, float) and not math.isfinite(v)]
 
 
-def progress_line(record: dict[str, Any], total_epochs: int, monitor: str,
+def progress_line(record: EpochRecord, total_epochs: int, monitor: str,
                   by_steps: bool = False) -> str:
     shown = [f"{k}={v:.4f}" for k, v in record.items()
              if k.startswith(("train_", "val_")) and isinstance(v, float)]

@@ -19,11 +19,10 @@ they were written.
 
 from __future__ import annotations
 
-from typing import Any
-
 from orchestrator import storage
 from orchestrator.results.epochs import merge_into
 from workers.contract.names import HISTORY_FILE, HISTORY_SEGMENTS_DIR
+from workers.contract.records import EpochRecord
 
 SEGMENT_RECORDS = 64  # the most records one write carries
 _SEGMENT_SUFFIX = ".json"
@@ -40,7 +39,7 @@ def segment_numbers(run_dir: str) -> list[int]:
                   if n.endswith(_SEGMENT_SUFFIX) and n.removesuffix(_SEGMENT_SUFFIX).isdigit())
 
 
-def read_compacted(run_dir: str) -> tuple[list[dict[str, Any]], int]:
+def read_compacted(run_dir: str) -> tuple[list[EpochRecord], int]:
     """history.json's records and the last segment they hold; ([], 0) when it is missing or
     damaged from outside (every write is atomic): the summary then rebuilds the history
     from the checkpoints' own metadata."""
@@ -57,7 +56,7 @@ def read_compacted(run_dir: str) -> tuple[list[dict[str, Any]], int]:
     return history, through
 
 
-def _segment_records(run_dir: str, index: int) -> list[dict[str, Any]]:
+def _segment_records(run_dir: str, index: int) -> list[EpochRecord]:
     path = storage.join(run_dir, HISTORY_SEGMENTS_DIR, segment_name(index))
     try:
         records = storage.read_json(path)["records"]
@@ -66,7 +65,7 @@ def _segment_records(run_dir: str, index: int) -> list[dict[str, Any]]:
     return records if isinstance(records, list) else []
 
 
-def read_history(run_dir: str) -> list[dict[str, Any]]:
+def read_history(run_dir: str) -> list[EpochRecord]:
     """Every record of the run, in order: history.json, then the newer segments replayed."""
     history, through = read_compacted(run_dir)
     history = list(history)
@@ -77,7 +76,7 @@ def read_history(run_dir: str) -> list[dict[str, Any]]:
     return history
 
 
-def compact(run_dir: str, history: list[dict[str, Any]]) -> None:
+def compact(run_dir: str, history: list[EpochRecord]) -> None:
     """history.json := ``history`` (read with ``read_history``, perhaps repaired), holding
     every segment there is now; then those segments are deleted."""
     numbers = segment_numbers(run_dir)
@@ -102,9 +101,9 @@ class HistoryLog:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self._index: int | None = None
-        self._records: list[dict[str, Any]] = []
+        self._records: list[EpochRecord] = []
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: EpochRecord) -> None:
         if self._index is None:
             _, through = read_compacted(self.run_dir)
             self._index = max([through, *segment_numbers(self.run_dir)]) + 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def training_curves_png(history: list[dict[str, Any]], monitor: str,
+def training_curves_png(history: Sequence[Mapping[str, Any]], monitor: str,
                         best_epoch: int | None, by_steps: bool = False) -> bytes:
     """Losses and the monitor over the epochs (over the global steps: ``by_steps``, where
     ``best_epoch`` is the best evaluation's global step)."""

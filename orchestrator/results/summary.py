@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from orchestrator import storage
 from orchestrator.errors import user_error_among
@@ -25,13 +25,25 @@ from workers.contract.names import (
     SUMMARY_FILE,
     point,
 )
+from workers.contract.records import (
+    EpochRecord,
+    KeptCheckpoint,
+    Summary,
+    TrialFields,
+)
 
 if TYPE_CHECKING:
     from orchestrator.start.context import RunContext
 
 
-def repair_history(history: list[dict[str, Any]],
-                   kept: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+class _TestError(TypedDict, total=False):
+    """``summary.json``'s ``test_error``, there only when the test split was not scored."""
+
+    test_error: str
+
+
+def repair_history(history: list[EpochRecord],
+                   kept: list[KeptCheckpoint]) -> tuple[list[EpochRecord], bool]:
     """The history completed from the kept checkpoints' own metadata.
 
     A run stopped after Ray registered a checkpoint (and deleted the one it replaced) but
@@ -47,7 +59,7 @@ def repair_history(history: list[dict[str, Any]],
     return [by_point[at] for at in sorted(by_point)], bool(missing)
 
 
-def repair_history_file(run_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def repair_history_file(run_dir: str) -> tuple[list[EpochRecord], list[KeptCheckpoint]]:
     """The history completed from the kept checkpoints (``repair_history``) and compacted
     into history.json if anything was missing or segments were written since (once per run
     end, and before a resume). Before a resume too: Ray continues after its newest checkpoint,
@@ -70,7 +82,7 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
     except (OSError, KeyError, TypeError, ValueError):
         return []
     # ... nor any that a report registered (the recorder saw it), in case the snapshot lags.
-    tracked |= {r["checkpoint"] for r in read_history(run_dir) if r.get("checkpoint")}
+    tracked |= {name for r in read_history(run_dir) if (name := r.get("checkpoint"))}
     orphans = [name for name in storage.list_dirs(run_dir)
                if name.startswith(CHECKPOINT_PREFIX) and name not in tracked]
     for name in orphans:
@@ -79,18 +91,21 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
 
 
 def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
-                        use_gpu: bool) -> dict[str, float] | None:
-    """The test split, once, with the best weights, in one Ray task next to the data. A
-    workload whose test split cannot be scored (its mistake) loses nothing of the run: the
-    summary says why there are no test metrics (``test_error``), and so does a warning."""
+                        use_gpu: bool) -> dict[str, Any] | None:
+    """The test split, once, with the best weights, in one Ray task next to the data: its
+    metrics (floats). A workload whose test split cannot be scored (its mistake) loses
+    nothing of the run: the summary says why there are no test metrics (``test_error``, the
+    one string), and so does a warning."""
     import ray
     from ray.train import Checkpoint
 
-    from workers.checkpoint.saved_model import evaluate_checkpoint
+    from workers.loop.scoring import evaluate_checkpoint
 
     task = ray.remote(evaluate_checkpoint).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     try:
-        return ray.get(task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+        scored: dict[str, float] | None = ray.get(
+            task.remote(cfg.to_dict(), Checkpoint(checkpoint_path), "test"))
+        return scored
     except Exception as exc:
         message = user_error_among([exc])
         if message is None:
@@ -99,12 +114,14 @@ def evaluate_test_split(cfg: RunConfig, checkpoint_path: str,
         return {"test_error": message}
 
 
-def best_of(history: list[dict[str, Any]],
-            kept: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def best_of(history: list[EpochRecord],
+            kept: list[KeptCheckpoint]) -> tuple[EpochRecord | None, KeptCheckpoint | None]:
     """The tracker's best record (improvements only ever get better) and its checkpoint, if
     the policy kept it: the one the record names, else one of that epoch (a repaired record)."""
     best = next((r for r in reversed(history) if r.get("is_best")), None)
-    candidates = [c for c in kept if best and point(c["metadata"]) == point(best)]
+    if best is None:
+        return None, None
+    candidates = [c for c in kept if point(c["metadata"]) == point(best)]
     named = next((c for c in candidates if c["path"].split("?")[0].rstrip("/")
                   .endswith("/" + str(best.get("checkpoint")))), None)
     return best, named or (candidates[-1] if candidates else None)
@@ -112,7 +129,7 @@ def best_of(history: list[dict[str, Any]],
 
 def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
               status: str | None = None,
-              mode_source: str = "set by tracker.mode") -> dict[str, Any]:
+              mode_source: str = "set by tracker.mode") -> Summary:
     """``status``: ``interrupted`` or ``failed`` for a run that did not end by itself (no
     test split then: it is evaluated once, when the run ends); default: from the history."""
     remove_unregistered_checkpoints(run_dir)
@@ -120,9 +137,9 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     best, best_ckpt = best_of(history, kept)
     last = history[-1] if history else None
     if cfg.train.max_steps:
-        stopped_early = bool(last) and (last.get("global_step") or 0) < cfg.train.max_steps
+        stopped_early = last is not None and (last.get("global_step") or 0) < cfg.train.max_steps
     else:
-        stopped_early = bool(last) and last["epoch"] < cfg.train.epochs
+        stopped_early = last is not None and last["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")
     test_metrics, test_error = None, None
     # A checkpoint written before the metadata said whether there is a test split: try it.
@@ -131,6 +148,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
         test_error = (test_metrics or {}).pop("test_error", None)
         test_metrics = test_metrics or None
+    error: _TestError = {"test_error": test_error} if test_error else {}
     return {
         "name": cfg.name,
         "run_dir": run_dir,
@@ -138,15 +156,16 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "status": status,
         "monitor": cfg.tracker.monitor,
         "mode": cfg.tracker.resolved_mode,
-        "mode_source": mode_source,  # why that direction (decisions.direction)
+        "mode_source": mode_source,  # why that direction (contract.direction)
         "policy": cfg.checkpoint.policy,
         "best_checkpoint": best_ckpt["path"] if best_ckpt else None,
         "best_epoch": best["epoch"] if best else None,
         "best_step": best.get("step") if best else None,
         "best_global_step": best.get("global_step") if best else None,
-        "best_metrics": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
+        "best_metrics": (cast(EpochRecord, {k: v for k, v in best.items() if k != "checkpoint"})
+                         if best else None),
         "test_metrics": test_metrics,
-        **({"test_error": test_error} if test_error else {}),
+        **error,
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "global_step": history[-1].get("global_step") if history else None,
         "epochs_planned": cfg.train.epochs,
@@ -162,7 +181,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     }
 
 
-def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
+def write_plot(summary: Summary, run_dir: str) -> str | None:
     """The training curves as a PNG in the run directory; returns a local path for W&B."""
     from orchestrator.results.plots import training_curves_png
 
@@ -182,13 +201,14 @@ def write_plot(summary: dict[str, Any], run_dir: str) -> str | None:
 
 
 def finalize_run(ctx: RunContext, *, wandb_errors: list[str] | None = None,
-                 extra: dict[str, Any] | None = None,
-                 status: str | None = None) -> dict[str, Any]:
+                 extra: TrialFields | None = None,
+                 status: str | None = None) -> Summary:
     """summary.json, the plot and the W&B run's last words, in that order of dependence."""
     run_dir, tracking = ctx.run_dir, ctx.tracking
     summary = summarize(ctx.cfg, run_dir, use_gpu=ctx.use_gpu, start=ctx.start.value,
                         status=status, mode_source=ctx.mode_source)
-    summary.update(extra or {})
+    if extra:
+        summary = {**summary, **extra}
     tracking.catch_up(summary["history"], run_dir)
     summary["wandb"] = tracking.finish(summary, write_plot(summary, run_dir),
                                        exit_code=0 if status is None else 1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import optuna
@@ -107,7 +107,8 @@ def make_study(cfg: RunConfig, params: list[Param], seed: int,
     trials proposed earlier in their order: numbers, and so proposals, stay as they were."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.InMemoryStorage()
-    direction = "minimize" if cfg.tracker.resolved_mode == "min" else "maximize"
+    direction: Literal["minimize", "maximize"] = (
+        "minimize" if cfg.tracker.resolved_mode == "min" else "maximize")
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction=direction,
                                 sampler=TrialSeededTPE(seed, startup_trials(cfg)))
     dists = distributions(params)

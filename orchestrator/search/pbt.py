@@ -161,7 +161,7 @@ def make_pbt(cfg: RunConfig, run_dir_of: Callable[[str], str], trial_id_of: Call
              experiment_dir: str, seed: int,
              on_exploit: Callable[[dict[str, Any]], None] = lambda exploit: None) -> Any:
     """Ray Tune's PBT scheduler for a fresh search, as the module docstring says (a resumed one
-    finishes without it: ``search.run.resumed_pbt``); ``on_exploit`` is told each exploit's
+    finishes without it: ``search.runner.resumed_pbt``); ``on_exploit`` is told each exploit's
     record."""
     import logging
 

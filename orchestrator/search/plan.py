@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import storage
@@ -102,7 +103,8 @@ def boundary_configs(cfg: RunConfig, experiment_dir: str) -> dict[str, RunConfig
     return configs
 
 
-def trial_status(summary: dict[str, Any]) -> str:
+def trial_status(summary: Mapping[str, Any]) -> str:
+    """A trial's summary (``records.Summary``), in a word."""
     if summary.get("errored"):
         return "error"
     if summary.get("interrupted"):

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from orchestrator.start.cluster import Capacity
     from orchestrator.start.interrupts import SignalGuard
     from orchestrator.tracking.wandb_run import TrackingRun
-    from orchestrator.training.datasets import Streams
+    from orchestrator.training.datasets import RayDatasets
 
 
 class StartMode(str, Enum):
@@ -87,8 +87,8 @@ class RunContext:
     guard: SignalGuard | None = None  # None in a trial's context: the search holds it
     capacity: Capacity | None = None
     replaced: SetAside | None = None  # an --overwrite's old run, aside until the new one trains
-    streams: Streams | None = None  # the workload's Ray Dataset splits, checked on the driver
-    # Why tracker.mode is what it is (``decisions.direction``): summary.json's mode_source.
+    ray_datasets: RayDatasets | None = None  # the Ray Dataset splits
+    # Why tracker.mode is what it is (``contract.direction``): summary.json's mode_source.
     mode_source: str = "set by tracker.mode"
 
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from orchestrator import storage
 from orchestrator.errors import UserError
 from orchestrator.tracking.mode import wandb_mode
-from orchestrator.tracking.policy import (
+from orchestrator.tracking.pruner import VersionPruner
+from orchestrator.tracking.rules import (
     LIVE,
     artifact_name,
     best_summary,
@@ -30,11 +32,11 @@ from orchestrator.tracking.policy import (
     reference_uri,
     version_alias,
 )
-from orchestrator.tracking.pruner import VersionPruner
 from orchestrator.tracking.staging import staged_path
 from workers.compat import wandb_settings
 from workers.contract.config import RunConfig
 from workers.contract.names import METADATA_FILE, STAGED_FILES, point
+from workers.contract.records import EpochRecord, Summary, WandbInfo
 
 
 def point_wandb_at_endpoint(storage_path: str) -> None:
@@ -58,15 +60,15 @@ class TrackingRun(Protocol):
     mode: str
     log_model_setting: str  # what the controller stages for W&B while the run goes
 
-    def handle(self, record: dict[str, Any], staged_model: str | None) -> None: ...
+    def handle(self, record: EpochRecord, staged_model: str | None) -> None: ...
 
-    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None: ...
+    def catch_up(self, history: list[EpochRecord], run_dir: str) -> None: ...
 
-    def finish(self, summary: dict[str, Any], plot_path: str | None,
-               exit_code: int = 0) -> dict[str, Any]: ...
+    def finish(self, summary: Summary, plot_path: str | None,
+               exit_code: int = 0) -> WandbInfo: ...
 
     def finish_search(self, board: list[dict[str, Any]],
-                      best_dir: str | None) -> dict[str, Any]: ...
+                      best_dir: str | None) -> WandbInfo: ...
 
     def abort(self) -> None: ...
 
@@ -77,17 +79,17 @@ class NullRun:
     mode = "disabled"
     log_model_setting = "none"  # what the controller stages for this run: nothing
 
-    def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
+    def handle(self, record: EpochRecord, staged_model: str | None) -> None:
         pass
 
-    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
+    def catch_up(self, history: list[EpochRecord], run_dir: str) -> None:
         pass
 
-    def finish(self, summary: dict[str, Any], plot_path: str | None,
-               exit_code: int = 0) -> dict[str, Any]:
+    def finish(self, summary: Summary, plot_path: str | None,
+               exit_code: int = 0) -> WandbInfo:
         return {"mode": self.mode, "run": None, "artifact": None}
 
-    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> WandbInfo:
         return {"mode": self.mode, "run": None, "artifact": None}
 
     def abort(self) -> None:
@@ -126,7 +128,7 @@ class WandbRun:
         run.define_metric(self.axis)
         run.define_metric("*", step_metric=self.axis)
 
-    def handle(self, record: dict[str, Any], staged_model: str | None) -> None:
+    def handle(self, record: EpochRecord, staged_model: str | None) -> None:
         """One epoch; ``staged_model``: a model the recorder set aside for W&B (deleted here)."""
         values = {k: v for k, v in record.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -138,14 +140,14 @@ class WandbRun:
                                                                         METADATA_FILE)))
             storage.delete_dir(staged_model)
 
-    def catch_up(self, history: list[dict[str, Any]], run_dir: str) -> None:
+    def catch_up(self, history: list[EpochRecord], run_dir: str) -> None:
         """Log what never reached this process live, from the run's own record: epochs whose
         results a scheduler dropped when it stopped a trial, and the models staged for them."""
         for record in history:
             if point(record) > self.last_at:
                 self.handle(record, staged_path(run_dir, record.get("checkpoint")))
 
-    def log_model(self, checkpoint_path: str, metadata: dict[str, Any], *,
+    def log_model(self, checkpoint_path: str, metadata: Mapping[str, Any], *,
                   name: str | None = None, aliases: list[str] | None = None) -> None:
         import wandb
 
@@ -187,15 +189,15 @@ class WandbRun:
                 artifact.add_file(str(target), name=name)
             return self.run.log_artifact(artifact, aliases=aliases)
 
-    def finish(self, summary: dict[str, Any], plot_path: str | None,
-               exit_code: int = 0) -> dict[str, Any]:
+    def finish(self, summary: Summary, plot_path: str | None,
+               exit_code: int = 0) -> WandbInfo:
         """``exit_code``: not 0 for a run that stopped before its end (W&B marks it failed)."""
         import wandb
 
-        best = summary.get("best_metrics") or {}
-        if summary.get("best_checkpoint"):
+        best: Mapping[str, Any] = summary.get("best_metrics") or {}
+        if best_checkpoint := summary.get("best_checkpoint"):
             # The artifact's metadata and the summary come from the same file.
-            best = storage.read_json(storage.join(summary["best_checkpoint"], METADATA_FILE))
+            best = storage.read_json(storage.join(best_checkpoint, METADATA_FILE))
         if best:
             self.run.summary.update(best_summary(best, summary.get("test_metrics")))
         if self.live:
@@ -208,7 +210,7 @@ class WandbRun:
         return self._close({"artifact": self.artifact if self.logged_versions else None,
                             "logged_epochs": self.logged_versions}, exit_code)
 
-    def _log_kept(self, summary: dict[str, Any]) -> None:
+    def _log_kept(self, summary: Summary) -> None:
         """Models logged at the end (``log_model: end``, or offline unless ``keep: all``): the
         kept ones only, read from the run's checkpoints."""
         from orchestrator.results.checkpoints import kept_checkpoints
@@ -220,7 +222,7 @@ class WandbRun:
                 kept_checkpoints(summary["run_dir"]), self.by_steps):
             self.log_model(path, metadata, aliases=aliases)
 
-    def _move_best_alias(self, summary: dict[str, Any]) -> None:
+    def _move_best_alias(self, summary: Summary) -> None:
         """``best`` on the version of the summary's best epoch: logged again with that alias
         (the same files: W&B keeps one version and moves the alias) when the alias sits
         elsewhere, or on no version (a policy that logs other models, or a stopped run)."""
@@ -232,17 +234,20 @@ class WandbRun:
             return
         self.log_model(path, metadata, aliases=[version_alias(metadata, self.by_steps), "best"])
 
-    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> dict[str, Any]:
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> WandbInfo:
         """The experiment's run: the overall best model (findable as ``<name>-best-model``,
         alias ``best``), the leaderboard as a table, the winner in the summary."""
         import wandb
 
         if best_dir is None:
-            return self.finish({"best_metrics": None, "history": []}, None)
+            # The experiment has no epochs of its own: a summary with no best and no history
+            # (``finish`` reads no other key without a plot and a run directory).
+            return self.finish(cast(Summary, {"best_metrics": None, "history": []}), None)
         metadata = storage.read_json(storage.join(best_dir, METADATA_FILE))
         self.log_model(best_dir, metadata, name=f"{self.cfg.name}-best-model",
                        aliases=["best", board[0]["trial_id"]])
-        columns = ["rank", "trial_id", "status", "best_epoch", "hyperparameters", "best"]
+        columns: list[str | int] = ["rank", "trial_id", "status", "best_epoch",
+                                    "hyperparameters", "best"]
         monitor = self.cfg.tracker.monitor
         table = wandb.Table(columns=columns, data=[
             [r["rank"], r["trial_id"], r["status"], r["best_epoch"],
@@ -252,7 +257,7 @@ class WandbRun:
                                  f"best_{monitor}": board[0][f"best_{monitor}"]})
         return self._close({"artifact": f"{self.cfg.name}-best-model"})
 
-    def _close(self, info: dict[str, Any], exit_code: int = 0) -> dict[str, Any]:
+    def _close(self, info: WandbInfo, exit_code: int = 0) -> WandbInfo:
         info = {"mode": self.mode, **info}
         if self.mode == "offline":
             info["run"] = str(Path(self.run.dir).parent)
@@ -290,7 +295,7 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
             dir=local_dir, mode=mode,
             settings=wandb_settings(console="off", silent=True, init_timeout=30),
         )
-    except Exception as exc:  # wandb raises several types for auth and network failures
+    except Exception as exc:  # noqa: BLE001 - e.g. its free port taken meanwhile: once more
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"wandb.mode: could not start a W&B run in {mode} mode ({detail}); check "

@@ -18,13 +18,13 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import one_node_driver_env
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
-from workers.contract.names import STREAMS_KEY
-from workers.contract.workload import build_workload
-from workers.decisions.direction import Direction, resolve
-from workers.decisions.metrics import spec_directions
+from workers.contract.direction import Direction, resolve
+from workers.contract.names import RAY_DATASETS_KEY
+from workers.contract.user_errors import UserInputError
+from workers.evaluation.metrics import spec_directions
 from workers.loop.batches import Batches
 from workers.loop.iterable import check_iterable_run, is_iterable
+from workers.loop.learner import build_workload
 from workers.loop.ray_data import (
     SPLITS,
     engine_refuses,
@@ -40,7 +40,7 @@ EXACT_SPLITS = frozenset({"val", "test"})
 
 
 @dataclass(frozen=True)
-class Streams:
+class RayDatasets:
     """The Ray Dataset splits of a run, by name, and what the workers learn of them."""
 
     datasets: dict[str, Any]
@@ -48,8 +48,8 @@ class Streams:
     samples: dict[str, dict[str, Any]]  # each split's first rows, as column arrays
 
     def loop_config(self) -> dict[str, Any]:
-        """For the workers' ``train_loop_config`` (``STREAMS_KEY``)."""
-        return {STREAMS_KEY: {"rows": self.rows, "samples": self.samples}}
+        """For the workers' ``train_loop_config`` (``RAY_DATASETS_KEY``)."""
+        return {RAY_DATASETS_KEY: {"rows": self.rows, "samples": self.samples}}
 
     def trainer_options(self) -> dict[str, Any]:
         """``TorchTrainer``'s ``datasets`` and ``dataset_config``."""
@@ -63,18 +63,18 @@ class WorkloadFacts:
     """What ``inspect_workload`` learned: the Ray Dataset splits (None: every split is
     map-style) and the monitored metric's direction."""
 
-    streams: Streams | None
+    ray_datasets: RayDatasets | None
     direction: Direction
 
 
 def inspect_workload(cfg: RunConfig) -> WorkloadFacts:
     """The workload built once on the driver: its Ray Dataset splits checked and the
-    monitored metric's direction resolved (``decisions.direction``). A mistake is a
+    monitored metric's direction resolved (``contract.direction``). A mistake is a
     ``UserError`` naming the key. Ray must be running (a Ray Dataset reads on it)."""
     if cfg.engine == "fastai":  # a Learner's metrics declare no direction; no Ray Datasets
         return WorkloadFacts(None, direction_of(cfg, None))
     workload = build_on_driver(cfg)
-    return WorkloadFacts(streams_of(cfg, workload),
+    return WorkloadFacts(ray_datasets_of(cfg, workload),
                          direction_of(cfg, getattr(workload, "metrics", None)))
 
 
@@ -103,14 +103,14 @@ def build_on_driver(cfg: RunConfig) -> Any:
         raise UserError(str(exc)) from None
 
 
-def find_streams(cfg: RunConfig) -> Streams | None:
+def find_ray_datasets(cfg: RunConfig) -> RayDatasets | None:
     """The run's Ray Dataset splits, checked; None when every split is map-style."""
     if cfg.engine == "fastai":  # its engine refuses Ray Datasets itself (a Learner has none)
         return None
-    return streams_of(cfg, build_on_driver(cfg))
+    return ray_datasets_of(cfg, build_on_driver(cfg))
 
 
-def streams_of(cfg: RunConfig, workload: Any) -> Streams | None:
+def ray_datasets_of(cfg: RunConfig, workload: Any) -> RayDatasets | None:
     """``workload``'s Ray Dataset splits, checked; None when every split is map-style."""
     try:
         check_iterable_run(cfg, workload)  # a stream's schedule (workers/loop/iterable.py)
@@ -130,7 +130,7 @@ def streams_of(cfg: RunConfig, workload: Any) -> Streams | None:
     if "train" in rows and rows["train"] < cfg.scaling.max_workers:
         raise UserError(f"workload.train_dataset: {rows['train']} rows for "
                         f"{cfg.scaling.max_workers} workers; each worker needs at least one")
-    return Streams(datasets, rows, samples)
+    return RayDatasets(datasets, rows, samples)
 
 
 def refuse_empty_splits(workload: Any) -> None:

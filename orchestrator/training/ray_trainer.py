@@ -1,39 +1,46 @@
-"""Ray Train wiring: the ``TorchTrainer`` for a run, and the driver's end of its event queue."""
+"""Ray Train wiring: the ``TorchTrainer`` for a run, the driver's end of its event queue, and
+``RayTrain``: all that the driver's loop asks of Ray, as one seam a unit test replaces."""
 
 from __future__ import annotations
 
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.controller.recorder import (
-    CONTROLLER,
-    PREEMPTED,
-    USER_ERROR,
-    WORKER_FAILED,
-    RunRecorder,
-)
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import pace_reports
-from orchestrator.training.datasets import Streams
+from orchestrator.start.watchdog import room_now
+from orchestrator.training.datasets import RayDatasets
+from orchestrator.training.events import (
+    ControllerStarted,
+    EpochEvent,
+    Event,
+    Preempted,
+    UserErrorEvent,
+    WorkerFailed,
+)
+from orchestrator.training.recorder import RunRecorder
+from workers.checkpoint.policy import ray_keep_settings
 from workers.compat import kill_train_controller, torch_trainer_class
 from workers.contract.config import RunConfig
 from workers.contract.names import RANK_KEY, STOP_QUEUE_KEY
-from workers.decisions.policy import ray_keep_settings
+from workers.contract.records import EpochRecord
 from workers.engines import train_loop_for
+from workers.loop.channel import open_channel
 
 
 def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str = "none",
                   events: Any = None, callbacks: tuple[Any, ...] | list[Any] = (),
-                  stop_requests: Any = None, streams: Streams | None = None,
+                  stop_requests: Any = None, ray_datasets: RayDatasets | None = None,
                   loop_config: dict[str, Any] | None = None) -> Any:
     """``log_model``: the W&B run's ``log_model_setting`` (``none``: nothing is staged);
-    ``events``: the stream to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
-    callbacks (Tune's report callback); ``stop_requests``: the stream through which the
+    ``events``: the queue to the driver (``EventPump.queue``); ``callbacks``: extra Ray Train
+    callbacks (Tune's report callback); ``stop_requests``: the queue through which the
     driver asks the workers to save the step in flight and stop (``workers.loop.preempt``);
-    ``streams``: the workload's Ray Dataset splits (``training.datasets``), sharded by Ray;
+    ``ray_datasets``: the workload's Ray Dataset splits (``training.datasets``), sharded by Ray;
     ``loop_config``: more for the workers beside the config (a PBT trial's place, ``PBT_KEY``)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -43,12 +50,12 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     if use_gpu:
         resources["GPU"] = 1
     workers = cfg.scaling.num_workers  # [min, max]: Ray Train's elastic worker group
-    return torch_trainer_class(ray_datasets=streams is not None)(
+    return torch_trainer_class(ray_datasets=ray_datasets is not None)(
         train_loop_for(cfg.engine),
         train_loop_config={**cfg.to_dict(), **(
             {STOP_QUEUE_KEY: stop_requests} if stop_requests is not None else {}),
-            **(streams.loop_config() if streams else {}), **(loop_config or {})},
-        **(streams.trainer_options() if streams else {}),
+            **(ray_datasets.loop_config() if ray_datasets else {}), **(loop_config or {})},
+        **(ray_datasets.trainer_options() if ray_datasets else {}),
         scaling_config=ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, list) else workers,
             use_gpu=use_gpu, resources_per_worker=resources,
@@ -69,17 +76,18 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
 
 class EventPump:
     """Drains the controller's event queue on a driver thread while ``fit`` runs, handing each
-    (record, staged model) to ``handle`` (print the epoch, log it to W&B).
+    record (``EpochEvent``: the record, the staged model) to ``handle`` (print the epoch, log
+    it to W&B), and keeping the run's other news (``training.events``) for the driver.
 
     A failure there (W&B's network, say) must not kill an hour of training: it is reported
     and kept in ``errors``, never raised. A queue that is gone (Ray shut down under it) just
     ends the pump: no W&B call failed, and the records it did not bring are in the history,
-    printed from there (``training.run.EpochHandler.show_the_rest``).
+    printed from there (``training.driver.EpochHandler.show_the_rest``).
     """
 
-    def __init__(self, queue: Any, handle: Callable[[dict[str, Any], str | None], None],
+    def __init__(self, queue: Any, handle: Callable[[EpochRecord, str | None], None],
                  on_failure: Callable[[str], None] = lambda what: None) -> None:
-        """``queue``: the run channel's events stream (``workers.loop.channel``)."""
+        """``queue``: the run channel's events queue (``workers.loop.channel``)."""
         self.handle, self.on_failure = handle, on_failure
         self.queue = queue
         self.errors: list[str] = []  # W&B logging calls (or printing) that failed
@@ -107,18 +115,9 @@ class EventPump:
 
         while True:
             try:
-                record, staged = self.queue.get(timeout=0.2)
-                if record == CONTROLLER:
-                    self.controller = staged
-                    continue
-                if record == USER_ERROR:
-                    self.user_error = self.user_error or staged
-                    continue
-                if record == WORKER_FAILED:
-                    self.on_failure(staged)
-                    continue
-                if record == PREEMPTED:
-                    self.preempted = staged or "saved"
+                event = self.queue.get(timeout=0.2)
+                if not isinstance(event, EpochEvent):
+                    self._note(event)
                     continue
             except Empty:
                 if self._done.is_set():
@@ -127,10 +126,23 @@ class EventPump:
             except Exception:  # noqa: BLE001 - the queue is gone (Ray shut down): not W&B's
                 return
             try:
-                self.handle(record, staged)
+                self.handle(event.record, event.staged)
             except Exception as exc:  # noqa: BLE001 - logged and summarised, never fatal
-                self.errors.append(f"epoch {record.get('epoch')}: {type(exc).__name__}: {exc}")
+                self.errors.append(f"epoch {event.record.get('epoch')}: "
+                                   f"{type(exc).__name__}: {exc}")
                 print(f"warning: W&B logging failed: {self.errors[-1]}", file=sys.stderr)
+
+    def _note(self, event: Event) -> None:
+        """The controller's news other than a record."""
+        match event:
+            case ControllerStarted(handle):
+                self.controller = handle
+            case UserErrorEvent(message):
+                self.user_error = self.user_error or message
+            case WorkerFailed(what):
+                self.on_failure(what)
+            case Preempted(path):
+                self.preempted = path or "saved"
 
 
 def stop_training(controller: Any, guard: Any) -> None:
@@ -143,9 +155,28 @@ def stop_training(controller: Any, guard: Any) -> None:
     if controller is not None:
         try:
             kill_train_controller(controller)
-        except Exception:  # noqa: BLE001 - already gone
+        except Exception:  # noqa: BLE001 - the queue is gone (Ray shut down): not W&B's
             pass
         guard.wait_for_fit(timeout=30)
     # Without its handle (stopped before the first report), the controller goes with Ray:
     # a local Ray goes entirely; on a cluster, the actors this driver owns die with it.
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class RayTrain:
+    """What the driver's loop (``training.driver.train_and_record``) asks of Ray: ``build`` a
+    trainer (``build_trainer``'s arguments; its ``fit()`` blocks until the run ends, raising
+    what Ray raises), open the run's ``channel`` (``open_channel``), see the cluster's
+    ``room`` now (``watchdog.room_now``), and ``stop`` a fit still running (``stop_training``).
+    A unit test passes a scripted twin whose ``fit()`` sends the controller's events and
+    raises as Ray would, so the driver's failure, restart, interrupt and grace paths are
+    proven without a cluster."""
+
+    build: Callable[..., Any] = build_trainer
+    channel: Callable[[], Any] = open_channel
+    room: Callable[[], dict[str, float]] = room_now
+    stop: Callable[[Any, Any], None] = stop_training
+
+
+RAY_TRAIN = RayTrain()  # Ray itself

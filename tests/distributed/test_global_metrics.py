@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers.decisions.metrics import build_metrics
-from workers.loop.steps import accumulate, evaluate_dataset, global_metrics, shard
+from workers.evaluation.metrics import build_metrics
+from workers.loop.loaders import shard
+from workers.loop.scoring import accumulate, evaluate_dataset, global_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tests.distributed.ranks import in_ranks
 from workers.loop.iterable import RankShare, TrainStream
 from workers.loop.optim import Stepper
-from workers.loop.steps import train_epoch
+from workers.loop.training import train_steps
 
 pytestmark = pytest.mark.distributed
 
@@ -67,15 +67,8 @@ def train_case(rank: int, accum: int) -> dict[str, Any]:
     for epoch in range(1, EPOCHS + 1):
         stream.set_epoch(epoch)
         plain.seen = []
-        count = [0]
-
-        def after_step(batches: int, _loss: Any, count: list[int] = count) -> bool:
-            count[0] += 1
-            return False
-
-        train_epoch(model, stream, torch.nn.functional.cross_entropy, stepper, CPU,
-                    after_step=after_step)
-        steps.append(count[0])
+        steps.append(sum(1 for _ in train_steps(model, stream, torch.nn.functional.cross_entropy,
+                                                stepper, CPU)))
         trained.append(list(plain.seen))
     return {"steps": steps, "trained": trained, "ended": stream.ended,
             "weights": plain.linear.weight.detach().clone()}

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.distributed.test_global_metrics import free_port
+from workers.loop.loaders import shard
 from workers.loop.optim import Stepper
-from workers.loop.steps import shard, train_epoch
+from workers.loop.training import train_epoch
 
 pytestmark = pytest.mark.distributed
 
@@ -84,7 +85,7 @@ def counting_allreduce(calls: list[int]) -> Any:
     all-reduce."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    def hook(state, bucket):  # noqa: ANN001, ANN202 (DDP refuses a string annotation)
+    def hook(state, bucket):
         calls.append(1)
         return allreduce_hook(state, bucket)
 

@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.distributed.ranks import in_ranks
-from workers.decisions.metrics import build_metrics
-from workers.loop.steps import accumulate, evaluate_dataset, global_metrics, shard
+from workers.evaluation.metrics import build_metrics
+from workers.loop.loaders import shard
+from workers.loop.scoring import accumulate, evaluate_dataset, global_metrics
 
 pytestmark = pytest.mark.distributed
 

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 from tests.distributed.ranks import in_ranks
 from tests.workloads.unused_params import build
 from workers.loop.batches import Batches
+from workers.loop.loaders import shard
 from workers.loop.sharding import find_unused, loss_probe, unused_parameters_error
-from workers.loop.steps import shard, train_epoch
+from workers.loop.training import train_epoch
 
 pytestmark = pytest.mark.distributed
 

@@ -28,7 +28,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
                 allow_module_level=True)
 
 from orchestrator.start.console import Console  # noqa: E402 - only where the module runs
-from orchestrator.training.run import run_training  # noqa: E402
+from orchestrator.training.driver import run_training  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     RunProcesses,
     assert_close,
@@ -37,7 +37,7 @@ from tests.integration.conftest import (  # noqa: E402
 )
 from tests.workloads.on_device import notes  # noqa: E402
 from workers.checkpoint.load import load_metadata, load_weights  # noqa: E402
-from workers.checkpoint.saved_model import evaluate_split  # noqa: E402
+from workers.loop.scoring import evaluate_split  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import checkpoint_dirs, overfit_config
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 

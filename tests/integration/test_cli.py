@@ -15,7 +15,8 @@ import torch
 from tests.integration.conftest import REPO, assert_close
 from workers.checkpoint.load import load_weights
 from workers.contract.config import RunConfig
-from workers.loop.steps import evaluate_dataset, workload_metrics
+from workers.loop.metric_setup import workload_metrics
+from workers.loop.scoring import evaluate_dataset
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import yaml
 
 from tests.integration.conftest import REPO, RunProcesses, recorded, wait_for
 from tests.integration.test_wandb import run_summary
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 

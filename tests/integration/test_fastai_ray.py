@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import assert_close, checkpoint_dirs, overfit_config
 from workers.checkpoint.load import load_metadata, load_train_state
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.names import LEARNER_FILE
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,8 @@ import yaml
 from tests.integration.conftest import REPO, assert_close
 from tests.workloads.iterable import build
 from workers.checkpoint.load import load_weights
-from workers.loop.steps import evaluate_dataset, workload_metrics
+from workers.loop.metric_setup import workload_metrics
+from workers.loop.scoring import evaluate_dataset
 
 pytestmark = pytest.mark.integration
 

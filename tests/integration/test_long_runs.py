@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import REPO, RunProcesses, overfit_config, recorded, wait_for
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 
@@ -60,16 +60,28 @@ def assert_same_records(got: list[dict], expected: list[dict]) -> None:
             assert g[key] == pytest.approx(e[key], abs=1e-6), (key, g, e)
 
 
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, ray_local) -> tuple[dict, Path]:
+    """The undisturbed run both tests compare with (its summary, and the directory of the
+    samples it trained). It stops at MAX_STEPS, the 4th evaluation: the SIGTERMed run, still
+    interrupted, can have no later one (its 5th, at step 18, is its last step), and the
+    schedule is constant, so the steps before are the same whatever the run's length."""
+    tmp_path = tmp_path_factory.mktemp("undisturbed")
+    summary = run_training(overfit_config(
+        tmp_path, name="reference", **long_run(tmp_path, "reference",
+                                               {"max_steps": MAX_STEPS})))
+    return summary, tmp_path / "reference"
+
+
 def test_evaluations_by_steps_keep_a_mid_epoch_best_and_a_killed_worker_resumes_exactly(
-        tmp_path, ray_local):
+        tmp_path, undisturbed):
     steps = {"max_steps": MAX_STEPS}
-    reference = run_training(overfit_config(tmp_path, name="reference",
-                                            **long_run(tmp_path, "reference", steps)))
+    reference, samples = undisturbed
     history = reference["history"]
     assert [(h["epoch"], h["step"], h["global_step"]) for h in history] == POINTS
     assert reference["status"] == "completed" and reference["global_step"] == MAX_STEPS
     # Two whole epochs, then 4 of epoch 3's 6 steps: each sample once per epoch.
-    counts = trained_samples(tmp_path / "reference")
+    counts = trained_samples(samples)
     assert set(counts.values()) <= {2, 3} and sum(counts.values()) == 2 * N + 4 * 16
 
     # The best evaluation falls mid-epoch: that step's model is saved, and re-scored in one
@@ -101,7 +113,8 @@ def test_evaluations_by_steps_keep_a_mid_epoch_best_and_a_killed_worker_resumes_
 
 
 def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp_path,
-                                                                               ray_tmp):
+                                                                               ray_tmp,
+                                                                               undisturbed):
     def config(name: str, step_seconds: float) -> dict:
         base = overfit_config(tmp_path, name=name, **long_run(
             tmp_path, name, step_seconds=step_seconds)).to_dict()
@@ -121,12 +134,8 @@ def test_sigterm_saves_the_step_in_flight_and_resumes_train_each_sample_once(tmp
     def records(name: str) -> list[dict]:
         return recorded(tmp_path / "runs" / name)
 
-    for name, seconds in (("undisturbed", 0.0), ("preempted", 0.25)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config(name, seconds)))
-    reference = start("undisturbed")
-    out, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err[-3000:]
-    expected = json.loads((tmp_path / "runs/undisturbed/summary.json").read_text())["history"]
+    (tmp_path / "preempted.yaml").write_text(yaml.safe_dump(config("preempted", 0.25)))
+    expected = undisturbed[0]["history"]
 
     def batches() -> int:  # training batches recorded by the workers, every run together
         return sum(p.read_text().count("\n") for p in (tmp_path / "preempted").glob("*.txt"))

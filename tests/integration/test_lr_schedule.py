@@ -11,7 +11,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from orchestrator.errors import TrainingError
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import assert_close, overfit_config
 
 pytestmark = pytest.mark.integration

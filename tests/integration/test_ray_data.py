@@ -26,8 +26,8 @@ from tests.integration.conftest import (
     own_state_api,
     run_cli,
 )
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 VAL_ROWS, TEST_ROWS = 1001, 201  # of 1,797: 595 training rows, 297 a worker, 5 steps of 64

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load
 
 from orchestrator.start.config_file import apply_overrides, read_yaml
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import (
     REPO,
     S3_BUCKET,
@@ -33,7 +33,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.outage import Outage
 from workers.contract.config import RunConfig
-from workers.loop.steps import evaluate_dataset, workload_metrics
+from workers.loop.metric_setup import workload_metrics
+from workers.loop.scoring import evaluate_dataset
 from workers.workloads.digits import build as build_digits
 
 pytestmark = pytest.mark.integration

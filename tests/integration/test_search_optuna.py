@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from orchestrator.search.adaptive import TrialSeededTPE, distributions
-from orchestrator.search.run import run_search
+from orchestrator.search.runner import run_search
 from orchestrator.search.space import PARAMS_KEY, parse_space
 from tests.integration.conftest import (
     REPO,
@@ -29,8 +29,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 

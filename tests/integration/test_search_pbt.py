@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.search.run import run_search
+from orchestrator.search.runner import run_search
 from tests.integration.conftest import REPO, overfit_config, wait_for
 from tests.integration.test_search_optuna import best_agrees_everywhere
 from tests.integration.test_wandb import wandb_env  # noqa: F401

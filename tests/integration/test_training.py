@@ -16,21 +16,32 @@ import torch
 from orchestrator.errors import UserError
 from orchestrator.results.summary import summarize
 from orchestrator.start.console import Console
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import REPO, assert_close, checkpoint_dirs, overfit_config
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
-from workers.checkpoint.saved_model import evaluate_split
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 
 
-def test_saved_model_is_the_best_epochs(tmp_path, ray_local):
+# BatchNorm (buffers each rank updates on its own) and dropout (random per rank and epoch).
+NORM_DROPOUT = {"norm": True, "dropout": 0.2}
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory, ray_local):
+    """One 10-epoch run with its test split, checked by the tests that only read it (or a
+    copy of its directory): a Ray Train run costs far more to start than to train."""
+    cfg = overfit_config(tmp_path_factory.mktemp("best"), test_split=True,
+                         workload={"params": dict(NORM_DROPOUT)})
+    return cfg, run_training(cfg)
+
+
+def test_saved_model_is_the_best_epochs(best_run):
     """A model with buffers (BatchNorm) and dropout: after an epoch each rank's BatchNorm
     statistics come from its own last batch; the metrics recorded must still be those of the
     weights and buffers rank 0 saved."""
-    cfg = overfit_config(tmp_path, test_split=True,
-                         workload={"params": {"norm": True, "dropout": 0.2}})
-    summary = run_training(cfg)
+    cfg, summary = best_run
     run_dir = Path(summary["run_dir"])
 
     history = summary["history"]
@@ -109,27 +120,31 @@ def test_other_policies_write_what_they_promise(tmp_path, ray_local, policy, ext
 
 
 def test_workers_killed_mid_epoch_and_mid_write_restart_with_the_same_best(tmp_path,
-                                                                          ray_local):
-    common = {"train": {"epochs": 8}, "checkpoint": {"resume_every_n_epochs": 1}}
-    reference = run_training(overfit_config(tmp_path, name="reference", **common))
+                                                                          best_run):
+    # The reference: the shared undisturbed run's first 8 epochs (the schedule is constant
+    # and each epoch seeded: what an 8-epoch run trains), with its BatchNorm and dropout.
+    reference = best_run[1]["history"][:8]
+    losses = [h["val_loss"] for h in reference]
 
     marker = tmp_path / "killed-once"
     # 16 samples per rank, batch 8: 2 steps an epoch; the 8th step is in epoch 4, where a
     # worker SIGKILLs itself; then rank 0 SIGKILLs itself writing epoch 6's model file,
     # between its temporary file and the rename.
     cfg = overfit_config(
-        tmp_path, name="restarted", failure={"max_failures": 2},
-        workload={"params": {"fail_after_steps": 7, "fail_with": "sigkill",
-                             "kill_writing_epoch": 6, "marker": str(marker)}}, **common,
+        tmp_path, name="restarted", failure={"max_failures": 2}, train={"epochs": 8},
+        checkpoint={"resume_every_n_epochs": 1},
+        workload={"params": {**NORM_DROPOUT, "fail_after_steps": 7,
+                             "fail_with": "sigkill", "kill_writing_epoch": 6,
+                             "marker": str(marker)}},
     )
     summary = run_training(cfg)
     assert marker.exists() and Path(f"{marker}.write").exists(), "a kill did not happen"
 
     # Restored from the latest checkpoint each time, with the tracker's memory of the best:
     # the run ends exactly where the uninterrupted one does.
-    assert summary["best_epoch"] == reference["best_epoch"]
+    assert summary["best_epoch"] == losses.index(min(losses)) + 1
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 9))
-    for got, ref in zip(summary["history"], reference["history"], strict=True):
+    for got, ref in zip(summary["history"], reference, strict=True):
         assert_close(got["val_loss"], ref["val_loss"], rel=1e-5)
         assert got["is_best"] == ref["is_best"]
     best_dir = Path(summary["best_checkpoint"])
@@ -293,25 +308,28 @@ def test_a_damaged_latest_checkpoint_is_skipped_on_resume(tmp_path, ray_local):
     assert (run_dir / "history.json").read_bytes() == history  # nothing touched
 
 
-def test_a_run_stopped_before_its_last_report_was_recorded_names_its_best(tmp_path,
-                                                                          ray_local):
+def test_a_run_stopped_before_its_last_report_was_recorded_names_its_best(best_run,
+                                                                          tmp_path):
     """Ray registers a checkpoint (deleting the one it replaces) before the controller's
     recorder sees that report; a run stopped in between still has its best model named."""
-    cfg = overfit_config(tmp_path, name="unrecorded", test_split=True, train={"epochs": 6})
-    summary = run_training(cfg)
-    run_dir, best = Path(summary["run_dir"]), summary["best_epoch"]
+    cfg, summary = best_run
+    best, best_name = summary["best_epoch"], Path(summary["best_checkpoint"]).name
+    assert best > 1, "a best epoch with no report before it leaves nothing to repair"
+    # A copy of the shared run's directory (the records name checkpoints relative to it).
+    run_dir = tmp_path / "unrecorded"
+    shutil.copytree(summary["run_dir"], run_dir)
     # What such a stop leaves: history.json ends before the best epoch's report, and only the
     # best epoch's checkpoint is in storage (Ray deleted the one it replaced).
     history = json.loads((run_dir / "history.json").read_text())["history"]
     (run_dir / "history.json").write_text(json.dumps(
         {"history": [r for r in history if r["epoch"] < best]}))
     for directory in checkpoint_dirs(run_dir):
-        if directory != Path(summary["best_checkpoint"]):
+        if directory.name != best_name:
             shutil.rmtree(directory)
 
     again = summarize(cfg, str(run_dir), use_gpu=False, start="resume")
     assert again["best_epoch"] == best
-    assert again["best_checkpoint"] == summary["best_checkpoint"]
+    assert Path(again["best_checkpoint"]) == run_dir / best_name
     assert again["test_metrics"] == pytest.approx(summary["test_metrics"])
     for key in ("val_loss", "val_accuracy", "train_loss"):
         assert again["best_metrics"][key] == summary["best_metrics"][key]

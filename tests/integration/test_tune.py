@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.search.run import run_search
+from orchestrator.search.runner import run_search
 from tests.integration.conftest import (
     REPO,
     RunProcesses,
@@ -25,8 +25,8 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_wandb import artifacts, run_summary, wandb_env  # noqa: F401
 from workers.checkpoint.load import load_metadata
-from workers.checkpoint.saved_model import evaluate_split
 from workers.contract.config import RunConfig
+from workers.loop.scoring import evaluate_split
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from tests.integration.conftest import REPO, assert_close, run_cli
 from tests.workloads.unused_params import build
-from workers.decisions.metrics import build_metrics
-from workers.loop.steps import evaluate_dataset
+from workers.evaluation.metrics import build_metrics
+from workers.loop.scoring import evaluate_dataset
 
 pytestmark = pytest.mark.integration
 

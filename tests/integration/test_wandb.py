@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.training.run import run_training
+from orchestrator.training.driver import run_training
 from tests.integration.conftest import overfit_config
 
 pytestmark = pytest.mark.integration

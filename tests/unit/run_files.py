@@ -1,6 +1,6 @@
 """A run directory's files made by hand, in the shapes the project writes them: checkpoint
 directories through the project's own snapshot and writer (real safetensors, train state and
-a metadata.json shaped as ``workers.loop.reporter`` shapes it), history.json as the recorder
+a metadata.json shaped as ``workers.checkpoint.manager`` shapes it), history.json as the recorder
 writes it, and Ray Train's checkpoint manager snapshot."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def write_checkpoint_dir(run_dir: Path, epoch: int, val_loss: float, *, is_best:
                 "saved_because": saved_because, "world_size": 2, "seed": 0,
                 "config": config or {}, **extra}
     tracker = {"best_epoch": epoch if is_best else None}
-    snap = snapshot(model, None, {"epoch": epoch, "tracker": tracker, "seed": 0}, metadata)
+    snap = snapshot(model.state_dict(), None, {"epoch": epoch, "tracker": tracker, "seed": 0},
+                    metadata)
     path = run_dir / f"{CHECKPOINT_PREFIX}epoch{epoch:04d}_{1_700_000_000_000_000_000 + epoch}"
     write_checkpoint(snap, pafs.LocalFileSystem(), str(path))
     return path

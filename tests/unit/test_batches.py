@@ -9,16 +9,12 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset, default_collate
 
-from workers.contract.errors import UserInputError
-from workers.decisions.metrics import build_metrics, snake_case
+from workers.contract.user_errors import UserInputError
+from workers.evaluation.metrics import build_metrics, snake_case
 from workers.loop.batches import Batches, check_first_batch, logits_of
-from workers.loop.steps import (
-    check_metrics,
-    loader_workers,
-    make_loader,
-    to_device,
-    workload_metrics,
-)
+from workers.loop.devices import to_device
+from workers.loop.loaders import loader_workers, make_loader
+from workers.loop.metric_setup import check_metrics, workload_metrics
 
 CPU = torch.device("cpu")
 X = torch.randn(3, 4)

@@ -18,9 +18,11 @@ from tests.payloads import Payload
 from workers.checkpoint.integrity import damage, newest_intact
 from workers.checkpoint.load import load_intact, load_metadata, load_train_state, load_weights
 from workers.checkpoint.snapshot import HostBuffers, snapshot
+from workers.checkpoint.state import ModelState
 from workers.checkpoint.writer import write_checkpoint
-from workers.contract.errors import UserInputError
 from workers.contract.names import MODEL_FILE
+from workers.contract.user_errors import UserInputError
+from workers.loop.sharding import LocalState
 
 
 def model() -> torch.nn.Module:
@@ -47,17 +49,31 @@ def test_model_checkpoints_leave_the_optimizer_state_out():
     optimizer = torch.optim.Adam(m.parameters())
     m(torch.randn(3, 4)).sum().backward()
     optimizer.step()
-    light = snapshot(m, None, {"epoch": 2}, {"epoch": 2}, buffers=HostBuffers())
-    full = snapshot(m, optimizer, {"epoch": 2}, {"epoch": 2})
+    light = snapshot(m.state_dict(), None, {"epoch": 2}, {"epoch": 2}, buffers=HostBuffers())
+    full = snapshot(m.state_dict(), optimizer.state_dict(), {"epoch": 2}, {"epoch": 2})
     assert "optimizer" not in light.train_state
     assert full.train_state["optimizer"]["state"][0]["exp_avg"].shape == (8, 4)
+
+
+def test_ddp_state_reads_state_dicts_as_the_model_state_interface_says():
+    m = model()
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    state: ModelState = LocalState(m, optimizer)
+    assert state.collective is False
+    weights = state.weights()  # a state dict, as fsdp's ShardedState gives
+    assert list(weights) == list(m.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
+    assert state.optimizer_state() == optimizer.state_dict()
+    kept = torch.optim.SGD(m.parameters(), lr=0.5)  # a custom loop's optimizer (ctx.keep)
+    assert state.optimizer_state(kept)["param_groups"][0]["lr"] == 0.5
+    assert LocalState(m, None).optimizer_state() is None
 
 
 @pytest.mark.parametrize("filesystem", ["local", "subtree"])
 def test_write_checkpoint_round_trip(tmp_path, filesystem):
     m = model()
-    snap = snapshot(m, torch.optim.SGD(m.parameters(), lr=0.1), {"epoch": 3},
-                    {"epoch": 3, "val_loss": 0.5}, buffers=HostBuffers())
+    snap = snapshot(m.state_dict(), torch.optim.SGD(m.parameters(), lr=0.1).state_dict(),
+                    {"epoch": 3}, {"epoch": 3, "val_loss": 0.5}, buffers=HostBuffers())
     if filesystem == "local":
         fs, path = pafs.LocalFileSystem(), str(tmp_path / "ckpt")
     else:  # not a LocalFileSystem: written as whole objects, as on an object store
@@ -79,7 +95,8 @@ def test_write_checkpoint_round_trip(tmp_path, filesystem):
 def test_damaged_files_are_named_and_the_newest_intact_checkpoint_is_chosen(tmp_path):
     m = model()
     for epoch in (2, 4, 6):
-        snap = snapshot(m, None, {"epoch": epoch}, {"epoch": epoch}, buffers=HostBuffers())
+        snap = snapshot(m.state_dict(), None, {"epoch": epoch}, {"epoch": epoch},
+                        buffers=HostBuffers())
         write_checkpoint(snap, pafs.LocalFileSystem(), str(tmp_path / f"ckpt{epoch}"))
 
     def check(name: str) -> str | None:
@@ -105,8 +122,8 @@ def test_damaged_files_are_named_and_the_newest_intact_checkpoint_is_chosen(tmp_
 
 def test_a_train_state_that_would_run_code_is_refused_unrun(tmp_path):
     m = model()
-    snap = snapshot(m, torch.optim.SGD(m.parameters(), lr=0.1), {"epoch": 3}, {"epoch": 3},
-                    buffers=HostBuffers())
+    snap = snapshot(m.state_dict(), torch.optim.SGD(m.parameters(), lr=0.1).state_dict(),
+                    {"epoch": 3}, {"epoch": 3}, buffers=HostBuffers())
     write_checkpoint(snap, pafs.LocalFileSystem(), str(tmp_path / "ckpt"))
     marker = tmp_path / "payload-ran"
     state = tmp_path / "ckpt" / "train_state.pt"

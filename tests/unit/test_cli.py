@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import storage
 from orchestrator.errors import failure_summary, user_error_in
-from workers.contract.errors import WorkloadError
+from workers.contract.user_errors import WorkloadError
 from workers.decisions.tracker import MonitorNotReportedError
 
 REPO = Path(__file__).resolve().parents[2]

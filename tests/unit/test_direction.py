@@ -1,12 +1,12 @@
 """tracker.mode auto: the direction a metric object declares, else the table of name words,
-else a one-line refusal (decisions/direction.py); and what the metrics declare."""
+else a one-line refusal (contract/direction.py); and what the metrics declare."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.contract.errors import UserInputError
-from workers.decisions.direction import by_name, name_words, resolve
+from workers.contract.direction import by_name, name_words, resolve
+from workers.contract.user_errors import UserInputError
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def test_torchmetrics_declare_their_direction_in_a_workloads_metrics() -> None:
     from torchmetrics.regression import KLDivergence, MinkowskiDistance
     from torchmetrics.text import EditDistance, Perplexity
 
-    from workers.decisions.metrics import spec_directions
+    from workers.evaluation.metrics import spec_directions
 
     declared = spec_directions([MeanSquaredError(), Perplexity(), EditDistance(),
                                 MinkowskiDistance(p=2), KLDivergence(), "accuracy"])
@@ -117,8 +117,13 @@ def test_a_metric_collection_is_one_metric_object_reporting_each_member() -> Non
         MulticlassRecall,
     )
 
-    from workers.decisions.metrics import build_metrics, pack_states, reported_names, unpack_compute
-    from workers.loop.steps import MeanLoss
+    from workers.evaluation.metrics import (
+        MeanLoss,
+        build_metrics,
+        pack_states,
+        reported_names,
+        unpack_compute,
+    )
 
     def collection():
         return MetricCollection([MulticlassAccuracy(3), MulticlassPrecision(3),
@@ -146,7 +151,7 @@ def test_a_metric_collection_is_one_metric_object_reporting_each_member() -> Non
 
 
 def test_an_unknown_builtin_name_names_its_key() -> None:
-    from workers.decisions.metrics import build_metrics
+    from workers.evaluation.metrics import build_metrics
 
     with pytest.raises(ValueError, match=r"^metrics: unknown metric 'auc'; built-ins"):
         build_metrics(["auc"], 2)

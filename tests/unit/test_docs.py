@@ -3,6 +3,7 @@ resolves, and the README stays a short guide that opens with the two commands.""
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import re
@@ -98,3 +99,84 @@ def test_readme_links_every_docs_page():
     text = (REPO / "README.md").read_text()
     missing = [p.name for p in sorted(DOCS.glob("*.md")) if f"(docs/{p.name})" not in text]
     assert not missing, f"README.md does not link these docs pages: {missing}"
+
+
+ARCHITECTURE = DOCS / "architecture.md"
+CODE = re.compile(r"`([^`]+)`")
+Row = tuple[list[str], list[str]]  # a row's backticked names: its first cell's, the rest's
+
+
+def code_only(path: Path) -> bool:
+    """A file that holds nothing but a docstring (or nothing): a package marker."""
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body)
+
+
+def module_rows(page: Path) -> dict[str, list[Row]]:
+    """The module tables, by the folder the paragraph above each names (`orchestrator/`,
+    `workers/`): each row's backticked names in its first cell and in the rest of the row."""
+    tables: dict[str, list[Row]] = {}
+    root = None
+    for line in prose_lines(page):
+        if line.startswith("|"):
+            cells = line.strip().strip("|").split("|")
+            first, rest = CODE.findall(cells[0]), CODE.findall("|".join(cells[1:]))
+            if root and first:
+                tables.setdefault(root, []).append((first, rest))
+        elif line.strip():
+            named = [n for n in CODE.findall(line) if n in ("orchestrator/", "workers/")]
+            root = named[-1].rstrip("/") if named else None
+    return tables
+
+
+def documented(rows: list[Row]) -> tuple[set[str], list[tuple[str, set[str]]]]:
+    """The paths a table names, and its folder rows with the names each row gives in backticks.
+
+    ``contract/workload.py``, ``protocol.py``: a bare name is in the folder of the name before
+    it. ``engines/``: a folder row names its ``__init__.py``, and each module under it whose
+    file name or stem the row gives in backticks (``torch_engine.py``, ``learner``)."""
+    paths, folders = set(), []
+    for first, rest in rows:
+        folder = ""
+        for name in first:
+            if name.endswith("/"):
+                paths.add(name + "__init__.py")
+                folders.append((name, {n.rstrip("/") for n in first + rest}))
+                continue
+            path = name if "/" in name else folder + name
+            folder = path.rpartition("/")[0] + "/" if "/" in path else ""
+            paths.add(path)
+    return paths, folders
+
+
+def test_every_module_is_in_the_architecture_tables():
+    """Every module under orchestrator/ and workers/ has its row in docs/architecture.md;
+    ``__main__.py`` and an ``__init__.py`` holding only a docstring need none."""
+    tables = module_rows(ARCHITECTURE)
+    missing = []
+    for root in ("orchestrator", "workers"):
+        paths, folders = documented(tables.get(root, []))
+        for file in sorted((REPO / root).rglob("*.py")):
+            rel = str(file.relative_to(REPO / root))
+            if "__pycache__" in file.parts or file.name == "__main__.py":
+                continue
+            if file.name == "__init__.py" and code_only(file):
+                continue
+            if rel in paths or any(
+                rel.startswith(folder) and (file.name in names or file.stem in names)
+                for folder, names in folders
+            ):
+                continue
+            missing.append(f"{root}/{rel}")
+    assert not missing, f"docs/architecture.md's module tables do not name: {missing}"
+
+
+def test_the_architecture_tables_name_only_modules_that_exist():
+    """A row left behind by a move names a file that is gone."""
+    stale = []
+    for root, rows in module_rows(ARCHITECTURE).items():
+        for path in sorted(documented(rows)[0]):
+            named = REPO / root / path  # a folder row's ``__init__.py``: its folder
+            if not (named.parent.is_dir() if named.name == "__init__.py" else named.exists()):
+                stale.append(f"{root}/{path}")
+    assert not stale, f"docs/architecture.md's module tables name files that are gone: {stale}"

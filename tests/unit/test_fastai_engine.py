@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fastai.callback.progress  # noqa: F401 - registers Learner.no_bar, as fastai.basics does
+import fastai.callback.progress
 import fastai.callback.schedule  # noqa: F401 - registers Learner.fit_one_cycle
 import pytest
 import torch
@@ -22,10 +22,10 @@ from orchestrator.start.config_file import format_validation_error, load_config
 from tests.payloads import Payload
 from tests.workloads.overfit_fastai import build as overfit_learner
 from workers.contract.config import RunConfig
-from workers.contract.workload import WorkloadError, build_workload
+from workers.contract.workload import WorkloadError
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
-from workers.engines.fastai.learner import AvgMetricStats
-from workers.loop.steps import evaluate_dataset
+from workers.loop.learner import AvgMetricStats, build_workload
+from workers.loop.scoring import evaluate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,7 +118,7 @@ def test_a_learner_workload_scores_as_learn_validate():
 
 def test_a_learners_third_loader_is_its_test_split_scored_every_row_once_as_validate():
     from tests.workloads.tabular_fastai import build as tabular_learner
-    from workers.engines.fastai.splits import evaluate_learner_split, split_loader
+    from workers.loop.learner_splits import evaluate_learner_split, split_loader
 
     torch.manual_seed(0)
     workload = build_workload("tests.workloads.tabular_fastai:build", {})
@@ -150,7 +150,7 @@ def test_a_learners_third_loader_is_its_test_split_scored_every_row_once_as_vali
 def test_a_learner_metric_that_is_not_an_average_is_refused():
     learn = overfit_learner()
     learn.metrics = [F1Score()]
-    from workers.engines.fastai.learner import mergeable_metrics
+    from workers.loop.learner import mergeable_metrics
 
     with pytest.raises(WorkloadError, match="f1_score.*not a per-sample average"):
         mergeable_metrics(learn)
@@ -159,7 +159,7 @@ def test_a_learner_metric_that_is_not_an_average_is_refused():
 def test_a_learners_torchmetrics_metric_is_taken_whole_and_scores_the_whole_set():
     from torchmetrics.classification import MulticlassAUROC
 
-    from workers.engines.fastai.learner import mergeable_metrics
+    from workers.loop.learner import mergeable_metrics
 
     learn = overfit_learner()
     learn.metrics = [MulticlassAUROC(num_classes=2)]  # fastai wraps it as an AvgMetric
@@ -238,9 +238,9 @@ def test_builtin_fastai_config_and_workload():
 
 def test_the_torch_engine_never_imports_fastai():
     code = (
-        "import sys, workers.engines.torch_engine, workers.checkpoint.saved_model\n"
-        "import orchestrator.training.run\n"
-        "from workers.contract.workload import build_workload\n"
+        "import sys, workers.engines.torch_engine, workers.loop.scoring\n"
+        "import orchestrator.training.driver\n"
+        "from workers.loop.learner import build_workload\n"
         "build_workload('workers.workloads.digits:build', {})\n"
         "import workers.engines; workers.engines.train_loop_for('torch')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fastai'))\n"

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.start.console import Console
 from orchestrator.start.interrupts import SAME_STOP_S, Interrupted, SignalGuard
-from orchestrator.training.run import EpochHandler
+from orchestrator.training.driver import EpochHandler
 from workers.contract.config import RunConfig
 
 

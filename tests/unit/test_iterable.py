@@ -13,20 +13,14 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from tests.workloads.iterable import build
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.engines.torch_engine import Clock
 from workers.loop.batches import Batches
 from workers.loop.iterable import RankShare, TrainStream, check_iterable_run, is_iterable
+from workers.loop.loaders import first_batch, loader_workers, make_loader, split_of
+from workers.loop.metric_setup import infer_num_classes, workload_metrics
 from workers.loop.optim import Stepper, make_stepper
-from workers.loop.steps import (
-    evaluate_dataset,
-    first_batch,
-    infer_num_classes,
-    loader_workers,
-    make_loader,
-    split_of,
-    workload_metrics,
-)
+from workers.loop.scoring import evaluate_dataset
 
 CPU = torch.device("cpu")
 

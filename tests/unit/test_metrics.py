@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from workers.decisions.metrics import (
+from workers.evaluation.metrics import (
     ConfusionMatrix,
     ConfusionMetric,
     MeanLoss,

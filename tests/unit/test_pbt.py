@@ -114,7 +114,7 @@ def test_an_exploit_copies_the_donors_checkpoint_and_keeps_the_trials_identity(t
     from ray.tune.experiment import Trial
 
     from orchestrator.search.pbt import exploit_line, make_pbt
-    from orchestrator.search.run import trial_id_of
+    from orchestrator.search.runner import trial_id_of
 
     cfg = config({"train.lr": {"loguniform": [0.001, 0.1]}}, epochs=4,
                  storage_path=str(tmp_path))
@@ -196,7 +196,7 @@ def test_no_more_trials_run_or_start_at_once_than_max_concurrent_trials(tmp_path
     from ray.tune.experiment import Trial
 
     from orchestrator.search.pbt import make_pbt
-    from orchestrator.search.run import trial_id_of
+    from orchestrator.search.runner import trial_id_of
 
     cfg = config(tune={"max_concurrent_trials": 2}, storage_path=str(tmp_path))
     trials = [Trial("run_trial", config={"trial": {"trial_id": f"trial-{i:03d}"}}, stub=True)
@@ -232,7 +232,7 @@ def test_only_the_end_of_a_leg_is_compared(tmp_path):
     from ray.tune.schedulers import TrialScheduler
 
     from orchestrator.search.pbt import make_pbt
-    from orchestrator.search.run import trial_id_of
+    from orchestrator.search.runner import trial_id_of
 
     cfg = config(storage_path=str(tmp_path))  # 6 epochs, compared every 2
     trial = Trial("run_trial", config={"trial": {"trial_id": "trial-000"}}, stub=True)

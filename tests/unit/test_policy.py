@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from workers.decisions.policy import SaveDecision, decide_save, ray_keep_settings
+from workers.checkpoint.policy import (
+    PREEMPTION,
+    SaveDecision,
+    decide_save,
+    rank_score,
+    ray_keep_settings,
+)
 
 POLICIES = ["best", "every_n", "all", "last", "none"]
 
@@ -42,6 +50,8 @@ POLICIES = ["best", "every_n", "all", "last", "none"]
 def test_decide_save_without_resume_checkpoints(
     policy: str, epoch: int, improved: bool, is_final: bool, every_n: int, expected: SaveDecision
 ) -> None:
+    # The verdict carries the tracker's: is_best, whether or not the policy saves.
+    expected = replace(expected, improved=improved)
     assert (
         decide_save(policy, epoch, improved=improved, is_final=is_final, every_n_epochs=every_n)
         == expected
@@ -84,7 +94,7 @@ def test_decide_save_with_resume_checkpoints(
         policy, epoch, improved=improved, is_final=is_final, every_n_epochs=3,
         resume_every_n_epochs=resume_n,
     )
-    assert decision == expected
+    assert decision == replace(expected, improved=improved)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +170,14 @@ def test_ray_keep_settings_are_valid_for_ray() -> None:
 
     for policy in POLICIES:
         CheckpointConfig(**ray_keep_settings(policy, "checkpoint_rank"))
+
+
+def test_a_preemption_is_a_full_state_save_and_never_an_improvement() -> None:
+    assert PREEMPTION == SaveDecision(True, "preempt", full_state=True, improved=False)
+
+
+def test_rank_score_puts_every_improvement_above_everything_saved_before_it() -> None:
+    # Ray keeps one checkpoint by this score under "best": a save that is not an improvement
+    # (resume, preemption) ranks half a point below the best before it, never above it.
+    assert rank_score(1, True) == 1 and rank_score(1, False) == 0.5
+    assert rank_score(1, True) < rank_score(2, False) < rank_score(2, True)

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from workers.decisions.metrics import build_metrics
-from workers.loop.steps import accumulate, as_float32, evaluate_dataset, train_epoch
+from workers.evaluation.metrics import build_metrics
+from workers.loop.precision import as_float32
+from workers.loop.scoring import accumulate, evaluate_dataset
+from workers.loop.training import train_epoch
 
 CPU = torch.device("cpu")
 
@@ -105,7 +107,7 @@ def test_fastai_learner_trains_and_validates_under_bf16_on_cpu() -> None:
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
 
-    from workers.engines.fastai.engine import Bf16Autocast
+    from workers.loop.learner_splits import Bf16Autocast
 
     torch.manual_seed(0)
     model = Probe()

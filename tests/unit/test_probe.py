@@ -9,7 +9,7 @@ import pytest
 
 from tests.workloads.mistakes import EXPECTED
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.probe import check_monitor
 
 

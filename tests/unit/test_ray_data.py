@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.ray_data import StreamedTrain, rows_collate
 
 

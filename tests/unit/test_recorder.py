@@ -1,10 +1,14 @@
 """The controller's record of a run (``RunRecorder``), fed as Ray Train feeds it: a list of
 every worker's metrics per report and the persisted checkpoint (an object with a ``path``)
-or None. No Ray runs: the event queue is a list, the controller's own handle a string."""
+or None. No Ray runs: the event queue is a list, the controller's own handle a string. The
+events it sends the driver are typed (``training.events``) and cross processes: they pickle."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,23 +16,31 @@ from typing import Any
 import pytest
 import ray
 
-from orchestrator.controller.recorder import CONTROLLER, USER_ERROR, WORKER_FAILED, RunRecorder
 from orchestrator.results.history import read_history
+from orchestrator.training.events import (
+    ControllerStarted,
+    EpochEvent,
+    Preempted,
+    UserErrorEvent,
+    WorkerFailed,
+)
+from orchestrator.training.recorder import RunRecorder
 from tests.unit.run_files import epoch_metrics, write_checkpoint_dir
-from workers.contract.errors import UserInputError
 from workers.contract.names import (
     HISTORY_FILE,
     HISTORY_SEGMENTS_DIR,
     MODEL_FILE,
+    PREEMPT_KEY,
     RANK_KEY,
     STAGED_FILES,
     STAGING_DIR,
 )
+from workers.contract.user_errors import UserInputError
 
 
 class Events(list):
     def put(self, item: Any) -> None:
-        self.append(item)
+        self.append(pickle.loads(pickle.dumps(item)))  # through the channel actor
 
 
 @pytest.fixture
@@ -122,11 +134,13 @@ def test_models_are_staged_for_wandb_only_as_its_setting_asks(tmp_path, events, 
         assert os.path.samefile(staging / checkpoints[epoch].name / MODEL_FILE,
                                 checkpoints[epoch] / MODEL_FILE)
     # The driver hears of every epoch, in order, with the staged path where there is one.
-    assert events[0] == (CONTROLLER, "the controller")
+    assert events[0] == ControllerStarted("the controller")
     records = events[1:]
-    assert [r["epoch"] for r, _ in records] == [1, 2, 3, 4, 5]
-    assert [s for _, s in records] == [
+    assert all(isinstance(event, EpochEvent) for event in records)
+    assert [event.record["epoch"] for event in records] == [1, 2, 3, 4, 5]
+    assert [event.staged for event in records] == [
         str(staging / checkpoints[e].name) if e in staged else None for e in range(1, 6)]
+    assert records[1].record == read_history(str(tmp_path))[1]  # as the history holds it
 
 
 def test_a_user_error_among_worker_exceptions_is_sent_to_the_driver_once(tmp_path, events):
@@ -134,8 +148,8 @@ def test_a_user_error_among_worker_exceptions_is_sent_to_the_driver_once(tmp_pat
     wrapped = RuntimeError("Traceback (most recent call last): ...")
     wrapped.__cause__ = UserInputError("workload.params: 'hiddn' is not a parameter\nmore")
     recorder.after_exception(None, {0: RuntimeError("rank 0 lost its peer"), 1: wrapped})
-    assert events == [(CONTROLLER, "the controller"),
-                      (USER_ERROR, "workload.params: 'hiddn' is not a parameter")]
+    assert events == [ControllerStarted("the controller"),
+                      UserErrorEvent("workload.params: 'hiddn' is not a parameter")]
 
 
 def test_a_fault_is_not_a_user_error_and_is_left_to_ray_to_retry(tmp_path, events):
@@ -143,6 +157,27 @@ def test_a_fault_is_not_a_user_error_and_is_left_to_ray_to_retry(tmp_path, event
     never that it must stop the run."""
     recorder = RunRecorder(str(tmp_path), "none", events)
     recorder.after_exception(None, {1: OSError("disk"), 0: RuntimeError("worker died\nmore")})
-    assert events[1:] == [(WORKER_FAILED, "worker 0: RuntimeError: worker died")]
-    assert all(kind != USER_ERROR for kind, _ in events)
+    assert events == [ControllerStarted("the controller"),
+                      WorkerFailed("worker 0: RuntimeError: worker died")]
     assert not (tmp_path / HISTORY_FILE).exists() and not (tmp_path / HISTORY_SEGMENTS_DIR).exists()
+
+
+def test_a_step_saved_after_a_signal_is_news_for_the_driver_not_a_record(tmp_path, events):
+    """The workers saved the step in flight, as the driver asked (``workers.loop.preempt``):
+    the driver is told where; the history and W&B never see it."""
+    recorder = RunRecorder(str(tmp_path), "best", events)
+    saved = tmp_path / "checkpoint_step00000007_preempt"
+    recorder.after_report(None, [{"epoch": 2, "global_step": 7, PREEMPT_KEY: 1.0}] * 2,
+                          SimpleNamespace(path=str(saved)))
+    assert events == [Preempted(str(saved))]
+    assert read_history(str(tmp_path)) == []
+
+
+def test_the_events_module_imports_neither_torch_nor_ray():
+    """Both processes import it to unpickle the events; the driver's imports stay light."""
+    code = ("import sys, orchestrator.training.events\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"

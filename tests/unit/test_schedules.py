@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
 
 LR, TOTAL = 0.01, 60

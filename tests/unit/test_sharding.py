@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.workloads.overfit import build as build_overfit
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.sharding import shard_units
 
 

@@ -36,7 +36,7 @@ def run(tmp_path, monkeypatch):
         "train": {"epochs": 6}, "tracker": {"monitor": "val_loss"}})
     evaluated: list[str] = []
 
-    def evaluate(cfg, checkpoint_path, use_gpu):  # noqa: ANN001 - the real one's arguments
+    def evaluate(cfg, checkpoint_path, use_gpu):
         evaluated.append(checkpoint_path)
         return {"test_loss": 0.25}
 
@@ -203,7 +203,7 @@ def test_a_resume_first_records_the_epoch_ray_registered_but_the_recorder_missed
 
     from orchestrator.start.console import Console
     from orchestrator.start.context import Prepared, StartMode
-    from orchestrator.training.run import check_resume_point
+    from orchestrator.training.driver import check_resume_point
 
     run_dir, _, _ = run
     best = write_checkpoint_dir(run_dir, 2, 0.4, is_best=True)

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.workloads.unused_params import build
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.batches import Batches
 from workers.loop.sharding import (
     loader_first_batch,
@@ -24,7 +24,7 @@ DDP_ERROR = (
     "you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL")
 
 
-def probe_of(workload):  # noqa: ANN001, ANN202
+def probe_of(workload):
     loader = DataLoader(workload.train_dataset, batch_size=16)
     return loss_probe(Batches.of(workload), lambda: loader_first_batch(loader))
 

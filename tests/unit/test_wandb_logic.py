@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.tracking.mode import wandb_mode
-from orchestrator.tracking.policy import artifact_name, best_summary, should_log_model
+from orchestrator.tracking.rules import artifact_name, best_summary, should_log_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ BEST = ALL_TEN[7]["path"]
     ],
 )
 def test_the_models_kept_at_the_end(log_model, keep, checkpoints, expected):
-    from orchestrator.tracking.policy import kept_at_end
+    from orchestrator.tracking.rules import kept_at_end
 
     kept = kept_at_end(log_model, keep, BEST if checkpoints else None, checkpoints)
     assert [(int(m["epoch"]), aliases) for _, m, aliases in kept] == expected
@@ -194,7 +194,7 @@ def step_ckpt(epoch: int, global_step: int, is_best: bool, saved_because: str = 
 def test_a_run_that_evaluates_by_steps_names_its_versions_by_global_step():
     """Two evaluations in epoch 2 (steps 8 and 10): the versions are step-8 and step-10, in
     the order of the run; a checkpoint a signal had saved is never a model to log."""
-    from orchestrator.tracking.policy import kept_at_end, version_alias
+    from orchestrator.tracking.rules import kept_at_end, version_alias
 
     checkpoints = [step_ckpt(2, 8, True), step_ckpt(2, 10, False, "every_n"),
                    step_ckpt(2, 11, False, "preempt")]

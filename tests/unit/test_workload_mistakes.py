@@ -19,9 +19,9 @@ from orchestrator.errors import UserError
 from orchestrator.training.datasets import inspect_workload
 from tests.workloads.mistakes import EXPECTED, ON_THE_DRIVER, TRAIN, TRAIN_OF
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
-from workers.contract.workload import build_workload
+from workers.contract.user_errors import UserInputError
 from workers.engines.torch_engine import setup
+from workers.loop.learner import build_workload
 from workers.loop.runtime import Restored, Worker
 
 
@@ -75,7 +75,7 @@ def test_an_empty_split_would_pass_the_workers_first_batch_check(tmp_path, monke
 def test_a_build_returning_a_dict_is_taken_as_its_keys(tmp_path, monkeypatch):
     cfg = driver_config(tmp_path, "as_dict")
     facts = inspect_workload(cfg)  # the driver accepts it
-    assert facts.streams is None and facts.direction.mode == "min"
+    assert facts.ray_datasets is None and facts.direction.mode == "min"
     workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
     assert isinstance(workload, SimpleNamespace) and isinstance(workload.model, torch.nn.Linear)
     assert workload.loss_fn is torch.nn.functional.cross_entropy

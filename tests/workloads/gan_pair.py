@@ -48,7 +48,7 @@ def adam_steps(optimizer: torch.optim.Optimizer) -> float:
     return float(states[0]["step"]) if states else 0.0
 
 
-def loop(ctx) -> None:  # noqa: ANN001 - the project's context, not imported
+def loop(ctx) -> None:
     pair = ctx.workload.model
     generator, discriminator = ctx.prepare(pair.generator), ctx.prepare(pair.discriminator)
     lr = ctx.config.train.lr

@@ -189,7 +189,7 @@ def issue_37(work: SimpleNamespace, mistake: str, x: torch.Tensor, y: torch.Tens
     return work
 
 
-def never_reports(ctx) -> None:  # noqa: ANN001 - the project's context
+def never_reports(ctx) -> None:
     for _epoch in ctx.epochs():
         for _batch in ctx.train_loader:
             pass

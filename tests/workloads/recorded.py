@@ -65,7 +65,7 @@ def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[
         while not done() and time.monotonic() < deadline:
             time.sleep(0.002)
 
-    def delayed(snap, fs, path):  # noqa: ANN001 - the wrapped function's own arguments
+    def delayed(snap, fs, path):
         epoch = snap.metadata["epoch"]
         attempts[epoch] = attempt = attempts.get(epoch, 0) + 1
         if attempt > 1:  # Ray's retry: let training record the next epoch and snapshot it.

@@ -9,7 +9,12 @@ A checkpoint directory (file names in ``workers.contract.names``) holds:
 - optionally (the fastai engine's improvements) ``learner.pth``: the same weights as a
   ``torch.save``'d state dict, the format of fastai's ``learn.save``.
 
-Modules: ``snapshot`` (the host copy that blocks training), ``weights_image`` (that copy laid
-out as the bytes of ``model.safetensors``), ``writer`` (files into storage, in Ray's upload
-thread), ``load`` (reading a checkpoint back).
+This package owns checkpoints on the workers; it imports nothing of ``workers.loop`` or
+``workers.engines`` (they hand it their state through ``state.ModelState``). Modules:
+``manager`` (``CheckpointManager``: when to save, what, handing it to the writer; one per
+rank), ``policy`` (which evaluations save, and which checkpoints Ray Train keeps),
+``state`` (the interface that reads the model's whole state, ddp and fsdp alike),
+``snapshot`` (the host copy that blocks training), ``weights_image`` (that copy laid out as
+the bytes of ``model.safetensors``), ``writer`` (files into storage, in Ray's upload
+thread), ``load`` and ``integrity`` (reading a checkpoint back, and checking it).
 """

@@ -36,7 +36,7 @@ def newest_intact(checkpoints: Iterable[tuple[Any, str]],
     """The newest (by epoch, or ``names.point``) checkpoint whose files are intact, and what
     was damaged in the newer ones (``"<name>: <damage>"``). ``check(name)``: ``damage`` of
     that checkpoint."""
-    damaged = []
+    damaged: list[str] = []
     for _, name in sorted(checkpoints, reverse=True):
         problem = check(name)
         if problem is None:

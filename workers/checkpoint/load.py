@@ -15,7 +15,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from workers.checkpoint.integrity import damage, newest_intact
-from workers.contract.errors import UserInputError
 from workers.contract.names import (
     CHECKPOINT_PREFIX,
     METADATA_FILE,
@@ -23,6 +22,7 @@ from workers.contract.names import (
     STATE_FILE,
     point,
 )
+from workers.contract.user_errors import UserInputError
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -55,7 +55,7 @@ def _check(fs: Any, path: str) -> str | None:
     return damage(metadata, lambda name: _read(fs, f"{path}/{name}"))
 
 
-def _siblings(fs: Any, path: str) -> list[tuple[int, str]]:
+def _siblings(fs: Any, path: str) -> list[tuple[tuple[int, int], str]]:
     """(point, path) of the other checkpoints in the same run directory."""
     import pyarrow.fs as pafs
 

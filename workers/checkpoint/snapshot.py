@@ -7,6 +7,7 @@ several times more: the kernel maps every new page).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,21 +70,20 @@ class Snapshot:
 
 
 def snapshot(
-    model: torch.nn.Module,
-    optimizer: Any,
-    train_state: dict[str, Any],
-    metadata: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    train_state: Mapping[str, Any],
+    metadata: Mapping[str, Any],
     torch_weights_file: str | None = None,
     buffers: HostBuffers | None = None,
 ) -> Snapshot:
-    """``optimizer``: anything with ``state_dict()`` (a torch optimizer, or an adapter), or
-    None for a checkpoint without optimizer state. ``buffers``: reused host memory for the
-    weights (default: fresh copies)."""
-    weights = model.state_dict()
+    """``weights``: the model's state dict (``ModelState.weights``); ``optimizer_state``: an
+    optimizer's state dict, or None for a checkpoint without optimizer state. ``buffers``:
+    reused host memory for the weights (default: fresh copies)."""
     image = buffers.copy(weights) if buffers is not None else None
     host = (image.views if image is not None
             else {k: v.contiguous() for k, v in to_host(weights).items()})
     state = dict(train_state)
-    if optimizer is not None:
-        state["optimizer"] = to_host(optimizer.state_dict())
-    return Snapshot(host, state, metadata, torch_weights_file, image)
+    if optimizer_state is not None:
+        state["optimizer"] = to_host(optimizer_state)
+    return Snapshot(host, state, dict(metadata), torch_weights_file, image)

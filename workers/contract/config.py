@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from workers.decisions.direction import resolve as resolve_direction
+from workers.contract.direction import resolve as resolve_direction
 
 # What pyarrow (and so Ray Train) can write checkpoints to, besides a local path.
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss", "file")
@@ -241,14 +241,14 @@ class TrackerSection(_Section):
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:
-        """min or max: as set, or by the monitor's name (``decisions.direction``). A run's
+        """min or max: as set, or by the monitor's name (``contract.direction``). A run's
         driver pins ``mode`` first, from the metric objects' own declarations too."""
         return resolve_direction(self.monitor, self.mode).mode
 
 
 def monitor_mode(monitor: str, mode: str) -> Literal["min", "max"]:
     """``mode`` as set, or for ``auto`` from the monitor's name (a name the table cannot place
-    is refused): see ``workers.decisions.direction``."""
+    is refused): see ``workers.contract.direction``."""
     return resolve_direction(monitor, mode).mode
 
 

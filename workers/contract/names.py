@@ -6,6 +6,9 @@ never be spelled two ways.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 # A checkpoint directory (see workers.checkpoint).
 MODEL_FILE = "model.safetensors"  # the unwrapped model's weights
 METADATA_FILE = "metadata.json"  # the epoch, every metric of it, monitor, mode, config
@@ -49,22 +52,22 @@ INTERNAL_KEYS = (RANK_KEY, PREEMPT_KEY)
 STOP_QUEUE_KEY = "_stop_requests"
 # ... and what the driver learned of the workload's Ray Dataset splits (``loop.ray_data``):
 # each one's row count and first rows.
-STREAMS_KEY = "_streams"
+RAY_DATASETS_KEY = "_streams"
 # ... and, in a population-based search, the trial's place in it (``decisions.lineage``): its
 # id, the epoch its leg ends at, and the copy of another trial's checkpoint it continues from.
 PBT_KEY = "_pbt"
 # ... and why tracker.mode (pinned to min or max by the driver) is what it is: each saved
-# model's metadata says so (``decisions.direction``).
+# model's metadata says so (``contract.direction``).
 MODE_SOURCE_KEY = "_mode_source"
 
 
-def point(record: dict) -> tuple[int, int]:
+def point(record: Mapping[str, Any]) -> tuple[int, int]:
     """Where a record (or a checkpoint's metadata) falls in its run: (epoch, global step).
     An engine that evaluates at epoch ends only records no global step (0)."""
     return int(record["epoch"]), int(record.get("global_step") or 0)
 
 
-def where(record: dict, by_steps: bool) -> str:
+def where(record: Mapping[str, Any], by_steps: bool) -> str:
     """``epoch 3``, or in a run that evaluates by steps ``epoch 3, step 40 (global step
     240)``."""
     if not by_steps or record.get("step") is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from workers.contract.errors import WorkloadError
+from workers.contract.user_errors import WorkloadError
 
 __all__ = ["Workload", "WorkloadError"]
 

@@ -19,7 +19,15 @@ import torch
 
 from workers.contract.protocol import Workload, WorkloadError
 
-__all__ = ["Workload", "WorkloadError", "build_workload", "check_params", "import_entrypoint"]
+__all__ = [
+    "Workload",
+    "WorkloadError",
+    "as_workload",
+    "call_build",
+    "check_params",
+    "import_entrypoint",
+    "is_fastai_learner",
+]
 
 
 def import_entrypoint(entrypoint: str) -> Callable[..., Any]:
@@ -62,22 +70,24 @@ def is_fastai_learner(obj: Any) -> bool:
     return learner is not None and isinstance(obj, learner.Learner)
 
 
-def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
-    """The workload; a fastai Learner is presented as one (``extras["learner"]`` holds it).
-    A ``build`` that raises (a package or a file this machine lacks) is the user's to fix:
-    one line naming the entrypoint, never retried."""
+def call_build(entrypoint: str, params: dict[str, Any]) -> Any:
+    """What ``build(**params)`` returned, as it is (a fastai Learner too: presenting one as a
+    workload is the fastai adapter's, above this contract). A ``build`` that raises (a package
+    or a file this machine lacks) is the user's to fix: one line naming the entrypoint, never
+    retried."""
     build = import_entrypoint(entrypoint)
     try:
-        workload = build(**params)
-    except Exception as exc:  # noqa: BLE001 - whatever the user's code raised
+        return build(**params)
+    except Exception as exc:  # whatever the user's code raised
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise WorkloadError(f"workload.entrypoint: {entrypoint} raised {type(exc).__name__}: "
                             f"{first_line[:200]} (on {socket.gethostname()})") from exc
-    if is_fastai_learner(workload):
-        from workers.engines.fastai.learner import learner_workload
 
-        workload = learner_workload(workload)
-    kind = "an object"
+
+def as_workload(built: Any, entrypoint: str) -> Any:
+    """``built`` checked as a workload: a mapping taken as a SimpleNamespace of its keys, the
+    required fields present, the model a ``torch.nn.Module``."""
+    workload, kind = built, "an object"
     if isinstance(workload, Mapping):  # {"model": ..., "train_dataset": ...}: its keys
         workload, kind = SimpleNamespace(**{str(k): v for k, v in workload.items()}), "a mapping"
     missing = [name for name in REQUIRED if getattr(workload, name, None) is None]
@@ -92,3 +102,4 @@ def build_workload(entrypoint: str, params: dict[str, Any]) -> Any:
             f"{type(workload.model).__name__}, expected torch.nn.Module"
         )
     return workload
+

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from workers.contract.config import monitor_mode
-from workers.contract.errors import UserInputError
+from workers.contract.config import RunConfig, monitor_mode
+from workers.contract.user_errors import UserInputError
 
 
 class MonitorNotReportedError(UserInputError):
@@ -197,3 +198,23 @@ class BestTracker:
         self.progress_value = state.get("progress_value", self.best_value)
         if self.smoother and state.get("smoother"):
             self.smoother.load_state_dict(state["smoother"])
+
+
+def tracker_of(cfg: RunConfig) -> BestTracker:
+    """The run's tracker, as ``tracker.*`` sets it."""
+    t = cfg.tracker
+    return BestTracker(t.monitor, t.mode, t.min_delta, t.patience, stop_at=t.stop_at,
+                       divergence=t.divergence, baseline=t.baseline,
+                       start_from_epoch=t.start_from_epoch, initial_best=t.initial_best,
+                       smoothing=t.smoothing.model_dump(exclude_none=True) if t.smoothing
+                       else None)
+
+
+def require_monitor(monitor: str, reported: Iterable[str]) -> None:
+    """Refuse a ``tracker.monitor`` that the run does not report (the same on all ranks)."""
+    names = sorted(reported)
+    if monitor not in names:
+        raise MonitorNotReportedError(
+            f"tracker.monitor: {monitor!r} is not reported by this run; "
+            f"it reports: {', '.join(names)}"
+        )

@@ -1,8 +1,8 @@
 """The per-worker training loops, one per ``engine`` (imported lazily: fastai is heavy).
 
-All start with ``workers.loop.runtime.start_worker`` and end every epoch with
-``workers.loop.reporter.EpochReporter``; they differ only in who runs the epochs: the
-project, fastai, or the workload's own loop.
+All start with ``workers.loop.runtime.start_worker`` and end every evaluation with the
+worker's ``workers.checkpoint.manager.CheckpointManager`` (``Worker.checkpoint_manager``);
+they differ only in who runs the epochs: the project, fastai, or the workload's own loop.
 """
 
 from __future__ import annotations

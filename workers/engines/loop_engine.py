@@ -15,11 +15,15 @@ from typing import Any
 
 import torch
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
+from workers.evaluation.collectives import broadcast_buffers, most_on_any_rank
 from workers.loop.batches import Batches, blamed_on, check_first_batch
+from workers.loop.devices import model_device, to_device
 from workers.loop.iterable import is_iterable
-from workers.loop.reporter import EpochReporter
+from workers.loop.loaders import collate_of, first_batch, loader_workers, make_loader, shard
+from workers.loop.metric_setup import check_metrics, classes_from, workload_metrics
 from workers.loop.runtime import Worker, seed_epoch, start_worker
+from workers.loop.scoring import accumulate, global_metrics
 from workers.loop.sharding import (
     LocalState,
     ShardedState,
@@ -29,22 +33,6 @@ from workers.loop.sharding import (
     loss_probe,
     unused_parameters_error,
     wrap_ddp,
-)
-from workers.loop.steps import (
-    accumulate,
-    broadcast_buffers,
-    check_metrics,
-    classes_from,
-    collate_of,
-    first_batch,
-    global_metrics,
-    loader_workers,
-    make_loader,
-    model_device,
-    most_on_any_rank,
-    shard,
-    to_device,
-    workload_metrics,
 )
 
 
@@ -75,7 +63,7 @@ class LoopContext:
         self._sharded = self.config.scaling.strategy == "fsdp"
         state = (ShardedState(self.workload.model, None) if self._sharded
                  else LocalState(self.workload.model, None))
-        self._reporter = EpochReporter.create(worker, state, extras=self._kept)
+        self._checkpoints = worker.checkpoint_manager(state, extras=self._kept)
         self._model: torch.nn.Module | None = None
         self._loaders: dict[int, Any] = {}
         self._forwards: dict[int, tuple[int, Any]] = {}  # fsdp: forwards per evaluation
@@ -258,7 +246,7 @@ class LoopContext:
             raise UserInputError(f"ctx.report: epoch {epoch} is past train.epochs "
                                  f"({self.config.train.epochs}); loop over ctx.epochs()")
         values = {str(k): as_number(str(k), v) for k, v in metrics.items()}
-        stop = self._reporter.report(epoch, values, self._started)
+        stop = self._checkpoints.report(epoch, values, self._started)
         self._last_reported = epoch
         self._started = time.perf_counter()
         return stop
@@ -269,7 +257,7 @@ class LoopContext:
             raise UserInputError(f"workload.loop {loop_name(self.workload)}: returned without "
                                  "calling ctx.report(metrics); report once per epoch, after "
                                  "ctx.evaluate(...)")
-        self._reporter.finish()
+        self._checkpoints.finish()
 
 
 def train_loop(config: dict[str, Any]) -> None:

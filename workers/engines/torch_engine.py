@@ -1,8 +1,9 @@
 """``engine: torch``: the project's own epoch loop on every Ray Train rank.
 
-Per epoch: train on this rank's shard -> evaluate this rank's validation shard -> one
-all-reduce of every split's sufficient statistics -> identical metrics on all ranks ->
-``EpochReporter`` (rank 0's tracker, checkpoint policy, ``ray.train.report``).
+Per optimizer step (``loop.training.train_steps``): advance the clock; when it evaluates,
+this rank's validation shard -> one all-reduce of every split's sufficient statistics ->
+identical metrics on all ranks -> the ``CheckpointManager`` (rank 0's tracker, checkpoint
+policy, ``ray.train.report``); on a stop request, a save of this step; then maybe stop.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from workers.contract.errors import UserInputError
-from workers.decisions.metrics import MeanLoss
+from workers.checkpoint.manager import CheckpointManager, Position
+from workers.contract.user_errors import UserInputError
+from workers.decisions.tracker import require_monitor
+from workers.evaluation.collectives import broadcast_buffers, most_on_any_rank
+from workers.evaluation.metrics import MeanLoss, epoch_metric_names
 from workers.loop.batches import Batches, check_first_batch
+from workers.loop.devices import model_device, to_device
 from workers.loop.iterable import (
     RankShare,
     TrainStream,
@@ -25,11 +30,21 @@ from workers.loop.iterable import (
     is_iterable,
     say_resumed,
 )
+from workers.loop.loaders import (
+    collate_of,
+    first_batch,
+    loader_workers,
+    make_loader,
+    shard,
+    split_of,
+)
+from workers.loop.metric_setup import check_metrics, classes_from, workload_metrics
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
 from workers.loop.preempt import StopRequests
 from workers.loop.ray_data import StreamedEval, StreamedTrain, joined, rows_collate
-from workers.loop.reporter import EpochReporter, Position, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, start_worker
+from workers.loop.sampler import EpochSampler
+from workers.loop.scoring import accumulate, global_metrics
 from workers.loop.sharding import (
     LocalState,
     ShardedState,
@@ -41,25 +56,7 @@ from workers.loop.sharding import (
     unused_parameters_named,
     wrap_ddp,
 )
-from workers.loop.steps import (
-    accumulate,
-    broadcast_buffers,
-    check_metrics,
-    classes_from,
-    collate_of,
-    first_batch,
-    global_metrics,
-    loader_workers,
-    make_loader,
-    model_device,
-    most_on_any_rank,
-    shard,
-    split_of,
-    to_device,
-    train_epoch,
-    workload_metrics,
-)
-from workers.loop.stream import EpochStream
+from workers.loop.training import Step, train_epoch, train_steps
 
 
 @dataclass
@@ -116,7 +113,7 @@ def setup(worker: Worker) -> TorchParts:
 
 def streamed(worker: Worker, split: str) -> bool:
     """Whether ``split`` is a Ray Dataset, which Ray Train shards to the workers."""
-    return bool(worker.streams) and split in worker.streams["rows"]
+    return bool(worker.ray_datasets) and split in worker.ray_datasets["rows"]
 
 
 def unsized(loader: Any) -> bool:
@@ -138,7 +135,7 @@ def sample_batch(worker: Worker, split: str) -> Any:
     read by the driver, whose CPUs the training does not hold); one that is not an (input,
     target) pair or a mapping is refused in one line naming the split."""
     if streamed(worker, split):
-        batch = rows_collate(worker.workload, split)(worker.streams["samples"][split])
+        batch = rows_collate(worker.workload, split)(worker.ray_datasets["samples"][split])
     else:
         batch = first_batch(getattr(worker.workload, f"{split}_dataset"),
                             collate_of(worker.workload), split)
@@ -165,12 +162,12 @@ def train_split(worker: Worker) -> DataLoader | StreamedTrain | TrainStream:
     if streamed(worker, "train"):
         loader = StreamedTrain(ray.train.get_dataset_shard("train"),
                                rows_collate(workload, "train"),
-                               rows=worker.streams["rows"]["train"],
+                               rows=worker.ray_datasets["rows"]["train"],
                                batch_size=cfg.train.batch_size, rank=worker.rank,
                                world_size=worker.world_size, seed=cfg.seed)
         loader.set_epoch(restored.start_epoch, restored.consumed)
         return loader
-    sampler = EpochStream(len(workload.train_dataset), worker.rank, worker.world_size,
+    sampler = EpochSampler(len(workload.train_dataset), worker.rank, worker.world_size,
                           cfg.seed)
     sampler.set_epoch(restored.start_epoch, restored.consumed)
     return make_loader(workload.train_dataset, cfg.train.batch_size, collate_of(workload),
@@ -292,57 +289,60 @@ def epoch_metrics(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, fl
     return evaluate(worker, parts, loss)
 
 
-def run_epoch(worker: Worker, parts: TorchParts, reporter: EpochReporter, clock: Clock,
-              epoch: int, stops: StopRequests, running: MeanLoss) -> bool:
+def run_epoch(worker: Worker, parts: TorchParts, manager: CheckpointManager, epoch: int,
+              stops: StopRequests, running: MeanLoss) -> bool:
     """Train on this rank's shard, evaluating and reporting when the clock says; returns
     whether the run stops (the same on every rank). ``running``: the training loss since the
     last evaluation, which may have begun in an earlier epoch."""
-    w, p = worker, parts
-    precision = w.cfg.autocast_precision
-    stream = p.train_loader.sampler
-    # A stream's epoch ends where the ranks agree it does (``iterable.TrainStream``).
-    of_stream = isinstance(p.train_loader, TrainStream)
-    batches_in_epoch = None if of_stream else len(p.train_loader)
+    w, p, clock = worker, parts, parts.clock
     # Steps of this epoch trained before a mid-epoch resume.
-    step = w.restored.step if epoch == w.restored.start_epoch else 0
-    state = {"started": time.perf_counter(), "stop": False, "step": step}
-
-    def after_step(batches_done: int, train_loss: Any) -> bool:
+    step = first = w.restored.step if epoch == w.restored.start_epoch else 0
+    started = time.perf_counter()
+    for done in train_steps(p.model, p.train_loader, p.batches, p.stepper, w.device,
+                            w.cfg.autocast_precision, running):
         clock.global_step += 1
-        state["step"] += 1
-        epoch_ends = p.train_loader.ended if of_stream else batches_done == batches_in_epoch
-        at = Position(step=state["step"], global_step=clock.global_step,
-                      consumed=None if epoch_ends else stream.position_after(
-                          batches_done, p.train_loader.batch_size),
-                      evaluation=clock.evaluation(epoch))
-        if clock.evaluates(epoch_ends):
-            values = evaluate(w, p, train_loss)
-            train_loss.reset()
+        step += 1
+        at = position(p, clock, epoch, step, done)
+        stop = False
+        if clock.evaluates(done.epoch_ends):
+            values = evaluate(w, p, running)
+            running.reset()
             # A stream's run without train.max_steps: its last epoch's end is its last step.
-            final = clock.done or (clock.total is None and epoch_ends
+            final = clock.done or (clock.total is None and done.epoch_ends
                                    and epoch == w.cfg.train.epochs)
-            stop = reporter.report(epoch, values, state["started"], at=at, final=final)
-            state["started"] = time.perf_counter()
-            state["stop"] = stop or clock.done
-        if not state["stop"] and stops.asked():  # a signal: save this step, then stop
-            reporter.preempt(epoch, at, train_loss)
-            state["stop"] = True
-        return state["stop"]
+            stop = manager.report(epoch, values, started, at=at, final=final) or clock.done
+            started = time.perf_counter()
+        if not stop and stops.asked():  # a signal: save this step, then stop
+            manager.preempt(epoch, at, running)
+            stop = True
+        if stop:
+            return True
+    if isinstance(p.train_loader, TrainStream) and step == first:
+        refuse_empty_stream_epoch(epoch, w.world_size)
+    return False
 
-    train_epoch(p.model, p.train_loader, p.batches, p.stepper, w.device, precision,
-                after_step=after_step, loss=running)
-    if of_stream and state["step"] == step:  # the same on every rank: they agreed on none
-        raise UserInputError(
-            f"workload.train_dataset: the IterableDataset's epoch {epoch} gave no batch to at "
-            f"least one of the {w.world_size} workers; each needs one, at least (a stream of "
-            f"at least {w.world_size} items)")
-    return state["stop"]
+
+def position(parts: TorchParts, clock: Clock, epoch: int, step: int, done: Step) -> Position:
+    """Where the run stands after an optimizer step: what a save of it resumes from."""
+    loader = parts.train_loader
+    return Position(step=step, global_step=clock.global_step,
+                    consumed=None if done.epoch_ends else loader.sampler.position_after(
+                        done.batches, loader.batch_size),
+                    evaluation=clock.evaluation(epoch))
+
+
+def refuse_empty_stream_epoch(epoch: int, world_size: int) -> None:
+    """A stream's epoch that gave no step (the same on every rank: they agreed on none)."""
+    raise UserInputError(
+        f"workload.train_dataset: the IterableDataset's epoch {epoch} gave no batch to at "
+        f"least one of the {world_size} workers; each needs one, at least (a stream of "
+        f"at least {world_size} items)")
 
 
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     parts = setup(worker)
-    reporter = EpochReporter.create(worker, parts.state, extras=parts.stepper.state_objects())
+    manager = worker.checkpoint_manager(parts.state, extras=parts.stepper.state_objects())
     cfg, restored, clock = worker.cfg, worker.restored, parts.clock
     stops = StopRequests(worker.stop_queue, worker.rank, worker.device)
     running = MeanLoss()
@@ -354,6 +354,6 @@ def train_loop(config: dict[str, Any]) -> None:
                 break  # nothing left to train (a --resume of a finished run)
             if epoch != restored.start_epoch:
                 parts.train_loader.sampler.set_epoch(epoch)
-            if run_epoch(worker, parts, reporter, clock, epoch, stops, running):
+            if run_epoch(worker, parts, manager, epoch, stops, running):
                 break
-    reporter.finish()
+    manager.finish()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 
 DEFAULT_LABEL_KEY = "labels"
 

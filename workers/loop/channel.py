@@ -106,14 +106,14 @@ def _alive(actor: Any) -> bool:
 
     try:
         return ray.get(actor.ping.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - dead (killed, its node lost) or not answering
+    except Exception:  # noqa: BLE001 - Ray already down, or the actor gone with its node
         return False
 
 
 def open_channel() -> Channel:
     """A run's channel: its queues on this process's channel actor, made on the driver's node
     on first use, as Ray Train places its controller (a node lost elsewhere must not take the
-    run's record stream, or its stop requests, with it). Returns a ``Channel``: called with a
+    run's record queue, or its stop requests, with it). Returns a ``Channel``: called with a
     name it gives that queue's ``Stream``; ``close()`` when the run has ended."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

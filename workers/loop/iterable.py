@@ -19,7 +19,7 @@ are not trained.
 
 Positions. After k batches of B on each of W ranks, the stream's first ``start + k*B*W``
 items are trained: a mid-epoch checkpoint records that number (``consumed``, as
-``loop.stream.EpochStream`` records its own) and a resume skips that many items of the epoch's
+``loop.stream.EpochSampler`` records its own) and a resume skips that many items of the epoch's
 stream. That holds when the stream yields the same items in the same order when iterated again:
 seed it, and reshuffle it by epoch in a ``set_epoch(epoch)`` of its own, which is called before
 every epoch (in every process that iterates it).
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 
 # Schedules whose curve is laid out over the run's total optimizer steps.
 SIZED_SCHEDULES = ("linear", "cosine", "one_cycle", "step")
@@ -117,7 +117,7 @@ def fewest_on_any_rank(count: int, device: torch.device) -> int:
 class TrainStream:
     """A rank's training loader over a stream, as the torch loop uses one: ``sampler`` (this
     object) with ``set_epoch(epoch, consumed)`` and ``position_after``, as
-    ``loop.stream.EpochStream`` has them, but no length. ``micro_batches(accum)`` yields the
+    ``loop.stream.EpochSampler`` has them, but no length. ``micro_batches(accum)`` yields the
     batches every rank agreed on, each with its optimizer step's size and whether it is the
     step's last; ``ended`` says, once a step's batches are out, whether it is the epoch's last
     (the next step is agreed on before that one trains)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.batches import blamed_on
 
 # one_cycle's ends, as torch.optim.lr_scheduler.OneCycleLR's defaults: it starts at lr/25 and

@@ -1,6 +1,6 @@
 """A stop the driver asks for (SIGTERM or SIGINT, with ``failure.preempt_grace_s``): every
 rank finishes the step in flight, the run saves a resume checkpoint of that step, and the
-workers return. The driver's request comes on the run channel's ``stop`` stream
+workers return. The driver's request comes on the run channel's ``stop`` queue
 (``loop.channel``). On rank 0 a thread waits on it (a long poll: it returns as soon as the
 driver puts), and every rank learns the answer after each optimizer step (one broadcast of
 one flag), so all of them stop at the same step: the one in flight.
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from workers.loop.steps import distributed
+from workers.evaluation.collectives import distributed
 
 
 class StopRequests:

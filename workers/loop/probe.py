@@ -11,21 +11,14 @@ from typing import Any
 import torch
 
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
-from workers.contract.workload import build_workload
-from workers.decisions.metrics import spec_directions
+from workers.contract.user_errors import UserInputError
+from workers.decisions.tracker import require_monitor
+from workers.evaluation.metrics import epoch_metric_names, spec_directions
 from workers.loop.batches import Batches, check_first_batch
-from workers.loop.reporter import epoch_metric_names, require_monitor
-from workers.loop.steps import (
-    classes_from,
-    first_batch,
-    infer_num_classes,
-    model_device,
-    split_collate,
-    split_of,
-    to_device,
-    workload_metrics,
-)
+from workers.loop.devices import model_device, to_device
+from workers.loop.learner import build_workload
+from workers.loop.loaders import first_batch, split_collate, split_of
+from workers.loop.metric_setup import classes_from, infer_num_classes, workload_metrics
 
 
 def built(cfg: RunConfig) -> Any:

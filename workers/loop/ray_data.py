@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 from workers.loop.batches import blamed_on
 from workers.loop.runtime import epoch_seed
 
@@ -178,7 +178,7 @@ def iter_batches(dataset: Any, collate: Callable[[dict[str, np.ndarray]], Any],
 class StreamedTrain:
     """A rank's shard of a streamed training split, as the torch loop uses its DataLoader:
     ``len()`` batches this epoch, ``sampler`` (this object) with ``set_epoch(epoch,
-    consumed)``, ``batches_per_epoch`` and ``position_after`` as ``loop.stream.EpochStream``
+    consumed)``, ``batches_per_epoch`` and ``position_after`` as ``loop.stream.EpochSampler``
     has them. ``rows``: the whole split's; ``consumed``: positions of the epoch trained over
     all ranks (a mid-epoch resume skips this rank's share of them)."""
 

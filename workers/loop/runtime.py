@@ -16,12 +16,14 @@ from typing import Any
 import torch
 
 from workers.checkpoint.load import load_checkpoint_metadata, load_intact
+from workers.checkpoint.manager import CheckpointManager
+from workers.checkpoint.state import ModelState
 from workers.compat import quiet_ray_train_reports
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
-from workers.contract.names import MODE_SOURCE_KEY, PBT_KEY, STOP_QUEUE_KEY, STREAMS_KEY
-from workers.contract.workload import build_workload
+from workers.contract.names import MODE_SOURCE_KEY, PBT_KEY, RAY_DATASETS_KEY, STOP_QUEUE_KEY
+from workers.contract.user_errors import UserInputError
 from workers.decisions.lineage import Lineage, ancestors_of, exploit_applies, leg_end
+from workers.loop.learner import build_workload
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -136,7 +138,7 @@ class Worker:
     stop_queue: Any = None  # the driver's stop requests (``loop.preempt``); None in a trial
     # The Ray Dataset splits' row counts and first rows ({"rows": {split: n}, "samples":
     # {split: columns}}, ``loop.ray_data``); None when every split is map-style.
-    streams: dict[str, Any] | None = None
+    ray_datasets: dict[str, Any] | None = None
     # A population-based search's trial: the lineage its saved models carry, and the epoch its
     # leg ends at (where the population is compared; None: the run's last).
     lineage: Lineage | None = None
@@ -147,6 +149,17 @@ class Worker:
     @property
     def is_rank_zero(self) -> bool:
         return self.rank == 0
+
+    def checkpoint_manager(self, state: ModelState, torch_weights_file: str | None = None,
+                           extras: dict[str, Any] | None = None) -> CheckpointManager:
+        """This rank's checkpoint manager, for the model and optimizer ``state`` reads (see
+        ``CheckpointManager`` for ``torch_weights_file`` and ``extras``)."""
+        return CheckpointManager.create(
+            self.cfg, state, rank_zero=self.is_rank_zero, device=self.device,
+            world_size=self.world_size, tracker_state=self.restored.tracker_state,
+            torch_weights_file=torch_weights_file, extras=extras,
+            test_split=getattr(self.workload, "test_dataset", None) is not None,
+            lineage=self.lineage, mode_source=self.mode_source)
 
     @property
     def parallel_strategy(self) -> str | None:
@@ -172,7 +185,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
 
     config = dict(config)
     stop_queue = config.pop(STOP_QUEUE_KEY, None)
-    streams = config.pop(STREAMS_KEY, None)
+    ray_datasets = config.pop(RAY_DATASETS_KEY, None)
     pbt = config.pop(PBT_KEY, None)
     mode_source = config.pop(MODE_SOURCE_KEY, None)
     cfg = RunConfig.model_validate(config)
@@ -187,7 +200,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
     if cfg.scaling.strategy == "ddp":
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
     restored = restore(workload.model, rank, pbt, cfg.train)
-    worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, streams)
+    worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, ray_datasets)
     if mode_source:
         worker.mode_source = mode_source
     if pbt is not None:

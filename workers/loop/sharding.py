@@ -6,7 +6,7 @@ read back for a checkpoint.
 - ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``), each rank holds a shard of every
   parameter and of the optimizer state. A save gathers the whole state dict into rank 0's
   host memory; every rank takes part, so all of them must know that rank 0 decided to save
-  (the reporter broadcasts the decision first) and none gathers otherwise.
+  (the checkpoint manager broadcasts the decision first) and none gathers otherwise.
 
 ``wrap_ddp`` applies ``scaling.find_unused_parameters`` wherever a model is DDP-wrapped: DDP
 syncs each gradient bucket once every parameter in it has a gradient, so a parameter that a
@@ -23,45 +23,40 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
+from workers.evaluation.collectives import all_reduce_sum
 from workers.loop.batches import Batches
-from workers.loop.steps import all_reduce_sum, forward_loss, model_device, to_device
-
-
-@dataclass
-class Gathered:
-    """A state dict read already, in the shape ``checkpoint.snapshot`` reads it."""
-
-    state: dict[str, Any]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.state
+from workers.loop.devices import model_device, to_device
+from workers.loop.precision import forward_loss
 
 
 class LocalState:
-    """DDP (or one rank): rank 0's own module and optimizer are the whole state."""
+    """DDP (or one rank): rank 0's own module and optimizer are the whole state. A
+    ``workers.checkpoint.state.ModelState``, no collective."""
 
     collective = False
 
     def __init__(self, model: nn.Module, optimizer: Any) -> None:
         self.model, self.optimizer = model, optimizer
 
-    def weights(self) -> Any:
-        return self.model
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
-    def optimizer_state(self) -> Any:
-        return self.optimizer
+    def optimizer_state(self, optimizer: Any = None) -> dict[str, Any] | None:
+        """The state of ``optimizer`` (default: the run's; None when there is none)."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        return None if optimizer is None else optimizer.state_dict()
 
 
 class ShardedState:
-    """FSDP: each call is a collective (every rank must make it, in the same order); the whole
-    state lands in rank 0's host memory, the other ranks get nothing."""
+    """FSDP: a ``workers.checkpoint.state.ModelState`` whose every call is a collective (every
+    rank must make it, in the same order); the whole state lands in rank 0's host memory, the
+    other ranks get nothing."""
 
     collective = True
 
@@ -74,12 +69,12 @@ class ShardedState:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def weights(self) -> Gathered:
+    def weights(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return Gathered(get_model_state_dict(self.model, options=self._options()))
+        return get_model_state_dict(self.model, options=self._options())
 
-    def optimizer_state(self, optimizer: Any = None) -> Gathered | None:
+    def optimizer_state(self, optimizer: Any = None) -> dict[str, Any] | None:
         """The whole state of ``optimizer`` (default: the run's; None when there is none:
         a custom loop keeps its optimizers itself)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -87,8 +82,7 @@ class ShardedState:
         optimizer = optimizer if optimizer is not None else self.optimizer
         if optimizer is None:
             return None
-        return Gathered(get_optimizer_state_dict(self.model, optimizer,
-                                                 options=self._options()))
+        return get_optimizer_state_dict(self.model, optimizer, options=self._options())
 
 
 def load_full_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
@@ -302,7 +296,7 @@ def find_unused(module: nn.Module, worker: Any, probe: Probe | None) -> bool:
         seed = epoch_seed(worker.cfg.seed, worker.rank, worker.restored.start_epoch)
     try:
         names = unused_parameters(module, probe, seed)
-    except Exception:  # noqa: BLE001 - training raises it again, with the engine's own line
+    except Exception:  # training raises it again, with the engine's own line
         logging.getLogger(__name__).debug("find_unused_parameters probe failed", exc_info=True)
         names = []
     found = all_reduce_sum(torch.tensor([float(bool(names))], dtype=torch.float64),

@@ -18,8 +18,8 @@ from fastai.torch_core import to_detach
 from fastcore.foundation import L
 
 from workers.compat import attach_fastai_fake_loader
+from workers.loop.devices import to_device
 from workers.loop.runtime import epoch_seed
-from workers.loop.steps import to_device
 
 
 class RankShardDL(TfmdDL):
@@ -31,7 +31,7 @@ class RankShardDL(TfmdDL):
     reseeded per epoch so that a resumed run shuffles as an uninterrupted one. Training
     (``pad``) wraps around to equal shard lengths, so every rank runs the same number of DDP
     steps; validation takes strided, unpadded slices (rank r: r, r+W, ...) as
-    ``workers.loop.steps.shard`` does, so every sample counts exactly once.
+    ``workers.loop.loaders.shard`` does, so every sample counts exactly once.
     """
 
     def __init__(self, dl: Any, rank: int, world_size: int, *, pad: bool, seed: int) -> None:

@@ -10,7 +10,7 @@ torch engine:
   ``ReportToRay`` collects the project's sufficient statistics during it and all-reduces them
   once: the metrics are exact, identical on every rank, and written into the Recorder's row,
   so any tracker callback on the Learner decides on the global values;
-- ``ReportToRay`` then hands the epoch to the shared ``EpochReporter`` (rank-0 tracker,
+- ``ReportToRay`` then hands the epoch to the shared ``CheckpointManager`` (rank-0 tracker,
   checkpoint policy, files, ``ray.train.report``); improvements also carry ``learner.pth``,
   the format of ``learn.save``, so that ``learn.load`` of a fresh Learner reads the best model.
 """
@@ -29,51 +29,19 @@ from fastai.learner import Learner, Recorder
 from fastai.torch_core import find_bs
 from fastcore.foundation import L
 
+from workers.checkpoint.manager import CheckpointManager
 from workers.contract.names import LEARNER_FILE
-from workers.decisions.metrics import MeanLoss
+from workers.decisions.tracker import require_monitor
 from workers.engines.fastai.data import PlainOptimizerState, RankShardDL
 from workers.engines.fastai.learner import MetricColumn, learner_from_workload
+from workers.evaluation.collectives import broadcast_buffers
+from workers.evaluation.metrics import MeanLoss, epoch_metric_names
+from workers.loop.learner_splits import Bf16Autocast
+from workers.loop.metric_setup import infer_num_classes, workload_metrics
 from workers.loop.ray_data import engine_refuses, streamed_splits
-from workers.loop.reporter import EpochReporter, epoch_metric_names, require_monitor
 from workers.loop.runtime import Worker, seed_epoch, start_worker
+from workers.loop.scoring import global_metrics
 from workers.loop.sharding import LocalState
-from workers.loop.steps import (
-    as_float32,
-    autocast,
-    broadcast_buffers,
-    global_metrics,
-    infer_num_classes,
-    workload_metrics,
-)
-
-
-class Bf16Autocast(Callback):
-    """bf16 mixed precision for a Learner on any device: the forward pass and loss under
-    autocast, the predictions in float32 for the loss and metrics. (fastai's MixedPrecision
-    enters CUDA autocast only, which leaves a CPU run in float32.)"""
-
-    order = 10  # as fastai's MixedPrecision: before the metrics read the predictions
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.context = device, None
-
-    def before_batch(self) -> None:
-        self.context = autocast(self.device, "bf16")
-        self.context.__enter__()
-
-    def after_pred(self) -> None:
-        self.learn.pred = as_float32(self.pred)
-
-    def after_loss(self) -> None:
-        self._leave()
-
-    def after_cancel_batch(self) -> None:
-        self._leave()
-
-    def _leave(self) -> None:
-        if self.context is not None:
-            self.context.__exit__(None, None, None)
-            self.context = None
 
 
 class ReportToRay(Callback):
@@ -81,9 +49,10 @@ class ReportToRay(Callback):
 
     order = Recorder.order + 5  # after the Recorder writes its row, before trackers (60) read it
 
-    def __init__(self, reporter: EpochReporter, plain: torch.nn.Module, metrics: list[Any],
-                 train_dl: RankShardDL, *, rank: int, seed: int, first_epoch: int) -> None:
-        self.reporter, self.plain, self.stats_metrics = reporter, plain, metrics
+    def __init__(self, checkpoints: CheckpointManager, plain: torch.nn.Module,
+                 metrics: list[Any], train_dl: RankShardDL, *, rank: int, seed: int,
+                 first_epoch: int) -> None:
+        self.checkpoints, self.plain, self.stats_metrics = checkpoints, plain, metrics
         self.train_dl, self.rank, self.seed = train_dl, rank, seed
         self.first_epoch = first_epoch  # fastai's index of the first epoch to train (resume)
         self.train_loss, self.val_loss = MeanLoss(), MeanLoss()
@@ -129,11 +98,11 @@ class ReportToRay(Callback):
             return
         values = global_metrics(
             [("train", self.train_loss, []), ("val", self.val_loss, self.stats_metrics)],
-            self.reporter.device,
+            self.checkpoints.device,
         )
         self._set_row({"train_loss": values["train_loss"], "valid_loss": values["val_loss"],
                        **{m.name: values[f"val_{m.name}"] for m in self.stats_metrics}})
-        if self.reporter.report(self.epoch + 1, values, self.started):
+        if self.checkpoints.report(self.epoch + 1, values, self.started):
             raise CancelFitException()
 
     def _set_row(self, by_name: dict[str, float], blank: bool = False) -> None:
@@ -199,11 +168,10 @@ def setup(worker: Worker) -> FastaiParts:
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
     cfg, parts = worker.cfg, setup(worker)
-    reporter = EpochReporter.create(worker, LocalState(parts.plain,
-                                                       PlainOptimizerState(parts.learn)),
-                                    torch_weights_file=LEARNER_FILE)
+    checkpoints = worker.checkpoint_manager(
+        LocalState(parts.plain, PlainOptimizerState(parts.learn)), torch_weights_file=LEARNER_FILE)
     start = worker.restored.start_epoch - 1  # fastai counts epochs from 0
-    report = ReportToRay(reporter, parts.plain, parts.metrics, parts.train_dl,
+    report = ReportToRay(checkpoints, parts.plain, parts.metrics, parts.train_dl,
                          rank=worker.rank, seed=cfg.seed, first_epoch=start)
     cbs = [report] + ([Bf16Autocast(worker.device)] if cfg.train.precision == "bf16" else [])
     with parts.learn.no_bar(), parts.learn.no_logging():
@@ -212,4 +180,4 @@ def train_loop(config: dict[str, Any]) -> None:
                                       cbs=cbs)
         else:
             parts.learn.fit(cfg.train.epochs, lr=cfg.train.lr, start_epoch=start, cbs=cbs)
-    reporter.finish()
+    checkpoints.finish()

@@ -19,7 +19,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import find_bs
 
-from workers.decisions.metrics import MeanLoss, pack_states, unpack_compute
+from workers.evaluation.metrics import MeanLoss, pack_states, unpack_compute
+from workers.loop.precision import as_float32, autocast
 
 SPLIT_LOADERS = {"train": 0, "val": 1, "test": 2}  # the split's index in learn.dls.loaders
 
@@ -75,8 +76,6 @@ def evaluate_learner_split(learn: Learner, split: str, metrics: list[Any], *, ba
     stats = SplitStats(metrics)
     cbs: list[Callback] = [stats]
     if precision == "bf16":
-        from workers.engines.fastai.engine import Bf16Autocast
-
         cbs.append(Bf16Autocast(device))
     # The Learner's own metrics are left out of the pass: a torchmetrics metric wrapped by
     # fastai is the very object behind one of ``metrics``, and would be updated twice.
@@ -88,3 +87,32 @@ def evaluate_learner_split(learn: Learner, split: str, metrics: list[Any], *, ba
         learn.metrics = own
     vector, sizes = pack_states(stats.total, metrics)  # one process: nothing to all-reduce
     return unpack_compute(split, vector, sizes, stats.total, metrics)
+
+
+class Bf16Autocast(Callback):
+    """bf16 mixed precision for a Learner on any device: the forward pass and loss under
+    autocast, the predictions in float32 for the loss and metrics. (fastai's MixedPrecision
+    enters CUDA autocast only, which leaves a CPU run in float32.)"""
+
+    order = 10  # as fastai's MixedPrecision: before the metrics read the predictions
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.context = device, None
+
+    def before_batch(self) -> None:
+        self.context = autocast(self.device, "bf16")
+        self.context.__enter__()
+
+    def after_pred(self) -> None:
+        self.learn.pred = as_float32(self.pred)
+
+    def after_loss(self) -> None:
+        self._leave()
+
+    def after_cancel_batch(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None

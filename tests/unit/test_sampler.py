@@ -9,18 +9,18 @@ from collections import Counter
 
 import pytest
 from torch.utils.data import DistributedSampler
+from workers.loop.sampler import EpochSampler, epoch_permutation, rest_of_epoch
 
 from orchestrator.results.epochs import merge_history
 from orchestrator.results.summary import repair_history
 from workers.contract.names import point, where
 from workers.engines.torch_engine import Clock
-from workers.loop.stream import EpochStream, epoch_permutation, rest_of_epoch
 
 
 @pytest.mark.parametrize(("size", "world"), [(96, 2), (97, 2), (10, 3), (5, 8)])
 def test_a_whole_epoch_is_what_distributed_sampler_gives(size, world):
     for rank in range(world):
-        ours = EpochStream(size, rank, world, seed=3)
+        ours = EpochSampler(size, rank, world, seed=3)
         ours.set_epoch(4)
         theirs = DistributedSampler(range(size), num_replicas=world, rank=rank, seed=3)
         theirs.set_epoch(4)
@@ -32,7 +32,7 @@ def test_a_whole_epoch_is_what_distributed_sampler_gives(size, world):
 def test_a_resumed_epoch_trains_each_remaining_sample_once_on_any_number_of_ranks(
         before, after, batches):
     size, batch, seed, epoch = 96, 4, 0, 2
-    first = [EpochStream(size, r, before, seed) for r in range(before)]
+    first = [EpochSampler(size, r, before, seed) for r in range(before)]
     for stream in first:
         stream.set_epoch(epoch)
     trained = [i for s in first for i in s.indices()[:batches * batch]]
@@ -47,7 +47,7 @@ def test_a_resumed_epoch_trains_each_remaining_sample_once_on_any_number_of_rank
 
 
 def test_the_end_of_an_epoch_leaves_nothing():
-    stream = EpochStream(10, 0, 2, 0)
+    stream = EpochSampler(10, 0, 2, 0)
     stream.set_epoch(1, consumed=10)
     assert list(stream) == [] and len(stream) == 0
     assert stream.position_after(batches=3, batch_size=4) == 10

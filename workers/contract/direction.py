@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 
 Mode = Literal["min", "max"]
 

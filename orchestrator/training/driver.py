@@ -37,14 +37,11 @@ from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.datasets import WorkloadFacts, inspect_workload
-from orchestrator.training.ray_trainer import (
-    EventPump,
-    build_trainer,
-    stop_training,
-)
+from orchestrator.training.ray_trainer import RAY_TRAIN, EventPump, RayTrain
 from workers.contract.config import RunConfig
 from workers.contract.names import FAILURE_LOG, MODE_SOURCE_KEY, point, where
-from workers.loop.channel import Channel, open_channel
+from workers.contract.records import EpochRecord, Summary
+from workers.loop.channel import Channel
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -79,7 +76,7 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
                     open_tracking=lambda: open_run(cfg, prepared.run_dir),
                     check_on_ray=inspect)
     direction = facts[0].direction
-    ctx.streams, ctx.mode_source = facts[0].streams, direction.source
+    ctx.ray_datasets, ctx.mode_source = facts[0].ray_datasets, direction.source
     console.say(start_line(prepared))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if ctx.use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
@@ -98,7 +95,8 @@ class EpochHandler:
 
     def __init__(self, ctx: RunContext, recorded_before: tuple[int, int] = (0, 0)) -> None:
         self.ctx = ctx
-        self.at, self.workers, self.failures, self.restarting = (0, 0), None, 0, False
+        self.at, self.failures, self.restarting = (0, 0), 0, False
+        self.workers: int | None = None  # how many trained the last record
         self.recorded_before = recorded_before
         self.shown: set[tuple[int, int]] = set()  # the records printed, by (epoch, step)
 
@@ -111,7 +109,7 @@ class EpochHandler:
                 f"a worker failed ({what}); restarting the workers from the latest checkpoint "
                 f"(failure {self.failures} of {'unlimited' if retries == -1 else retries})")
 
-    def __call__(self, record: dict[str, Any], staged: str | None) -> None:
+    def __call__(self, record: EpochRecord, staged: str | None) -> None:
         cfg, console = self.ctx.cfg, self.ctx.console
         if point(record) <= self.at or self.restarting:  # Ray restarted the workers
             console.say(f"workers restarted: training again from "
@@ -134,13 +132,13 @@ class EpochHandler:
         console.advance(completed=record["epoch"])
         self.ctx.tracking.handle(record, staged)
 
-    def show(self, record: dict[str, Any]) -> None:
+    def show(self, record: EpochRecord) -> None:
         cfg = self.ctx.cfg
         self.ctx.console.say(progress_line(record, cfg.train.epochs, cfg.tracker.monitor,
                                            bool(cfg.train.eval_every_n_steps)))
         self.shown.add(point(record))
 
-    def show_the_rest(self, history: list[dict[str, Any]]) -> None:
+    def show_the_rest(self, history: list[EpochRecord]) -> None:
         """The records of this part of the run that its history holds and the terminal did
         not show: events still on their way when a stop shut Ray down, or records the
         summary repaired from checkpoints (W&B gets them in ``finalize_run``)."""
@@ -149,7 +147,7 @@ class EpochHandler:
                 self.show(record)
 
 
-def where_it_stands(summary: dict[str, Any]) -> str:
+def where_it_stands(summary: Summary) -> str:
     """After which epoch a run stopped, and its best so far."""
     text = f"after epoch {summary['epochs_completed']} of {summary['epochs_planned']}"
     by_steps = bool(summary["config"]["train"].get("eval_every_n_steps"))
@@ -211,7 +209,7 @@ def fit(trainer: Any, guard: SignalGuard, run_dir: str, tick: Callable[[], None]
     return None
 
 
-def grace_period(ctx: RunContext, stop_requests: Any,
+def grace_period(ctx: RunContext, guard: SignalGuard, stop_requests: Any,
                  pump: EventPump) -> Callable[[Interrupted], str]:
     """After a signal: ask the workers to save the step in flight and stop, and wait for
     them up to ``failure.preempt_grace_s`` (a second signal still stops at once)."""
@@ -225,8 +223,8 @@ def grace_period(ctx: RunContext, stop_requests: Any,
             stop_requests.put(str(signal))
         except Exception:  # noqa: BLE001 - Ray itself is going: stop as without grace
             return "none"
-        if not ctx.guard.wait_for_fit(timeout=seconds):
-            if ctx.guard.now:
+        if not guard.wait_for_fit(timeout=seconds):
+            if guard.now:
                 ctx.console.say(f"{signal} again: stopping now, without the step in flight")
             return "none"
         time.sleep(0.5)  # the pump's last events
@@ -241,7 +239,7 @@ def grace_period(ctx: RunContext, stop_requests: Any,
 
 def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
                  console: Console | None = None,
-                 prepared: Prepared | None = None) -> dict[str, Any]:
+                 prepared: Prepared | None = None) -> Summary:
     """One run, to its end: its summary. A run that fails or is interrupted still writes
     its summary (status ``failed`` or ``interrupted``) and raises ``TrainingError``.
     ``prepared``: the run directory's fate, when the caller decided it already."""
@@ -255,45 +253,59 @@ def run_training(cfg: RunConfig, *, resume: bool = False, overwrite: bool = Fals
             summary, stopped = train_and_record(ctx)
         finally:
             unlock(ctx.run_dir)
+    return ended(summary, stopped)
+
+
+def ended(summary: Summary, stopped: Stopped | None) -> Summary:
+    """The summary of a run that ended by itself; for one that stopped, the ``TrainingError``
+    (its one line and exit code) that its summary is already written for."""
     if stopped:
         raise TrainingError(f"{stopped.what} {where_it_stands(summary)}",
                             exit_code=stopped.exit_code)
     return summary
 
 
-def train_and_record(ctx: RunContext) -> tuple[dict[str, Any], Stopped | None]:
-    """Train on Ray, then write the record: (summary, why it stopped if it did)."""
+def train_and_record(ctx: RunContext,
+                     ray_train: RayTrain = RAY_TRAIN) -> tuple[Summary, Stopped | None]:
+    """Train on Ray, then write the record: (summary, why it stopped if it did).
+    ``ray_train``: what of Ray the loop uses (a unit test's scripted twin)."""
     recorded = read_history(ctx.run_dir)  # a resume's: the parts before printed them
     handle = EpochHandler(ctx, point(recorded[-1]) if recorded else (0, 0))
-    stream = open_channel()
+    channel = ray_train.channel()
     try:
-        return _train_and_record(ctx, handle, stream)
+        return _train_and_record(ctx, handle, channel, ray_train)
     finally:
-        stream.close()
+        channel.close()
 
 
-def _train_and_record(ctx: RunContext, handle: EpochHandler,
-                      stream: Channel) -> tuple[dict[str, Any], Stopped | None]:
+def _train_and_record(ctx: RunContext, handle: EpochHandler, channel: Channel,
+                      ray_train: RayTrain) -> tuple[Summary, Stopped | None]:
     cfg, guard, tracking = ctx.cfg, ctx.guard, ctx.tracking
-    pump = EventPump(stream("events"), handle, on_failure=handle.failed)
-    watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say)
+    assert guard is not None  # a run's context holds it (a trial's has none: it never comes here)
+
+    def tick() -> None:  # while fit runs
+        pump.check()
+        watchdog.tick()
+
+    pump = EventPump(channel("events"), handle, on_failure=handle.failed)
+    watchdog = Watchdog(needs(cfg, ctx.use_gpu), cfg.failure.worker_wait_s, ctx.console.say,
+                        room=ray_train.room)
     # Only the torch engine's loop looks for stop requests (after every optimizer step).
-    stop_requests = (stream("stop") if cfg.engine == "torch" and cfg.failure.preempt_grace_s
+    stop_requests = (channel("stop") if cfg.engine == "torch" and cfg.failure.preempt_grace_s
                      else None)
     try:
-        if ctx.streams:
+        if ctx.ray_datasets:
             check_data_room(cfg, ctx.capacity)
-        trainer = build_trainer(cfg, ctx.run_dir, ctx.use_gpu,
-                                log_model=tracking.log_model_setting, events=pump.queue,
-                                stop_requests=stop_requests, streams=ctx.streams,
-                                loop_config={MODE_SOURCE_KEY: ctx.mode_source})
+        trainer = ray_train.build(cfg, ctx.run_dir, ctx.use_gpu,
+                                  log_model=tracking.log_model_setting, events=pump.queue,
+                                  stop_requests=stop_requests, ray_datasets=ctx.ray_datasets,
+                                  loop_config={MODE_SOURCE_KEY: ctx.mode_source})
         with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
-            stopped = fit(trainer, guard, ctx.run_dir,
-                          lambda: (pump.check(), watchdog.tick()),
-                          grace_period(ctx, stop_requests, pump))
+            stopped = fit(trainer, guard, ctx.run_dir, tick,
+                          grace_period(ctx, guard, stop_requests, pump))
     except UserError:
         if guard.fit_running():  # Ray would retry it (max_failures): never useful
-            stop_training(pump.controller, guard)
+            ray_train.stop(pump.controller, guard)
         tracking.abort()
         if ctx.start is not StartMode.RESUME:  # nothing of a run that never could work stays
             storage.delete_dir(ctx.run_dir)
@@ -308,7 +320,7 @@ def _train_and_record(ctx: RunContext, handle: EpochHandler,
     if ctx.replaced is not None:
         ctx.replaced.discard()
     if stopped and stopped.stop_ray:  # the workers and the controller stop (a local Ray too)
-        stop_training(pump.controller, guard)
+        ray_train.stop(pump.controller, guard)
     try:
         summary = finalize_run(ctx, wandb_errors=pump.errors,
                                status=stopped.status if stopped else None)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from workers.contract.errors import UserInputError
+from workers.contract.user_errors import UserInputError
 
 BUILTIN_METRICS = ("accuracy", "f1_macro", "mcc")
 
@@ -263,10 +263,15 @@ def reported_names(metric: Any) -> list[str]:
     return list(getattr(metric, "names", None) or [metric.name])
 
 
+def epoch_metric_names(metrics: Iterable[Any]) -> list[str]:
+    """The names every epoch reports, given the validation metric objects."""
+    return ["train_loss", "val_loss", *(f"val_{n}" for m in metrics for n in reported_names(m))]
+
+
 def declared_directions(metric: Any) -> dict[str, tuple[bool, str]]:
     """name -> (higher is better, the class that says so), for the names whose metric object
     declares a direction (torchmetrics' ``higher_is_better``, or the same attribute on a
-    workload's own metric); ``decisions.direction`` resolves ``tracker.mode: auto`` with it."""
+    workload's own metric); ``contract.direction`` resolves ``tracker.mode: auto`` with it."""
     if isinstance(metric, TorchMetricCollection):
         return {name: d for m in metric.members.values()
                 for name, d in declared_directions(m).items()}

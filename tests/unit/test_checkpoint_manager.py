@@ -1,4 +1,4 @@
-"""The end of an epoch on one rank (``EpochReporter.report``): what is saved, with which
+"""The end of an epoch on one rank (``CheckpointManager.report``): what is saved, with which
 metadata, what Ray is told, and when the run stops.
 
 One rank, no process group (``broadcast_flags`` is then the identity), a real model and
@@ -18,11 +18,13 @@ import ray.train
 import torch
 
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
+from workers.checkpoint.manager import CheckpointManager, Position
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
 from workers.checkpoint.writer import write_checkpoint
 from workers.contract.config import RunConfig
-from workers.contract.names import CHECKPOINT_PREFIX, RANK_KEY
-from workers.loop.reporter import EpochReporter, tracker_of
+from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
+from workers.decisions.tracker import tracker_of
+from workers.evaluation.metrics import MeanLoss
 from workers.loop.sharding import LocalState
 
 NAN = float("nan")
@@ -47,20 +49,20 @@ class WritingSaver:
 
 
 class Epochs:
-    """Drives a reporter through epochs with given monitored values (``val_loss``)."""
+    """Drives a manager through epochs with given monitored values (``val_loss``)."""
 
     def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int,
                  torch_weights_file: str | None = None, **sections: Any) -> None:
         self.cfg = RunConfig.model_validate({
-            "name": "reporter", "storage_path": str(tmp_path),
+            "name": "checkpoints", "storage_path": str(tmp_path),
             "workload": {"entrypoint": "tests.workloads.overfit:build"},
             "train": {"epochs": epochs}, "tracker": {"monitor": "val_loss"}, **sections})
         torch.manual_seed(0)
         self.model = torch.nn.Linear(3, 2)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
         self.saver = WritingSaver(tmp_path)
-        self.reporter = EpochReporter(
-            self.cfg, tracker_of(self.cfg),
+        self.manager = CheckpointManager(
+            self.cfg, True, tracker_of(self.cfg),
             self.saver, LocalState(self.model, self.optimizer), torch.device("cpu"), 1,
             torch_weights_file)
         self.plain: list[dict[str, Any]] = []  # reports without a checkpoint
@@ -78,8 +80,8 @@ class Epochs:
             self._train_a_step()
             self.weights[epoch] = {k: v.clone() for k, v in self.model.state_dict().items()}
             values = {"train_loss": 0.5 / epoch, "val_loss": val_loss, "val_accuracy": 0.25}
-            stops.append(self.reporter.report(epoch, values, started=0.0))
-        self.reporter.finish()
+            stops.append(self.manager.report(epoch, values, started=0.0))
+        self.manager.finish()
         return stops
 
     def _train_a_step(self) -> None:
@@ -112,7 +114,7 @@ def test_each_improvement_is_saved_once_with_that_epochs_metrics_and_weights(epo
         assert metadata["train_loss"] == 0.5 / epoch and metadata["val_accuracy"] == 0.25
         assert metadata["is_best"] is True and metadata["saved_because"] == "best"
         assert metadata["monitor"] == "val_loss" and metadata["mode"] == "min"
-        assert metadata["test_split"] is True  # the reporter's default; create() reads it
+        assert metadata["test_split"] is True  # the manager's default; create() is told it
         assert reported["is_best"] is True
         # The weights of that epoch, not of a later one (the host buffers are reused).
         saved = load_weights(path)
@@ -216,3 +218,29 @@ def test_a_smoothed_decision_saves_that_evaluations_weights_and_records_both(epo
     assert last_reported["stop_reason"] == "tracker.stop_at: val_loss (smoothed) 0.45 reached 0.5"
     for epoch, (_, saved_path) in enumerate(run.saver.saves, 1):
         assert torch.equal(load_weights(saved_path)["weight"], run.weights[epoch]["weight"])
+
+
+def test_a_preemption_saves_the_full_state_of_its_step_and_never_as_the_best(epochs):
+    run = epochs(4, checkpoint={"policy": "best"})
+    run.run([1.0, 0.8])  # two improvements
+    running = MeanLoss()
+    running.add_batch(0.25, 4)
+    run.manager.preempt(3, Position(step=5, global_step=25, consumed=40, evaluation=3),
+                        running)
+    run.manager.finish()
+    reported, path = run.saver.saves[-1]
+    assert path.name.startswith(f"{CHECKPOINT_PREFIX}step{25:08d}_preempt_")
+    assert reported == {"epoch": 3, "step": 5, "global_step": 25, PREEMPT_KEY: 1, "workers": 1,
+                        RANK_KEY: 1.5}  # below the best's 2: Ray never keeps it as the best
+    metadata = load_metadata(path)
+    assert {k: metadata[k] for k in ("epoch", "step", "global_step", "is_best",
+                                     "saved_because", "world_size", "workers")} == {
+        "epoch": 3, "step": 5, "global_step": 25, "is_best": False,
+        "saved_because": "preempt", "world_size": 1, "workers": 1}
+    assert "test_split" not in metadata and "val_loss" not in metadata  # not an evaluation
+    state = load_train_state(path)
+    assert (state["epoch"], state["step"], state["global_step"], state["consumed"]) == (
+        3, 5, 25, 40)
+    assert state["running_loss"] == [1.0, 4.0] and "optimizer" in state
+    assert state["tracker"]["best_epoch"] == 2
+    assert not (path / "learner.pth").exists()

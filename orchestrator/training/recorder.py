@@ -4,8 +4,9 @@
 metrics and the persisted checkpoint, if any. It appends the record to the run's history
 (``results/history.HistoryLog``: a segment of at most 64 records, so each write is small),
 sets aside a model that W&B is to log (``wandb_staging``), and sends both to the driver, which
-prints the epoch and logs it. A restarted or resumed run re-trains epochs after its
-checkpoint: their new records replace the old ones when the history is read.
+prints the epoch and logs it (``training.events``: the typed news the driver receives). A
+restarted or resumed run re-trains epochs after its checkpoint: their new records replace the
+old ones when the history is read.
 """
 
 from __future__ import annotations
@@ -18,20 +19,23 @@ from orchestrator import storage
 from orchestrator.errors import one_line, user_error_among
 from orchestrator.results.epochs import epoch_record
 from orchestrator.results.history import HistoryLog
-from orchestrator.tracking.policy import should_log_model
+from orchestrator.tracking.rules import should_log_model
 from orchestrator.tracking.staging import stage_checkpoint
+from orchestrator.training.events import (
+    ControllerStarted,
+    EpochEvent,
+    Preempted,
+    UserErrorEvent,
+    WorkerFailed,
+)
 from workers.compat import train_controller_handle
 from workers.contract.names import METADATA_FILE, PREEMPT_KEY
 
-CONTROLLER = "controller"  # an event carrying the controller actor's own handle
-USER_ERROR = "user_error"  # an event carrying a worker's user error: the driver stops the run
-WORKER_FAILED = "worker_failed"  # an event carrying a fault's one line (Ray may restart)
-PREEMPTED = "preempted"  # the workers saved the step in flight, as the driver asked
-
 
 class RunRecorder(UserCallback):
-    """``events``: an optional stream of the run channel (``workers.loop.channel``) through
-    which the driver receives each (record, staged model path) as it happens.
+    """``events``: an optional queue of the run channel (``workers.loop.channel``) through
+    which the driver receives each record (an ``EpochEvent``, with the staged model's path)
+    and the run's other news (``training.events``) as they happen.
     ``log_model``: the ``wandb.log_model`` choice (``none`` when W&B is off: nothing is
     staged)."""
 
@@ -53,19 +57,20 @@ class RunRecorder(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
         if metrics[0].get(PREEMPT_KEY):  # a resume checkpoint a signal asked for: no record
             if self.events is not None:
-                self.events.put((PREEMPTED, checkpoint.path if checkpoint else None))
+                self.events.put(Preempted(checkpoint.path if checkpoint else None))
             return
         record = epoch_record(metrics[0], checkpoint.path if checkpoint else None)
         self._history.append(record)
-        staged = self._stage(record["checkpoint"]) if checkpoint else None
+        name = record["checkpoint"]  # the checkpoint's directory, None without one
+        staged = self._stage(name) if name else None
         if self.events is None:
             return
         self._introduce()
-        self.events.put((record, staged))
+        self.events.put(EpochEvent(record, staged))
 
     def _introduce(self) -> None:
         if not self._introduced:  # once: the driver may have to stop this controller
-            self.events.put((CONTROLLER, train_controller_handle()))
+            self.events.put(ControllerStarted(train_controller_handle()))
             self._introduced = True
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
@@ -76,7 +81,7 @@ class RunRecorder(UserCallback):
         message = user_error_among(worker_exceptions.values())
         self._introduce()
         if message:
-            self.events.put((USER_ERROR, message))
+            self.events.put(UserErrorEvent(message))
         elif worker_exceptions:  # a fault: the driver says so, then that Ray restarted
             rank, exc = min(worker_exceptions.items())
-            self.events.put((WORKER_FAILED, f"worker {rank}: {one_line(exc)[:200]}"))
+            self.events.put(WorkerFailed(f"worker {rank}: {one_line(exc)[:200]}"))

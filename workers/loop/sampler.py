@@ -36,7 +36,7 @@ def rest_of_epoch(size: int, seed: int, epoch: int, consumed: int, rank: int,
     return rest[rank::world_size]
 
 
-class EpochStream(Sampler[int]):
+class EpochSampler(Sampler[int]):
     """A rank's sampler: ``set_epoch(epoch, consumed)`` before each epoch; ``consumed`` is
     the number of the permutation's positions trained already (0: a whole epoch)."""
 

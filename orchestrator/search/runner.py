@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,7 @@ from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
-from orchestrator.training.datasets import find_streams
+from orchestrator.training.datasets import find_ray_datasets
 from orchestrator.training.ray_trainer import build_trainer
 from workers.compat import (
     keep_credentials_out_of_trial_runtime_envs,
@@ -73,7 +73,8 @@ from workers.compat import (
     wait_for_tune_to_take_the_last_report,
 )
 from workers.contract.config import RunConfig
-from workers.contract.errors import UserInputError
+from workers.contract.direction import Direction
+from workers.contract.direction import resolve as resolve_direction
 from workers.contract.names import (
     DONE_FILE,
     LEADERBOARD_FILE,
@@ -84,8 +85,7 @@ from workers.contract.names import (
     SUMMARY_FILE,
     TUNE_DIR,
 )
-from workers.decisions.direction import Direction
-from workers.decisions.direction import resolve as resolve_direction
+from workers.contract.user_errors import UserInputError
 
 PBT_PAUSE_WAIT_S = 600  # a PBT trial at the end of a leg waits this long to be paused
 
@@ -122,7 +122,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     extra[MODE_SOURCE_KEY] = trial.get("mode_source")
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
                             log_model=tune_config["trial"]["log_model"],
-                            callbacks=[TuneReportCallback()], streams=find_streams(cfg),
+                            callbacks=[TuneReportCallback()], ray_datasets=find_ray_datasets(cfg),
                             loop_config=extra)
     from ray.train import TrainingFailedError
 
@@ -213,7 +213,10 @@ class TrialLogger:
         if trial_id is None or trial_id not in self.configs:
             return None
         best, _ = best_of(read_history(self.run_dir(trial_id)), [])
-        return None if best is None else float(best[self.configs[trial_id].tracker.monitor])
+        if best is None:
+            return None
+        metrics: Mapping[str, Any] = best  # the monitor is one of the record's open keys
+        return float(metrics[self.configs[trial_id].tracker.monitor])
 
     def found(self, error: BaseException | None) -> None:
         """A trial failed with ``error``: the user's mistake stops the search (``SignalStop``);
@@ -488,7 +491,7 @@ def check_monitor_first(cfg: RunConfig) -> Direction:
     """A monitor that no trial would report is refused before any trial starts (one line,
     exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
     its reported names are compared with ``tracker.monitor``. The monitor's direction is
-    resolved from what its metric declares there (``decisions.direction``). Any other failure
+    resolved from what its metric declares there (``contract.direction``). Any other failure
     to build it is left for the trials to report."""
     import ray
     from ray.exceptions import RayTaskError

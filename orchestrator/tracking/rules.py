@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from workers.contract.names import point
+from workers.contract.records import CheckpointMetadata, KeptCheckpoint
 
 
 def should_log_model(log_model: str, saved_because: str, is_best: bool) -> bool:
@@ -36,7 +38,7 @@ def model_logging(log_model: str, keep: str, mode: str, model_files: str = "copy
     return LIVE if live else AT_END
 
 
-def version_alias(metadata: dict[str, Any], by_steps: bool) -> str:
+def version_alias(metadata: Mapping[str, Any], by_steps: bool) -> str:
     """A model version's own alias: ``epoch-N``, or ``step-N`` (its global step) in a run
     that evaluates by steps."""
     if by_steps and metadata.get("global_step") is not None:
@@ -45,14 +47,14 @@ def version_alias(metadata: dict[str, Any], by_steps: bool) -> str:
 
 
 def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
-                checkpoints: list[dict[str, Any]], by_steps: bool = False,
-                ) -> list[tuple[str, dict[str, Any], list[str]]]:
+                checkpoints: list[KeptCheckpoint], by_steps: bool = False,
+                ) -> list[tuple[str, CheckpointMetadata, list[str]]]:
     """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
     checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
     (``last``; the same version when it is the best)."""
     chosen = [c for c in checkpoints if should_log_model(
         log_model, c["metadata"]["saved_because"], c["is_best"])]
-    out: dict[str, tuple[str, dict[str, Any], list[str]]] = {}
+    out: dict[str, tuple[str, CheckpointMetadata, list[str]]] = {}
     if keep != "best" and chosen:
         last = chosen[-1]
         out[last["path"]] = (last["path"], last["metadata"],
@@ -69,7 +71,7 @@ def artifact_name(run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{run_name}-model")
 
 
-def best_summary(best: dict[str, Any], test: dict[str, Any] | None) -> dict[str, Any]:
+def best_summary(best: Mapping[str, Any], test: Mapping[str, Any] | None) -> dict[str, Any]:
     """``best_<metric>`` for every metric of the best epoch, ``best_epoch``, ``test_*``."""
     out = {f"best_{k}": v for k, v in best.items() if k.startswith(("train_", "val_"))}
     out["best_epoch"] = best.get("epoch")

@@ -1,0 +1,282 @@
+"""Checkpoints on the workers, owned in one place: the end of every evaluation, and the
+preemption save, the same for every engine.
+
+- when: rank 0's tracker and the checkpoint policy (``checkpoint.policy``) give one verdict,
+  a ``SaveDecision``; its broadcast tells every rank whether to stop, to save, and whether
+  the save holds the full state;
+- what: the model's whole state read through ``checkpoint.state.ModelState`` (under fsdp
+  every rank takes part in gathering it, and only then), the train state and the metadata
+  each built by one function, for improvement, periodic, resume and preemption saves alike;
+- writing: rank 0's snapshot in host memory goes to ``checkpoint.writer.AsyncSaver``, which
+  writes it off the loop and reports it with ``ray.train.report``; the other ranks report
+  the same metrics without a checkpoint;
+- retention: Ray Train's, as ``checkpoint.policy`` says.
+
+"Am I rank 0" is read once, when the manager is made (``rank_zero``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import torch
+
+from workers.checkpoint.policy import PREEMPTION, SaveDecision, decide_save, rank_score
+from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
+from workers.checkpoint.state import ModelState
+from workers.checkpoint.writer import AsyncSaver
+from workers.contract.config import RunConfig
+from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
+from workers.contract.records import CheckpointMetadata, LineageSegment, TrackerState, TrainState
+from workers.decisions.lineage import Lineage
+from workers.decisions.tracker import BestTracker, require_monitor, tracker_of
+from workers.evaluation.collectives import all_reduce_sum, broadcast_flags
+from workers.evaluation.metrics import MeanLoss
+
+NOT_SAVED = SaveDecision(False, "")  # what ranks other than 0 know before the broadcast
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an evaluation falls: optimizer steps within the epoch and in all, the positions
+    of the epoch's permutation trained (None at the epoch's end), the evaluation's number."""
+
+    step: int
+    global_step: int
+    consumed: int | None
+    evaluation: int
+
+
+@dataclass
+class CheckpointManager:
+    cfg: RunConfig
+    rank_zero: bool  # rank 0 decides, snapshots and writes; the others follow its broadcast
+    tracker: BestTracker | None  # rank 0's (None on the other ranks)
+    saver: AsyncSaver
+    state: ModelState  # how a save reads the whole model and optimizer
+    device: torch.device
+    world_size: int
+    # Also write the weights as a torch.save'd state dict under this name in checkpoints that
+    # hold an improvement (the fastai engine's file for ``learn.load``).
+    torch_weights_file: str | None = None
+    # Objects with ``state_dict`` that resume checkpoints also keep (the lr scheduler, a
+    # custom loop's ``ctx.keep``), restored from ``Restored.extras``; rank 0's are saved.
+    extras: dict[str, Any] = field(default_factory=dict)
+    # Whether the workload has a test split, in each checkpoint's metadata: the driver scores
+    # it with the best weights once the run ends, and skips that Ray task where there is none.
+    test_split: bool = True
+    # A population-based search's trial: every saved model's metadata says which trials and
+    # epochs its weights came through; resume checkpoints keep the ancestors.
+    lineage: Lineage | None = None
+    mode_source: str = "set by tracker.mode"  # why the tracker's mode (contract.direction)
+
+    @property
+    def _tracker(self) -> BestTracker:
+        """Rank 0's tracker: only rank 0 decides and builds a checkpoint."""
+        assert self.tracker is not None, "the tracker is rank 0's"
+        return self.tracker
+
+    @classmethod
+    def create(cls, cfg: RunConfig, state: ModelState, *, rank_zero: bool,
+               device: torch.device, world_size: int,
+               tracker_state: dict[str, Any] | None = None,
+               torch_weights_file: str | None = None, extras: dict[str, Any] | None = None,
+               test_split: bool = True, lineage: Lineage | None = None,
+               mode_source: str = "set by tracker.mode") -> CheckpointManager:
+        """This rank's manager; ``tracker_state``: the restored tracker's (rank 0 loads it).
+        A runtime's ``Worker.checkpoint_manager`` fills these in from the worker."""
+        tracker = None
+        if rank_zero:
+            tracker = tracker_of(cfg)
+            if tracker_state is not None:
+                tracker.load_state_dict(tracker_state)
+        saver = AsyncSaver()
+        if rank_zero and not state.collective and (
+                cfg.checkpoint.policy != "none" or cfg.checkpoint.resume_every_n_epochs):
+            # The snapshot's memory, allocated now rather than during the first save (a
+            # sharded model's whole state exists only once gathered: its first save does it).
+            saver.buffers.prepare(state.weights())
+        return cls(cfg, rank_zero, tracker, saver, state, device, world_size,
+                   torch_weights_file, extras if extras is not None else {},
+                   test_split=test_split, lineage=lineage, mode_source=mode_source)
+
+    def report(self, epoch: int, values: dict[str, float], started: float, *,
+               at: Position | None = None, final: bool | None = None) -> bool:
+        """Report one evaluation's global metrics (an epoch's, or ``at`` a step); returns
+        whether to stop (the same on all ranks). ``final``: the run's last evaluation
+        (default: the epoch is train.epochs)."""
+        import ray.train
+
+        record = self._record(epoch, values, at)
+        metrics = dict(record, workers=self.world_size)  # an elastic run's may change
+        require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
+        # Identical values on every rank, so every rank decides the same.
+        diverged = self.cfg.train.stop_on_nonfinite and not all(
+            math.isfinite(v) for v in values.values())
+        verdict, stop = NOT_SAVED, diverged
+        if self.rank_zero:
+            verdict, stop = self._decide(epoch, record, metrics, diverged, at, final)
+        stop, save, full_state = broadcast_flags(
+            [stop, verdict.save, verdict.full_state], self.device)
+        snap = None
+        if save and (self.rank_zero or self.state.collective):
+            snap, costs = self._snapshot(replace(verdict, save=save, full_state=full_state),
+                                         epoch, record, at)
+            metrics.update(costs)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        if snap is not None:
+            self.saver.report(metrics, snap, self._directory(epoch, at, preempted=False))
+        else:
+            ray.train.report(metrics)
+        return stop
+
+    def preempt(self, epoch: int, at: Position, running_loss: MeanLoss) -> None:
+        """A resume checkpoint of this step, because the driver asked the run to stop: the
+        model, the optimizer and the kept state, where the data stream stands, and the
+        training loss since the last evaluation (summed over the ranks: rank 0 carries it).
+        Not an evaluation: no record in the history, never an improvement. Every rank calls
+        it (a sharded model is gathered by all of them)."""
+        import ray.train
+
+        total, count = all_reduce_sum(running_loss.state(), self.device).tolist()
+        metrics: dict[str, Any] = {"epoch": epoch, "step": at.step,
+                                   "global_step": at.global_step, PREEMPT_KEY: 1,
+                                   "workers": self.world_size}
+        snap = None
+        if self.rank_zero or self.state.collective:
+            snap, _ = self._snapshot(PREEMPTION, epoch, self._record(epoch, {}, at), at,
+                                     running_loss=[total, count])
+        if snap is None:
+            ray.train.report(metrics)
+            return
+        metrics[RANK_KEY] = rank_score(self._tracker.improvements, PREEMPTION.improved)
+        self.saver.report(metrics, snap, self._directory(epoch, at, preempted=True))
+
+    def finish(self) -> None:
+        """Wait for the last save in flight."""
+        self.saver.wait()
+
+    # -- when ------------------------------------------------------------------------------
+    def _decide(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any],
+                diverged: bool, at: Position | None,
+                final: bool | None) -> tuple[SaveDecision, bool]:
+        """Rank 0: the tracker's verdict, and whether the policy saves this evaluation."""
+        cfg, tracker = self.cfg, self._tracker
+        decision = tracker.update(epoch, record)
+        stop = decision.should_stop or diverged
+        if tracker.smoother is not None:  # the record keeps both values
+            record[f"{tracker.monitor}_smoothed"] = decision.value
+            metrics[f"{tracker.monitor}_smoothed"] = decision.value
+        if decision.stop_reason:  # one line: the driver says it and the summary keeps it
+            metrics["stop_reason"] = decision.stop_reason
+        verdict = decide_save(
+            cfg.checkpoint.policy, at.evaluation if at else epoch, improved=decision.improved,
+            is_final=stop or (final if final is not None else epoch == cfg.train.epochs),
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+            resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
+        )
+        metrics["is_best"] = verdict.improved
+        metrics[RANK_KEY] = rank_score(tracker.improvements, verdict.improved)
+        return verdict, stop
+
+    # -- what ------------------------------------------------------------------------------
+    def _snapshot(self, verdict: SaveDecision, epoch: int, record: dict[str, Any],
+                  at: Position | None,
+                  running_loss: list[float] | None = None) -> tuple[Snapshot | None,
+                                                                     dict[str, float]]:
+        """The checkpoint in host memory, on rank 0 (None elsewhere), and what taking it cost
+        the loop: the gather (fsdp), the host copy, and waiting for the previous save's write
+        if it had not finished (the write itself runs off the loop). Called on rank 0, and
+        under fsdp on every rank: all take part in gathering the state, rank 0 alone keeps it.
+        """
+        costs: dict[str, float] = {}
+        save_started = time.perf_counter()
+        if self.rank_zero:
+            self.saver.wait()  # the previous save must finish before its memory is reused
+        gather_started = time.perf_counter()
+        weights = self.state.weights()
+        optimizer = self.state.optimizer_state() if verdict.full_state else None
+        extras = self._extras_state() if verdict.full_state else None
+        if self.state.collective:
+            costs["gather_seconds"] = time.perf_counter() - gather_started
+        if not self.rank_zero:
+            return None, costs
+        copy_started = time.perf_counter()
+        snap = snapshot(
+            weights, optimizer, self._train_state(epoch, at, extras, running_loss),
+            self._metadata(epoch, record, verdict),
+            torch_weights_file=self.torch_weights_file if verdict.improved else None,
+            buffers=self.saver.buffers,
+        )
+        costs["snapshot_seconds"] = time.perf_counter() - copy_started
+        costs["save_blocked_seconds"] = time.perf_counter() - save_started
+        return snap, costs
+
+    @staticmethod
+    def _record(epoch: int, values: dict[str, float], at: Position | None) -> dict[str, Any]:
+        """An evaluation's record: its epoch, its values, and ``at`` a step, where it falls."""
+        record: dict[str, Any] = {"epoch": epoch, **values}
+        if at is not None:
+            record.update(step=at.step, global_step=at.global_step)
+        return record
+
+    def _train_state(self, epoch: int, at: Position | None, extras: dict[str, Any] | None,
+                     running_loss: list[float] | None) -> TrainState:
+        """``train_state.pt`` (less the optimizer's, which ``snapshot`` adds): where a resume
+        continues, and the tracker that goes on deciding there."""
+        train_state: TrainState = {
+            "epoch": epoch, "tracker": cast(TrackerState, self._tracker.state_dict()),
+            "seed": self.cfg.seed}
+        if at is not None:  # consumed: None at the epoch's end (the next one starts afresh)
+            train_state["step"] = at.step
+            train_state["global_step"] = at.global_step
+            train_state["consumed"] = at.consumed
+        if running_loss is not None:  # a preempted stretch's [total, count] since evaluating
+            train_state["running_loss"] = running_loss
+        if extras is not None:
+            train_state["extras"] = extras
+        if self.lineage:
+            train_state["lineage"] = [cast(LineageSegment, dict(a))
+                                      for a in self.lineage.ancestors]
+        return train_state
+
+    def _metadata(self, epoch: int, record: dict[str, Any],
+                  verdict: SaveDecision) -> CheckpointMetadata:
+        """``metadata.json``: the evaluation's record, and what the driver, ``best`` and a
+        resume read about the model (why it was saved, how the run was set up)."""
+        tracker = self._tracker
+        # The record's split metrics are the open part a TypedDict cannot name (records.py).
+        metadata = cast(CheckpointMetadata, {
+            **record, "monitor": tracker.monitor, "mode": tracker.mode,
+            "mode_source": self.mode_source, "is_best": verdict.improved,
+            "saved_because": verdict.reason,
+            "world_size": self.world_size, "workers": self.world_size,  # as in the record
+            "seed": self.cfg.seed, "config": self.cfg.to_dict()})
+        if verdict != PREEMPTION:  # only the best model's note is read: never a preemption's
+            metadata["test_split"] = self.test_split
+        if self.lineage:
+            metadata["lineage"] = cast(list[LineageSegment], self.lineage.through(epoch))
+        return metadata
+
+    def _extras_state(self) -> dict[str, Any] | None:
+        """The kept objects' states in host memory, on rank 0 (None elsewhere, and when there
+        are none). Under fsdp an optimizer's is gathered whole, every rank taking part, as the
+        run's own optimizer's is."""
+        if not self.extras or not (self.rank_zero or self.state.collective):
+            return None
+        out = {name: self.state.optimizer_state(obj) if isinstance(obj, torch.optim.Optimizer)
+               else obj.state_dict() for name, obj in self.extras.items()}
+        return to_host(out) if self.rank_zero else None
+
+    # -- writing ---------------------------------------------------------------------------
+    def _directory(self, epoch: int, at: Position | None, *, preempted: bool) -> str:
+        """The checkpoint's directory name (unique: the time is in it): by step where the run
+        evaluates by steps, and for a preemption."""
+        if at is not None and (preempted or self.cfg.train.eval_every_n_steps):
+            where = f"step{at.global_step:08d}" + ("_preempt" if preempted else "")
+        else:
+            where = f"epoch{epoch:04d}"
+        return f"{CHECKPOINT_PREFIX}{where}_{time.time_ns()}"

@@ -1,0 +1,92 @@
+"""Checkpoint policy: which evaluations persist a model, and which checkpoints Ray Train keeps.
+Pure functions, unit-tested directly.
+
+Epochs are numbered from 1, as users count them and as they appear in metrics.
+
+What Ray Train keeps or drops (this is the one place that says it). Rank 0 hands every
+checkpoint it saves to ``ray.train.report``; Ray Train registers it and deletes the ones its
+``CheckpointConfig`` does not keep, which the driver builds from ``ray_keep_settings``:
+
+- ``best``: one checkpoint by score, plus the latest (Ray never drops the latest one, so a
+  restart continues from the newest state). The score is not the monitored metric but
+  ``rank_score``, reported under ``RANK_KEY``: the tracker's count of improvements, half a
+  point lower for a checkpoint that is not an improvement (a resume or preemption save). So
+  each improvement outranks every checkpoint before it, and a resume checkpoint whose
+  monitored value is better by less than ``min_delta`` (not an improvement to the tracker)
+  never evicts the real best. The driver keeps ``RANK_KEY`` out of the history.
+- ``last`` and ``none``: the latest only (``none`` saves resume and preemption checkpoints
+  alone).
+- ``every_n`` and ``all``: every checkpoint.
+
+A checkpoint whose upload completed while its worker group was failing is never registered, so
+Ray would never delete it: the driver's summary removes such directories at the run's end
+(``orchestrator/results/summary.remove_unregistered_checkpoints``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """The verdict on one evaluation (or a preemption): save a checkpoint or not, why, and
+    what it holds. Rank 0 makes it from the tracker's ``Decision``; every rank learns
+    ``save`` and ``full_state`` from its broadcast."""
+
+    save: bool
+    reason: str  # "best", "every_n", "all", "last", "resume", "preempt"; "" when not saved
+    # A resume epoch: the checkpoint also holds the optimizer state. Other saves hold what
+    # the model needs (weights, metadata, epoch and tracker state), so that an improvement
+    # blocks training only for the copy of the weights.
+    full_state: bool = False
+    improved: bool = False  # the tracker's verdict: ``is_best`` in the metrics and metadata
+
+
+# A resume checkpoint of the step the driver stopped the run at: never an improvement.
+PREEMPTION = SaveDecision(True, "preempt", full_state=True)
+
+
+def decide_save(
+    policy: str,
+    epoch: int,
+    *,
+    improved: bool,
+    is_final: bool,
+    every_n_epochs: int = 1,
+    resume_every_n_epochs: int = 0,
+) -> SaveDecision:
+    """``is_final``: the last epoch that will run (the configured end, or an early stop)."""
+    wanted = {
+        "best": improved,
+        "every_n": epoch % every_n_epochs == 0,
+        "all": True,
+        "last": is_final,
+        "none": False,
+    }
+    if policy not in wanted:
+        raise ValueError(f"unknown checkpoint policy {policy!r}")
+    resume = bool(resume_every_n_epochs) and epoch % resume_every_n_epochs == 0
+    if wanted[policy]:
+        return SaveDecision(True, policy, full_state=resume, improved=improved)
+    if resume:
+        return SaveDecision(True, "resume", full_state=True, improved=improved)
+    return SaveDecision(False, "", improved=improved)
+
+
+def rank_score(improvements: int, improved: bool) -> float:
+    """The score Ray ranks a checkpoint by under ``best`` (``RANK_KEY``; see above)."""
+    return improvements - (0.0 if improved else 0.5)
+
+
+def ray_keep_settings(policy: str, monitor_rank_key: str) -> dict:
+    """Arguments for Ray's ``CheckpointConfig`` (what each policy keeps: see above)."""
+    if policy == "best":
+        return {
+            "num_to_keep": 1,
+            "checkpoint_score_attribute": monitor_rank_key,
+            "checkpoint_score_order": "max",
+        }
+    if policy in ("last", "none"):
+        return {"num_to_keep": 1}
+    return {"num_to_keep": None}
