@@ -177,16 +177,6 @@ def test_rerun_is_explicit_and_resume_continues(tmp_path, ray_local):
     assert [h["epoch"] for h in fresh["history"]] == [1, 2]
 
 
-def test_unknown_monitor_fails_after_first_epoch_naming_the_metrics(tmp_path, ray_local):
-    cfg = overfit_config(tmp_path, name="bad-monitor", tracker={"monitor": "val_auc"})
-    with pytest.raises(UserError) as info:
-        run_training(cfg)
-    message = str(info.value)
-    assert "tracker.monitor" in message and "val_auc" in message
-    assert "val_loss" in message and "val_accuracy" in message and "\n" not in message
-    assert not (tmp_path / "runs" / "bad-monitor").exists()
-
-
 def test_a_user_error_is_never_retried_even_with_unlimited_failures(tmp_path):
     """failure.max_failures: -1 retries faults forever; a mistake in the config is no fault."""
     cfg = overfit_config(tmp_path, name="bad-monitor", tracker={"monitor": "val_auc"},

@@ -53,24 +53,3 @@ def test_a_loop_that_never_reports_is_one_line_after_its_first_epoch(tmp_path, r
         "workload.loop tests.workloads.mistakes.never_reports: epoch 1 ended without "
         "ctx.report(metrics); report once per epoch, after ctx.evaluate(...)")
     assert not list((tmp_path / "runs").rglob("checkpoint_*"))
-
-
-def test_a_mistake_found_on_the_workers_leaves_the_run_overwrite_was_to_replace(
-        tmp_path, ray_local):
-    """``--overwrite`` of a finished run with a monitor the run does not report: the workers
-    find it before the first record; the finished run is then exactly as it was."""
-    config = {"name": "kept", "storage_path": str(tmp_path / "runs"),
-              "workload": {"entrypoint": "tests.workloads.mistakes:build",
-                           "params": {"mistake": "none"}},
-              "scaling": {"num_workers": 1}, "train": {"epochs": 2, "batch_size": 16},
-              "wandb": {"mode": "disabled"}}
-    first = train(config)
-    assert first.status == "completed"
-    run_dir = tmp_path / "runs" / "kept"
-    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    with pytest.raises(UserError) as err:
-        train({**config, "tracker": {"monitor": "val_auroc"}}, overwrite=True)
-    assert "tracker.monitor: 'val_auroc' is not reported by this run" in str(err.value)
-    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    assert after == before
-    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["kept"]  # nothing aside
