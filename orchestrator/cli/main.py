@@ -12,13 +12,14 @@ import os
 import shlex
 import signal
 import sys
+from typing import NoReturn
 
 from orchestrator.errors import TrainingError, UserError
 from workers.contract.names import LEADERBOARD_FILE, SUMMARY_FILE
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, like every other bad input
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -135,7 +136,8 @@ def install_stack_dumps() -> None:
     if not hasattr(signal, "SIGUSR1"):
         return
     try:
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        # typeshed refuses None, which faulthandler takes as sys.stderr
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # type: ignore[arg-type]
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         pass
 

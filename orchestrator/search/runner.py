@@ -344,9 +344,10 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
     from ray import tune
 
     cfg = ctx.cfg
-    entries = [{"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
-                "log_model": log_model, "use_gpu": plan.gpus[t.trial_id],
-                "mode_source": ctx.mode_source} for t in todo]
+    entries: list[dict[str, Any]] = [
+        {"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
+         "log_model": log_model, "use_gpu": plan.gpus[t.trial_id],
+         "mode_source": ctx.mode_source} for t in todo]
     if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
         exploits = earlier_exploits(ctx.run_dir)
         # Resumed: Tune's population state is gone, so the trials finish without legs or
@@ -385,6 +386,7 @@ def proposed_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial],
                Observation(t.overrides, "complete", logger.best_value(t.trial_id))
                for t in plan.trials]
     study, optuna_storage = make_study(cfg, params, search_seed(cfg), earlier)
+    assert ctx.capacity is not None  # the search's own context: preflight measured it
     logger.study = study
     namer = TrialNamer([(t.trial_id, t.overrides) for t in todo], len(plan.trials),
                        id_width(cfg.tune.num_samples))
@@ -407,6 +409,7 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
     """The search, until it ends or a signal stops it (``Interrupted`` once its running
     trials were stopped: trials that ended stay done, the others resume)."""
     cfg, guard = ctx.cfg, ctx.guard
+    assert guard is not None  # the search's own context holds it (a trial's has none)
     from ray import tune
     from ray.tune.stopper import Stopper
 
@@ -554,7 +557,9 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
             check_on_ray=check_on_ray)
         ctx.mode_source = directions[0].source
         console.say(f"every trial: {directions[0].describe(cfg.tracker.monitor)}")
-        plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, ctx.capacity)
+        capacity = ctx.capacity
+        assert capacity is not None  # preflight measured it
+        plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, capacity)
                                             for trial_id, c in configs.items()})
         try:
             return _search(ctx, plan)
@@ -603,6 +608,7 @@ def register(ctx: RunContext, plan: SearchPlan, logger: TrialLogger, trial: Tria
     plan.trials.append(trial)
     plan.trials.sort(key=lambda t: t.trial_id)  # the order proposed (a later may start first)
     plan.configs[trial.trial_id] = cfg
+    assert ctx.capacity is not None  # the search's own context: preflight measured it
     plan.gpus[trial.trial_id] = resolve_use_gpu(cfg, ctx.capacity)
     logger.trials[trial.trial_id] = trial
     write_search(ctx, plan)
@@ -611,6 +617,7 @@ def register(ctx: RunContext, plan: SearchPlan, logger: TrialLogger, trial: Tria
 def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """The search itself, once its directory and W&B run are ready: the leaderboard."""
     cfg, console, guard, trials = ctx.cfg, ctx.console, ctx.guard, plan.trials
+    assert guard is not None  # the search's own context holds it (a trial's has none)
     adaptive = cfg.tune.search == "optuna"
     write_search(ctx, plan)
 

@@ -153,10 +153,9 @@ def init_ray(verbose: bool = False) -> bool:
 
     if ray.is_initialized():
         return started_here()
-    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING,
-             "log_to_driver": verbose}
+    level = logging.INFO if verbose else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+        ray.init(logging_level=level, log_to_driver=verbose)
         return False
     if not verbose:
         quiet_ray_token_setup()
@@ -178,7 +177,8 @@ def init_ray(verbose: bool = False) -> bool:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
-            **quiet,
+            logging_level=level,
+            log_to_driver=verbose,
         )
     _started_here.append(dashboard_url())
     return True

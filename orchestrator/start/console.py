@@ -29,7 +29,7 @@ class Console:
         return {"verbose": self.verbose}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(verbose=state["verbose"])
+        Console.__init__(self, verbose=state["verbose"])
 
     def say(self, line: str) -> None:
         """One line for the user. A reader that went away (``| head``) must not stop the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from typing import Literal
 
 
 def has_credentials() -> bool:
@@ -16,7 +17,8 @@ def has_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def wandb_mode(setting: str) -> str:
+def wandb_mode(setting: Literal["auto", "online", "offline", "disabled"]
+               ) -> Literal["online", "offline", "disabled"]:
     """``wandb.mode`` with ``auto`` resolved: online with credentials, else offline."""
     if setting == "auto":
         return "online" if has_credentials() else "offline"

@@ -57,8 +57,12 @@ def point_wandb_at_endpoint(storage_path: str) -> None:
 class TrackingRun(Protocol):
     """What a run does with W&B, on or off: ``WandbRun`` and its do-nothing twin ``NullRun``."""
 
-    mode: str
-    log_model_setting: str  # what the controller stages for W&B while the run goes
+    # Read-only here: WandbRun narrows ``log_model_setting`` to wandb.log_model's choices.
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def log_model_setting(self) -> str: ...  # what the controller stages for W&B as it goes
 
     def handle(self, record: EpochRecord, staged_model: str | None) -> None: ...
 

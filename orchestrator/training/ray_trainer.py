@@ -50,6 +50,8 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
     if use_gpu:
         resources["GPU"] = 1
     workers = cfg.scaling.num_workers  # [min, max]: Ray Train's elastic worker group
+    # The ignores below: mypy reads ray.train's v1 ScalingConfig, RunConfig and Callback; at
+    # run time ray.train exports the v2 ones (elastic sizes, logging_config, UserCallback).
     return torch_trainer_class(ray_datasets=ray_datasets is not None)(
         train_loop_for(cfg.engine),
         train_loop_config={**cfg.to_dict(), **(
@@ -57,17 +59,17 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
             **(ray_datasets.loop_config() if ray_datasets else {}), **(loop_config or {})},
         **(ray_datasets.trainer_options() if ray_datasets else {}),
         scaling_config=ScalingConfig(
-            num_workers=tuple(workers) if isinstance(workers, list) else workers,
+            num_workers=tuple(workers) if isinstance(workers, list) else workers,  # type: ignore[arg-type]
             use_gpu=use_gpu, resources_per_worker=resources,
         ),
-        run_config=RayRunConfig(
+        run_config=RayRunConfig(  # type: ignore[call-arg]
             name=cfg.name,
             storage_path=storage.resolve(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(
                 **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY)
             ),
-            callbacks=[RunRecorder(run_dir, log_model, events), *callbacks],
+            callbacks=[RunRecorder(run_dir, log_model, events), *callbacks],  # type: ignore[list-item]
             # Ray's per-report INFO lines would drown the one progress line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

@@ -22,6 +22,7 @@ from workers.contract.names import (
     STATE_FILE,
     point,
 )
+from workers.contract.records import CheckpointMetadata
 from workers.contract.user_errors import UserInputError
 
 
@@ -33,7 +34,7 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, weights_only=True, map_location="cpu")
 
 
-def load_metadata(directory: str | Path) -> dict[str, Any]:
+def load_metadata(directory: str | Path) -> CheckpointMetadata:
     return json.loads((Path(directory) / METADATA_FILE).read_text())
 
 

@@ -30,7 +30,7 @@ from workers.checkpoint.state import ModelState
 from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
-from workers.contract.records import CheckpointMetadata, LineageSegment, TrackerState, TrainState
+from workers.contract.records import CheckpointMetadata, LineageSegment, TrainState
 from workers.decisions.lineage import Lineage
 from workers.decisions.tracker import BestTracker, require_monitor, tracker_of
 from workers.evaluation.collectives import all_reduce_sum, broadcast_flags
@@ -228,7 +228,7 @@ class CheckpointManager:
         """``train_state.pt`` (less the optimizer's, which ``snapshot`` adds): where a resume
         continues, and the tracker that goes on deciding there."""
         train_state: TrainState = {
-            "epoch": epoch, "tracker": cast(TrackerState, self._tracker.state_dict()),
+            "epoch": epoch, "tracker": self._tracker.state_dict(),
             "seed": self.cfg.seed}
         if at is not None:  # consumed: None at the epoch's end (the next one starts afresh)
             train_state["step"] = at.step

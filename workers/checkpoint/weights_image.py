@@ -81,7 +81,7 @@ class WeightsImage:
             self.views[name].copy_(tensor.detach())  # synchronous, also from a GPU
 
     def file_bytes(self) -> memoryview:
-        return memoryview(self.buffer.numpy())[:self.size]
+        return self.buffer.numpy().data[:self.size]
 
     def write(self, path: Path) -> None:
         """Atomically (``workers.files.atomic_path``), with O_DIRECT where the filesystem
@@ -103,7 +103,7 @@ class WeightsImage:
                 return False
             raise
         try:
-            view = memoryview(self.buffer.numpy())
+            view = self.buffer.numpy().data
             done = 0
             while done < len(view):
                 done += os.write(fd, view[done:])

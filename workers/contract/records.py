@@ -107,6 +107,7 @@ class TrainState(TypedDict):
     running_loss: NotRequired[list[float]]
     extras: NotRequired[dict[str, Any]]
     lineage: NotRequired[list[LineageSegment]]
+    optimizer: NotRequired[dict[str, Any]]  # added by ``checkpoint.snapshot``, when there is one
 
 
 class CheckpointMetadata(TypedDict):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workers.contract.config import RunConfig, monitor_mode
+from workers.contract.records import SmootherState, TrackerState
 from workers.contract.user_errors import UserInputError
 
 
@@ -65,7 +66,7 @@ class Smoother:
             self.recent.popleft()
         return sum(self.recent) / len(self.recent)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> SmootherState:
         return {"ema": self.ema, "window": self.window, "value": self.value,
                 "recent": list(self.recent)}
 
@@ -169,7 +170,7 @@ class BestTracker:
                     f"{name}" + (f" by more than {self.min_delta:g}" if self.min_delta else ""))
         return None
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> TrackerState:
         # Plain numbers and strings only: this goes into a weights_only torch file and JSON.
         return {
             "monitor": self.monitor,

@@ -124,8 +124,9 @@ class LoopContext:
             from torch.utils.data import DistributedSampler
 
             dataset = self.workload.train_dataset
-            sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank,
-                                         shuffle=True, seed=self.config.seed)
+            sampler: DistributedSampler[Any] = DistributedSampler(
+                dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                seed=self.config.seed)
             self._train_loader = self._loader(dataset, sampler)
         return self._train_loader
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -59,6 +60,32 @@ from workers.loop.sharding import (
 from workers.loop.training import Step, train_epoch, train_steps
 
 
+class EpochPositions(Protocol):
+    """What the torch loop asks of a training loader's ``sampler``: an ``EpochSampler``, or a
+    stream's loader itself (``StreamedTrain``, ``TrainStream``)."""
+
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None: ...
+
+    def position_after(self, batches: int, batch_size: int) -> int: ...
+
+
+class SizedEpochs(EpochPositions, Protocol):
+    def batches_per_epoch(self, batch_size: int) -> int: ...
+
+
+class SizedTrainLoader(Protocol):
+    """A training loader whose batches per epoch every rank knows: a DataLoader over an
+    ``EpochSampler``, or a ``StreamedTrain`` (a ``TrainStream`` has no length)."""
+
+    @property
+    def sampler(self) -> SizedEpochs: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class TorchParts:
     """What the torch loop trains with, on one rank."""
@@ -67,7 +94,7 @@ class TorchParts:
     plain: torch.nn.Module  # the module evaluated (the unwrapped one under DDP)
     stepper: Stepper  # the optimizer, its schedule, accumulation and clipping
     clock: Clock  # optimizer steps: where the run stands, when it evaluates
-    train_loader: DataLoader | StreamedTrain | TrainStream
+    train_loader: SizedTrainLoader | TrainStream
     val_loader: DataLoader | StreamedEval
     metrics: list[Any]
     batches: Batches  # how a batch goes through the model: inputs, target, logits, loss
@@ -97,8 +124,8 @@ def setup(worker: Worker) -> TorchParts:
             load_full_optimizer_state(model, optimizer, worker.restored.optimizer_state)
         padding_input, _ = batches.split(sample_batch(worker, "val"))
         # A stream's length is known to no rank ahead: its evaluation is joined batch by batch.
-        forwards = (0 if unsized(val_loader)
-                    else most_on_any_rank(len(val_loader), worker.device))
+        forwards = (0 if unsized(val_loader)  # else a DataLoader over a map-style dataset
+                    else most_on_any_rank(len(cast(DataLoader, val_loader)), worker.device))
         return TorchParts(model, model, *steps_of(worker, optimizer, train_loader),
                           train_loader, val_loader, metrics, batches,
                           ShardedState(model, optimizer), forwards, padding_input)
@@ -113,7 +140,7 @@ def setup(worker: Worker) -> TorchParts:
 
 def streamed(worker: Worker, split: str) -> bool:
     """Whether ``split`` is a Ray Dataset, which Ray Train shards to the workers."""
-    return bool(worker.ray_datasets) and split in worker.ray_datasets["rows"]
+    return bool(worker.ray_datasets and split in worker.ray_datasets["rows"])
 
 
 def unsized(loader: Any) -> bool:
@@ -135,6 +162,7 @@ def sample_batch(worker: Worker, split: str) -> Any:
     read by the driver, whose CPUs the training does not hold); one that is not an (input,
     target) pair or a mapping is refused in one line naming the split."""
     if streamed(worker, split):
+        assert worker.ray_datasets is not None  # streamed(): the driver passed them
         batch = rows_collate(worker.workload, split)(worker.ray_datasets["samples"][split])
     else:
         batch = first_batch(getattr(worker.workload, f"{split}_dataset"),
@@ -143,7 +171,7 @@ def sample_batch(worker: Worker, split: str) -> Any:
     return batch
 
 
-def train_split(worker: Worker) -> DataLoader | StreamedTrain | TrainStream:
+def train_split(worker: Worker) -> SizedTrainLoader | TrainStream:
     """This rank's training shard, standing where the run continues (``Restored``)."""
     import ray.train
 
@@ -160,20 +188,22 @@ def train_split(worker: Worker) -> DataLoader | StreamedTrain | TrainStream:
             say_resumed(restored.start_epoch, restored.consumed)
         return loader
     if streamed(worker, "train"):
-        loader = StreamedTrain(ray.train.get_dataset_shard("train"),
-                               rows_collate(workload, "train"),
-                               rows=worker.ray_datasets["rows"]["train"],
-                               batch_size=cfg.train.batch_size, rank=worker.rank,
-                               world_size=worker.world_size, seed=cfg.seed)
-        loader.set_epoch(restored.start_epoch, restored.consumed)
-        return loader
+        assert worker.ray_datasets is not None  # streamed(): the driver passed them
+        rows_loader = StreamedTrain(ray.train.get_dataset_shard("train"),
+                                    rows_collate(workload, "train"),
+                                    rows=worker.ray_datasets["rows"]["train"],
+                                    batch_size=cfg.train.batch_size, rank=worker.rank,
+                                    world_size=worker.world_size, seed=cfg.seed)
+        rows_loader.set_epoch(restored.start_epoch, restored.consumed)
+        return rows_loader
     sampler = EpochSampler(len(workload.train_dataset), worker.rank, worker.world_size,
                           cfg.seed)
     sampler.set_epoch(restored.start_epoch, restored.consumed)
-    return make_loader(workload.train_dataset, cfg.train.batch_size, collate_of(workload),
-                       workers=split_loader_workers(worker, workload.train_dataset),
-                       device=worker.device, sampler=sampler,
-                       options=getattr(workload, "loader_options", None))
+    # A DataLoader over that EpochSampler, with a batch size (torch types neither).
+    return cast(SizedTrainLoader, make_loader(
+        workload.train_dataset, cfg.train.batch_size, collate_of(workload),
+        workers=split_loader_workers(worker, workload.train_dataset), device=worker.device,
+        sampler=sampler, options=getattr(workload, "loader_options", None)))
 
 
 def val_split(worker: Worker) -> DataLoader | StreamedEval:
@@ -198,7 +228,7 @@ def split_loader_workers(worker: Worker, dataset: Any) -> int:
 
 
 def steps_of(worker: Worker, optimizer: torch.optim.Optimizer,
-             loader: DataLoader) -> tuple[Stepper, Clock]:
+             loader: SizedTrainLoader | TrainStream) -> tuple[Stepper, Clock]:
     """The optimizer's steps, sized from the real number of them (this rank's batches per
     epoch / grad_accum_steps, times the epochs; or train.max_steps), and restored where the
     run stopped (mid-epoch too: ``loader``'s sampler stands at the restored position)."""
@@ -268,7 +298,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     # different numbers of validation batches would never all reach. (A sharded model's
     # forward is a collective itself: every rank makes ``val_forwards`` calls.)
     broadcast_buffers(p.plain)
-    loader = p.val_loader
+    loader: Iterable[Any] = p.val_loader
     if unsized(loader) and p.padding_input is not None:  # fsdp
         loader = joined(loader, w.device)
     val_loss = accumulate(p.plain, loader, p.batches, p.metrics, w.device,

@@ -139,7 +139,7 @@ class TrainStream:
     def _agreed(self, batches: Iterator[Any], accum: int) -> list[Any]:
         """The next step's micro-batches, as many as the rank with the fewest has (a rank's
         last, when another rank has none left, is dropped)."""
-        taken = []
+        taken: list[Any] = []
         while len(taken) < accum and (batch := next(batches, None)) is not None:
             taken.append(batch)
         return taken[:fewest_on_any_rank(len(taken), self.device)]

@@ -97,7 +97,8 @@ class Bf16Autocast(Callback):
     order = 10  # as fastai's MixedPrecision: before the metrics read the predictions
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.context = device, None
+        self.device = device
+        self.context: torch.autocast | None = None  # entered for the batch
 
     def before_batch(self) -> None:
         self.context = autocast(self.device, "bf16")

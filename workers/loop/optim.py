@@ -154,11 +154,15 @@ class Stepper:
     def micro_batch(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
         """Gradients synchronised on the last micro-batch of a step only (DDP's ``no_sync``,
         FSDP2's ``set_requires_gradient_sync``)."""
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(last)
+        # Methods of the wrapped model, not of nn.Module (whose __getattr__ types them as
+        # Tensor | Module).
+        set_sync = getattr(model, "set_requires_gradient_sync", None)
+        no_sync = getattr(model, "no_sync", None)
+        if set_sync is not None:  # FSDP2
+            set_sync(last)
             yield
-        elif not last and hasattr(model, "no_sync"):  # DDP
-            with model.no_sync():
+        elif not last and no_sync is not None:  # DDP
+            with no_sync():
                 yield
         else:
             yield
@@ -199,7 +203,7 @@ class Stepper:
             self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._set_lrs()
+                self._set_lrs(self.schedule)
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
 
     def mutate(self, lr_scale: float | None, weight_decay: float | None) -> None:
@@ -217,12 +221,12 @@ class Stepper:
             self.scheduler.base_lrs = [base * lr_scale for base in self.scheduler.base_lrs]
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
 
-    def _set_lrs(self) -> None:
+    def _set_lrs(self, schedule: Schedule) -> None:
         """The rates of the restored step, from the schedule as it is now."""
         step = self.scheduler.last_epoch
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                strict=True):
-            group["lr"] = base * self.schedule(step)
+            group["lr"] = base * schedule(step)
 
 
 def clip_grad_norm(parameters: Any, max_norm: float) -> torch.Tensor:
@@ -243,7 +247,7 @@ def make_stepper(cfg: RunConfig, workload: Any, optimizer: torch.optim.Optimizer
     ``scheduler(optimizer, total_steps)``. ``total`` None: a run whose steps are not known
     ahead (a stream trained for epochs, ``loop.iterable.check_iterable_run`` allowed its
     schedule); a workload's scheduler then gets ``total_steps=None``."""
-    steps = {"accum": cfg.train.grad_accum_steps, "clip": cfg.train.grad_clip_norm}
+    accum, clip = cfg.train.grad_accum_steps, cfg.train.grad_clip_norm
     make = getattr(workload, "scheduler", None)
     if make is not None:
         with blamed_on("workload.scheduler(optimizer, total_steps) raised"):
@@ -253,11 +257,11 @@ def make_stepper(cfg: RunConfig, workload: Any, optimizer: torch.optim.Optimizer
             raise UserInputError(f"workload.scheduler: returned a {type(scheduler).__name__}, "
                                  "not a learning-rate scheduler (one with step() and "
                                  "state_dict(), e.g. torch.optim.lr_scheduler.LambdaLR)")
-        return Stepper(optimizer, scheduler, **steps)
+        return Stepper(optimizer, scheduler, accum=accum, clip=clip)
     if total is not None:
         check_warmup(cfg, total, per_epoch)
     if cfg.schedule == "constant" and not cfg.train.warmup_steps:
-        return Stepper(optimizer, **steps)
+        return Stepper(optimizer, accum=accum, clip=clip)
     schedule = built_in_schedule(cfg, UNSIZED if total is None else total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return Stepper(optimizer, scheduler, schedule, **steps)
+    return Stepper(optimizer, scheduler, schedule, accum=accum, clip=clip)

@@ -73,7 +73,8 @@ def restore(model: torch.nn.Module, rank: int, pbt: dict[str, Any] | None = None
 
     checkpoint = ray.train.get_checkpoint()
     restored = Restored() if checkpoint is None else restore_from(checkpoint, model, rank)
-    exploit = (pbt or {}).get("exploit")
+    pbt = pbt or {}
+    exploit = pbt.get("exploit")
     if exploit and exploit_applies(restored.start_epoch, restored.consumed,
                                    int(exploit["epoch"])):
         restored = continue_from(exploit["path"], restored, model, rank, train.lr,

@@ -94,7 +94,7 @@ def evaluate_dataset(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
-    collate: Callable[[list[Any]], Any] = default_collate,
+    collate: Callable[[Any], Any] = default_collate,  # rows (a DataLoader) or columns
 ) -> dict[str, float]:
     """A single-process evaluation of a whole split (used for the test split and for checks);
     a Ray Dataset is read whole, in order (``collate``: its ``ray_data.rows_collate``)."""

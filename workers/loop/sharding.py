@@ -23,7 +23,7 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -72,7 +72,9 @@ class ShardedState:
     def weights(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=self._options())
+        # full_state_dict: plain tensors (no ShardedTensor or DTensor)
+        return cast(dict[str, torch.Tensor],
+                    get_model_state_dict(self.model, options=self._options()))
 
     def optimizer_state(self, optimizer: Any = None) -> dict[str, Any] | None:
         """The whole state of ``optimizer`` (default: the run's; None when there is none:
@@ -259,7 +261,7 @@ def learner_probe(learn: Any) -> Probe:
     """A probe for a fastai ``Learner``: its loss on a batch of its training DataLoader."""
     def probe(model: nn.Module) -> torch.Tensor:
         dl = learn.dls.train
-        rng = getattr(dl, "rng", None)  # its shuffles' and augmentations' draws, kept
+        rng: Any = getattr(dl, "rng", None)  # its shuffles' and augmentations' draws, kept
         state = rng.getstate() if isinstance(rng, random.Random) else None
         batch = to_device(tuple(dl.one_batch()), model_device(model))
         if state is not None:

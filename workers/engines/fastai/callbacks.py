@@ -43,14 +43,15 @@ def epoch_row(learn: Any) -> dict[str, float] | None:
     if recorder is None or not recorder.values or len(recorder.values[-1]) == 0:
         return None
     names = [n for n in recorder.metric_names[1:] if n not in _NOT_METRICS]
-    row = {"epoch": len(recorder.values) - 1}  # Recorder.before_fit starts a fresh table
+    # Recorder.before_fit starts a fresh table
+    row: dict[str, float] = {"epoch": len(recorder.values) - 1}
     # (a row is shorter when fastai cancelled a phase of the epoch)
     values = zip(names, recorder.values[-1], strict=False)
     row.update({name: float(value) for name, value in values})
     return row
 
 
-class SaveBestModelCallback(fastai_save_model_callback()):
+class SaveBestModelCallback(fastai_save_model_callback()):  # type: ignore[misc]  # made at import
     """``SaveModelCallback`` that documents the model it saved (see the module docstring).
 
     ``last_saved_metadata``: the metadata of the file at ``last_saved_path`` (the epoch, every
@@ -168,18 +169,19 @@ class WandbBestModelCallback(Callback):
             self._wandb_run.summary.update({**{f"best_{k}": v for k, v in metrics.items()},
                                             "best_epoch": best["epoch"]})
         if self.log_model and self.saver is not None:
-            self._log_saved_model(best)
+            self._log_saved_model(self.saver, best)
         if self._added_saver:
             self.learn.remove_cb(self.saver)
 
-    def _log_saved_model(self, best: dict[str, Any] | None) -> None:
+    def _log_saved_model(self, saver: SaveBestModelCallback, best: dict[str, Any] | None) -> None:
         import wandb
 
-        path, metadata = self.saver.last_saved_path, self.saver.last_saved_metadata
+        path, metadata = saver.last_saved_path, saver.last_saved_metadata
         if path is None or not Path(path).exists():
             print("WandbBestModelCallback: no saved model to log")
             return
-        artifact = wandb.Artifact(self.artifact_name or self.saver.fname, type="model",
+        assert metadata is not None  # save_model sets it together with last_saved_path
+        artifact = wandb.Artifact(self.artifact_name or saver.fname, type="model",
                                   metadata=_json_numbers(metadata))
         # add_file copies the file as it is now: the model on disk, whichever mode saved it.
         artifact.add_file(str(path), name=Path(path).name)
