@@ -128,9 +128,10 @@ def tune(config: Any, overrides: Overrides | None = None, *, resume: bool = Fals
                         record=record)
 
 
-def best_checkpoint(path: str | Path) -> str:
+def best_checkpoint(path: str | Path, rank: int = 1) -> str:
     """The best model's checkpoint of a run directory (its ``summary.json``) or a search
-    directory (its ``leaderboard.json``), checked against its recorded sizes and digests."""
+    directory (its ``leaderboard.json``), checked against its recorded sizes and digests;
+    ``rank``: the k-th best of a run that keeps several (``checkpoint.keep_top_k``)."""
     from orchestrator import storage
     from orchestrator.errors import UserError
     from orchestrator.results.checkpoints import verify_checkpoint
@@ -142,8 +143,11 @@ def best_checkpoint(path: str | Path) -> str:
         if not storage.exists(record_path):
             continue
         try:
-            best: str | None = storage.read_json(record_path).get(key)
-        except (ValueError, AttributeError) as exc:
+            record = storage.read_json(record_path)
+            best: str | None = record.get(key)
+            if rank != 1:
+                best = ranked_checkpoint(record, rank, record_path)
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
             raise UserError(f"{record_path}: damaged, not the record this tool writes "
                             f"({type(exc).__name__}: {exc})") from None
         if not best:
@@ -157,16 +161,33 @@ def best_checkpoint(path: str | Path) -> str:
                     "run's or search's directory")
 
 
-def load_best(path: str | Path) -> BestModel:
+def ranked_checkpoint(record: Mapping[str, Any], rank: int, record_path: str) -> str:
+    """The ``rank``-th of a run's ``best_checkpoints`` (``checkpoint.keep_top_k``), or one
+    line saying which ranks there are."""
+    from orchestrator.errors import UserError
+
+    ranked = record.get("best_checkpoints") or (
+        [{"path": record["best_checkpoint"]}] if record.get("best_checkpoint") else [])
+    if not 1 <= rank <= len(ranked):
+        kept = (f"the ranks are 1 to {len(ranked)} (checkpoint.keep_top_k: "
+                f"{(record.get('config') or {}).get('checkpoint', {}).get('keep_top_k', 1)})"
+                if len(ranked) > 1 else "rank 1 is its only best model")
+        raise UserError(f"{record_path}: rank {rank} is out of range; {kept}")
+    return str(ranked[rank - 1]["path"])
+
+
+def load_best(path: str | Path, rank: int = 1) -> BestModel:
     """The best model of a run or a search: the workload's model (built as in training, on
-    CPU) holding the best weights, with the checkpoint's metadata (its epoch's metrics)."""
+    CPU) holding the best weights, with the checkpoint's metadata (its epoch's metrics).
+    ``rank``: the k-th best of a run that keeps several (``checkpoint.keep_top_k``), 1 to K;
+    out of range, one line says which there are."""
     from ray.train import Checkpoint
 
     from workers.checkpoint.load import load_metadata
     from workers.contract.config import RunConfig
     from workers.loop.scoring import load_model
 
-    checkpoint = best_checkpoint(path)
+    checkpoint = best_checkpoint(path, rank)
     with Checkpoint(checkpoint).as_directory() as directory:  # local, or fetched from a URI
         metadata = load_metadata(directory)
         workload, model = load_model(RunConfig.model_validate(metadata["config"]), directory)

@@ -47,6 +47,22 @@ def summary_table(summary: Summary) -> Table:
     return table
 
 
+def best_checkpoints_table(summary: Summary) -> Table:
+    """``checkpoint.keep_top_k``: the K kept models, best first (``best_checkpoints``)."""
+    ranked = summary.get("best_checkpoints") or []
+    by_steps = bool((summary.get("config") or {}).get("train", {}).get("eval_every_n_steps"))
+    table = Table(title=f"the {len(ranked)} best models kept ({summary['monitor']}, "
+                  f"{summary['mode']})", title_justify="left")
+    for column in ("rank", "epoch", *(["global step"] if by_steps else []),
+                   summary["monitor"], "checkpoint"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for c in ranked:
+        table.add_row(str(c["rank"]), str(c["epoch"]),
+                      *([_fmt(c["global_step"])] if by_steps else []), _fmt(c["value"]),
+                      c["path"].rsplit("/", 1)[-1])
+    return table
+
+
 def make_console() -> Console:
     # Logs and CI are not terminals: rich would squeeze tables into 80 columns there.
     return Console() if sys.stdout.isatty() else Console(width=160)
@@ -58,6 +74,8 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         console.print(f"{summary['name']}: no epoch improved {summary['monitor']} (all NaN/inf?)")
     else:
         console.print(summary_table(summary))
+    if summary.get("best_checkpoints"):
+        console.print(best_checkpoints_table(summary))
     where = summary.get("best_checkpoint")
     console.print(f"best model: {where}" if where else
                   f"best model: not saved (checkpoint policy {summary['policy']!r})")

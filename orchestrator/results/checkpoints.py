@@ -6,11 +6,20 @@ Light on purpose (no torch, no Ray): ``orchestrator best`` checks the best model
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator import storage
 from orchestrator.errors import UserError
 from workers.checkpoint.integrity import damage, newest_intact
 from workers.contract.names import CHECKPOINT_PREFIX, METADATA_FILE, MODEL_FILE, point
-from workers.contract.records import CheckpointMetadata, KeptCheckpoint
+from workers.contract.records import (
+    CheckpointMetadata,
+    KeptCheckpoint,
+    Mode,
+    RankedCheckpoint,
+    TopKEntry,
+)
+from workers.decisions.top_k import top_k_of
 
 
 def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[KeptCheckpoint]:
@@ -32,6 +41,30 @@ def kept_checkpoints(run_dir: str, unreadable: list[str] | None = None) -> list[
             if unreadable is not None:
                 unreadable.append(f"{path}/{METADATA_FILE} is damaged")
     return sorted(kept, key=lambda c: point(c["metadata"]))
+
+
+def decided_value(metadata: CheckpointMetadata) -> float:
+    """The monitored value the tracker decided on: smoothed, where the run smooths it."""
+    record: dict[str, Any] = dict(metadata)  # the monitor's keys are the open part of the record
+    return float(record.get(f"{metadata['monitor']}_smoothed", record[metadata["monitor"]]))
+
+
+def top_k_checkpoints(kept: list[KeptCheckpoint], k: int, mode: Mode) -> list[RankedCheckpoint]:
+    """``checkpoint.keep_top_k``: the kept models of the K best evaluations, best first, by
+    the rule the tracker and Ray's retention follow (``decisions.top_k``): those saved as one
+    of the K (their metadata has ``top_k_rank``), of which Ray keeps exactly the K."""
+    saved = {point(c["metadata"]): c for c in kept if "top_k_rank" in c["metadata"]}
+    entries: list[TopKEntry] = [
+        {"value": decided_value(c["metadata"]), "epoch": at[0], "global_step": at[1]}
+        for at, c in saved.items()]
+    ranked: list[RankedCheckpoint] = []
+    for rank, entry in enumerate(top_k_of(entries, k, mode), start=1):
+        c = saved[(entry["epoch"], entry["global_step"] or 0)]
+        ranked.append({"rank": rank, "path": c["path"], "epoch": c["epoch"],
+                       "step": c["metadata"].get("step"),
+                       "global_step": c["metadata"].get("global_step"),
+                       "value": entry["value"], "is_best": c["is_best"]})
+    return ranked
 
 
 def verify_checkpoint(path: str) -> str | None:

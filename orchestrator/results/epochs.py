@@ -17,7 +17,7 @@ from workers.contract.records import EpochRecord
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
 RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
                "gather_seconds", "snapshot_seconds", "save_blocked_seconds", "workers",
-               "stop_reason")
+               "stop_reason", "weights")
 
 
 def epoch_record(metrics: Mapping[str, Any], checkpoint_path: str | None) -> EpochRecord:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from orchestrator import storage
 from orchestrator.errors import user_error_among
-from orchestrator.results.checkpoints import kept_checkpoints
+from orchestrator.results.checkpoints import kept_checkpoints, top_k_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
 from orchestrator.results.history import compact, read_history, segment_numbers
 from orchestrator.tracking.staging import discard_staged
@@ -29,6 +29,7 @@ from workers.contract.records import (
     EpochRecord,
     KeptCheckpoint,
     Summary,
+    SummaryCheckpoint,
     TrialFields,
 )
 
@@ -149,7 +150,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         test_error = (test_metrics or {}).pop("test_error", None)
         test_metrics = test_metrics or None
     error: _TestError = {"test_error": test_error} if test_error else {}
-    return {
+    return with_best_checkpoints(cfg, kept, {
         "name": cfg.name,
         "run_dir": run_dir,
         "start": start,
@@ -174,11 +175,20 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "stop_reason": last.get("stop_reason") if stopped_early and last else None,
         # A diverged last epoch (train.stop_on_nonfinite): what was not finite.
         "nonfinite": nonfinite(history[-1]) if history else [],
-        "checkpoints": [{"epoch": c["epoch"], "global_step": c["metadata"].get("global_step"),
-                         "path": c["path"], "is_best": c["is_best"]} for c in kept],
+        "checkpoints": [_summary_checkpoint(c) for c in kept],
         "history": history,
         "config": cfg.to_dict(),
-    }
+    })
+
+
+def with_best_checkpoints(cfg: RunConfig, kept: list[KeptCheckpoint],
+                          summary: Summary) -> Summary:
+    """``checkpoint.keep_top_k`` > 1: ``best_checkpoints``, the K kept models best first
+    (the first is ``best_checkpoint``). K = 1 adds no key: summary.json as it always was."""
+    if cfg.checkpoint.keep_top_k > 1:
+        summary["best_checkpoints"] = top_k_checkpoints(kept, cfg.checkpoint.keep_top_k,
+                                                        cfg.tracker.resolved_mode)
+    return summary
 
 
 def write_plot(summary: Summary, run_dir: str) -> str | None:
@@ -222,3 +232,13 @@ def finalize_run(ctx: RunContext, *, wandb_errors: list[str] | None = None,
                         f"(upload: {summary['wandb']['sync']})")
     storage.write_json(storage.join(run_dir, SUMMARY_FILE), summary)
     return summary
+
+
+def _summary_checkpoint(c: KeptCheckpoint) -> SummaryCheckpoint:
+    """A kept checkpoint as ``summary.json`` lists it; with train.ema_decay, which weights
+    its model is (``raw`` or ``ema``)."""
+    entry: SummaryCheckpoint = {"epoch": c["epoch"], "global_step": c["metadata"].get(
+        "global_step"), "path": c["path"], "is_best": c["is_best"]}
+    if "weights" in c["metadata"]:
+        entry["weights"] = c["metadata"]["weights"]
+    return entry

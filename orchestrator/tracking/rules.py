@@ -46,12 +46,21 @@ def version_alias(metadata: Mapping[str, Any], by_steps: bool) -> str:
     return f"epoch-{metadata['epoch']}"
 
 
+def rank_aliases(ranked: list[str]) -> dict[str, str]:
+    """Each of the K best models' alias (``checkpoint.keep_top_k``), by its final rank:
+    ``best``, ``top-2``, ``top-3``, ...; ``ranked``: their paths, best first."""
+    return {path: "best" if rank == 1 else f"top-{rank}"
+            for rank, path in enumerate(ranked, start=1)}
+
+
 def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
                 checkpoints: list[KeptCheckpoint], by_steps: bool = False,
+                ranked: list[str] | None = None,
                 ) -> list[tuple[str, CheckpointMetadata, list[str]]]:
     """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
-    checkpoint (``best``) and, unless ``keep: best``, the last one ``log_model`` chooses
-    (``last``; the same version when it is the best)."""
+    checkpoint (``best``; with keep_top_k, each of the K best, ``ranked`` best first, by
+    ``rank_aliases``) and, unless ``keep: best``, the last one ``log_model`` chooses
+    (``last``; the same version when it is one of those)."""
     chosen = [c for c in checkpoints if should_log_model(
         log_model, c["metadata"]["saved_because"], c["is_best"])]
     out: dict[str, tuple[str, CheckpointMetadata, list[str]]] = {}
@@ -59,11 +68,13 @@ def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
         last = chosen[-1]
         out[last["path"]] = (last["path"], last["metadata"],
                              [version_alias(last["metadata"], by_steps), "last"])
-    best = next((c for c in checkpoints if c["path"] == best_checkpoint), None)
-    if best is not None:
-        aliases = out.get(best["path"], (None, None,
-                                         [version_alias(best["metadata"], by_steps)]))[2]
-        out[best["path"]] = (best["path"], best["metadata"], [*aliases, "best"])
+    by_path = {c["path"]: c for c in checkpoints}
+    for path, alias in rank_aliases(ranked or ([best_checkpoint] if best_checkpoint
+                                               else [])).items():
+        if (best := by_path.get(path)) is None:
+            continue
+        aliases = out.get(path, (None, None, [version_alias(best["metadata"], by_steps)]))[2]
+        out[path] = (path, best["metadata"], [*aliases, alias])
     return sorted(out.values(), key=lambda item: point(item[1]))
 
 
@@ -75,6 +86,8 @@ def best_summary(best: Mapping[str, Any], test: Mapping[str, Any] | None) -> dic
     """``best_<metric>`` for every metric of the best epoch, ``best_epoch``, ``test_*``."""
     out = {f"best_{k}": v for k, v in best.items() if k.startswith(("train_", "val_"))}
     out["best_epoch"] = best.get("epoch")
+    if best.get("weights"):  # train.ema_decay: raw | ema, which weights the model is
+        out["best_weights"] = best["weights"]
     if best.get("global_step") is not None:
         out["best_step"], out["best_global_step"] = best.get("step"), best["global_step"]
     out.update(test or {})

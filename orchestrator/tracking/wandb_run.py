@@ -29,6 +29,7 @@ from orchestrator.tracking.rules import (
     best_summary,
     kept_at_end,
     model_logging,
+    rank_aliases,
     reference_uri,
     version_alias,
 )
@@ -118,11 +119,12 @@ class WandbRun:
         # What the controller stages for W&B while the run goes: nothing when models are
         # logged at the end, from the checkpoints.
         self.log_model_setting = cfg.wandb.log_model if self.live else "none"
-        self.pruner = (VersionPruner(cfg.wandb.keep)
+        self.pruner = (VersionPruner(cfg.wandb.keep, top_k=cfg.checkpoint.keep_top_k)
                        if self.live and mode == "online" and cfg.wandb.keep != "all" else None)
         self.artifact = artifact_name(label)
         self.logged_versions: list[int] = []  # their epochs (global steps: by_steps)
-        self.best_alias_at: tuple[int, int] | None = None  # the version W&B calls best
+        # The version each of the aliases best, top-2, ... is on (names.point).
+        self.alias_at: dict[str, tuple[int, int]] = {}
         self.last_at = (0, 0)  # names.point of the last record logged
         # Curves over the epoch (the global step in a run that evaluates by steps), not W&B's
         # step: epochs trained again after a restart are logged again (W&B drops rows whose
@@ -162,8 +164,8 @@ class WandbRun:
             # improvement is saved (policy best); ``finish`` puts it on the best epoch's version.
             live_best = metadata.get("is_best") and self.cfg.checkpoint.policy == "best"
             aliases = [version_alias(metadata, self.by_steps)] + (["best"] if live_best else [])
-        if "best" in aliases:
-            self.best_alias_at = point(metadata)
+        for alias in aliases:
+            self.alias_at[alias] = point(metadata)
         if self.references and storage.is_uri(checkpoint_path):
             # Nothing uploaded twice: W&B records each object's address and ETag.
             for file_name in STAGED_FILES:
@@ -176,7 +178,7 @@ class WandbRun:
         if version not in self.logged_versions:  # a moved alias is no new model
             self.logged_versions.append(version)
         if self.pruner is not None and name is None:
-            self.pruner.committed(logged, bool(metadata.get("is_best")))
+            self.pruner.committed(logged, bool(metadata.get("is_best")), metadata)
 
     def _log_copies(self, artifact: Any, checkpoint_path: str, aliases: list[str]) -> Any:
         # add_file's default "mutable" policy copies each file into W&B's staging area at
@@ -223,20 +225,22 @@ class WandbRun:
             return
         for path, metadata, aliases in kept_at_end(
                 self.cfg.wandb.log_model, self.keep, summary.get("best_checkpoint"),
-                kept_checkpoints(summary["run_dir"]), self.by_steps):
+                kept_checkpoints(summary["run_dir"]), self.by_steps,
+                [c["path"] for c in summary.get("best_checkpoints", [])]):
             self.log_model(path, metadata, aliases=aliases)
 
     def _move_best_alias(self, summary: Summary) -> None:
-        """``best`` on the version of the summary's best epoch: logged again with that alias
-        (the same files: W&B keeps one version and moves the alias) when the alias sits
-        elsewhere, or on no version (a policy that logs other models, or a stopped run)."""
-        path = summary.get("best_checkpoint")
-        if path is None:
-            return
-        metadata = storage.read_json(storage.join(path, METADATA_FILE))
-        if self.best_alias_at == point(metadata):
-            return
-        self.log_model(path, metadata, aliases=[version_alias(metadata, self.by_steps), "best"])
+        """``best`` on the version of the summary's best epoch (with keep_top_k, ``top-2``,
+        ... on the others of the K): logged again with that alias (the same files: W&B keeps
+        one version and moves the alias) when the alias sits elsewhere, or on no version (a
+        policy that logs other models, or a stopped run)."""
+        best = summary.get("best_checkpoint")
+        ranked = [c["path"] for c in summary.get("best_checkpoints", [])]
+        for path, alias in rank_aliases(ranked or ([best] if best else [])).items():
+            metadata = storage.read_json(storage.join(path, METADATA_FILE))
+            if self.alias_at.get(alias) != point(metadata):
+                self.log_model(path, metadata,
+                               aliases=[version_alias(metadata, self.by_steps), alias])
 
     def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> WandbInfo:
         """The experiment's run: the overall best model (findable as ``<name>-best-model``,

@@ -24,7 +24,13 @@ from typing import Any, cast
 
 import torch
 
-from workers.checkpoint.policy import PREEMPTION, SaveDecision, decide_save, rank_score
+from workers.checkpoint.policy import (
+    PREEMPTION,
+    SaveDecision,
+    decide_save,
+    rank_score,
+    top_k_score,
+)
 from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
 from workers.checkpoint.state import ModelState
 from workers.checkpoint.writer import AsyncSaver
@@ -72,6 +78,9 @@ class CheckpointManager:
     # epochs its weights came through; resume checkpoints keep the ancestors.
     lineage: Lineage | None = None
     mode_source: str = "set by tracker.mode"  # why the tracker's mode (contract.direction)
+    # train.ema_decay: how a save reads the EMA's weights, saved when they won the evaluation
+    # (``report(weights="ema")``); None: the run keeps no EMA.
+    ema_state: ModelState | None = None
 
     @property
     def _tracker(self) -> BestTracker:
@@ -85,7 +94,8 @@ class CheckpointManager:
                tracker_state: dict[str, Any] | None = None,
                torch_weights_file: str | None = None, extras: dict[str, Any] | None = None,
                test_split: bool = True, lineage: Lineage | None = None,
-               mode_source: str = "set by tracker.mode") -> CheckpointManager:
+               mode_source: str = "set by tracker.mode",
+               ema_state: ModelState | None = None) -> CheckpointManager:
         """This rank's manager; ``tracker_state``: the restored tracker's (rank 0 loads it).
         A runtime's ``Worker.checkpoint_manager`` fills these in from the worker."""
         tracker = None
@@ -101,13 +111,17 @@ class CheckpointManager:
             saver.buffers.prepare(state.weights())
         return cls(cfg, rank_zero, tracker, saver, state, device, world_size,
                    torch_weights_file, extras if extras is not None else {},
-                   test_split=test_split, lineage=lineage, mode_source=mode_source)
+                   test_split=test_split, lineage=lineage, mode_source=mode_source,
+                   ema_state=ema_state)
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
-               at: Position | None = None, final: bool | None = None) -> bool:
+               at: Position | None = None, final: bool | None = None,
+               weights: str | None = None) -> bool:
         """Report one evaluation's global metrics (an epoch's, or ``at`` a step); returns
         whether to stop (the same on all ranks). ``final``: the run's last evaluation
-        (default: the epoch is train.epochs)."""
+        (default: the epoch is train.epochs). ``weights``: with train.ema_decay, which
+        weights ``values`` are (``raw`` or ``ema``, the same on every rank): in the record,
+        and the ones a save of this evaluation writes."""
         import ray.train
 
         record = self._record(epoch, values, at)
@@ -119,6 +133,8 @@ class CheckpointManager:
         verdict, stop = NOT_SAVED, diverged
         if self.rank_zero:
             verdict, stop = self._decide(epoch, record, metrics, diverged, at, final)
+        if weights is not None:  # after the tracker's update, which takes numbers only
+            record["weights"] = metrics["weights"] = weights
         stop, save, full_state = broadcast_flags(
             [stop, verdict.save, verdict.full_state], self.device)
         snap = None
@@ -152,7 +168,7 @@ class CheckpointManager:
         if snap is None:
             ray.train.report(metrics)
             return
-        metrics[RANK_KEY] = rank_score(self._tracker.improvements, PREEMPTION.improved)
+        metrics[RANK_KEY] = self._ray_score(PREEMPTION, math.nan)
         self.saver.report(metrics, snap, self._directory(epoch, at, preempted=True))
 
     def finish(self) -> None:
@@ -177,10 +193,18 @@ class CheckpointManager:
             is_final=stop or (final if final is not None else epoch == cfg.train.epochs),
             every_n_epochs=cfg.checkpoint.every_n_epochs,
             resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
+            top_k_rank=decision.top_k_rank,
         )
         metrics["is_best"] = verdict.improved
-        metrics[RANK_KEY] = rank_score(tracker.improvements, verdict.improved)
+        metrics[RANK_KEY] = self._ray_score(verdict, decision.value)
         return verdict, stop
+
+    def _ray_score(self, verdict: SaveDecision, value: float) -> float:
+        """What Ray keeps checkpoints by (``checkpoint.policy``): the tracker's count of
+        improvements, or with keep_top_k > 1 the value of one that entered the K best."""
+        if self.cfg.checkpoint.keep_top_k > 1:
+            return top_k_score(value, self._tracker.mode, verdict.top_k_rank is not None)
+        return rank_score(self._tracker.improvements, verdict.improved)
 
     # -- what ------------------------------------------------------------------------------
     def _snapshot(self, verdict: SaveDecision, epoch: int, record: dict[str, Any],
@@ -197,16 +221,20 @@ class CheckpointManager:
         if self.rank_zero:
             self.saver.wait()  # the previous save must finish before its memory is reused
         gather_started = time.perf_counter()
-        weights = self.state.weights()
+        saved_ema = record.get("weights") == "ema"
+        weights = self._weights_state(saved_ema).weights()
         optimizer = self.state.optimizer_state() if verdict.full_state else None
         extras = self._extras_state() if verdict.full_state else None
+        raw_weights = self._raw_weights(verdict.full_state and saved_ema)
         if self.state.collective:
             costs["gather_seconds"] = time.perf_counter() - gather_started
         if not self.rank_zero:
             return None, costs
         copy_started = time.perf_counter()
         snap = snapshot(
-            weights, optimizer, self._train_state(epoch, at, extras, running_loss),
+            weights, optimizer,
+            self._with_raw_weights(self._train_state(epoch, at, extras, running_loss),
+                                   raw_weights),
             self._metadata(epoch, record, verdict),
             torch_weights_file=self.torch_weights_file if verdict.improved else None,
             buffers=self.saver.buffers,
@@ -214,6 +242,29 @@ class CheckpointManager:
         costs["snapshot_seconds"] = time.perf_counter() - copy_started
         costs["save_blocked_seconds"] = time.perf_counter() - save_started
         return snap, costs
+
+    def _weights_state(self, saved_ema: bool) -> ModelState:
+        """The reader of the weights a save writes: the EMA's when they won, else the raw."""
+        if saved_ema:
+            assert self.ema_state is not None, "weights: ema without train.ema_decay"
+            return self.ema_state
+        return self.state
+
+    def _raw_weights(self, needed: bool) -> dict[str, Any] | None:
+        """A resume checkpoint whose model file holds the EMA also keeps the raw weights,
+        which training continues from (``loop.runtime.restore_from``): in host memory on rank
+        0 (under fsdp gathered, every rank taking part); None otherwise."""
+        if not needed:
+            return None
+        raw = self.state.weights()
+        return to_host(raw) if self.rank_zero else None
+
+    @staticmethod
+    def _with_raw_weights(train_state: TrainState,
+                          raw_weights: dict[str, Any] | None) -> TrainState:
+        if raw_weights is not None:
+            train_state["raw_weights"] = raw_weights
+        return train_state
 
     @staticmethod
     def _record(epoch: int, values: dict[str, float], at: Position | None) -> dict[str, Any]:
@@ -255,6 +306,8 @@ class CheckpointManager:
             "saved_because": verdict.reason,
             "world_size": self.world_size, "workers": self.world_size,  # as in the record
             "seed": self.cfg.seed, "config": self.cfg.to_dict()})
+        if verdict.top_k_rank is not None:  # keep_top_k > 1: its rank among the K, when saved
+            metadata["top_k_rank"] = verdict.top_k_rank
         if verdict != PREEMPTION:  # only the best model's note is read: never a preemption's
             metadata["test_split"] = self.test_split
         if self.lineage:

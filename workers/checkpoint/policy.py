@@ -14,6 +14,15 @@ checkpoint it saves to ``ray.train.report``; Ray Train registers it and deletes 
   each improvement outranks every checkpoint before it, and a resume checkpoint whose
   monitored value is better by less than ``min_delta`` (not an improvement to the tracker)
   never evicts the real best. The driver keeps ``RANK_KEY`` out of the history.
+- ``best`` with ``keep_top_k: K`` > 1: K checkpoints by score, plus the latest. The score
+  (``top_k_score``) is the monitored value the tracker decided on, signed so that bigger is
+  better; a checkpoint that did not enter the K best (a resume or preemption save) scores
+  ``BELOW_TOP_K``, under every value. Rank 0 saves exactly the evaluations that enter the K
+  (``decisions.top_k``), each strictly better than the K-th before it, so when one is
+  registered the checkpoint Ray drops is the one that left the K (on equal scores Ray drops
+  the earlier one, as ``TopK`` does); what remains is the K, and at most one resume
+  checkpoint, the latest. Until K evaluations have entered, Ray may also hold resume
+  checkpoints in the free places.
 - ``last`` and ``none``: the latest only (``none`` saves resume and preemption checkpoints
   alone).
 - ``every_n`` and ``all``: every checkpoint.
@@ -25,6 +34,7 @@ Ray would never delete it: the driver's summary removes such directories at the 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -41,6 +51,9 @@ class SaveDecision:
     # blocks training only for the copy of the weights.
     full_state: bool = False
     improved: bool = False  # the tracker's verdict: ``is_best`` in the metrics and metadata
+    # keep_top_k > 1: its rank among the K best when it entered them (``top_k_rank`` in its
+    # metadata); None: it did not enter, or K is 1.
+    top_k_rank: int | None = None
 
 
 # A resume checkpoint of the step the driver stopped the run at: never an improvement.
@@ -55,10 +68,13 @@ def decide_save(
     is_final: bool,
     every_n_epochs: int = 1,
     resume_every_n_epochs: int = 0,
+    top_k_rank: int | None = None,
 ) -> SaveDecision:
-    """``is_final``: the last epoch that will run (the configured end, or an early stop)."""
+    """``is_final``: the last epoch that will run (the configured end, or an early stop);
+    ``top_k_rank``: the evaluation's rank when it enters the K best (keep_top_k > 1), which
+    policy best saves."""
     wanted = {
-        "best": improved,
+        "best": improved or top_k_rank is not None,
         "every_n": epoch % every_n_epochs == 0,
         "all": True,
         "last": is_final,
@@ -68,7 +84,8 @@ def decide_save(
         raise ValueError(f"unknown checkpoint policy {policy!r}")
     resume = bool(resume_every_n_epochs) and epoch % resume_every_n_epochs == 0
     if wanted[policy]:
-        return SaveDecision(True, policy, full_state=resume, improved=improved)
+        return SaveDecision(True, policy, full_state=resume, improved=improved,
+                            top_k_rank=top_k_rank if policy == "best" else None)
     if resume:
         return SaveDecision(True, "resume", full_state=True, improved=improved)
     return SaveDecision(False, "", improved=improved)
@@ -79,11 +96,23 @@ def rank_score(improvements: int, improved: bool) -> float:
     return improvements - (0.0 if improved else 0.5)
 
 
-def ray_keep_settings(policy: str, monitor_rank_key: str) -> dict:
+# Under every finite monitored value: the score of a checkpoint outside the K best. Finite,
+# since Ray's checkpoint snapshot is JSON.
+BELOW_TOP_K = -sys.float_info.max
+
+
+def top_k_score(value: float, mode: str, entered: bool) -> float:
+    """The score Ray ranks a checkpoint by under ``best`` with keep_top_k > 1 (see above)."""
+    if not entered:
+        return BELOW_TOP_K
+    return value if mode == "max" else -value
+
+
+def ray_keep_settings(policy: str, monitor_rank_key: str, keep_top_k: int = 1) -> dict:
     """Arguments for Ray's ``CheckpointConfig`` (what each policy keeps: see above)."""
     if policy == "best":
         return {
-            "num_to_keep": 1,
+            "num_to_keep": keep_top_k,
             "checkpoint_score_attribute": monitor_rank_key,
             "checkpoint_score_order": "max",
         }

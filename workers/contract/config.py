@@ -167,6 +167,12 @@ class TrainSection(_Section):
     max_steps: Int | None = Field(
         None, ge=1, description="train this many optimizer steps, instead of train.epochs "
         "(the last epoch stops where they end); null: train.epochs")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights "
+        "(ema = decay * ema + (1 - decay) * weights after each optimizer step; sharded like "
+        "the model under fsdp); every evaluation scores the raw and the EMA weights exactly, "
+        "the tracker decides on the better one (tracker.monitor) and the saved model is the "
+        "winner (its metadata says weights: raw | ema). Engine torch only; null: no EMA")
 
 
 class Smoothing(_Section):
@@ -259,6 +265,11 @@ class CheckpointSection(_Section):
         "best", description="best: when the monitored metric improves; every_n: every "
         "every_n_epochs epochs; all: every epoch; last: the final epoch; none: never")
     every_n_epochs: Int = Field(1, ge=1, description="for policy every_n")
+    keep_top_k: Int = Field(
+        1, ge=1, description="for policy best: the models of the K best evaluations are kept "
+        "(an evaluation is saved when it is strictly better than the K-th best so far), each "
+        "with its rank; summary.json lists them best first (best_checkpoints), W&B gives them "
+        "the aliases best, top-2, ...; the test split is scored with the best")
     resume_every_n_epochs: Int = Field(
         0, ge=0, description="extra full-state checkpoints (with the optimizer) every N "
         "epochs, so that a restart loses at most N epochs; 0: off")
@@ -346,6 +357,7 @@ _PARTNERS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("train.step_size", None, "train.schedule", ("step",)),
     ("train.step_gamma", 0.1, "train.schedule", ("step",)),
     ("checkpoint.every_n_epochs", 1, "checkpoint.policy", ("every_n",)),
+    ("checkpoint.keep_top_k", 1, "checkpoint.policy", ("best",)),
     ("scaling.fsdp_blocks", None, "scaling.strategy", ("fsdp",)),
     ("scaling.find_unused_parameters", "auto", "scaling.strategy", ("ddp",)),
     ("tune.startup_trials", None, "tune.search", ("optuna",)),
@@ -359,6 +371,7 @@ class RunConfig(_Section):
     """One run (or search): the keys of the YAML file. Every key has a default except
     ``workload``; unknown keys are refused. A key that only one value of another key uses
     (train.step_size and step_gamma: schedule step; checkpoint.every_n_epochs: policy every_n;
+    checkpoint.keep_top_k: policy best;
     scaling.fsdp_blocks: strategy fsdp; scaling.find_unused_parameters: strategy ddp;
     tracker.min_delta: a patience; tune.startup_trials: search optuna; tune.grace_period and
     reduction_factor: scheduler asha; tune.perturbation_interval: scheduler pbt) is refused
@@ -485,7 +498,8 @@ class RunConfig(_Section):
         t = self.train
         given = [key for key, default in (("warmup_steps", 0), ("grad_clip_norm", None),
                                           ("grad_accum_steps", 1), ("step_size", None),
-                                          ("eval_every_n_steps", None), ("max_steps", None))
+                                          ("eval_every_n_steps", None), ("max_steps", None),
+                                          ("ema_decay", None))
                  if getattr(t, key) != default]
         if self.engine == "fastai":
             if t.schedule not in ("auto", "one_cycle", "constant"):

@@ -60,6 +60,7 @@ class EpochRecord(TypedDict, total=False):
     save_blocked_seconds: float
     workers: int
     stop_reason: str
+    weights: Literal["raw", "ema"]  # train.ema_decay: which weights the values are
     checkpoint: str | None  # the checkpoint directory's name; None: no model saved
 
 
@@ -70,6 +71,15 @@ class SmootherState(TypedDict):
     window: int | None
     value: float | None
     recent: list[float]
+
+
+class TopKEntry(TypedDict):
+    """One of the K best evaluations (``checkpoint.keep_top_k``, ``decisions.top_k``): the
+    value decided on (smoothed if asked) and where it falls."""
+
+    value: float
+    epoch: int
+    global_step: int | None
 
 
 class TrackerState(TypedDict):
@@ -87,6 +97,7 @@ class TrackerState(TypedDict):
     improvements: int
     progress_value: NotRequired[float | None]
     smoother: SmootherState | None
+    top_k: NotRequired[list[TopKEntry]]  # checkpoint.keep_top_k > 1 only, best first
 
 
 class TrainState(TypedDict):
@@ -108,6 +119,9 @@ class TrainState(TypedDict):
     extras: NotRequired[dict[str, Any]]
     lineage: NotRequired[list[LineageSegment]]
     optimizer: NotRequired[dict[str, Any]]  # added by ``checkpoint.snapshot``, when there is one
+    # train.ema_decay: a resume checkpoint whose model file holds the EMA (it won) keeps the
+    # raw weights here, which training continues from (the EMA itself is in ``extras``)
+    raw_weights: NotRequired[dict[str, Any]]
 
 
 class CheckpointMetadata(TypedDict):
@@ -133,11 +147,13 @@ class CheckpointMetadata(TypedDict):
     seed: int
     config: dict[str, Any]  # RunConfig.to_dict()
     test_split: NotRequired[bool]  # missing: a checkpoint written before it was recorded
+    weights: NotRequired[Literal["raw", "ema"]]  # train.ema_decay: which weights were saved
     lineage: NotRequired[list[LineageSegment]]
     files: NotRequired[dict[str, FileDigest]]
     trial_id: NotRequired[str]
     hyperparameters: NotRequired[dict[str, Any]]
     source_checkpoint: NotRequired[str]
+    top_k_rank: NotRequired[int]  # keep_top_k > 1: its rank among the K when it was saved
 
 
 class KeptCheckpoint(TypedDict):
@@ -155,6 +171,21 @@ class SummaryCheckpoint(TypedDict):
     epoch: int
     global_step: int | None
     path: str
+    is_best: bool
+    weights: NotRequired[Literal["raw", "ema"]]  # train.ema_decay: which weights were saved
+
+
+class RankedCheckpoint(TypedDict):
+    """One of the K best models a run kept (``checkpoint.keep_top_k`` > 1), as
+    ``summary.json``'s ``best_checkpoints`` lists them, best first: ``rank`` is its final
+    rank (1: the best), ``value`` the monitored value decided on (smoothed if asked)."""
+
+    rank: int
+    path: str
+    epoch: int
+    step: int | None
+    global_step: int | None
+    value: float
     is_best: bool
 
 
@@ -196,6 +227,7 @@ class Summary(TypedDict):
     mode_source: str
     policy: str
     best_checkpoint: str | None
+    best_checkpoints: NotRequired[list[RankedCheckpoint]]  # keep_top_k > 1: best first
     best_epoch: int | None
     best_step: int | None
     best_global_step: int | None

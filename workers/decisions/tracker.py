@@ -27,6 +27,7 @@ from typing import Any, Literal
 from workers.contract.config import RunConfig, monitor_mode
 from workers.contract.records import SmootherState, TrackerState
 from workers.contract.user_errors import UserInputError
+from workers.decisions.top_k import TopK
 
 
 class MonitorNotReportedError(UserInputError):
@@ -41,6 +42,9 @@ class Decision:
     best_value: float | None
     value: float = math.nan  # what was decided on: the monitored value, smoothed if asked
     stop_reason: str | None = None  # one line, when should_stop
+    # checkpoint.keep_top_k > 1: the evaluation's rank among the K best when it enters them
+    # (decisions.top_k), else None. Always None with K = 1 (``improved`` says it all).
+    top_k_rank: int | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class BestTracker:
         start_from_epoch: int = 0,
         initial_best: float | None = None,
         smoothing: dict[str, Any] | None = None,
+        top_k: int = 1,
     ) -> None:
         if min_delta < 0:
             raise ValueError(f"min_delta must be >= 0, got {min_delta}")
@@ -101,6 +106,8 @@ class BestTracker:
         self.stop_at, self.divergence, self.baseline = stop_at, divergence, baseline
         self.start_from_epoch, self.initial_best = start_from_epoch, initial_best
         self.smoother = Smoother(**smoothing) if smoothing else None
+        # checkpoint.keep_top_k > 1: the K best evaluations so far (decided on ``value``).
+        self.top_k = TopK(top_k, self.mode) if top_k > 1 else None
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, float] | None = None
@@ -151,7 +158,16 @@ class BestTracker:
             self.improvements += 1
         reason = self.stop_reason(value)
         return Decision(improved, reason is not None, self.best_epoch, self.best_value, value,
-                        reason)
+                        reason, self._offer_top_k(epoch, metrics, value))
+
+    def _offer_top_k(self, epoch: int, metrics: dict[str, Any], value: float) -> int | None:
+        """The evaluation's rank among the K best when it enters them: strictly better than
+        the K-th best so far (and than ``initial_best``, as every saved model must be)."""
+        if self.top_k is None or (self.initial_best is not None
+                                  and not self.beats(value, self.initial_best)):
+            return None
+        step = metrics.get("global_step")
+        return self.top_k.add(value, epoch, int(step) if step is not None else None)
 
     def stop_reason(self, value: float) -> str | None:
         """Why the run stops after this evaluation (one line), or None: the thresholds first,
@@ -172,7 +188,7 @@ class BestTracker:
 
     def state_dict(self) -> TrackerState:
         # Plain numbers and strings only: this goes into a weights_only torch file and JSON.
-        return {
+        state: TrackerState = {
             "monitor": self.monitor,
             "mode": self.mode,
             "min_delta": self.min_delta,
@@ -185,6 +201,9 @@ class BestTracker:
             "progress_value": self.progress_value,
             "smoother": self.smoother.state_dict() if self.smoother else None,
         }
+        if self.top_k is not None:  # K = 1 writes no key: the state it always was
+            state["top_k"] = [{**e} for e in self.top_k.entries]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["monitor"] != self.monitor or state["mode"] != self.mode:
@@ -199,6 +218,18 @@ class BestTracker:
         self.progress_value = state.get("progress_value", self.best_value)
         if self.smoother and state.get("smoother"):
             self.smoother.load_state_dict(state["smoother"])
+        if self.top_k is not None:
+            self.top_k.load(state.get("top_k") or self._best_as_top_k(state))
+
+    @staticmethod
+    def _best_as_top_k(state: dict[str, Any]) -> list[Any]:
+        """A state saved without the K best (K was 1, or before it was kept): its best is all
+        it knows of them."""
+        if state.get("best_value") is None:
+            return []
+        step = (state.get("best_metrics") or {}).get("global_step")
+        return [{"value": state["best_value"], "epoch": state["best_epoch"],
+                 "global_step": int(step) if step is not None else None}]
 
 
 def tracker_of(cfg: RunConfig) -> BestTracker:
@@ -208,7 +239,7 @@ def tracker_of(cfg: RunConfig) -> BestTracker:
                        divergence=t.divergence, baseline=t.baseline,
                        start_from_epoch=t.start_from_epoch, initial_best=t.initial_best,
                        smoothing=t.smoothing.model_dump(exclude_none=True) if t.smoothing
-                       else None)
+                       else None, top_k=cfg.checkpoint.keep_top_k)
 
 
 def require_monitor(monitor: str, reported: Iterable[str]) -> None:

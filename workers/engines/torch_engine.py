@@ -18,12 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from workers.checkpoint.manager import CheckpointManager, Position
+from workers.contract.config import monitor_mode
 from workers.contract.user_errors import UserInputError
 from workers.decisions.tracker import require_monitor
+from workers.decisions.weights import Weights, better_weights, with_both
 from workers.evaluation.collectives import broadcast_buffers, most_on_any_rank
 from workers.evaluation.metrics import MeanLoss, epoch_metric_names
 from workers.loop.batches import Batches, check_first_batch
 from workers.loop.devices import model_device, to_device
+from workers.loop.ema import EmaState, WeightsEma
 from workers.loop.iterable import (
     RankShare,
     TrainStream,
@@ -101,6 +104,7 @@ class TorchParts:
     state: LocalState | ShardedState  # how a save reads the whole model and optimizer
     val_forwards: int = 0  # fsdp: forward calls every rank makes per validation pass
     padding_input: Any = None  # fsdp: the input of the extra ones
+    ema: WeightsEma | None = None  # train.ema_decay: the EMA of the weights (``with_ema``)
 
 
 def setup(worker: Worker) -> TorchParts:
@@ -288,9 +292,58 @@ class Clock:
         return math.ceil(self.global_step / self.every) if self.every else epoch
 
 
+def with_ema(worker: Worker, parts: TorchParts) -> TorchParts:
+    """``parts`` with the EMA of its weights (train.ema_decay; none without it), kept like the
+    model (``loop.ema``), and where a resume checkpoint left it."""
+    decay = worker.cfg.train.ema_decay
+    if decay is None:
+        return parts
+    parts.ema = WeightsEma(parts.model if isinstance(parts.state, ShardedState)
+                           else parts.plain, decay)
+    saved = (worker.restored.extras or {}).get("ema")
+    if saved is not None:
+        parts.ema.load_state_dict(saved)
+    return parts
+
+
+def ema_checkpoints(parts: TorchParts) -> tuple[dict[str, Any], EmaState | None]:
+    """The manager's kept objects (the schedule's; the EMA in resume checkpoints) and its
+    reader of the EMA's weights (None without one)."""
+    extras = parts.stepper.state_objects()
+    if parts.ema is None:
+        return extras, None
+    return {**extras, "ema": parts.ema}, EmaState(parts.ema, parts.state)
+
+
+def evaluate_both(worker: Worker, parts: TorchParts,
+                  train_loss: Any) -> tuple[dict[str, float], Weights | None]:
+    """``evaluate``, and with train.ema_decay the EMA's weights scored the same way (exactly,
+    over the whole validation set, one more all-reduce); the better on tracker.monitor is the
+    evaluation's model: its values under the usual names, both as ``<metric>_raw`` and
+    ``<metric>_ema`` (``decisions.weights``), and which it is (None without an EMA)."""
+    w, p = worker, parts
+    values = evaluate(w, p, train_loss)
+    if p.ema is None:
+        return values, None
+    with p.ema.swapped():
+        ema = global_metrics([("val", score_val(w, p), p.metrics)], w.device)
+    monitor = w.cfg.tracker.monitor
+    winner = better_weights(monitor, monitor_mode(monitor, w.cfg.tracker.mode), values, ema)
+    return with_both(values, ema, winner), winner
+
+
 def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, float]:
     """The global metrics, identical on every rank: the training loss since the previous
     evaluation and the whole validation set's."""
+    w, p = worker, parts
+    values = global_metrics([("train", train_loss, []), ("val", score_val(w, p), p.metrics)],
+                            w.device)
+    return {**values, "lr": p.stepper.last_lr}
+
+
+def score_val(worker: Worker, parts: TorchParts) -> MeanLoss:
+    """The sufficient statistics of this rank's validation share, for the weights the model
+    holds now."""
     w, p = worker, parts
     precision = w.cfg.autocast_precision
     # Evaluated: the model rank 0 saves, buffers included, on every rank; and the unwrapped
@@ -304,9 +357,7 @@ def evaluate(worker: Worker, parts: TorchParts, train_loss: Any) -> dict[str, fl
     val_loss = accumulate(p.plain, loader, p.batches, p.metrics, w.device,
                           precision, p.val_forwards, p.padding_input)
     p.model.train()  # training goes on after a mid-epoch evaluation
-    values = global_metrics([("train", train_loss, []), ("val", val_loss, p.metrics)],
-                            w.device)
-    return {**values, "lr": p.stepper.last_lr}
+    return val_loss
 
 
 def epoch_metrics(worker: Worker, parts: TorchParts, epoch: int) -> dict[str, float]:
@@ -330,17 +381,20 @@ def run_epoch(worker: Worker, parts: TorchParts, manager: CheckpointManager, epo
     started = time.perf_counter()
     for done in train_steps(p.model, p.train_loader, p.batches, p.stepper, w.device,
                             w.cfg.autocast_precision, running):
+        if p.ema is not None:
+            p.ema.update()
         clock.global_step += 1
         step += 1
         at = position(p, clock, epoch, step, done)
         stop = False
         if clock.evaluates(done.epoch_ends):
-            values = evaluate(w, p, running)
+            values, weights = evaluate_both(w, p, running)
             running.reset()
             # A stream's run without train.max_steps: its last epoch's end is its last step.
             final = clock.done or (clock.total is None and done.epoch_ends
                                    and epoch == w.cfg.train.epochs)
-            stop = manager.report(epoch, values, started, at=at, final=final) or clock.done
+            stop = manager.report(epoch, values, started, at=at, final=final,
+                                  weights=weights) or clock.done
             started = time.perf_counter()
         if not stop and stops.asked():  # a signal: save this step, then stop
             manager.preempt(epoch, at, running)
@@ -371,8 +425,9 @@ def refuse_empty_stream_epoch(epoch: int, world_size: int) -> None:
 
 def train_loop(config: dict[str, Any]) -> None:
     worker = start_worker(config)
-    parts = setup(worker)
-    manager = worker.checkpoint_manager(parts.state, extras=parts.stepper.state_objects())
+    parts = with_ema(worker, setup(worker))
+    extras, ema_state = ema_checkpoints(parts)
+    manager = worker.checkpoint_manager(parts.state, extras=extras, ema_state=ema_state)
     cfg, restored, clock = worker.cfg, worker.restored, parts.clock
     stops = StopRequests(worker.stop_queue, worker.rank, worker.device)
     running = MeanLoss()

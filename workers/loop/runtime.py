@@ -84,7 +84,7 @@ def restore(model: torch.nn.Module, rank: int, pbt: dict[str, Any] | None = None
 
 def restore_from(checkpoint: Any, model: torch.nn.Module, rank: int) -> Restored:
     weights, state, damaged = load_intact(checkpoint)  # the same choice on every rank
-    model.load_state_dict(weights)
+    model.load_state_dict(trained_weights(weights, state))
     log = logging.getLogger(__name__)
     if damaged and rank == 0:
         log.warning("damaged checkpoint(s) skipped: %s; resumed from epoch %s",
@@ -107,6 +107,15 @@ def restore_from(checkpoint: Any, model: torch.nn.Module, rank: int) -> Restored
                     lineage=lineage)
 
 
+def trained_weights(weights: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The weights training continues from: the model file's, unless it holds the EMA
+    (train.ema_decay, the EMA won) and the checkpoint kept the raw weights beside it (a resume
+    checkpoint's ``raw_weights``). A model checkpoint of the EMA has no raw weights: training
+    then continues from the EMA, and a new average starts there."""
+    raw = state.get("raw_weights")
+    return raw if raw is not None else weights
+
+
 def continue_from(path: str, own: Restored, model: torch.nn.Module, rank: int, lr: float,
                   weight_decay: float | None) -> Restored:
     """PBT's exploit: the donor's weights, optimizer, schedule and epoch, this trial's own
@@ -116,7 +125,7 @@ def continue_from(path: str, own: Restored, model: torch.nn.Module, rank: int, l
     checkpoint = ray.train.Checkpoint(path)
     weights, state, _ = load_intact(checkpoint)
     metadata = load_checkpoint_metadata(checkpoint)
-    model.load_state_dict(weights)
+    model.load_state_dict(trained_weights(weights, state))
     donor = metadata["config"]["train"]
     if rank == 0:
         logging.getLogger(__name__).warning(
@@ -152,15 +161,16 @@ class Worker:
         return self.rank == 0
 
     def checkpoint_manager(self, state: ModelState, torch_weights_file: str | None = None,
-                           extras: dict[str, Any] | None = None) -> CheckpointManager:
+                           extras: dict[str, Any] | None = None,
+                           ema_state: ModelState | None = None) -> CheckpointManager:
         """This rank's checkpoint manager, for the model and optimizer ``state`` reads (see
-        ``CheckpointManager`` for ``torch_weights_file`` and ``extras``)."""
+        ``CheckpointManager`` for ``torch_weights_file``, ``extras`` and ``ema_state``)."""
         return CheckpointManager.create(
             self.cfg, state, rank_zero=self.is_rank_zero, device=self.device,
             world_size=self.world_size, tracker_state=self.restored.tracker_state,
             torch_weights_file=torch_weights_file, extras=extras,
             test_split=getattr(self.workload, "test_dataset", None) is not None,
-            lineage=self.lineage, mode_source=self.mode_source)
+            lineage=self.lineage, mode_source=self.mode_source, ema_state=ema_state)
 
     @property
     def parallel_strategy(self) -> str | None:
