@@ -27,9 +27,16 @@ SECTIONS = {"workload": {"params": PARAMS}, "train": {"epochs": 8, "lr": 0.005,
             "checkpoint": {"policy": "all", "resume_every_n_epochs": 1}}
 
 
-def test_the_better_weights_are_kept_and_each_saved_model_names_its_kind(tmp_path, ray_local):
-    cfg = overfit_config(tmp_path, "ema", **SECTIONS)
-    summary = run_training(cfg)
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory, ray_local):
+    """One undisturbed run, checked by both tests: what it kept, and the reference the
+    restarted run must reproduce."""
+    cfg = overfit_config(tmp_path_factory.mktemp("ema"), "ema", **SECTIONS)
+    return cfg, run_training(cfg)
+
+
+def test_the_better_weights_are_kept_and_each_saved_model_names_its_kind(ema_run):
+    cfg, summary = ema_run
     history = summary["history"]
     kinds = [h["weights"] for h in history]
     assert {"raw", "ema"} <= set(kinds), kinds  # the EMA wins at some and loses at others
@@ -57,10 +64,10 @@ def test_the_better_weights_are_kept_and_each_saved_model_names_its_kind(tmp_pat
                 torch.testing.assert_close(value, ema_state["weights"][name])
 
 
-def test_a_restart_continues_the_ema(tmp_path, ray_local):
+def test_a_restart_continues_the_ema(tmp_path, ema_run):
     """A worker SIGKILLed in epoch 3 (2 steps an epoch): the restart loads the EMA from the
     resume checkpoint of epoch 2, and every later evaluation is the undisturbed run's."""
-    undisturbed = run_training(overfit_config(tmp_path, "whole", **SECTIONS))["history"]
+    undisturbed = ema_run[1]["history"]
     marker = tmp_path / "killed-once"
     params = {**PARAMS, "fail_after_steps": 5, "fail_with": "sigkill", "marker": str(marker)}
     cfg = overfit_config(tmp_path, "restarted", **{**SECTIONS, "workload": {"params": params}},
