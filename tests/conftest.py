@@ -29,7 +29,8 @@ def _no_inherited_wandb_service():
 # process still has when the other is busy with its last long file. Only the order changes:
 # every test runs.
 LONGEST_FIRST = ("test_training.py", "test_ray_data.py", "test_tune.py", "test_search_optuna.py",
-                 "test_wandb.py", "test_fastai_ray.py", "test_workloads.py", "test_interrupts.py",
+                 "test_wandb.py", "test_keep_top_k.py", "test_fastai_ray.py", "test_workloads.py",
+                 "test_interrupts.py",
                  "test_s3_storage.py", "test_node_lost.py", "test_long_runs.py", "test_fsdp.py")
 
 

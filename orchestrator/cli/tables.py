@@ -63,6 +63,27 @@ def best_checkpoints_table(summary: Summary) -> Table:
     return table
 
 
+def monitors_table(summary: Summary) -> Table:
+    """``tracker.also_monitor``: a row per monitor, the primary first (``best_by_monitor``):
+    its best evaluation, value, model and test loss."""
+    by_monitor = summary.get("best_by_monitor") or {}
+    table = Table(title="the best model of each monitor", title_justify="left")
+    for column in ("monitor", "mode", "epoch", "value", "test_loss", "checkpoint"):
+        table.add_column(column, justify="left" if column in ("monitor", "checkpoint")
+                         else "right")
+    best: Mapping[str, Any] = summary.get("best_metrics") or {}
+    rows = [(summary["monitor"], summary["mode"], summary.get("best_epoch"),
+             best.get(summary["monitor"]), summary.get("test_metrics"),
+             summary.get("best_checkpoint"))]
+    rows += [(name, b["mode"], b["epoch"], b["value"], b["test_metrics"], b["checkpoint"])
+             for name, b in by_monitor.items()]
+    for name, mode, epoch, value, test, path in rows:
+        table.add_row(name, mode, _fmt(epoch), _fmt(value) if value is not None else "",
+                      _fmt((test or {}).get("test_loss", "")),
+                      path.rsplit("/", 1)[-1] if path else "not kept")
+    return table
+
+
 def make_console() -> Console:
     # Logs and CI are not terminals: rich would squeeze tables into 80 columns there.
     return Console() if sys.stdout.isatty() else Console(width=160)
@@ -76,6 +97,8 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         console.print(summary_table(summary))
     if summary.get("best_checkpoints"):
         console.print(best_checkpoints_table(summary))
+    if summary.get("best_by_monitor"):
+        console.print(monitors_table(summary))
     where = summary.get("best_checkpoint")
     console.print(f"best model: {where}" if where else
                   f"best model: not saved (checkpoint policy {summary['policy']!r})")

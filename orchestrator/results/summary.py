@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from orchestrator import storage
 from orchestrator.errors import user_error_among
+from orchestrator.results.averaging import AveragedField, average_best
 from orchestrator.results.checkpoints import kept_checkpoints, top_k_checkpoints
 from orchestrator.results.epochs import epoch_record, nonfinite
 from orchestrator.results.history import compact, read_history, segment_numbers
@@ -28,10 +29,12 @@ from workers.contract.names import (
 from workers.contract.records import (
     EpochRecord,
     KeptCheckpoint,
+    MonitorBest,
     Summary,
     SummaryCheckpoint,
     TrialFields,
 )
+from workers.decisions.tracker import BestTracker
 
 if TYPE_CHECKING:
     from orchestrator.start.context import RunContext
@@ -136,12 +139,19 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
     remove_unregistered_checkpoints(run_dir)
     history, kept = repair_history_file(run_dir)
     best, best_ckpt = best_of(history, kept)
+    by_monitor = bests_by_monitor(cfg, history, kept)
+    if by_monitor:  # tracker.also_monitor: Ray kept every checkpoint (checkpoint.policy)
+        kept = remove_superseded_bests(run_dir, cfg, kept, best_ckpt, by_monitor)
     last = history[-1] if history else None
     if cfg.train.max_steps:
         stopped_early = last is not None and (last.get("global_step") or 0) < cfg.train.max_steps
     else:
         stopped_early = last is not None and last["epoch"] < cfg.train.epochs
     status = status or ("stopped_early" if stopped_early else "completed")
+    averaged: AveragedField = {}
+    if status in ("completed", "stopped_early"):  # checkpoint.average_top_k: the winner
+        averaged, winner = average_best(cfg, run_dir, kept, best, use_gpu)
+        best_ckpt = winner or best_ckpt
     test_metrics, test_error = None, None
     # A checkpoint written before the metadata said whether there is a test split: try it.
     if (best_ckpt and status in ("completed", "stopped_early")
@@ -149,8 +159,10 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         test_metrics = evaluate_test_split(cfg, best_ckpt["path"], use_gpu)
         test_error = (test_metrics or {}).pop("test_error", None)
         test_metrics = test_metrics or None
+    if by_monitor and status in ("completed", "stopped_early"):
+        score_monitor_bests(cfg, by_monitor, kept, best_ckpt, test_metrics, use_gpu)
     error: _TestError = {"test_error": test_error} if test_error else {}
-    return with_best_checkpoints(cfg, kept, {
+    return with_monitor_bests(by_monitor, with_best_checkpoints(cfg, kept, {
         "name": cfg.name,
         "run_dir": run_dir,
         "start": start,
@@ -167,6 +179,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
                          if best else None),
         "test_metrics": test_metrics,
         **error,
+        **averaged,
         "epochs_completed": history[-1]["epoch"] if history else 0,
         "global_step": history[-1].get("global_step") if history else None,
         "epochs_planned": cfg.train.epochs,
@@ -178,7 +191,7 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
         "checkpoints": [_summary_checkpoint(c) for c in kept],
         "history": history,
         "config": cfg.to_dict(),
-    })
+    }))
 
 
 def with_best_checkpoints(cfg: RunConfig, kept: list[KeptCheckpoint],
@@ -188,6 +201,79 @@ def with_best_checkpoints(cfg: RunConfig, kept: list[KeptCheckpoint],
     if cfg.checkpoint.keep_top_k > 1:
         summary["best_checkpoints"] = top_k_checkpoints(kept, cfg.checkpoint.keep_top_k,
                                                         cfg.tracker.resolved_mode)
+    return summary
+
+
+# -- tracker.also_monitor ----------------------------------------------------------------------
+def bests_by_monitor(cfg: RunConfig, history: list[EpochRecord],
+                     kept: list[KeptCheckpoint]) -> dict[str, MonitorBest]:
+    """Each also-monitor's best evaluation, found in the history by the rule its tracker on
+    rank 0 followed (``BestTracker``: the strictly best finite value, the first to reach it),
+    with the kept model of that evaluation (None when there is none). Empty without
+    ``tracker.also_monitor``."""
+    out: dict[str, MonitorBest] = {}
+    by_point = {point(c["metadata"]): c for c in kept
+                if c["metadata"].get("saved_because") not in ("resume", "preempt")}
+    for also in cfg.tracker.also_monitor:
+        tracker = BestTracker(also.monitor, also.mode)
+        best: EpochRecord | None = None
+        for record in history:
+            values: dict[str, Any] = dict(record)
+            if also.monitor in values and tracker.update(
+                    record["epoch"], {also.monitor: values[also.monitor]}).improved:
+                best = record
+        if best is None or tracker.best_value is None:
+            continue
+        ckpt = by_point.get(point(best))
+        out[also.monitor] = {
+            "mode": tracker.mode, "value": tracker.best_value,
+            "checkpoint": ckpt["path"] if ckpt else None, "epoch": best["epoch"],
+            "step": best.get("step"), "global_step": best.get("global_step"),
+            "metrics": {k: v for k, v in best.items() if k != "checkpoint"},
+            "test_metrics": None}
+    return out
+
+
+def remove_superseded_bests(run_dir: str, cfg: RunConfig, kept: list[KeptCheckpoint],
+                            best_ckpt: KeptCheckpoint | None,
+                            by_monitor: dict[str, MonitorBest]) -> list[KeptCheckpoint]:
+    """``tracker.also_monitor``: Ray keeps every checkpoint (``checkpoint.policy`` says why);
+    delete those that are neither a monitor's current best (the primary's K best included)
+    nor the latest. Returns the checkpoints left."""
+    keep = {c["path"] for c in kept[-1:]}
+    keep |= {best_ckpt["path"]} if best_ckpt else set()
+    keep |= {b["checkpoint"] for b in by_monitor.values() if b["checkpoint"]}
+    if cfg.checkpoint.keep_top_k > 1:
+        keep |= {c["path"] for c in top_k_checkpoints(kept, cfg.checkpoint.keep_top_k,
+                                                      cfg.tracker.resolved_mode)}
+    for c in kept:
+        if c["path"] not in keep:
+            storage.delete_dir(c["path"])
+    return [c for c in kept if c["path"] in keep]
+
+
+def score_monitor_bests(cfg: RunConfig, by_monitor: dict[str, MonitorBest],
+                        kept: list[KeptCheckpoint], best_ckpt: KeptCheckpoint | None,
+                        test_metrics: dict[str, Any] | None, use_gpu: bool) -> None:
+    """The test split scored once for each distinct best model (one Ray task each); the
+    primary's best's scores are reused where an also-monitor chose the same model."""
+    scored: dict[str, dict[str, Any] | None] = {}
+    if best_ckpt is not None:
+        scored[best_ckpt["path"]] = test_metrics
+    has_test = {c["path"]: c["metadata"].get("test_split", True) for c in kept}
+    for best in by_monitor.values():
+        path = best["checkpoint"]
+        if path is None or not has_test.get(path, False):
+            continue
+        if path not in scored:
+            scored[path] = evaluate_test_split(cfg, path, use_gpu)
+        best["test_metrics"] = scored[path]
+
+
+def with_monitor_bests(by_monitor: dict[str, MonitorBest], summary: Summary) -> Summary:
+    """``tracker.also_monitor``: ``best_by_monitor``; without it no key is added."""
+    if by_monitor:
+        summary["best_by_monitor"] = by_monitor
     return summary
 
 

@@ -94,6 +94,31 @@ def best_summary(best: Mapping[str, Any], test: Mapping[str, Any] | None) -> dic
     return out
 
 
+def monitor_aliases(by_monitor: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """``tracker.also_monitor``: each kept best model's aliases ``best-<metric>`` (one version
+    carries several when monitors chose the same model), by its path."""
+    out: dict[str, list[str]] = {}
+    for metric, best in by_monitor.items():
+        if best.get("checkpoint"):
+            out.setdefault(best["checkpoint"], []).append(f"best-{metric}")
+    return out
+
+
+def monitors_summary(by_monitor: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``tracker.also_monitor``: the W&B run summary's ``best_<metric>_*`` keys: epoch, value,
+    checkpoint, and the test metrics of that model (``best_<metric>_test_*``)."""
+    out: dict[str, Any] = {}
+    for metric, best in by_monitor.items():
+        prefix = f"best_{metric}_"
+        out[prefix + "epoch"], out[prefix + "value"] = best["epoch"], best["value"]
+        out[prefix + "checkpoint"] = best.get("checkpoint")
+        if best.get("global_step") is not None:
+            out[prefix + "global_step"] = best["global_step"]
+        for name, value in (best.get("test_metrics") or {}).items():
+            out[prefix + name] = value
+    return out
+
+
 def reference_uri(path: str) -> str:
     """A checkpoint file's address as W&B's S3/GCS handlers take it (no pyarrow query)."""
     uri = path.split("?", 1)[0]

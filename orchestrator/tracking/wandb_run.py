@@ -29,6 +29,8 @@ from orchestrator.tracking.rules import (
     best_summary,
     kept_at_end,
     model_logging,
+    monitor_aliases,
+    monitors_summary,
     rank_aliases,
     reference_uri,
     version_alias,
@@ -210,6 +212,7 @@ class WandbRun:
             self._move_best_alias(summary)
         else:
             self._log_kept(summary)
+        self._monitor_aliases(summary)
         if plot_path:
             last = summary["global_step"] if self.by_steps else summary["epochs_completed"]
             self.run.log({"training_curves": wandb.Image(plot_path), self.axis: last})
@@ -228,6 +231,22 @@ class WandbRun:
                 kept_checkpoints(summary["run_dir"]), self.by_steps,
                 [c["path"] for c in summary.get("best_checkpoints", [])]):
             self.log_model(path, metadata, aliases=aliases)
+
+    def _monitor_aliases(self, summary: Summary) -> None:
+        """``tracker.also_monitor``: ``best_<metric>_*`` in the run summary, and ``best-<metric>``
+        on each monitor's best model's version (logged again with it, as ``best`` is moved,
+        where the alias sits elsewhere or nowhere)."""
+        by_monitor = summary.get("best_by_monitor") or {}
+        if not by_monitor:
+            return
+        self.run.summary.update(monitors_summary(by_monitor))
+        if self.cfg.wandb.log_model == "none":
+            return
+        for path, aliases in monitor_aliases(by_monitor).items():
+            metadata = storage.read_json(storage.join(path, METADATA_FILE))
+            if any(self.alias_at.get(alias) != point(metadata) for alias in aliases):
+                self.log_model(path, metadata,
+                               aliases=[version_alias(metadata, self.by_steps), *aliases])
 
     def _move_best_alias(self, summary: Summary) -> None:
         """``best`` on the version of the summary's best epoch (with keep_top_k, ``top-2``,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.errors import UserError
 from orchestrator.start.cluster import one_node_driver_env
@@ -65,6 +65,8 @@ class WorkloadFacts:
 
     ray_datasets: RayDatasets | None
     direction: Direction
+    # tracker.also_monitor's modes, resolved as the primary's (in their order)
+    also_modes: tuple[Literal["min", "max"], ...] = ()
 
 
 def inspect_workload(cfg: RunConfig) -> WorkloadFacts:
@@ -72,10 +74,11 @@ def inspect_workload(cfg: RunConfig) -> WorkloadFacts:
     monitored metric's direction resolved (``contract.direction``). A mistake is a
     ``UserError`` naming the key. Ray must be running (a Ray Dataset reads on it)."""
     if cfg.engine == "fastai":  # a Learner's metrics declare no direction; no Ray Datasets
-        return WorkloadFacts(None, direction_of(cfg, None))
+        return WorkloadFacts(None, direction_of(cfg, None), also_modes_of(cfg, None))
     workload = build_on_driver(cfg)
-    return WorkloadFacts(ray_datasets_of(cfg, workload),
-                         direction_of(cfg, getattr(workload, "metrics", None)))
+    spec = getattr(workload, "metrics", None)
+    return WorkloadFacts(ray_datasets_of(cfg, workload), direction_of(cfg, spec),
+                         also_modes_of(cfg, spec))
 
 
 def direction_of(cfg: RunConfig, spec: Any) -> Direction:
@@ -89,6 +92,19 @@ def direction_of(cfg: RunConfig, spec: Any) -> Direction:
         return resolve(cfg.tracker.monitor, cfg.tracker.mode, declared)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
+
+
+def also_modes_of(cfg: RunConfig, spec: Any) -> tuple[Literal["min", "max"], ...]:
+    """``tracker.also_monitor``'s modes, each resolved as ``tracker.mode`` is
+    (``direction_of``); a name that cannot be placed is refused naming the key."""
+    if not cfg.tracker.also_monitor:
+        return ()
+    declared = {f"val_{name}": d for name, d in spec_directions(spec).items()}
+    try:
+        return tuple(resolve(a.monitor, a.mode, declared).mode
+                     for a in cfg.tracker.also_monitor)
+    except UserInputError as exc:
+        raise UserError(f"tracker.also_monitor: {exc}") from None
 
 
 def build_on_driver(cfg: RunConfig) -> Any:

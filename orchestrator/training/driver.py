@@ -70,6 +70,8 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
         # Pinned before the config reaches the W&B run, the workers and the records: the one
         # direction every process and file of the run uses.
         cfg.tracker.mode = facts[0].direction.mode
+        for also, mode in zip(cfg.tracker.also_monitor, facts[0].also_modes, strict=True):
+            also.mode = mode
 
     ctx = preflight(prepared, kind="run", console=console, guard=guard,
                     fits=lambda capacity: check_resources(cfg, capacity),

@@ -67,7 +67,8 @@ def build_trainer(cfg: RunConfig, run_dir: str, use_gpu: bool, *, log_model: str
             storage_path=storage.resolve(cfg.storage_path),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             checkpoint_config=CheckpointConfig(
-                **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY, cfg.checkpoint.keep_top_k)
+                **ray_keep_settings(cfg.checkpoint.policy, RANK_KEY, cfg.checkpoint.keep_top_k,
+                                   bool(cfg.tracker.also_monitor))
             ),
             callbacks=[RunRecorder(run_dir, log_model, events), *callbacks],  # type: ignore[list-item]
             # Ray's per-report INFO lines would drown the one progress line per epoch.

@@ -36,9 +36,19 @@ from workers.checkpoint.state import ModelState
 from workers.checkpoint.writer import AsyncSaver
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
-from workers.contract.records import CheckpointMetadata, LineageSegment, TrainState
+from workers.contract.records import (
+    CheckpointMetadata,
+    LineageSegment,
+    TrackerState,
+    TrainState,
+)
 from workers.decisions.lineage import Lineage
-from workers.decisions.tracker import BestTracker, require_monitor, tracker_of
+from workers.decisions.tracker import (
+    BestTracker,
+    MonitorNotReportedError,
+    require_monitor,
+    tracker_of,
+)
 from workers.evaluation.collectives import all_reduce_sum, broadcast_flags
 from workers.evaluation.metrics import MeanLoss
 
@@ -81,6 +91,8 @@ class CheckpointManager:
     # train.ema_decay: how a save reads the EMA's weights, saved when they won the evaluation
     # (``report(weights="ema")``); None: the run keeps no EMA.
     ema_state: ModelState | None = None
+    # tracker.also_monitor: rank 0's tracker of each (empty elsewhere, and without them).
+    also: list[BestTracker] = field(default_factory=list)
 
     @property
     def _tracker(self) -> BestTracker:
@@ -112,7 +124,8 @@ class CheckpointManager:
         return cls(cfg, rank_zero, tracker, saver, state, device, world_size,
                    torch_weights_file, extras if extras is not None else {},
                    test_split=test_split, lineage=lineage, mode_source=mode_source,
-                   ema_state=ema_state)
+                   ema_state=ema_state,
+                   also=also_trackers(cfg, tracker_state) if rank_zero else [])
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
                at: Position | None = None, final: bool | None = None,
@@ -127,6 +140,7 @@ class CheckpointManager:
         record = self._record(epoch, values, at)
         metrics = dict(record, workers=self.world_size)  # an elastic run's may change
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
+        require_also_monitors(self.cfg, values)
         # Identical values on every rank, so every rank decides the same.
         diverged = self.cfg.train.stop_on_nonfinite and not all(
             math.isfinite(v) for v in values.values())
@@ -194,6 +208,7 @@ class CheckpointManager:
             every_n_epochs=cfg.checkpoint.every_n_epochs,
             resume_every_n_epochs=cfg.checkpoint.resume_every_n_epochs,
             top_k_rank=decision.top_k_rank,
+            also_best=tuple(t.monitor for t in self.also if t.update(epoch, record).improved),
         )
         metrics["is_best"] = verdict.improved
         metrics[RANK_KEY] = self._ray_score(verdict, decision.value)
@@ -205,6 +220,13 @@ class CheckpointManager:
         if self.cfg.checkpoint.keep_top_k > 1:
             return top_k_score(value, self._tracker.mode, verdict.top_k_rank is not None)
         return rank_score(self._tracker.improvements, verdict.improved)
+
+    def _tracker_state(self) -> TrackerState:
+        """The tracker's state, with the also-monitors' (``also_monitor``) where there are."""
+        state = self._tracker.state_dict()
+        if self.also:
+            state["also_monitor"] = [t.state_dict() for t in self.also]
+        return state
 
     # -- what ------------------------------------------------------------------------------
     def _snapshot(self, verdict: SaveDecision, epoch: int, record: dict[str, Any],
@@ -279,7 +301,7 @@ class CheckpointManager:
         """``train_state.pt`` (less the optimizer's, which ``snapshot`` adds): where a resume
         continues, and the tracker that goes on deciding there."""
         train_state: TrainState = {
-            "epoch": epoch, "tracker": self._tracker.state_dict(),
+            "epoch": epoch, "tracker": self._tracker_state(),
             "seed": self.cfg.seed}
         if at is not None:  # consumed: None at the epoch's end (the next one starts afresh)
             train_state["step"] = at.step
@@ -308,6 +330,8 @@ class CheckpointManager:
             "seed": self.cfg.seed, "config": self.cfg.to_dict()})
         if verdict.top_k_rank is not None:  # keep_top_k > 1: its rank among the K, when saved
             metadata["top_k_rank"] = verdict.top_k_rank
+        if self.also:  # tracker.also_monitor: the monitors whose best it is
+            metadata["best_for"] = best_for(tracker.monitor, verdict)
         if verdict != PREEMPTION:  # only the best model's note is read: never a preemption's
             metadata["test_split"] = self.test_split
         if self.lineage:
@@ -333,3 +357,34 @@ class CheckpointManager:
         else:
             where = f"epoch{epoch:04d}"
         return f"{CHECKPOINT_PREFIX}{where}_{time.time_ns()}"
+
+
+# -- tracker.also_monitor ----------------------------------------------------------------------
+def also_trackers(cfg: RunConfig, tracker_state: dict[str, Any] | None) -> list[BestTracker]:
+    """A tracker per ``tracker.also_monitor`` (its best only: no patience, no thresholds),
+    each restored from the saved state of the same monitor and mode (a state saved without
+    them, or one that watched something else, starts afresh)."""
+    saved = {(s["monitor"], s["mode"]): s
+             for s in (tracker_state or {}).get("also_monitor") or []}
+    trackers = []
+    for also in cfg.tracker.also_monitor:
+        tracker = BestTracker(also.monitor, also.mode)
+        if (state := saved.get((tracker.monitor, tracker.mode))) is not None:
+            tracker.load_state_dict(state)
+        trackers.append(tracker)
+    return trackers
+
+
+def require_also_monitors(cfg: RunConfig, reported: dict[str, Any]) -> None:
+    """Refuse an also-monitor the run does not report (the same on all ranks: all raise)."""
+    for also in cfg.tracker.also_monitor:
+        if also.monitor not in reported:
+            raise MonitorNotReportedError(
+                f"tracker.also_monitor: {also.monitor!r} is not reported by this run; "
+                f"it reports: {', '.join(sorted(reported))}")
+
+
+def best_for(monitor: str, verdict: SaveDecision) -> list[str]:
+    """The monitors a saved model is the best of: the primary's when it improved, then the
+    also-monitors' it improved (``best_for`` in its metadata)."""
+    return [*([monitor] if verdict.improved else []), *verdict.also_best]

@@ -23,6 +23,17 @@ checkpoint it saves to ``ray.train.report``; Ray Train registers it and deletes 
   the earlier one, as ``TopK`` does); what remains is the K, and at most one resume
   checkpoint, the latest. Until K evaluations have entered, Ray may also hold resume
   checkpoints in the free places.
+- ``best`` with ``tracker.also_monitor``: every checkpoint (``num_to_keep`` None), as Ray's
+  single score cannot express it: each monitor's current best may be any of the saved ones,
+  and which one it is changes with every monitor's improvement, while Ray scores a checkpoint
+  once, when it is registered. Rank 0 saves an evaluation when it enters the primary's K best
+  or improves any also-monitor's best (one checkpoint when several choose it; its metadata's
+  ``best_for`` names them). The project cleans up itself at the run's end (and at each end of
+  a resumed part): the driver's summary deletes every checkpoint that is neither a monitor's
+  current best (the primary's K included) nor the latest
+  (``orchestrator/results/summary.remove_superseded_bests``), so a run keeps the distinct
+  bests and the latest, as ``best`` does for one monitor. Until then the superseded ones
+  take disk space.
 - ``last`` and ``none``: the latest only (``none`` saves resume and preemption checkpoints
   alone).
 - ``every_n`` and ``all``: every checkpoint.
@@ -54,6 +65,9 @@ class SaveDecision:
     # keep_top_k > 1: its rank among the K best when it entered them (``top_k_rank`` in its
     # metadata); None: it did not enter, or K is 1.
     top_k_rank: int | None = None
+    # tracker.also_monitor: the also-monitors whose best this evaluation is (saved for them
+    # too under policy best); empty otherwise.
+    also_best: tuple[str, ...] = ()
 
 
 # A resume checkpoint of the step the driver stopped the run at: never an improvement.
@@ -69,12 +83,14 @@ def decide_save(
     every_n_epochs: int = 1,
     resume_every_n_epochs: int = 0,
     top_k_rank: int | None = None,
+    also_best: tuple[str, ...] = (),
 ) -> SaveDecision:
     """``is_final``: the last epoch that will run (the configured end, or an early stop);
     ``top_k_rank``: the evaluation's rank when it enters the K best (keep_top_k > 1), which
-    policy best saves."""
+    policy best saves; ``also_best``: the also-monitors (``tracker.also_monitor``) it
+    improved, which policy best saves too."""
     wanted = {
-        "best": improved or top_k_rank is not None,
+        "best": improved or top_k_rank is not None or bool(also_best),
         "every_n": epoch % every_n_epochs == 0,
         "all": True,
         "last": is_final,
@@ -84,8 +100,10 @@ def decide_save(
         raise ValueError(f"unknown checkpoint policy {policy!r}")
     resume = bool(resume_every_n_epochs) and epoch % resume_every_n_epochs == 0
     if wanted[policy]:
+        best = policy == "best"
         return SaveDecision(True, policy, full_state=resume, improved=improved,
-                            top_k_rank=top_k_rank if policy == "best" else None)
+                            top_k_rank=top_k_rank if best else None,
+                            also_best=also_best if best else ())
     if resume:
         return SaveDecision(True, "resume", full_state=True, improved=improved)
     return SaveDecision(False, "", improved=improved)
@@ -108,8 +126,11 @@ def top_k_score(value: float, mode: str, entered: bool) -> float:
     return value if mode == "max" else -value
 
 
-def ray_keep_settings(policy: str, monitor_rank_key: str, keep_top_k: int = 1) -> dict:
+def ray_keep_settings(policy: str, monitor_rank_key: str, keep_top_k: int = 1,
+                      also_monitor: bool = False) -> dict:
     """Arguments for Ray's ``CheckpointConfig`` (what each policy keeps: see above)."""
+    if policy == "best" and also_monitor:
+        return {"num_to_keep": None}
     if policy == "best":
         return {
             "num_to_keep": keep_top_k,

@@ -190,6 +190,19 @@ class Smoothing(_Section):
         return self
 
 
+class AlsoMonitor(_Section):
+    """One of ``tracker.also_monitor``: a metric whose best model is kept too."""
+
+    monitor: str = Field(description="a reported metric: train_* or val_*")
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto", description="as tracker.mode, for this metric")
+
+    @field_validator("monitor")
+    @classmethod
+    def _reported_during_training(cls, value: str) -> str:
+        return TrackerSection._reported_during_training(value)
+
+
 class TrackerSection(_Section):
     """The best-model tracker on rank 0: which metric decides what the best epoch is."""
 
@@ -233,6 +246,13 @@ class TrackerSection(_Section):
     initial_best: float | None = Field(
         None, description="no model is the best (nor saved by policy best) until one is "
         "strictly better than this (Keras' ModelCheckpoint initial_value_threshold); null: none")
+    also_monitor: list[AlsoMonitor] = Field(
+        default_factory=list, description="policy best: more metrics, [{monitor, mode}, ...], "
+        "each keeping its own best model (the strictly best value, as tracker.monitor's; one "
+        "checkpoint when several choose the same evaluation); tracker.monitor alone decides "
+        "early stopping, searches and best. summary.json's best_by_monitor, W&B aliases "
+        "best-<metric>, a row each in `orchestrator best`; the test split is scored with each "
+        "distinct best")
 
     @field_validator("monitor")
     @classmethod
@@ -244,6 +264,18 @@ class TrackerSection(_Section):
                 f"got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _also_monitor_distinct(self) -> TrackerSection:
+        seen = [self.monitor]
+        for also in self.also_monitor:
+            if also.monitor in seen:
+                what = ("is tracker.monitor" if also.monitor == self.monitor
+                        else "is given twice")
+                raise ValueError(f"tracker.also_monitor: {also.monitor!r} {what}; give each "
+                                 "metric once")
+            seen.append(also.monitor)
+        return self
 
     @property
     def resolved_mode(self) -> Literal["min", "max"]:
@@ -270,6 +302,13 @@ class CheckpointSection(_Section):
         "(an evaluation is saved when it is strictly better than the K-th best so far), each "
         "with its rank; summary.json lists them best first (best_checkpoints), W&B gives them "
         "the aliases best, top-2, ...; the test split is scored with the best")
+    average_top_k: Int | None = Field(
+        None, ge=2, description="opt-in, for policy best with keep_top_k at least K: at the "
+        "run's end, the uniform average of the K best models' weights (BatchNorm statistics "
+        "recomputed on the training split) is scored on the whole validation split; it becomes "
+        "the best model (best_checkpoint, averaged_top_<K>/; the test split is scored with it) "
+        "only if its monitored value is strictly better than the single best's; summary.json "
+        "says which won and by how much (averaged); null: off")
     resume_every_n_epochs: Int = Field(
         0, ge=0, description="extra full-state checkpoints (with the optimizer) every N "
         "epochs, so that a restart loses at most N epochs; 0: off")
@@ -358,6 +397,8 @@ _PARTNERS: tuple[tuple[str, Any, str, tuple[str, ...]], ...] = (
     ("train.step_gamma", 0.1, "train.schedule", ("step",)),
     ("checkpoint.every_n_epochs", 1, "checkpoint.policy", ("every_n",)),
     ("checkpoint.keep_top_k", 1, "checkpoint.policy", ("best",)),
+    ("checkpoint.average_top_k", None, "checkpoint.policy", ("best",)),
+    ("tracker.also_monitor", [], "checkpoint.policy", ("best",)),
     ("scaling.fsdp_blocks", None, "scaling.strategy", ("fsdp",)),
     ("scaling.find_unused_parameters", "auto", "scaling.strategy", ("ddp",)),
     ("tune.startup_trials", None, "tune.search", ("optuna",)),
@@ -371,7 +412,7 @@ class RunConfig(_Section):
     """One run (or search): the keys of the YAML file. Every key has a default except
     ``workload``; unknown keys are refused. A key that only one value of another key uses
     (train.step_size and step_gamma: schedule step; checkpoint.every_n_epochs: policy every_n;
-    checkpoint.keep_top_k: policy best;
+    checkpoint.keep_top_k and tracker.also_monitor: policy best;
     scaling.fsdp_blocks: strategy fsdp; scaling.find_unused_parameters: strategy ddp;
     tracker.min_delta: a patience; tune.startup_trials: search optuna; tune.grace_period and
     reduction_factor: scheduler asha; tune.perturbation_interval: scheduler pbt) is refused
@@ -453,6 +494,7 @@ class RunConfig(_Section):
                                  "needs at least 2 (scaling.num_workers); with 1, use ddp")
         self._engine_trains_with_these()
         self._partners_given()
+        self._averaging_fits()
         self._schedulers_fit_the_run()
         if not self.wandb.project and self.wandb.mode != "disabled":
             problem = wandb_project_problem(self.name)
@@ -475,6 +517,24 @@ class RunConfig(_Section):
             raise ValueError("tracker.min_delta: only tracker.patience uses it (what counts as "
                              "progress; the best model is always the strictly best value), and "
                              "tracker.patience is null; leave it out or set tracker.patience")
+
+    def _averaging_fits(self) -> None:
+        """checkpoint.average_top_k: it averages models the run kept, scores them on the
+        validation split, and recomputes BatchNorm with the project's own forward pass."""
+        k = self.checkpoint.average_top_k
+        if k is None:
+            return
+        if self.checkpoint.keep_top_k < k:
+            raise ValueError(f"checkpoint.average_top_k: {k} averages the {k} best models, and "
+                             f"checkpoint.keep_top_k ({self.checkpoint.keep_top_k}) keeps "
+                             f"fewer; set checkpoint.keep_top_k to at least {k}")
+        if not self.tracker.monitor.startswith("val_"):
+            raise ValueError(f"checkpoint.average_top_k: the average is scored on the "
+                             f"validation split, and tracker.monitor ({self.tracker.monitor}) "
+                             "is not a val_ metric; monitor a val_ metric or leave it out")
+        if self.engine == "fastai":
+            raise ValueError("checkpoint.average_top_k: engine fastai's Learner makes its own "
+                             "batches; leave it out or use engine: torch")
 
     def _schedulers_fit_the_run(self) -> None:
         """What Ray Tune's ASHA and PBT assert about their intervals and the run's length

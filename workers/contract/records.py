@@ -98,6 +98,8 @@ class TrackerState(TypedDict):
     progress_value: NotRequired[float | None]
     smoother: SmootherState | None
     top_k: NotRequired[list[TopKEntry]]  # checkpoint.keep_top_k > 1 only, best first
+    # tracker.also_monitor only: each also-monitor's tracker state (the primary's holds them)
+    also_monitor: NotRequired[list[TrackerState]]
 
 
 class TrainState(TypedDict):
@@ -147,13 +149,17 @@ class CheckpointMetadata(TypedDict):
     seed: int
     config: dict[str, Any]  # RunConfig.to_dict()
     test_split: NotRequired[bool]  # missing: a checkpoint written before it was recorded
-    weights: NotRequired[Literal["raw", "ema"]]  # train.ema_decay: which weights were saved
+    # train.ema_decay: which weights were saved; averaged: checkpoint.average_top_k's
+    weights: NotRequired[Literal["raw", "ema", "averaged"]]
     lineage: NotRequired[list[LineageSegment]]
     files: NotRequired[dict[str, FileDigest]]
     trial_id: NotRequired[str]
     hyperparameters: NotRequired[dict[str, Any]]
     source_checkpoint: NotRequired[str]
     top_k_rank: NotRequired[int]  # keep_top_k > 1: its rank among the K when it was saved
+    # checkpoint.average_top_k: the average that beat the best; the checkpoints it averages
+    averaged_from: NotRequired[list[str]]
+    best_for: NotRequired[list[str]]  # tracker.also_monitor: the monitors whose best it is
 
 
 class KeptCheckpoint(TypedDict):
@@ -172,7 +178,26 @@ class SummaryCheckpoint(TypedDict):
     global_step: int | None
     path: str
     is_best: bool
-    weights: NotRequired[Literal["raw", "ema"]]  # train.ema_decay: which weights were saved
+    weights: NotRequired[Literal["raw", "ema", "averaged"]]  # as its metadata says
+
+
+class AveragedRecord(TypedDict):
+    """``checkpoint.average_top_k``, in ``summary.json``: the average of the K best models
+    (``averaged_from``, best first), its monitored value on validation (``value``, null when
+    it was not scored), the single best's (``best_value``), whether the average won (and is
+    then ``best_checkpoint``: ``path``), and by how much it is better (``by``, negative:
+    worse). ``skipped`` says why nothing was averaged (fewer than K models kept)."""
+
+    k: int
+    averaged_from: list[str]
+    value: float | None
+    best_value: float | None
+    won: bool
+    by: float | None
+    path: NotRequired[str]
+    batch_norm_recomputed: NotRequired[bool]
+    metrics: NotRequired[dict[str, float]]
+    skipped: NotRequired[str]
 
 
 class RankedCheckpoint(TypedDict):
@@ -187,6 +212,21 @@ class RankedCheckpoint(TypedDict):
     global_step: int | None
     value: float
     is_best: bool
+
+
+class MonitorBest(TypedDict):
+    """One of ``tracker.also_monitor``'s bests, as ``summary.json``'s ``best_by_monitor``
+    names it by its metric: its mode, its evaluation, its model (None: not kept) and that
+    model's test metrics (the same as ``test_metrics`` when it is the primary's best)."""
+
+    mode: Mode
+    value: float
+    checkpoint: str | None
+    epoch: int
+    step: int | None
+    global_step: int | None
+    metrics: dict[str, Any]
+    test_metrics: dict[str, Any] | None
 
 
 class WandbInfo(TypedDict, total=False):
@@ -228,6 +268,8 @@ class Summary(TypedDict):
     policy: str
     best_checkpoint: str | None
     best_checkpoints: NotRequired[list[RankedCheckpoint]]  # keep_top_k > 1: best first
+    averaged: NotRequired[AveragedRecord]  # checkpoint.average_top_k
+    best_by_monitor: NotRequired[dict[str, MonitorBest]]  # tracker.also_monitor only
     best_epoch: int | None
     best_step: int | None
     best_global_step: int | None

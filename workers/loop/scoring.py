@@ -1,7 +1,8 @@
 """A model scored with fixed weights: a pass over one rank's shard (``accumulate``), every
 rank's statistics made one set of values (``global_metrics``), a whole split in one process
 (``evaluate_dataset``), and a saved checkpoint's weights on a split (``evaluate_split``, the
-test split's score after training, in a plain process or a Ray task).
+test split's score after training, in a plain process or a Ray task; ``evaluate_workload``
+for weights already in the model, such as an average of checkpoints).
 """
 
 from __future__ import annotations
@@ -117,8 +118,16 @@ def evaluate_split(
     cfg: RunConfig, checkpoint_dir: str | Path, split: str, device: str | torch.device = "cpu"
 ) -> dict[str, float] | None:
     """Metrics of one split (train, val, test) for the checkpoint's weights; None if absent."""
+    workload, _ = load_model(cfg, checkpoint_dir)
+    return evaluate_workload(cfg, workload, split, device)
+
+
+def evaluate_workload(
+    cfg: RunConfig, workload: Any, split: str, device: str | torch.device = "cpu"
+) -> dict[str, float] | None:
+    """Metrics of one split for the weights the workload's model holds; None if absent."""
     device = torch.device(device)
-    workload, model = load_model(cfg, checkpoint_dir)
+    model = workload.model
     learn = (getattr(workload, "extras", None) or {}).get("learner")
     if learn is not None:  # a Learner's splits are its DataLoaders, which make its batches
         from workers.loop.learner_splits import evaluate_learner_split
