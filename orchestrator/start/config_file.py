@@ -169,7 +169,9 @@ def format_validation_error(error: ValidationError) -> str:
         message = f"{message} (got {first['input']!r})"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{where}: {message}{suffix}" if where else f"{message}{suffix}"
+    if not where or message.startswith(f"{where}."):  # a section's check names its own key
+        return f"{message}{suffix}"
+    return f"{where}: {message}{suffix}"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -356,6 +356,22 @@ BAD_INPUTS = [
                              "workload": {"entrypoint": "workers.workloads.digits_fastai:build"}},
         ("scaling.strategy", "fastai", "use scaling.strategy: ddp")),
     bad("bad_strategy", {"scaling": {"strategy": "zero3"}}, ("scaling.strategy", "zero3")),
+    bad("keep_top_k_zero", {"checkpoint": {"keep_top_k": 0}}, "checkpoint.keep_top_k"),
+    bad("keep_top_k_without_best", {"checkpoint": {"policy": "all", "keep_top_k": 3}},
+        ("checkpoint.keep_top_k", "checkpoint.policy: best")),
+    bad("average_more_than_kept", {"checkpoint": {"keep_top_k": 3, "average_top_k": 5}},
+        ("checkpoint.average_top_k", "checkpoint.keep_top_k to at least 5")),
+    bad("average_of_one", {"checkpoint": {"keep_top_k": 3, "average_top_k": 1}},
+        "checkpoint.average_top_k"),
+    bad("ema_decay_of_one", {"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+    bad("ema_with_fastai", {"train": {"ema_decay": 0.9}, "engine": "fastai",
+                            "workload": {"entrypoint": "workers.workloads.digits_fastai:build"}},
+        ("train.ema_decay", "engine: torch")),
+    bad("also_monitor_is_the_monitor", {"tracker": {"also_monitor": [{"monitor": "val_loss"}]}},
+        ("tracker.also_monitor", "'val_loss' is tracker.monitor")),
+    bad("also_monitor_bad_mode",
+        {"tracker": {"also_monitor": [{"monitor": "val_accuracy", "mode": "up"}]}},
+        ("tracker.also_monitor.0.mode", "up")),
     bad("bad_keep", {"wandb": {"keep": "newest"}}, ("wandb.keep", "newest", "best_and_last")),
     bad("references_on_local_storage", {"wandb": {"model_files": "reference"}},
         ("wandb.model_files", "object store", "use copy")),
@@ -586,3 +602,12 @@ def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], cas
     assert not result.ray_imported, "Ray was imported"
     assert result.created == set(), f"the CLI wrote {sorted(result.created)}"
     assert result.files_kept, "the CLI changed or deleted the user's files"
+
+
+def test_a_sections_own_check_names_its_key_once():
+    """A check of a whole section (``tracker``) names the key it refuses, and the line says
+    it once: ``tracker.also_monitor: ...``, not ``tracker: tracker.also_monitor: ...``."""
+    with pytest.raises(UserError) as refused:
+        load_config({**MINIMAL, "tracker": {"also_monitor": [{"monitor": "val_loss"}]}})
+    assert str(refused.value) == ("tracker.also_monitor: 'val_loss' is tracker.monitor; give "
+                                  "each metric once")
