@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 from torch.utils.data import DistributedSampler
-from workers.loop.sampler import EpochSampler, epoch_permutation, rest_of_epoch
 
 from orchestrator.results.epochs import merge_history
 from orchestrator.results.summary import repair_history
 from workers.contract.names import point, where
 from workers.engines.torch_engine import Clock
+from workers.loop.sampler import EpochSampler, epoch_permutation, rest_of_epoch
 
 
 @pytest.mark.parametrize(("size", "world"), [(96, 2), (97, 2), (10, 3), (5, 8)])
