@@ -259,9 +259,85 @@ def train_run_storage() -> TrainRunStorage:
     (``ray.train.v2._internal.execution.storage``) "may change without notice between minor
     versions". Replacement: the run directory from the run's own config (``storage_path`` and
     ``name``) and ``pyarrow.fs.FileSystem.from_uri``, the way Ray derives it."""
-    import ray.train
+    return TrainRunStorage(train_fn_utils().get_context().get_storage())
 
-    return TrainRunStorage(ray.train.get_context().get_storage())
+
+def train_fn_utils() -> Any:
+    """The Ray Train function utilities of this process (``ray.train.v2._internal.execution.
+    train_fn_utils``): what ``ray.train.report``, ``get_checkpoint`` and ``get_context`` call.
+    The workers call them through here because those public functions refuse to run in a
+    process that is a Tune trial (a ``DeprecationWarning``, ray#49454), and a one-worker trial
+    trains in its Tune trial's own process (``orchestrator/training/one_process``), with its
+    own utilities installed (``install_train_fn_utils``), as Ray's local mode installs its own.
+    Replacement: the public functions, if Ray lets a Tune trial install a Train session."""
+    from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+    return get_train_fn_utils()
+
+
+def install_train_fn_utils(utils: Any) -> None:
+    """Make ``utils`` (an instance of ``train_fn_utils_base()``) this process's Ray Train
+    function utilities, as Ray's ``LocalController`` does for its local mode."""
+    from ray.train.v2._internal.execution.train_fn_utils import set_train_fn_utils
+
+    set_train_fn_utils(utils)
+
+
+def train_fn_utils_base() -> type:
+    """The abstract ``TrainFnUtils`` (Ray Train's seam between its public functions and a
+    process's run: "this class can be patched if new user API behaviors is wanted")."""
+    from ray.train.v2._internal.execution.train_fn_utils import TrainFnUtils
+
+    return TrainFnUtils
+
+
+def one_process_train_context(name: str, storage_context: Any) -> Any:
+    """Rank 0 of 1, as Ray's local mode describes it (``LocalTrainContext``), whose
+    ``get_storage`` is the run's ``storage_context`` (local mode has none)."""
+    from ray.train.v2.api.context import LocalTrainContext
+
+    class _Context(LocalTrainContext):
+        def get_storage(self) -> Any:
+            return storage_context
+
+    return _Context(experiment_name=name)
+
+
+def train_storage_context(storage_path: str, name: str) -> Any:
+    """Ray Train's ``StorageContext`` of the run ``name`` under ``storage_path`` (a local path
+    or URI), the way the trainer builds it for its controller and workers."""
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    return StorageContext(storage_path=storage_path, experiment_dir_name=name)
+
+
+def one_process_checkpoint_manager(checkpoint_config: Any, storage_context: Any) -> Any:
+    """Ray Train's own ``CheckpointManager`` (the controller's), outside a controller: it
+    restores the run's state from its snapshot in storage, keeps and deletes checkpoints by
+    the ``CheckpointConfig`` and writes the snapshot after each, exactly as in a Ray Train run.
+    Its ``_notify`` wakes asyncio waiters of the controller's event loop; there is none here.
+    Register a checkpoint with ``register_checkpoint(manager, checkpoint, metrics)``."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+
+    class _Manager(CheckpointManager):
+        def _notify(self) -> None:
+            pass
+
+    logging.getLogger(CheckpointManager.__module__).setLevel(logging.WARNING)
+    return _Manager(checkpoint_config=checkpoint_config, storage_context=storage_context)
+
+
+def register_checkpoint(manager: Any, checkpoint: Any, metrics: dict[str, Any]) -> None:
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    manager.register_checkpoint(_TrainingReport(checkpoint=checkpoint, metrics=metrics,
+                                                validation=False))
+
+
+def latest_checkpoint(manager: Any) -> Any:
+    """The checkpoint a run continues from (Ray Train hands it to its workers at start)."""
+    latest = manager.latest_checkpoint_result
+    return latest.checkpoint if latest is not None else None
 
 
 def train_controller_handle() -> Any:

@@ -64,6 +64,7 @@ from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
 from orchestrator.training.datasets import find_ray_datasets
+from orchestrator.training.one_process import train_in_trial, trains_in_trial
 from orchestrator.training.ray_trainer import build_trainer
 from workers.compat import (
     keep_credentials_out_of_trial_runtime_envs,
@@ -97,13 +98,15 @@ class SearchPlan:
     trials: list[Trial]
     configs: dict[str, RunConfig]
     gpus: dict[str, bool]
+    # Every trial trains in its Tune trial's own process (``training.one_process``); else
+    # every trial is a Ray Train run.
+    in_trial: bool = False
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
     """The Tune trainable: one full data-parallel run (its own tracker, its own checkpoints);
-    under PBT, one leg of it at a time (``search.pbt``)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+    under PBT, one leg of it at a time (``search.pbt``). A one-worker trial trains in this
+    process (``training.one_process``); any other is a Ray Train run of its own."""
     trial = tune_config["trial"]
     if PARAMS_KEY in tune_config:  # proposed by an adaptive searcher, named by TrialNamer
         from ray import tune
@@ -120,8 +123,23 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     extra = {PBT_KEY: {**pbt, "trial_id": trial["trial_id"],
                        "exploit": trial.get("exploit")}} if pbt else {}
     extra[MODE_SOURCE_KEY] = trial.get("mode_source")
+    if trial.get("in_trial"):
+        from ray import tune
+
+        train_in_trial(cfg, storage.run_dir(cfg), {**cfg.to_dict(), **extra},
+                       log_model=trial["log_model"], on_report=tune.report)
+    else:
+        train_on_ray_train(cfg, use_gpu, trial["log_model"], extra)
+    end_of_leg(trial, cfg, pbt)
+
+
+def train_on_ray_train(cfg: RunConfig, use_gpu: bool, log_model: str,
+                       extra: dict[str, Any]) -> None:
+    """The trial as a Ray Train run of its own, its reports handed to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trainer = build_trainer(cfg, storage.run_dir(cfg), use_gpu,
-                            log_model=tune_config["trial"]["log_model"],
+                            log_model=log_model,
                             callbacks=[TuneReportCallback()], ray_datasets=find_ray_datasets(cfg),
                             loop_config=extra)
     from ray.train import TrainingFailedError
@@ -134,7 +152,13 @@ def run_trial(tune_config: dict[str, Any]) -> None:
             raise UserInputError(message) from None
         raise
     wait_for_tune_to_take_the_last_report()
-    history = read_history(storage.run_dir(cfg)) if pbt else []
+
+
+def end_of_leg(trial: dict[str, Any], cfg: RunConfig, pbt: dict[str, Any] | None) -> None:
+    """A PBT trial whose leg ended waits to be paused (see below); any other returns."""
+    if pbt is None:
+        return
+    history = read_history(storage.run_dir(cfg))
     epoch = history[-1]["epoch"] if history else None  # the last evaluation's, not a save's
     if epoch and epoch < cfg.train.epochs and epoch % pbt["interval"] == 0:
         # The end of a leg: PBT (synchronous) pauses every trial that reports this epoch as
@@ -347,7 +371,7 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
     entries: list[dict[str, Any]] = [
         {"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
          "log_model": log_model, "use_gpu": plan.gpus[t.trial_id],
-         "mode_source": ctx.mode_source} for t in todo]
+         "mode_source": ctx.mode_source, "in_trial": plan.in_trial} for t in todo]
     if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
         exploits = earlier_exploits(ctx.run_dir)
         # Resumed: Tune's population state is gone, so the trials finish without legs or
@@ -397,7 +421,7 @@ def proposed_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial],
         "param_space": {"trial": {
             "base": cfg.to_dict(), "experiment_dir": ctx.run_dir,
             "log_model": ctx.tracking.log_model_setting, "capacity": ctx.capacity.total,
-            "mode_source": ctx.mode_source}},
+            "mode_source": ctx.mode_source, "in_trial": plan.in_trial}},
         "num_samples": cfg.tune.num_samples - (len(plan.trials) - len(todo)),
         "search_alg": searcher,
         "trial_name_creator": namer,
@@ -433,9 +457,7 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
     else:
         scheduler = make_scheduler(cfg)
     tuner = tune.Tuner(
-        # The trial process only drives its trainer: no CPU (the CPUs go to the Train workers),
-        # and 1 MiB of memory, since Ray refuses a placement group bundle that asks for nothing.
-        tune.with_resources(run_trial, {"cpu": 0, "memory": 1 << 20}),
+        tune.with_resources(run_trial, trial_resources(cfg, plan.in_trial)),
         param_space=args.pop("param_space"),
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
@@ -469,6 +491,15 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
         raise
 
 
+def trial_resources(cfg: RunConfig, in_trial: bool) -> dict[str, float]:
+    """A trial that trains in its own process takes its worker's CPUs. One that only drives
+    its Ray Train run takes no CPU (the CPUs go to the Train workers), and 1 MiB of memory,
+    since Ray refuses a placement group bundle that asks for nothing."""
+    if in_trial:
+        return {"cpu": cfg.scaling.cpus_per_worker}
+    return {"cpu": 0, "memory": 1 << 20}
+
+
 def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """leaderboard.json from every trial's summary (a trial without one did not finish), the
     overall best model exported, and the search's W&B run finished with both."""
@@ -490,27 +521,29 @@ def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]
     return board
 
 
-def check_monitor_first(cfg: RunConfig) -> Direction:
+def check_monitor_first(cfg: RunConfig) -> tuple[Direction, bool]:
     """A monitor that no trial would report is refused before any trial starts (one line,
     exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
     its reported names are compared with ``tracker.monitor``. The monitor's direction is
     resolved from what its metric declares there (``contract.direction``). Any other failure
-    to build it is left for the trials to report."""
+    to build it is left for the trials to report. Also returned: whether the workload has Ray
+    Dataset splits (True when it could not be built: its trials then stay Ray Train runs)."""
     import ray
     from ray.exceptions import RayTaskError
 
-    from workers.loop.probe import check_monitor
+    from workers.loop.probe import check_search
 
-    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_monitor)
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_search)
     declared: dict[str, Any] = {}
+    ray_datasets = True
     try:
-        declared = ray.get(task.remote(cfg.to_dict()))
+        declared, ray_datasets = ray.get(task.remote(cfg.to_dict()))
     except RayTaskError as exc:
         message = user_error_among([exc])
         if message:
             raise UserError(message) from None
     try:
-        return resolve_direction(cfg.tracker.monitor, cfg.tracker.mode, declared)
+        return resolve_direction(cfg.tracker.monitor, cfg.tracker.mode, declared), ray_datasets
     except UserInputError as exc:
         raise UserError(str(exc)) from None
 
@@ -544,10 +577,13 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     # An adaptive search's trials are proposed as it goes: the options and bounds stand in.
     checked = configs if cfg.tune.search != "optuna" else boundary_configs(cfg, experiment_dir)
     directions: list[Direction] = []
+    ray_datasets: list[bool] = []
 
     def check_on_ray() -> None:
-        directions.append(check_monitor_first(next(iter(checked.values()))))
-        pin_direction(directions[0], cfg, *configs.values(), *checked.values())
+        direction, streamed = check_monitor_first(next(iter(checked.values())))
+        directions.append(direction)
+        ray_datasets.append(streamed)
+        pin_direction(direction, cfg, *configs.values(), *checked.values())
 
     with SignalGuard() as guard:
         ctx = preflight(  # the W&B run fails here, not mid-search
@@ -559,8 +595,10 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
         console.say(f"every trial: {directions[0].describe(cfg.tracker.monitor)}")
         capacity = ctx.capacity
         assert capacity is not None  # preflight measured it
-        plan = SearchPlan(trials, configs, {trial_id: resolve_use_gpu(c, capacity)
-                                            for trial_id, c in configs.items()})
+        gpus = {trial_id: resolve_use_gpu(c, capacity) for trial_id, c in configs.items()}
+        in_trial = all(trains_in_trial(c, resolve_use_gpu(c, capacity), ray_datasets[0])
+                       for c in checked.values())
+        plan = SearchPlan(trials, configs, gpus, in_trial)
         try:
             return _search(ctx, plan)
         except SearchMistake:

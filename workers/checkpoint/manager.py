@@ -34,6 +34,7 @@ from workers.checkpoint.policy import (
 from workers.checkpoint.snapshot import Snapshot, snapshot, to_host
 from workers.checkpoint.state import ModelState
 from workers.checkpoint.writer import AsyncSaver
+from workers.compat import train_fn_utils
 from workers.contract.config import RunConfig
 from workers.contract.names import CHECKPOINT_PREFIX, PREEMPT_KEY, RANK_KEY
 from workers.contract.records import (
@@ -135,8 +136,6 @@ class CheckpointManager:
         (default: the epoch is train.epochs). ``weights``: with train.ema_decay, which
         weights ``values`` are (``raw`` or ``ema``, the same on every rank): in the record,
         and the ones a save of this evaluation writes."""
-        import ray.train
-
         record = self._record(epoch, values, at)
         metrics = dict(record, workers=self.world_size)  # an elastic run's may change
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
@@ -160,7 +159,7 @@ class CheckpointManager:
         if snap is not None:
             self.saver.report(metrics, snap, self._directory(epoch, at, preempted=False))
         else:
-            ray.train.report(metrics)
+            train_fn_utils().report(metrics)
         return stop
 
     def preempt(self, epoch: int, at: Position, running_loss: MeanLoss) -> None:
@@ -169,8 +168,6 @@ class CheckpointManager:
         training loss since the last evaluation (summed over the ranks: rank 0 carries it).
         Not an evaluation: no record in the history, never an improvement. Every rank calls
         it (a sharded model is gathered by all of them)."""
-        import ray.train
-
         total, count = all_reduce_sum(running_loss.state(), self.device).tolist()
         metrics: dict[str, Any] = {"epoch": epoch, "step": at.step,
                                    "global_step": at.global_step, PREEMPT_KEY: 1,
@@ -180,7 +177,7 @@ class CheckpointManager:
             snap, _ = self._snapshot(PREEMPTION, epoch, self._record(epoch, {}, at), at,
                                      running_loss=[total, count])
         if snap is None:
-            ray.train.report(metrics)
+            train_fn_utils().report(metrics)
             return
         metrics[RANK_KEY] = self._ray_score(PREEMPTION, math.nan)
         self.saver.report(metrics, snap, self._directory(epoch, at, preempted=True))

@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from workers.checkpoint.integrity import FILES_KEY, file_digest
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
-from workers.compat import train_run_storage
+from workers.compat import train_fn_utils, train_run_storage
 from workers.contract.names import METADATA_FILE, MODEL_FILE, STATE_FILE
 from workers.files import json_bytes, write_object
 
@@ -114,7 +114,7 @@ class AsyncSaver:
         try:
             # The checkpoint passed here is only handed to ``write``: nothing is staged, so
             # there is no local copy for Ray to delete (by default it would delete this path).
-            ray.train.report(
+            train_fn_utils().report(
                 metrics,
                 checkpoint=ray.train.Checkpoint(
                     path=storage.checkpoint_path(dir_name), filesystem=fs),

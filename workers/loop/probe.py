@@ -19,6 +19,7 @@ from workers.loop.devices import model_device, to_device
 from workers.loop.learner import build_workload
 from workers.loop.loaders import first_batch, split_collate, split_of
 from workers.loop.metric_setup import classes_from, infer_num_classes, workload_metrics
+from workers.loop.ray_data import streamed_splits
 
 
 def built(cfg: RunConfig) -> Any:
@@ -53,7 +54,19 @@ def check_monitor(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     (``metrics.spec_directions``), for the driver to resolve ``tracker.mode``. A workload's own
     loop reports what it likes: its first report is checked instead."""
     cfg = RunConfig.model_validate(config)
+    return monitor_directions(cfg, built(cfg))
+
+
+def check_search(config: dict[str, Any]) -> tuple[dict[str, tuple[bool, str]], bool]:
+    """``check_monitor``'s verdict for a search's trials, and whether the workload has Ray
+    Dataset splits (its trials then train under Ray Train, which shards them), from one
+    build of the workload."""
+    cfg = RunConfig.model_validate(config)
     workload = built(cfg)
+    return monitor_directions(cfg, workload), bool(streamed_splits(workload))
+
+
+def monitor_directions(cfg: RunConfig, workload: Any) -> dict[str, tuple[bool, str]]:
     if cfg.engine != "loop":
         require_monitor(cfg.tracker.monitor, reported_metrics(cfg, workload))
     if cfg.engine == "fastai":  # a Learner's metrics declare no direction

@@ -18,7 +18,7 @@ import torch
 from workers.checkpoint.load import load_checkpoint_metadata, load_intact
 from workers.checkpoint.manager import CheckpointManager
 from workers.checkpoint.state import ModelState
-from workers.compat import quiet_ray_train_reports
+from workers.compat import quiet_ray_train_reports, train_fn_utils
 from workers.contract.config import RunConfig
 from workers.contract.names import MODE_SOURCE_KEY, PBT_KEY, RAY_DATASETS_KEY, STOP_QUEUE_KEY
 from workers.contract.user_errors import UserInputError
@@ -69,9 +69,7 @@ def restore(model: torch.nn.Module, rank: int, pbt: dict[str, Any] | None = None
     """Load Ray's checkpoint for this attempt (if any) into ``model``; in a population-based
     search, the copy of another trial's checkpoint instead where the trial continues from it
     (``pbt["exploit"]``, with ``train``'s mutated lr and weight decay)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = train_fn_utils().get_checkpoint()
     restored = Restored() if checkpoint is None else restore_from(checkpoint, model, rank)
     pbt = pbt or {}
     exploit = pbt.get("exploit")
@@ -155,6 +153,9 @@ class Worker:
     leg_end: int | None = None
     # Why tracker.mode (pinned by the driver) is what it is: in each saved model's metadata.
     mode_source: str = "set by tracker.mode"
+    # Trained in a Tune trial's own process, not by a Ray Train worker group
+    # (``orchestrator/training/one_process``): the model is moved, never wrapped.
+    one_process: bool = False
 
     @property
     def is_rank_zero(self) -> bool:
@@ -191,7 +192,6 @@ class Worker:
 
 
 def start_worker(config: dict[str, Any]) -> Worker:
-    import ray.train
     import ray.train.torch
 
     config = dict(config)
@@ -201,17 +201,21 @@ def start_worker(config: dict[str, Any]) -> Worker:
     mode_source = config.pop(MODE_SOURCE_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
-    ctx = ray.train.get_context()
+    utils = train_fn_utils()
+    ctx = utils.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     random.seed(cfg.seed)  # fastai DataLoaders seed their generators from `random`
     workload = build_workload(cfg.workload.entrypoint, cfg.workload.params)
-    device = ray.train.torch.get_device()
+    # A trial trained in its own process (``orchestrator/training/one_process``) names its
+    # device; Ray's local mode would take any GPU the process sees.
+    device = getattr(utils, "device", None) or ray.train.torch.get_device()
     check_precision(cfg.train.precision, device)
     if cfg.scaling.strategy == "ddp":
         workload.model.to(device)  # under fsdp, each rank moves only its shard there
     restored = restore(workload.model, rank, pbt, cfg.train)
-    worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, ray_datasets)
+    worker = Worker(cfg, rank, world_size, device, workload, restored, stop_queue, ray_datasets,
+                    one_process=not utils.is_distributed())
     if mode_source:
         worker.mode_source = mode_source
     if pbt is not None:

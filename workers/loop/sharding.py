@@ -320,6 +320,8 @@ def wrap_ddp(module: nn.Module, worker: Any, probe: Probe | None = None) -> nn.M
     ``worker``: a ``runtime.Worker`` (its config, rank, device, ``parallel_strategy``)."""
     import ray.train.torch
 
+    if worker.one_process:  # one rank and no Ray Train worker: nothing to wrap
+        return module.to(worker.device)
     strategy = worker.parallel_strategy
     kwargs = ({"find_unused_parameters": find_unused(module, worker, probe)}
               if strategy == "ddp" else None)
