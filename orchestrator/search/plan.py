@@ -152,7 +152,8 @@ def check_fit(cfg: RunConfig, configs: dict[str, RunConfig], resources: Capacity
 
 # What a resumed search may change: how it runs, never what any trial computes. The name and
 # storage_path are how the search was found.
-RESUMABLE_KEYS = ("tune.max_concurrent_trials", "failure.max_failures", "wandb.mode",
+RESUMABLE_KEYS = ("tune.max_concurrent_trials", "tune.one_worker_trials",
+                  "failure.max_failures", "wandb.mode",
                   "wandb.project", "wandb.entity", "wandb.log_model", "wandb.keep")
 IDENTITY_KEYS = ("name", "storage_path")
 

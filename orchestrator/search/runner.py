@@ -223,6 +223,7 @@ class TrialLogger:
         # An adaptive search's: a proposed trial's config, and its record written at once.
         self.register: Callable[[str, dict[str, Any]], None] = lambda trial_id, overrides: None
         self.study: Any = None  # an adaptive search's Optuna study: searcher.json
+        self.in_trial = False  # the trials train in their own processes (``SearchPlan``)
 
     def run_dir(self, trial_id: str) -> str:
         return storage.run_dir(self.configs[trial_id])
@@ -308,7 +309,8 @@ class TrialLogger:
             summary = finalize_run(
                 trial, wandb_errors=self.errors.get(trial_id),
                 extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
-                       "errored": storage.read_json(done)["errored"]},
+                       "errored": storage.read_json(done)["errored"],
+                       "trained_in": "in_trial" if self.in_trial else "ray_train"},
             )
             self.runs.pop(trial_id)
             value = (summary["best_metrics"] or {}).get(summary["monitor"])
@@ -464,9 +466,7 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
             # PBT's scheduler holds trials back itself (compat.pbt_scheduler says why).
             max_concurrent_trials=(None if cfg.tune.scheduler == "pbt" and not resumed_pbt(ctx)
                                    else cfg.tune.max_concurrent_trials),
-            # A stopped trial's process must go: it owns its trainer's controller, and with it
-            # the workers' CPUs; a reused process would keep them and starve the next trial.
-            reuse_actors=False, **args,
+            reuse_actors=reuse_trial_processes(cfg, plan.in_trial), **args,
         ),
         run_config=tune.RunConfig(
             name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -489,6 +489,14 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
     except Interrupted:
         guard.wait_for_fit(timeout=120)  # Tune stops the running trials (SignalStop)
         raise
+
+
+def reuse_trial_processes(cfg: RunConfig, in_trial: bool) -> bool:
+    """Whether Tune may start a trial in the process of one that ended (saving the process's
+    start and imports): where trials train in their own processes, and PBT does not pause
+    them. A Ray Train trial's process must go: it owns its trainer's controller, and with it
+    the workers' CPUs; a reused process would keep them and starve the next trial."""
+    return in_trial and cfg.tune.scheduler != "pbt"
 
 
 def trial_resources(cfg: RunConfig, in_trial: bool) -> dict[str, float]:
@@ -669,6 +677,7 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console,
                          ctx.run_dir)
     logger.mode_source = ctx.mode_source
+    logger.in_trial = plan.in_trial
     logger.register = lambda trial_id, overrides: register(ctx, plan, logger,
                                                            Trial(trial_id, overrides))
     for trial in todo:  # an errored trial runs again: its old verdict goes

@@ -19,7 +19,8 @@ seam Ray's own local mode uses (``TrainFnUtils``, ``workers.compat``):
 
 Everything after the report (the tracker, the policy, the checkpoint's files and metadata,
 exact metrics, the test split, W&B, the leaderboard) is the same code as in a Ray Train trial.
-Trials of several workers, on GPUs, under fsdp or with Ray Dataset splits stay Ray Train runs.
+Trials of several workers (fsdp's among them), on GPUs or with Ray Dataset splits stay Ray
+Train runs.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # the key TuneReportCallback reports th
 def trains_in_trial(cfg: RunConfig, use_gpu: bool, ray_datasets: bool) -> bool:
     """Whether a trial of ``cfg`` trains in its Tune trial's own process."""
     return (cfg.tune.one_worker_trials == "in_trial" and cfg.scaling.num_workers == 1
-            and cfg.scaling.strategy == "ddp" and not use_gpu and not ray_datasets)
+            and not use_gpu and not ray_datasets)  # fsdp needs 2 workers or more
 
 
 class OneProcessRun(train_fn_utils_base()):  # type: ignore[misc]

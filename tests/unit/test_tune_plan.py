@@ -9,6 +9,8 @@ import pytest
 
 from orchestrator.errors import UserError
 from orchestrator.search.plan import export_best, resumed_config
+from orchestrator.search.runner import trial_resources
+from orchestrator.training.one_process import trains_in_trial
 from workers.contract.config import RunConfig
 
 
@@ -83,3 +85,27 @@ def test_the_exported_best_passes_the_check_orchestrator_best_makes(tmp_path: Pa
     assert verify_checkpoint(str(exported)) is None
     (exported / "model.safetensors").write_bytes(b"weightz")  # and damage is still seen
     assert verify_checkpoint(str(exported)) == "model.safetensors does not match its sha256"
+
+
+@pytest.mark.parametrize(("changes", "use_gpu", "ray_datasets", "in_trial"), [
+    ({"scaling__num_workers": 1}, False, False, True),
+    ({"scaling__num_workers": 2}, False, False, False),  # DDP: a Ray Train run
+    ({"scaling__num_workers": [1, 2]}, False, False, False),  # elastic: Ray Train's
+    ({"scaling__num_workers": 1}, True, False, False),  # a GPU trial stays a Ray Train run
+    ({"scaling__num_workers": 1}, False, True, False),  # Ray Train shards the Ray Datasets
+    ({"scaling__num_workers": 1, "tune__one_worker_trials": "ray_train"}, False, False, False),
+])
+def test_which_trials_train_in_their_tune_trials_own_process(changes, use_gpu, ray_datasets,
+                                                             in_trial):
+    cfg = config(**changes)
+    assert trains_in_trial(cfg, use_gpu, ray_datasets) is in_trial
+    # Its process takes the worker's CPUs; a Ray Train trial's process takes none.
+    assert trial_resources(cfg, in_trial) == (
+        {"cpu": cfg.scaling.cpus_per_worker} if in_trial else {"cpu": 0, "memory": 1 << 20})
+
+
+def test_a_resume_may_change_where_one_worker_trials_train():
+    saved = config(scaling__num_workers=1).to_dict()
+    cfg = resumed_config(saved, config(scaling__num_workers=1,
+                                       tune__one_worker_trials="ray_train"))
+    assert cfg.tune.one_worker_trials == "ray_train"

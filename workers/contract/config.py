@@ -385,10 +385,10 @@ class TuneSection(_Section):
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor")
     seed: Int | None = Field(None, ge=0, description="search seed; default: the run's seed")
     one_worker_trials: Literal["in_trial", "ray_train"] = Field(
-        "in_trial", description="in_trial: a trial of one CPU worker (ddp, no Ray Datasets) "
+        "in_trial", description="in_trial: a trial of one CPU worker (no Ray Datasets) "
         "trains in its Tune trial's own process, without a Ray Train run's controller and "
         "worker group (the same records, checkpoints and retention); ray_train: every trial is "
-        "a Ray Train run, as trials of several workers, on GPUs, under fsdp or with Ray "
+        "a Ray Train run, as trials of several workers, on GPUs or with Ray "
         "Datasets always are")
     search_space: dict[str, Any] = Field(
         default_factory=dict, description="dotted config keys, each mapped to one of "

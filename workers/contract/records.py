@@ -248,14 +248,16 @@ class TrialFields(TypedDict, total=False):
     trial_id: str
     hyperparameters: dict[str, Any]
     errored: bool
+    trained_in: Literal["in_trial", "ray_train"]
 
 
 class Summary(TypedDict):
     """``summary.json``: a finished (or stopped) run (``orchestrator.results.summary``).
 
     ``test_error`` only when the test split could not be scored; ``wandb`` once the W&B run
-    closed (always, in the file); a search's trial adds ``trial_id``, ``hyperparameters`` and
-    ``errored``.
+    closed (always, in the file); a search's trial adds ``trial_id``, ``hyperparameters``,
+    ``errored`` and ``trained_in`` (``in_trial``: in its Tune trial's own process;
+    ``ray_train``: as a Ray Train run).
     """
 
     name: str
@@ -289,6 +291,7 @@ class Summary(TypedDict):
     trial_id: NotRequired[str]  # TrialFields
     hyperparameters: NotRequired[dict[str, Any]]
     errored: NotRequired[bool]
+    trained_in: NotRequired[Literal["in_trial", "ray_train"]]
 
 
 def split_metrics(record: Mapping[str, object]) -> dict[str, float]:
