@@ -97,6 +97,53 @@ def test_search_with_asha_leaderboard_wandb_and_best_model(wandb_env, ray_local)
     assert models[0]["metadata"]["trial_id"] == board[0]["trial_id"]
 
 
+def kept_epochs(trial_dir: Path) -> list[int]:
+    return sorted(json.loads((d / "metadata.json").read_text())["epoch"]
+                  for d in trial_dir.glob("checkpoint_*") if d.is_dir())
+
+
+def test_a_one_worker_trial_trains_in_its_own_process_as_a_ray_train_run_would(
+        tmp_path, ray_local):
+    """The default trains each one-worker trial in its Tune trial's own process; the same
+    search as Ray Train runs records the same numbers to the bit: every epoch's metrics and
+    verdicts, the models kept (resume checkpoints among them), the test split, the
+    leaderboard."""
+    def search(name: str, where: str) -> tuple[list[dict], Path]:
+        data = search_config(tmp_path, name, one_worker_trials=where).to_dict()
+        data["wandb"]["mode"] = "disabled"
+        data["train"]["epochs"] = 5
+        data["checkpoint"] = {"resume_every_n_epochs": 2}
+        data["workload"]["params"]["with_test"] = True
+        data["tune"]["search_space"] = {"workload.params.separation": {"grid": [1.0, 0.1]}}
+        return run_search(RunConfig.model_validate(data)), tmp_path / "runs" / name
+
+    def record(r: dict) -> dict:  # its numbers, without the timings
+        return {k: v for k, v in r.items() if k.startswith(("val_", "train_", "test_"))
+                or k in ("epoch", "step", "global_step", "is_best", "saved_because")}
+
+    def row_numbers(r: dict) -> dict:
+        return {"trial": r["trial_id"], "epoch": r["best_epoch"], "best": r["best_val_loss"],
+                "metrics": record(r["best_metrics"]), "test": r["test_metrics"],
+                "status": r["status"]}
+
+    board, own = search("own", "in_trial")
+    ray_board, ray_train = search("ray", "ray_train")
+    assert [row_numbers(r) for r in board] == [row_numbers(r) for r in ray_board]
+    improvements = []
+    for row in board:
+        trial = own / "trials" / row["trial_id"]
+        twin = ray_train / "trials" / row["trial_id"]
+        summary = json.loads((trial / "summary.json").read_text())
+        assert summary["trained_in"] == "in_trial"
+        assert json.loads((twin / "summary.json").read_text())["trained_in"] == "ray_train"
+        twin_history = json.loads((twin / "summary.json").read_text())["history"]
+        assert [record(r) for r in summary["history"]] == [record(r) for r in twin_history]
+        assert kept_epochs(trial) == kept_epochs(twin)
+        assert summary["test_metrics"] is not None
+        improvements.append(sum(r["is_best"] for r in summary["history"]))
+    assert max(improvements) >= 2  # a trial improved more than once
+
+
 def test_invalid_search_spaces_fail_before_any_trial(tmp_path):
     base = search_config(tmp_path, "bad").to_dict()
     cases = {
