@@ -77,9 +77,10 @@ from workers.contract.names import LEADERBOARD_FILE, PBT_FILE, SUMMARY_FILE, TRI
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONFIG = "orchestrator/configs/digits.yaml"
-VARIANTS = ("plain", "ours", "ray_train", "ours_2w")
-DEFAULT_VARIANTS = ("plain", "ours", "ray_train")  # ours_2w: --two-workers
-LABELS = {"plain": "plain Tune trainable", "ours": "ours (default)",
+VARIANTS = ("plain", "plain_reuse", "ours", "ray_train", "ours_2w")
+DEFAULT_VARIANTS = ("plain", "plain_reuse", "ours", "ray_train")  # ours_2w: --two-workers
+LABELS = {"plain": "plain Tune trainable", "plain_reuse": "plain, reuse_actors=True",
+          "ours": "ours (default)",
           "ray_train": "ours, one_worker_trials=ray_train",
           "ours_2w": "ours, 2 workers, 1 trial at a time"}
 SMALL_ONLY = {"ray_train": "--ray-train-64 runs it", "ours_2w": "2 workers: at 8 or fewer"}
@@ -137,7 +138,7 @@ def train_digits(config: dict[str, Any]) -> None:
     tune.report({"val_loss": loss_sum / seen, "val_accuracy": correct / seen})
 
 
-def plain_search(trials: int, out: Path) -> None:
+def plain_search(trials: int, out: Path, reuse: bool = False) -> None:
     """The plain variant in this process: Ray started here, N trials, their results as one
     JSON line (the parent times the whole process)."""
     started = time.perf_counter()
@@ -150,7 +151,7 @@ def plain_search(trials: int, out: Path) -> None:
     tuner = tune.Tuner(
         tune.with_resources(train_digits, {"cpu": 1}),
         param_space={**settings, "lr": tune.grid_search(learning_rates(trials))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=reuse),
         run_config=tune.RunConfig(storage_path=str(out), name="plain", verbose=0),
     )
     grid = tuner.fit()
@@ -235,11 +236,12 @@ def tail(log: Path, chars: int = 1500) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-def run_plain(root: Path, trials: int) -> dict[str, Any]:
-    out, log = root / f"plain-{trials}", root / f"plain-{trials}.log"
-    row: dict[str, Any] = {"variant": "plain", "trials": trials, "log": str(log),
+def run_plain(root: Path, trials: int, variant: str = "plain") -> dict[str, Any]:
+    out, log = root / f"{variant}-{trials}", root / f"{variant}-{trials}.log"
+    row: dict[str, Any] = {"variant": variant, "trials": trials, "log": str(log),
                            **timed([sys.executable, "-m", "bench.trial_cost", "_plain",
-                                    str(trials), str(out)], log)}
+                                    str(trials), str(out),
+                                    *(["reuse"] if variant == "plain_reuse" else [])], log)}
     # Tune's own directory (plain_search's RunConfig: storage_path=out, name="plain").
     row["where"] = where_time(row, list((out / "plain").glob("*/result.json")))
     code = row["exit_code"]
@@ -396,11 +398,13 @@ def checks(rows: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]
                         "met": None if target is None else ratio <= target})
 
     if large != small:
-        for variant in ("plain", "ours", "ray_train"):
+        for variant in ("plain", "plain_reuse", "ours", "ray_train"):
             add(f"{LABELS[variant]}: per trial at {large} / at {small}",
                 (variant, large), (variant, small), 1.2 if variant != "ray_train" else None)
     for n in sorted(set(counts)):
         add(f"ours / plain at {n}", ("ours", n), ("plain", n), 1.5 if n == small else None)
+        add(f"ours / plain, reuse_actors=True at {n}", ("ours", n), ("plain_reuse", n),
+            1.5 if n == small else None)
         add(f"ray_train / plain at {n}", ("ray_train", n), ("plain", n), None)
         add(f"ours / ray_train at {n}", ("ours", n), ("ray_train", n), None)
     return out
@@ -472,7 +476,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_plain"]:
-        plain_search(int(argv[1]), Path(argv[2]))
+        plain_search(int(argv[1]), Path(argv[2]), reuse=argv[3:4] == ["reuse"])
         return
     args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="trial-cost-"))
@@ -489,8 +493,8 @@ def main(argv: list[str] | None = None) -> None:
             if variant == "ray_train" and ray_train_missing:
                 rows.append({"variant": variant, "trials": trials, "status": "not available"})
                 continue
-            row = run_plain(root, trials) if variant == "plain" else run_ours(root, variant,
-                                                                               trials)
+            row = (run_plain(root, trials, variant) if variant.startswith("plain")
+                   else run_ours(root, variant, trials))
             ray_train_missing |= variant == "ray_train" and row["status"] == "not available"
             rows.append(row)
             print(f"{LABELS[variant]}, {trials} trials: {row['status']}"
