@@ -107,13 +107,21 @@ def test_a_one_worker_trial_trains_in_its_own_process_as_a_ray_train_run_would(
     """The default trains each one-worker trial in its Tune trial's own process; the same
     search as Ray Train runs records the same numbers to the bit: every epoch's metrics and
     verdicts, the models kept (resume checkpoints among them), the test split, the
-    leaderboard."""
-    def search(name: str, where: str) -> tuple[list[dict], Path]:
+    leaderboard. A model with BatchNorm and dropout. In the first search a trial fails once
+    in its third epoch and, in its own process, trains again from its last checkpoint (each
+    epoch's holds the optimizer's state: checkpoint.resume_every_n_epochs 1), as Ray Train
+    restarts its worker group (failure.max_failures): its record is the same as if it had not
+    failed."""
+    def search(name: str, where: str, fail: bool) -> tuple[list[dict], Path]:
         data = search_config(tmp_path, name, one_worker_trials=where).to_dict()
         data["wandb"]["mode"] = "disabled"
         data["train"]["epochs"] = 5
-        data["checkpoint"] = {"resume_every_n_epochs": 2}
-        data["workload"]["params"]["with_test"] = True
+        data["checkpoint"] = {"resume_every_n_epochs": 1}
+        data["failure"] = {"max_failures": 1}
+        data["workload"]["params"].update(with_test=True, norm=True, dropout=0.1)
+        if fail:
+            data["workload"]["params"].update(fail_after_steps=5,
+                                              marker=str(tmp_path / f"{name}.failed"))
         data["tune"]["search_space"] = {"workload.params.separation": {"grid": [1.0, 0.1]}}
         return run_search(RunConfig.model_validate(data)), tmp_path / "runs" / name
 
@@ -126,8 +134,10 @@ def test_a_one_worker_trial_trains_in_its_own_process_as_a_ray_train_run_would(
                 "metrics": record(r["best_metrics"]), "test": r["test_metrics"],
                 "status": r["status"]}
 
-    board, own = search("own", "in_trial")
-    ray_board, ray_train = search("ray", "ray_train")
+    board, own = search("own", "in_trial", fail=True)
+    ray_board, ray_train = search("ray", "ray_train", fail=False)
+    assert (tmp_path / "own.failed").exists()  # a trial failed (and trained again)
+    assert [r["status"] for r in board] == ["completed"] * 2
     assert [row_numbers(r) for r in board] == [row_numbers(r) for r in ray_board]
     improvements = []
     for row in board:
