@@ -22,6 +22,7 @@ def _rank_main(rank: int, world_size: int, port: int, cases: Callable[[int], Any
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
         out = cases(rank)
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
     torch.save(out, Path(out_dir, f"rank{rank}.pt"))

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
-import ray.train
 import torch
 
+import workers.checkpoint.manager as manager_module
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 from workers.checkpoint.manager import CheckpointManager, Position
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
@@ -66,7 +67,9 @@ class Epochs:
             self.saver, LocalState(self.model, self.optimizer), torch.device("cpu"), 1,
             torch_weights_file)
         self.plain: list[dict[str, Any]] = []  # reports without a checkpoint
-        monkeypatch.setattr(ray.train, "report", self._plain_report)
+        # What ray.train.report calls (workers.compat.train_fn_utils): Ray Train's utilities.
+        monkeypatch.setattr(manager_module, "train_fn_utils",
+                            lambda: SimpleNamespace(report=self._plain_report))
         self.weights: dict[int, dict[str, torch.Tensor]] = {}  # each epoch's, as trained
 
     def _plain_report(self, metrics: dict[str, Any], **kwargs: Any) -> None:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -194,6 +195,79 @@ def test_registered_checkpoints_from_the_snapshot_ray_writes(tmp_path: Path) -> 
     assert remove_unregistered_checkpoints(str(run)) == ["checkpoint_unregistered"]
     assert {p.name for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()} \
         == kept
+
+
+def test_a_one_process_run_reaches_ray_trains_functions_and_its_checkpoint_manager(
+        tmp_path: Path) -> None:
+    """A one-worker trial in its Tune trial's own process (orchestrator/training/one_process):
+    the utilities installed are the ones the workers reach (``train_fn_utils``), its context is
+    rank 0 of 1 with the run's storage, and Ray Train's own checkpoint manager keeps, deletes
+    and snapshots outside any event loop; a second one, as after a restart, continues from the
+    latest checkpoint registered."""
+    from ray.train import Checkpoint, CheckpointConfig
+
+    base = compat.train_fn_utils_base()
+    assert {"report", "get_checkpoint", "get_context", "is_distributed"} <= \
+        base.__abstractmethods__
+    context = compat.train_storage_context(str(tmp_path), "run")
+    train_context = compat.one_process_train_context("run", context)
+    assert (train_context.get_world_rank(), train_context.get_world_size()) == (0, 1)
+    assert train_context.get_storage() is context
+
+    class Utils(base):  # type: ignore[misc, valid-type]
+        def report(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def get_checkpoint(self) -> None:
+            return None
+
+        def get_all_reported_checkpoints(self, *args: Any, **kwargs: Any) -> list[Any]:
+            return []
+
+        def get_dataset_shard(self, dataset_info: Any) -> None:
+            return None
+
+        def get_context(self) -> Any:
+            return train_context
+
+        def get_preemption_info(self) -> None:
+            return None
+
+        def is_distributed(self) -> bool:
+            return False
+
+        def barrier(self) -> None:
+            pass
+
+        def broadcast_from_rank_zero(self, data: Any) -> Any:
+            return data
+
+    utils = Utils()
+    previous = None
+    try:
+        previous = compat.train_fn_utils()
+    except RuntimeError:  # none installed in this process
+        pass
+    compat.install_train_fn_utils(utils)
+    try:
+        assert compat.train_fn_utils() is utils
+        assert compat.train_run_storage().run_path == context.experiment_fs_path
+    finally:
+        compat.install_train_fn_utils(previous)
+
+    config = CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="loss",
+                              checkpoint_score_order="min")
+    manager = compat.one_process_checkpoint_manager(config, context)
+    assert compat.latest_checkpoint(manager) is None
+    for name, loss in (("checkpoint_a", 1.0), ("checkpoint_b", 2.0), ("checkpoint_c", 3.0)):
+        path = context.build_checkpoint_path_from_name(name)
+        os.makedirs(path)
+        compat.register_checkpoint(manager, Checkpoint(path), {"loss": loss})
+    run = tmp_path / "run"
+    kept = {p.name for p in run.iterdir() if p.name.startswith("checkpoint_") and p.is_dir()}
+    assert kept == {"checkpoint_a", "checkpoint_c"}  # the best, and the latest
+    restarted = compat.one_process_checkpoint_manager(config, context)
+    assert Path(compat.latest_checkpoint(restarted).path).name == "checkpoint_c"
 
 
 @pytest.mark.parametrize("damaged, error", [
