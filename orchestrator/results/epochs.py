@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from workers.contract.names import INTERNAL_KEYS, point
 from workers.contract.records import EpochRecord
+from workers.decisions.weights import alternates
 
 # Keys of a report that are the epoch's record besides the split metrics (train_*, val_*).
 RECORD_KEYS = ("epoch", "step", "global_step", "lr", "is_best", "epoch_seconds",
@@ -51,16 +52,28 @@ def merge_history(history: list[EpochRecord], record: EpochRecord) -> list[Epoch
     return merged
 
 
+def split_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The epoch's losses and metrics (``train_*``, ``val_*``); with ``train.ema_decay``, the
+    chosen weights' only (the usual names): their ``_raw`` and ``_ema`` scorings are the
+    history's and W&B's (``decisions.weights.alternates``)."""
+    skip = alternates(record) if record.get("weights") in ("raw", "ema") else set()
+    return {k: v for k, v in record.items() if k.startswith(("train_", "val_"))
+            and isinstance(v, float) and k not in skip}
+
+
 def nonfinite(record: Mapping[str, Any]) -> list[str]:
-    """The epoch's losses and metrics that are NaN or infinite."""
-    return [k for k, v in record.items() if k.startswith(("train_", "val_"))
-            and isinstance(v, float) and not math.isfinite(v)]
+    """The epoch's losses and metrics that are NaN or infinite: what ``train.stop_on_nonfinite``
+    stops on (the workers' ``CheckpointManager.report`` checks the same values)."""
+    return [k for k, v in split_metrics(record).items() if not math.isfinite(v)]
 
 
 def progress_line(record: EpochRecord, total_epochs: int, monitor: str,
                   by_steps: bool = False) -> str:
-    shown = [f"{k}={v:.4f}" for k, v in record.items()
-             if k.startswith(("train_", "val_")) and isinstance(v, float)]
+    """One line per evaluation: where, its losses and metrics, which weights won (with an
+    EMA: ``[raw]`` or ``[ema]``), an improvement of the monitor, a save."""
+    shown = [f"{k}={v:.4f}" for k, v in split_metrics(record).items()]
+    if record.get("weights") in ("raw", "ema"):
+        shown.append(f"[{record['weights']}]")
     mark = f"  * new best {monitor}" if record.get("is_best") else ""
     saved = "  (saved)" if record.get("checkpoint") else ""
     at = f"epoch {record['epoch']}/{total_epochs}"

@@ -178,6 +178,9 @@ def resumed_config(saved: dict[str, Any], cfg: RunConfig) -> RunConfig:
     before, now = _flatten(saved), _flatten(current)
     if now.get("tracker.mode") == "auto":  # the search pinned what auto resolved to then
         now["tracker.mode"] = before.get("tracker.mode", "auto")
+    if "tracker.also_monitor" in now:  # and each also-monitor's
+        now["tracker.also_monitor"] = pinned_also_modes(before.get("tracker.also_monitor"),
+                                                        now["tracker.also_monitor"])
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k, "<unset>") != now.get(k, "<unset>")
                      and not _under(k, RESUMABLE_KEYS + IDENTITY_KEYS))
@@ -193,6 +196,17 @@ def resumed_config(saved: dict[str, Any], cfg: RunConfig) -> RunConfig:
         if key in now:
             set_dotted(merged, key, now[key])
     return RunConfig.model_validate(merged)
+
+
+def pinned_also_modes(before: Any, now: Any) -> Any:
+    """Today's ``tracker.also_monitor``, each ``auto`` given the mode the search pinned for
+    the same monitor when it started (``runner.pin_direction``); a list that differs
+    otherwise stays as it is, for ``resumed_config`` to refuse."""
+    if not isinstance(before, list) or not isinstance(now, list) or len(before) != len(now):
+        return now
+    return [{**n, "mode": b["mode"]} if n.get("mode") == "auto"
+            and n.get("monitor") == b.get("monitor") else n
+            for b, n in zip(before, now, strict=True)]
 
 
 def export_best(board: list[dict[str, Any]], experiment_dir: str) -> str | None:

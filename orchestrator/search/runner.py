@@ -63,7 +63,7 @@ from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.tracking.staging import staged_path
 from orchestrator.tracking.wandb_run import open_run
-from orchestrator.training.datasets import find_ray_datasets
+from orchestrator.training.datasets import also_modes, find_ray_datasets
 from orchestrator.training.one_process import train_in_trial, trains_in_trial
 from orchestrator.training.ray_trainer import build_trainer
 from workers.compat import (
@@ -74,7 +74,7 @@ from workers.compat import (
     wait_for_tune_to_take_the_last_report,
 )
 from workers.contract.config import RunConfig
-from workers.contract.direction import Direction
+from workers.contract.direction import Direction, Mode
 from workers.contract.direction import resolve as resolve_direction
 from workers.contract.names import (
     DONE_FILE,
@@ -529,13 +529,23 @@ def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]
     return board
 
 
-def check_monitor_first(cfg: RunConfig) -> tuple[Direction, bool]:
+@dataclass(frozen=True)
+class SearchDirections:
+    """Which way each monitor of a search improves, resolved once before any trial starts,
+    as a run resolves its own (``training.datasets``)."""
+
+    primary: Direction
+    also: tuple[Mode, ...] = ()  # tracker.also_monitor's modes, in their order
+
+
+def check_monitor_first(cfg: RunConfig) -> tuple[SearchDirections, bool]:
     """A monitor that no trial would report is refused before any trial starts (one line,
     exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
-    its reported names are compared with ``tracker.monitor``. The monitor's direction is
-    resolved from what its metric declares there (``contract.direction``). Any other failure
-    to build it is left for the trials to report. Also returned: whether the workload has Ray
-    Dataset splits (True when it could not be built: its trials then stay Ray Train runs)."""
+    its reported names are compared with ``tracker.monitor``. The monitor's direction, and
+    each ``tracker.also_monitor``'s, is resolved from what its metric declares there
+    (``contract.direction``). Any other failure to build it is left for the trials to report.
+    Also returned: whether the workload has Ray Dataset splits (True when it could not be
+    built: its trials then stay Ray Train runs)."""
     import ray
     from ray.exceptions import RayTaskError
 
@@ -550,17 +560,28 @@ def check_monitor_first(cfg: RunConfig) -> tuple[Direction, bool]:
         message = user_error_among([exc])
         if message:
             raise UserError(message) from None
+    return resolve_directions(cfg, declared), ray_datasets
+
+
+def resolve_directions(cfg: RunConfig, declared: Mapping[str, tuple[bool, str]]
+                       ) -> SearchDirections:
+    """``tracker.mode`` and each ``tracker.also_monitor``'s mode from ``declared`` (the probe's
+    reported name -> (higher is better, the object that says so)), by the run's own rules."""
     try:
-        return resolve_direction(cfg.tracker.monitor, cfg.tracker.mode, declared), ray_datasets
+        primary = resolve_direction(cfg.tracker.monitor, cfg.tracker.mode, declared)
     except UserInputError as exc:
         raise UserError(str(exc)) from None
+    return SearchDirections(primary, also_modes(cfg, declared))
 
 
-def pin_direction(direction: Direction, *configs: RunConfig) -> None:
-    """Every config of the search minimises or maximises as ``direction`` says: the trials'
-    trackers, the schedulers, Optuna and the leaderboard all take it from there."""
+def pin_direction(directions: SearchDirections, *configs: RunConfig) -> None:
+    """Every config of the search minimises or maximises as ``directions`` says, each
+    also-monitor too: the trials' trackers, the schedulers, Optuna and the leaderboard all
+    take it from there (and a trial proposed later, from the search's own config)."""
     for cfg in configs:
-        cfg.tracker.mode = direction.mode
+        cfg.tracker.mode = directions.primary.mode
+        for also, mode in zip(cfg.tracker.also_monitor, directions.also, strict=True):
+            also.mode = mode
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -588,10 +609,10 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     ray_datasets: list[bool] = []
 
     def check_on_ray() -> None:
-        direction, streamed = check_monitor_first(next(iter(checked.values())))
-        directions.append(direction)
+        resolved, streamed = check_monitor_first(next(iter(checked.values())))
+        directions.append(resolved.primary)
         ray_datasets.append(streamed)
-        pin_direction(direction, cfg, *configs.values(), *checked.values())
+        pin_direction(resolved, cfg, *configs.values(), *checked.values())
 
     with SignalGuard() as guard:
         ctx = preflight(  # the W&B run fails here, not mid-search

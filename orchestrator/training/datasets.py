@@ -12,6 +12,7 @@ its first rows become a batch (the columns the workload names exist and are numb
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,10 +97,18 @@ def direction_of(cfg: RunConfig, spec: Any) -> Direction:
 
 def also_modes_of(cfg: RunConfig, spec: Any) -> tuple[Literal["min", "max"], ...]:
     """``tracker.also_monitor``'s modes, each resolved as ``tracker.mode`` is
-    (``direction_of``); a name that cannot be placed is refused naming the key."""
+    (``direction_of``) from what the workload's metric objects declare (``spec``)."""
     if not cfg.tracker.also_monitor:
         return ()
-    declared = {f"val_{name}": d for name, d in spec_directions(spec).items()}
+    return also_modes(cfg, {f"val_{name}": d for name, d in spec_directions(spec).items()})
+
+
+def also_modes(cfg: RunConfig, declared: Mapping[str, tuple[bool, str]]
+               ) -> tuple[Literal["min", "max"], ...]:
+    """``tracker.also_monitor``'s modes, in their order, from ``declared`` (reported name ->
+    (higher is better, the object that says so)): a run's from the workload it built, a
+    search's from its probe (``workers.loop.probe.check_search``). A name that cannot be
+    placed is refused naming the key."""
     try:
         return tuple(resolve(a.monitor, a.mode, declared).mode
                      for a in cfg.tracker.also_monitor)

@@ -149,8 +149,13 @@ def test_a_name_auto_cannot_place_is_refused_before_anything_is_written(tmp_path
 
 
 def test_an_optuna_search_on_mse_ranks_the_lowest_first(tmp_path: Path) -> None:
+    # val_loss, an also-monitor left on auto: the search resolves it before any trial starts,
+    # from the same probe and by the same rules as a run (the regression workload has no
+    # second metric object: the one that only a declaration can place is
+    # tests/unit/test_probe.py's), and pins it into every trial's config.
     config = write_config(
-        tmp_path, "search", "regression", tracker={"monitor": "val_mse"},
+        tmp_path, "search", "regression",
+        tracker={"monitor": "val_mse", "also_monitor": [{"monitor": "val_loss"}]},
         scaling={"num_workers": 1}, train={"epochs": 2, "batch_size": 16},
         tune={"search": "optuna", "num_samples": 3, "max_concurrent_trials": 1,
               "startup_trials": 2, "seed": 3,
@@ -164,3 +169,15 @@ def test_an_optuna_search_on_mse_ranks_the_lowest_first(tmp_path: Path) -> None:
     assert values == sorted(values) and len(values) == 3
     exported = load_metadata(tmp_path / "runs" / "search" / "best_model")
     assert exported["val_mse"] == values[0] and exported["mode"] == "min"
+    saved = json.loads((tmp_path / "runs" / "search" / "search.json").read_text())
+    assert saved["config"]["tracker"]["also_monitor"] == [{"monitor": "val_loss", "mode": "min"}]
+    for row in board["trials"]:
+        trial = json.loads((Path(row["best_checkpoint"]).parent / "summary.json").read_text())
+        assert trial["config"]["tracker"]["mode"] == "min"
+        assert trial["config"]["tracker"]["also_monitor"] == [
+            {"monitor": "val_loss", "mode": "min"}]
+        also = trial["best_by_monitor"]["val_loss"]
+        values = [r["val_loss"] for r in trial["history"]]
+        assert also["mode"] == "min" and also["value"] == min(values)
+        assert load_metadata(also["checkpoint"])["config"]["tracker"]["also_monitor"] == [
+            {"monitor": "val_loss", "mode": "min"}]

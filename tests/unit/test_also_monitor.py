@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from orchestrator.cli.tables import monitors_table
+from orchestrator.errors import UserError
 from orchestrator.results import summary as summary_module
 from orchestrator.results.checkpoints import kept_checkpoints
 from orchestrator.results.summary import (
@@ -20,10 +21,13 @@ from orchestrator.results.summary import (
     remove_superseded_bests,
     score_monitor_bests,
 )
+from orchestrator.search.plan import resumed_config
+from orchestrator.search.runner import SearchDirections, pin_direction
 from orchestrator.tracking.rules import monitor_aliases, monitors_summary
 from workers.checkpoint.manager import CheckpointManager, also_trackers, best_for
 from workers.checkpoint.policy import decide_save, ray_keep_settings
 from workers.contract.config import RunConfig
+from workers.contract.direction import Direction
 from workers.contract.names import METADATA_FILE, MODEL_FILE
 from workers.decisions.tracker import tracker_of
 
@@ -169,3 +173,23 @@ def test_the_driver_keeps_the_distinct_bests_and_scores_each_once(tmp_path, monk
     keys = monitors_summary(by_monitor)
     assert keys["best_val_mcc_epoch"] == 3 and keys["best_train_loss_test_loss"] == 2.0
     assert keys["best_val_accuracy_value"] == 0.9
+
+
+def test_a_search_resumes_with_the_also_monitor_modes_it_pinned():
+    def search(also: list[dict[str, str]]) -> RunConfig:
+        return config({"monitor": "val_loss", "also_monitor": also}, name="s", tune={
+            "search_space": {"train.lr": {"choice": [0.1, 0.01]}}})
+
+    started = search([{"monitor": "val_accuracy"}, {"monitor": "train_loss"}])
+    pin_direction(SearchDirections(Direction("min", "by name"), ("max", "min")), started)
+    saved = started.to_dict()  # search.json's
+    # Today's config says auto, as the one that started the search did: the pinned modes stand.
+    resumed = resumed_config(saved, search([{"monitor": "val_accuracy"},
+                                            {"monitor": "train_loss", "mode": "min"}]))
+    assert [(a.monitor, a.mode) for a in resumed.tracker.also_monitor] == [
+        ("val_accuracy", "max"), ("train_loss", "min")]
+    for changed in ([{"monitor": "val_accuracy", "mode": "min"}, {"monitor": "train_loss"}],
+                    [{"monitor": "val_mcc"}, {"monitor": "train_loss"}],
+                    [{"monitor": "val_accuracy"}]):
+        with pytest.raises(UserError, match=r"^--resume: tracker\.also_monitor differ"):
+            resumed_config(saved, search(changed))

@@ -1,6 +1,8 @@
 """``train.ema_decay``: the EMA's update (torch's own, checked against ``AveragedModel``), its
 evaluation inside the model, its whole state read back and restored; the choice between the
-raw and the EMA weights; a save of the EMA (model file, metadata, resume state); the schema.
+raw and the EMA weights; a save of the EMA (model file, metadata, resume state); divergence
+judged on what training and the decision use (a NaN of the losing EMA alone goes on); the
+epoch line with the chosen values and which weights won; the schema.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,12 +20,14 @@ from pydantic import ValidationError
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from orchestrator.results.epochs import epoch_record, nonfinite, progress_line
 from tests.unit.test_checkpoint_manager import WritingSaver
+from workers.checkpoint import manager as manager_module
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
 from workers.checkpoint.manager import CheckpointManager
 from workers.contract.config import RunConfig
 from workers.decisions.tracker import tracker_of
-from workers.decisions.weights import better_weights, ema_wins, with_both
+from workers.decisions.weights import alternates, better_weights, chosen, ema_wins, with_both
 from workers.loop.ema import EmaState, WeightsEma
 from workers.loop.runtime import trained_weights
 from workers.loop.sharding import LocalState
@@ -180,6 +185,67 @@ def test_manager_saves_the_winner_and_the_raw_weights_to_resume(
     for name, value in state["extras"]["ema"]["weights"].items():
         torch.testing.assert_close(value, expected_ema[name])
     assert state["extras"]["ema"]["updates"] == 2
+
+
+# -- divergence: the chosen weights' values, not the alternates ---------------------------------
+FINE = {"train_loss": 0.3, "val_loss": 0.5, "val_accuracy": 0.8, "lr": 0.1}
+
+
+def scored(raw: dict[str, float], ema: dict[str, float]) -> tuple[dict[str, float], Any]:
+    """An evaluation's values and winner, as ``torch_engine.evaluate_both`` builds them."""
+    winner = better_weights("val_loss", "min", raw, ema)
+    return with_both(raw, ema, winner), winner
+
+
+@pytest.mark.parametrize(("raw", "ema", "winner", "stops"), [
+    # The EMA still warming up: NaN scores, it loses, the raw weights train on.
+    (FINE, {"val_loss": NAN, "val_accuracy": NAN}, "raw", False),
+    (FINE, {"val_loss": 0.4, "val_accuracy": INF}, "ema", True),  # the chosen model's metric
+    ({**FINE, "val_loss": NAN, "val_accuracy": NAN}, {"val_loss": 0.4, "val_accuracy": 0.7},
+     "ema", False),  # the raw weights' scoring alone: the EMA is the model
+    ({**FINE, "val_loss": NAN}, {"val_loss": NAN, "val_accuracy": 0.7}, "raw", True),
+    ({**FINE, "train_loss": NAN}, {"val_loss": 0.4, "val_accuracy": 0.7}, "ema", True),
+])
+def test_only_what_training_and_the_decision_use_can_diverge(
+        raw: dict[str, float], ema: dict[str, float], winner: str, stops: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = RunConfig.model_validate({
+        "workload": {"entrypoint": "tests.workloads.overfit:build"},
+        "train": {"epochs": 5, "ema_decay": 0.9}, "tracker": {"monitor": "val_loss"},
+        "checkpoint": {"policy": "none"}})
+    manager = CheckpointManager(cfg, True, tracker_of(cfg), None, None,  # type: ignore[arg-type]
+                                torch.device("cpu"), 1)
+    reports: list[dict[str, Any]] = []  # what the manager hands Ray Train, without a model
+    monkeypatch.setattr(manager_module, "train_fn_utils",
+                        lambda: SimpleNamespace(report=reports.append))
+    values, won = scored(raw, ema)
+    assert won == winner
+    assert manager.report(1, values, 0.0, weights=won) is stops
+    record = epoch_record(reports[0], None)
+    assert bool(nonfinite(record)) is stops  # the driver's line and summary.json say the same
+    assert set(values) - set(chosen(values)) == alternates(values) == {
+        "val_loss_raw", "val_loss_ema", "val_accuracy_raw", "val_accuracy_ema"}
+    # Without an EMA every value counts, as before.
+    plain = {**FINE, "val_accuracy": NAN}
+    assert manager.report(2, plain, 0.0) is True and nonfinite(plain) == ["val_accuracy"]
+
+
+# -- the epoch line ------------------------------------------------------------------------------
+def test_the_epoch_line_shows_the_chosen_values_and_which_weights_won() -> None:
+    values, winner = scored(FINE, {"val_loss": 0.4, "val_accuracy": 0.7})
+    record = epoch_record({"epoch": 3, **values, "weights": winner, "is_best": True},
+                          "/runs/r/checkpoint_epoch0003_1")
+    assert progress_line(record, 10, "val_loss") == (
+        "epoch 3/10  train_loss=0.3000  val_loss=0.4000  val_accuracy=0.7000  [ema]"
+        "  * new best val_loss  (saved)")
+    assert record["val_loss_raw"] == 0.5  # the history and W&B keep both scorings
+    values, winner = scored(FINE, {"val_loss": NAN, "val_accuracy": NAN})
+    line = progress_line(epoch_record({"epoch": 1, **values, "weights": winner}, None), 10,
+                         "val_loss")
+    assert line == "epoch 1/10  train_loss=0.3000  val_loss=0.5000  val_accuracy=0.8000  [raw]"
+    # Without an EMA: every metric, no marker.
+    assert progress_line(epoch_record({"epoch": 1, **FINE}, None), 2, "val_loss") == (
+        "epoch 1/2  train_loss=0.3000  val_loss=0.5000  val_accuracy=0.8000")
 
 
 # -- the schema ----------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from workers.decisions.tracker import (
     require_monitor,
     tracker_of,
 )
+from workers.decisions.weights import chosen
 from workers.evaluation.collectives import all_reduce_sum, broadcast_flags
 from workers.evaluation.metrics import MeanLoss
 
@@ -140,9 +141,12 @@ class CheckpointManager:
         metrics = dict(record, workers=self.world_size)  # an elastic run's may change
         require_monitor(self.cfg.tracker.monitor, values)  # the same on all ranks: all raise
         require_also_monitors(self.cfg, values)
-        # Identical values on every rank, so every rank decides the same.
+        # Identical values on every rank, so every rank decides the same. With an EMA, only
+        # what training and the decision use: a NaN of the EMA still warming up (its
+        # ``_ema`` scoring, which lost) is no divergence while the raw weights train on.
+        checked = chosen(values) if weights is not None else values
         diverged = self.cfg.train.stop_on_nonfinite and not all(
-            math.isfinite(v) for v in values.values())
+            math.isfinite(v) for v in checked.values())
         verdict, stop = NOT_SAVED, diverged
         if self.rank_zero:
             verdict, stop = self._decide(epoch, record, metrics, diverged, at, final)

@@ -47,3 +47,19 @@ def with_both(raw: Mapping[str, float], ema: Mapping[str, float],
         values[f"{name}_raw"] = raw[name]
         values[f"{name}_ema"] = ema[name]
     return values
+
+
+def alternates(values: Mapping[str, object]) -> set[str]:
+    """The ``<metric>_raw`` and ``<metric>_ema`` copies ``with_both`` added to ``values``:
+    each metric's two scorings, kept for the history and W&B. Neither is what training or the
+    decision used (that is the usual name's value), so neither counts as a divergence, and
+    the epoch line leaves them out."""
+    return {f"{name}{kind}" for name in values for kind in ("_raw", "_ema")
+            if f"{name}_raw" in values and f"{name}_ema" in values}
+
+
+def chosen(values: Mapping[str, float]) -> dict[str, float]:
+    """``values`` without the ``alternates``: the training loss and the chosen weights'
+    metrics under their usual names."""
+    skip = alternates(values)
+    return {name: value for name, value in values.items() if name not in skip}

@@ -51,8 +51,9 @@ def reported_metrics(cfg: RunConfig, workload: Any) -> list[str]:
 def check_monitor(config: dict[str, Any]) -> dict[str, tuple[bool, str]]:
     """``MonitorNotReportedError`` (a user error) when the run would not report its monitor;
     else the directions its metric objects declare, by reported name
-    (``metrics.spec_directions``), for the driver to resolve ``tracker.mode``. A workload's own
-    loop reports what it likes: its first report is checked instead."""
+    (``metrics.spec_directions``), for the driver to resolve ``tracker.mode`` and each
+    ``tracker.also_monitor``'s mode. A workload's own loop reports what it likes: its first
+    report is checked instead."""
     cfg = RunConfig.model_validate(config)
     return monitor_directions(cfg, built(cfg))
 
