@@ -58,7 +58,12 @@ class RunSummary:
 
     @property
     def best_value(self) -> float | None:
-        """The monitored metric at the best epoch."""
+        """The monitored metric of the best model (``best_checkpoint``): the best epoch's, or
+        the average's where ``checkpoint.average_top_k``'s average won (``best_metrics`` stay
+        the best epoch's)."""
+        averaged = self.record.get("averaged")
+        if averaged and averaged["won"]:
+            return averaged["value"]
         metrics: Mapping[str, Any] = self.best_metrics or {}  # the monitor: an open key
         return metrics.get(self.monitor)
 
@@ -128,15 +133,25 @@ def tune(config: Any, overrides: Overrides | None = None, *, resume: bool = Fals
                         record=record)
 
 
-def best_checkpoint(path: str | Path, rank: int = 1) -> str:
+def best_checkpoint(path: str | Path, rank: int | None = None,
+                    monitor: str | None = None) -> str:
     """The best model's checkpoint of a run directory (its ``summary.json``) or a search
-    directory (its ``leaderboard.json``), checked against its recorded sizes and digests;
-    ``rank``: the k-th best of a run that keeps several (``checkpoint.keep_top_k``)."""
+    directory (its ``leaderboard.json``), checked against its recorded sizes and digests.
+
+    By default the record's best model: ``best_checkpoint``, which is the average of the K
+    best where ``checkpoint.average_top_k``'s average won. ``rank``: the k-th of the K single
+    models a run keeps (``checkpoint.keep_top_k``, ``best_checkpoints``; 1 is the single best,
+    even where the average won). ``monitor``: the best model of one of
+    ``tracker.also_monitor``'s metrics (``best_by_monitor``); ``tracker.monitor`` itself is the
+    default's."""
     from orchestrator import storage
     from orchestrator.errors import UserError
     from orchestrator.results.checkpoints import verify_checkpoint
     from workers.contract.names import LEADERBOARD_FILE, SUMMARY_FILE
 
+    if rank is not None and monitor is not None:
+        raise UserError("load_best: rank ranks tracker.monitor's K best models and monitor "
+                        "names another metric's best; pass one of them")
     root = storage.resolve(str(path))
     for name, key in ((LEADERBOARD_FILE, "best_model"), (SUMMARY_FILE, "best_checkpoint")):
         record_path = storage.join(root, name)
@@ -145,8 +160,10 @@ def best_checkpoint(path: str | Path, rank: int = 1) -> str:
         try:
             record = storage.read_json(record_path)
             best: str | None = record.get(key)
-            if rank != 1:
-                best = ranked_checkpoint(record, rank, record_path)
+            if rank is not None:
+                best = ranked_checkpoint(record, rank, record_path, key)
+            elif monitor is not None and monitor != record["monitor"]:
+                best = monitor_checkpoint(record, monitor, record_path)
         except (ValueError, AttributeError, KeyError, TypeError) as exc:
             raise UserError(f"{record_path}: damaged, not the record this tool writes "
                             f"({type(exc).__name__}: {exc})") from None
@@ -161,13 +178,15 @@ def best_checkpoint(path: str | Path, rank: int = 1) -> str:
                     "run's or search's directory")
 
 
-def ranked_checkpoint(record: Mapping[str, Any], rank: int, record_path: str) -> str:
-    """The ``rank``-th of a run's ``best_checkpoints`` (``checkpoint.keep_top_k``), or one
-    line saying which ranks there are."""
+def ranked_checkpoint(record: Mapping[str, Any], rank: int, record_path: str,
+                      key: str = "best_checkpoint") -> str:
+    """The ``rank``-th of a run's ``best_checkpoints`` (``checkpoint.keep_top_k``; never the
+    average of ``checkpoint.average_top_k``, which is no single model), or one line saying
+    which ranks there are. A record without them has one rank: its best model (``key``)."""
     from orchestrator.errors import UserError
 
     ranked = record.get("best_checkpoints") or (
-        [{"path": record["best_checkpoint"]}] if record.get("best_checkpoint") else [])
+        [{"path": record[key]}] if record.get(key) else [])
     if not 1 <= rank <= len(ranked):
         kept = (f"the ranks are 1 to {len(ranked)} (checkpoint.keep_top_k: "
                 f"{(record.get('config') or {}).get('checkpoint', {}).get('keep_top_k', 1)})"
@@ -176,18 +195,43 @@ def ranked_checkpoint(record: Mapping[str, Any], rank: int, record_path: str) ->
     return str(ranked[rank - 1]["path"])
 
 
-def load_best(path: str | Path, rank: int = 1) -> BestModel:
+def monitor_checkpoint(record: Mapping[str, Any], monitor: str, record_path: str) -> str:
+    """The best model of ``monitor``, one of the run's ``tracker.also_monitor`` metrics
+    (``best_by_monitor``), or one line naming the monitors there are, or saying that its best
+    evaluation's model was not kept."""
+    from orchestrator.errors import UserError
+
+    by_monitor: Mapping[str, Any] = record.get("best_by_monitor") or {}
+    if monitor not in by_monitor:
+        others = ", ".join(by_monitor)
+        raise UserError(
+            f"{record_path}: no best model for monitor {monitor!r}; the monitors are "
+            f"{record['monitor']} (tracker.monitor)"
+            + (f" and {others} (tracker.also_monitor)" if others else ""))
+    best = by_monitor[monitor]
+    if not best.get("checkpoint"):
+        raise UserError(f"{record_path}: the model of {monitor}'s best evaluation (epoch "
+                        f"{best.get('epoch')}) was not kept")
+    return str(best["checkpoint"])
+
+
+def load_best(path: str | Path, rank: int | None = None,
+              monitor: str | None = None) -> BestModel:
     """The best model of a run or a search: the workload's model (built as in training, on
     CPU) holding the best weights, with the checkpoint's metadata (its epoch's metrics).
-    ``rank``: the k-th best of a run that keeps several (``checkpoint.keep_top_k``), 1 to K;
-    out of range, one line says which there are."""
+
+    The default is the record's ``best_checkpoint``: the average of the K best
+    (``metadata["weights"] == "averaged"``) where ``checkpoint.average_top_k``'s average won.
+    ``rank``: the k-th of the K single models a run keeps (``checkpoint.keep_top_k``), 1 to
+    K; ``monitor``: the best model of a ``tracker.also_monitor`` metric. Out of range or
+    unknown, one line says which there are."""
     from ray.train import Checkpoint
 
     from workers.checkpoint.load import load_metadata
     from workers.contract.config import RunConfig
     from workers.loop.scoring import load_model
 
-    checkpoint = best_checkpoint(path, rank)
+    checkpoint = best_checkpoint(path, rank, monitor)
     with Checkpoint(checkpoint).as_directory() as directory:  # local, or fetched from a URI
         metadata = load_metadata(directory)
         workload, model = load_model(RunConfig.model_validate(metadata["config"]), directory)

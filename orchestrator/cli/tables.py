@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from workers.contract.records import Summary
+from workers.contract.records import AveragedRecord, Summary
 
 
 def _fmt(value: Any) -> str:
@@ -19,9 +19,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def won_average(summary: Summary) -> AveragedRecord | None:
+    """``checkpoint.average_top_k``'s record where the average won (it is then
+    ``best_checkpoint``), else None."""
+    averaged = summary.get("averaged")
+    return averaged if averaged and averaged["won"] and averaged.get("path") else None
+
+
+def _averaged_name(averaged: AveragedRecord) -> str:
+    return f"average of the {averaged['k']} best"
+
+
 def summary_table(summary: Summary) -> Table:
+    """The best evaluation's metrics; where the average of the K won, its validation metrics
+    beside them; the test split's, scored with ``best_checkpoint``."""
     best: Mapping[str, Any] = summary.get("best_metrics") or {}  # its metrics: open keys
     test = summary.get("test_metrics") or {}
+    averaged = won_average(summary)
+    scored: Mapping[str, Any] = (averaged.get("metrics") or {}) if averaged else {}
     title = (
         f"{summary['name']}: best epoch {summary['best_epoch']} of "
         f"{summary['epochs_completed']} ({summary['monitor']}, {summary['mode']})"
@@ -34,11 +49,16 @@ def summary_table(summary: Summary) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("best epoch", justify="right")
+    if averaged:
+        table.add_column(f"{_averaged_name(averaged)} (the best model)", justify="right")
     if test:
-        table.add_column("test (best weights)", justify="right")
+        table.add_column(f"test ({_averaged_name(averaged) if averaged else 'best weights'})",
+                         justify="right")
     names = [k for k in best if k.startswith(("train_", "val_"))]
     for name in names:
         row = [name, _fmt(best[name])]
+        if averaged:
+            row.append(_fmt(scored[name]) if name in scored else "")
         if test:
             test_name = "test_" + name.removeprefix("val_")
             row.append(_fmt(test[test_name]) if name.startswith("val_") and test_name in test
@@ -48,7 +68,9 @@ def summary_table(summary: Summary) -> Table:
 
 
 def best_checkpoints_table(summary: Summary) -> Table:
-    """``checkpoint.keep_top_k``: the K kept models, best first (``best_checkpoints``)."""
+    """``checkpoint.keep_top_k``: the K kept models, best first (``best_checkpoints``). Where
+    ``checkpoint.average_top_k``'s average won, it is the first row (``avg``: the best model,
+    ``best_checkpoint``), above rank 1 (``average_verdict`` says by how much)."""
     ranked = summary.get("best_checkpoints") or []
     by_steps = bool((summary.get("config") or {}).get("train", {}).get("eval_every_n_steps"))
     table = Table(title=f"the {len(ranked)} best models kept ({summary['monitor']}, "
@@ -56,11 +78,40 @@ def best_checkpoints_table(summary: Summary) -> Table:
     for column in ("rank", "epoch", *(["global step"] if by_steps else []),
                    summary["monitor"], "checkpoint"):
         table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    if averaged := won_average(summary):
+        by_path = {c["path"]: c for c in ranked}
+        of = [by_path[p] for p in averaged["averaged_from"] if p in by_path]
+        table.add_row("avg", ", ".join(str(c["epoch"]) for c in of),
+                      *([", ".join(_fmt(c["global_step"]) for c in of)] if by_steps else []),
+                      _fmt(averaged["value"]), averaged["path"].rstrip("/").rsplit("/", 1)[-1],
+                      end_section=True)
     for c in ranked:
         table.add_row(str(c["rank"]), str(c["epoch"]),
                       *([_fmt(c["global_step"])] if by_steps else []), _fmt(c["value"]),
                       c["path"].rsplit("/", 1)[-1])
     return table
+
+
+def average_verdict(summary: Summary) -> str | None:
+    """One line: how the average of the K did against rank 1 and what became of it; None
+    without ``checkpoint.average_top_k``."""
+    averaged = summary.get("averaged")
+    if not averaged:
+        return None
+    name = _averaged_name(averaged)
+    if averaged.get("skipped"):
+        return f"{name}: not averaged ({averaged['skipped']})"
+    by, monitor = averaged["by"], summary["monitor"]
+    if averaged["value"] is None or by is None:
+        against = f"{monitor} not finite"
+    else:
+        than = ("better than" if by > 0 else "worse than" if by < 0 else "no better than")
+        against = (f"{monitor} {_fmt(averaged['value'])}, {than} rank 1"
+                   + (f" by {_fmt(abs(by))}" if by else ""))
+    if averaged["won"]:
+        return (f"{name} (avg): {against}; it is the best model (best_checkpoint; the test "
+                "split is scored with it)")
+    return f"{name}: {against}; not kept, rank 1 is the best model"
 
 
 def monitors_table(summary: Summary) -> Table:
@@ -72,9 +123,11 @@ def monitors_table(summary: Summary) -> Table:
         table.add_column(column, justify="left" if column in ("monitor", "checkpoint")
                          else "right")
     best: Mapping[str, Any] = summary.get("best_metrics") or {}
-    rows = [(summary["monitor"], summary["mode"], summary.get("best_epoch"),
-             best.get(summary["monitor"]), summary.get("test_metrics"),
-             summary.get("best_checkpoint"))]
+    averaged = won_average(summary)  # then the primary's best model is the average
+    rows: list[tuple[str, str, Any, Any, Any, str | None]] = [(
+        summary["monitor"], summary["mode"], "avg" if averaged else summary.get("best_epoch"),
+        averaged["value"] if averaged else best.get(summary["monitor"]),
+        summary.get("test_metrics"), summary.get("best_checkpoint"))]
     rows += [(name, b["mode"], b["epoch"], b["value"], b["test_metrics"], b["checkpoint"])
              for name, b in by_monitor.items()]
     for name, mode, epoch, value, test, path in rows:
@@ -97,10 +150,14 @@ def print_summary(summary: Summary, console: Console | None = None) -> None:
         console.print(summary_table(summary))
     if summary.get("best_checkpoints"):
         console.print(best_checkpoints_table(summary))
+    if verdict := average_verdict(summary):
+        console.print(verdict)
     if summary.get("best_by_monitor"):
         console.print(monitors_table(summary))
     where = summary.get("best_checkpoint")
-    console.print(f"best model: {where}" if where else
+    averaged = won_average(summary)
+    console.print(f"best model: {where}" + (f" ({_averaged_name(averaged)})" if averaged
+                                            else "") if where else
                   f"best model: not saved (checkpoint policy {summary['policy']!r})")
     console.print(f"summary:    {summary['run_dir']}/summary.json")
 

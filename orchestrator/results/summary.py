@@ -197,7 +197,9 @@ def summarize(cfg: RunConfig, run_dir: str, *, use_gpu: bool, start: str,
 def with_best_checkpoints(cfg: RunConfig, kept: list[KeptCheckpoint],
                           summary: Summary) -> Summary:
     """``checkpoint.keep_top_k`` > 1: ``best_checkpoints``, the K kept models best first
-    (the first is ``best_checkpoint``). K = 1 adds no key: summary.json as it always was."""
+    (the first is ``best_checkpoint``, unless ``checkpoint.average_top_k``'s average won:
+    ``best_checkpoint`` is then ``averaged.path``, no single model, and these stay the K it
+    was made of and beat). K = 1 adds no key: summary.json as it always was."""
     if cfg.checkpoint.keep_top_k > 1:
         summary["best_checkpoints"] = top_k_checkpoints(kept, cfg.checkpoint.keep_top_k,
                                                         cfg.tracker.resolved_mode)

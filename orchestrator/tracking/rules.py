@@ -46,21 +46,54 @@ def version_alias(metadata: Mapping[str, Any], by_steps: bool) -> str:
     return f"epoch-{metadata['epoch']}"
 
 
-def rank_aliases(ranked: list[str]) -> dict[str, str]:
+def rank_aliases(ranked: list[str], average_won: bool = False) -> dict[str, str]:
     """Each of the K best models' alias (``checkpoint.keep_top_k``), by its final rank:
-    ``best``, ``top-2``, ``top-3``, ...; ``ranked``: their paths, best first."""
-    return {path: "best" if rank == 1 else f"top-{rank}"
+    ``best``, ``top-2``, ``top-3``, ...; ``ranked``: their paths, best first. Where the
+    average of the K won (``checkpoint.average_top_k``), ``best`` is the average's
+    (``averaged_aliases``) and the single models are ``top-1``, ``top-2``, ..."""
+    return {path: "best" if rank == 1 and not average_won else f"top-{rank}"
             for rank, path in enumerate(ranked, start=1)}
+
+
+def averaged_aliases(k: int) -> list[str]:
+    """The average of the K best, when it won: its own alias ``averaged-top-K`` (not
+    ``epoch-N``: it is no evaluation's model, and that alias stays the single best's) and
+    ``best``."""
+    return [f"averaged-top-{k}", "best"]
+
+
+def average_won(summary: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint.average_top_k``'s average won: it is then ``best_checkpoint``."""
+    averaged = summary.get("averaged") or {}
+    return bool(averaged.get("won")) and summary.get("best_checkpoint") == averaged.get("path")
+
+
+def averaged_record(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The averaged version's ``averaged`` metadata: K, the models averaged (their checkpoint
+    names, epochs and global steps, best first, from ``best_checkpoints``), the average's
+    monitored value on validation, the single best's, and by how much the average is better."""
+    averaged = summary["averaged"]
+    by_path = {r["path"]: r for r in summary.get("best_checkpoints", [])}
+    models = [by_path.get(path, {}) for path in averaged["averaged_from"]]
+    return {"k": averaged["k"],
+            "averaged_from": [path.rstrip("/").rsplit("/", 1)[-1]
+                              for path in averaged["averaged_from"]],
+            "epochs": [m.get("epoch") for m in models],
+            "global_steps": [m.get("global_step") for m in models],
+            "value": averaged["value"], "best_value": averaged["best_value"],
+            "by": averaged["by"]}
 
 
 def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
                 checkpoints: list[KeptCheckpoint], by_steps: bool = False,
-                ranked: list[str] | None = None,
+                ranked: list[str] | None = None, average_won: bool = False,
                 ) -> list[tuple[str, CheckpointMetadata, list[str]]]:
     """The models a run keeps in W&B once it ended, oldest first, with their aliases: the best
     checkpoint (``best``; with keep_top_k, each of the K best, ``ranked`` best first, by
     ``rank_aliases``) and, unless ``keep: best``, the last one ``log_model`` chooses
-    (``last``; the same version when it is one of those)."""
+    (``last``; the same version when it is one of those). ``average_won``: the K keep their
+    ranks' aliases, ``top-1`` first; the average, no checkpoint of the run, is logged apart
+    (``averaged_aliases``)."""
     chosen = [c for c in checkpoints if should_log_model(
         log_model, c["metadata"]["saved_because"], c["is_best"])]
     out: dict[str, tuple[str, CheckpointMetadata, list[str]]] = {}
@@ -70,7 +103,7 @@ def kept_at_end(log_model: str, keep: str, best_checkpoint: str | None,
                              [version_alias(last["metadata"], by_steps), "last"])
     by_path = {c["path"]: c for c in checkpoints}
     for path, alias in rank_aliases(ranked or ([best_checkpoint] if best_checkpoint
-                                               else [])).items():
+                                               else []), average_won).items():
         if (best := by_path.get(path)) is None:
             continue
         aliases = out.get(path, (None, None, [version_alias(best["metadata"], by_steps)]))[2]

@@ -26,6 +26,9 @@ from orchestrator.tracking.pruner import VersionPruner
 from orchestrator.tracking.rules import (
     LIVE,
     artifact_name,
+    average_won,
+    averaged_aliases,
+    averaged_record,
     best_summary,
     kept_at_end,
     model_logging,
@@ -156,7 +159,10 @@ class WandbRun:
                 self.handle(record, staged_path(run_dir, record.get("checkpoint")))
 
     def log_model(self, checkpoint_path: str, metadata: Mapping[str, Any], *,
-                  name: str | None = None, aliases: list[str] | None = None) -> None:
+                  name: str | None = None, aliases: list[str] | None = None,
+                  prune: bool = True) -> None:
+        """``prune``: offered to the online pruner, which ranks the run's evaluations (not
+        an average of them); ``name``: another artifact than the run's model, never pruned."""
         import wandb
 
         metadata = {**metadata, **self.extra_metadata}
@@ -179,7 +185,7 @@ class WandbRun:
         version = int(metadata["global_step"] if self.by_steps else metadata["epoch"])
         if version not in self.logged_versions:  # a moved alias is no new model
             self.logged_versions.append(version)
-        if self.pruner is not None and name is None:
+        if self.pruner is not None and name is None and prune:
             self.pruner.committed(logged, bool(metadata.get("is_best")), metadata)
 
     def _log_copies(self, artifact: Any, checkpoint_path: str, aliases: list[str]) -> Any:
@@ -212,6 +218,8 @@ class WandbRun:
             self._move_best_alias(summary)
         else:
             self._log_kept(summary)
+        if average_won(summary) and self.cfg.wandb.log_model != "none":
+            self._log_averaged(summary)
         self._monitor_aliases(summary)
         if plot_path:
             last = summary["global_step"] if self.by_steps else summary["epochs_completed"]
@@ -229,8 +237,20 @@ class WandbRun:
         for path, metadata, aliases in kept_at_end(
                 self.cfg.wandb.log_model, self.keep, summary.get("best_checkpoint"),
                 kept_checkpoints(summary["run_dir"]), self.by_steps,
-                [c["path"] for c in summary.get("best_checkpoints", [])]):
+                [c["path"] for c in summary.get("best_checkpoints", [])],
+                average_won(summary)):
             self.log_model(path, metadata, aliases=aliases)
+
+    def _log_averaged(self, summary: Summary) -> None:
+        """``checkpoint.average_top_k``'s average, when it won: a version of the run's model
+        with ``best`` (moved from the single best, which keeps ``top-1``) and
+        ``averaged-top-K``; its metadata is its own ``metadata.json`` and ``averaged`` (the
+        models averaged, the two values). Logged after the K, so ``best`` ends on it."""
+        path = summary["averaged"]["path"]
+        metadata = {**storage.read_json(storage.join(path, METADATA_FILE)),
+                    "averaged": averaged_record(summary)}
+        self.log_model(path, metadata, aliases=averaged_aliases(summary["averaged"]["k"]),
+                       prune=False)
 
     def _monitor_aliases(self, summary: Summary) -> None:
         """``tracker.also_monitor``: ``best_<metric>_*`` in the run summary, and ``best-<metric>``
@@ -250,12 +270,14 @@ class WandbRun:
 
     def _move_best_alias(self, summary: Summary) -> None:
         """``best`` on the version of the summary's best epoch (with keep_top_k, ``top-2``,
-        ... on the others of the K): logged again with that alias (the same files: W&B keeps
+        ... on the others of the K; ``top-1``, ... where the average of the K won and takes
+        ``best``, ``_log_averaged``): logged again with that alias (the same files: W&B keeps
         one version and moves the alias) when the alias sits elsewhere, or on no version (a
         policy that logs other models, or a stopped run)."""
         best = summary.get("best_checkpoint")
         ranked = [c["path"] for c in summary.get("best_checkpoints", [])]
-        for path, alias in rank_aliases(ranked or ([best] if best else [])).items():
+        for path, alias in rank_aliases(ranked or ([best] if best else []),
+                                        average_won(summary)).items():
             metadata = storage.read_json(storage.join(path, METADATA_FILE))
             if self.alias_at.get(alias) != point(metadata):
                 self.log_model(path, metadata,

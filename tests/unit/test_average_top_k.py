@@ -6,6 +6,7 @@ independent computation; the winner written and re-scored from its files."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -207,3 +208,222 @@ def test_the_average_is_scored_exactly_and_written_only_when_it_wins(tmp_path, o
     assert rescored is not None
     assert rescored["val_loss"] == pytest.approx(result["value"], rel=1e-6)
 
+
+
+# -- where the average won, every surface says it is the best model -------------------------
+# A run directory made by hand (the K kept models, history.json), summarised by the project's
+# own ``summarize`` with its two Ray tasks run in this process (the average, the test split):
+# summary.json, ``best_checkpoint`` / ``load_best``, ``orchestrator best``'s tables and the
+# W&B run (offline, read back with ``wandb leet inspect``) agree on which model is the best.
+
+SMALL = {"norm": False, "with_test": True, "hidden": 16}
+
+
+def _hand_made_run(tmp_path: Path, values: list[float], monkeypatch,
+                   wandb_mode: str = "disabled", keep: str = "best_and_last"):
+    """Epochs 1..len(values) with those val_loss values (the ones their metadata claims: the
+    verdict is the rule's, whatever the weights score); the models of the 3 best kept, as Ray
+    keeps them (the 4th best's deleted). Returns (cfg, run_dir, summary)."""
+    from orchestrator.results import averaging as averaging_module
+    from orchestrator.results import summary as summary_module
+    from orchestrator.results.summary import summarize
+    from tests.unit.run_files import history_record, write_history
+    from tests.workloads.overfit import build
+    from workers.checkpoint.snapshot import snapshot
+
+    cfg = RunConfig.model_validate({
+        "name": "avg", "storage_path": str(tmp_path / "runs"), "seed": 0,
+        "workload": {"entrypoint": OVERFIT, "params": SMALL},
+        "train": {"epochs": len(values), "batch_size": 8}, "tracker": {"monitor": "val_loss"},
+        "checkpoint": {"keep_top_k": 3, "average_top_k": 3},
+        "wandb": {"mode": wandb_mode, "keep": keep}})
+    run_dir = tmp_path / "runs" / "avg"
+    run_dir.mkdir(parents=True)
+    top = sorted(range(len(values)), key=lambda i: values[i])[:3]
+    records, best = [], math.inf
+    for i, value in enumerate(values):
+        epoch, improved = i + 1, value < best
+        best = min(best, value)
+        path = None
+        if i in top:
+            torch.manual_seed(epoch)
+            metadata = {"epoch": epoch, "global_step": 4 * epoch, "train_loss": 1.0 / epoch,
+                        "val_loss": value, "monitor": "val_loss", "mode": "min",
+                        "is_best": improved, "saved_because": "best", "top_k_rank": 1,
+                        "test_split": True, "config": cfg.to_dict()}
+            path = run_dir / f"checkpoint_epoch{epoch:04d}_{epoch}"
+            write_checkpoint(snapshot(build(**SMALL).model.state_dict(), None,
+                                      {"epoch": epoch}, metadata),
+                             pafs.LocalFileSystem(), str(path))
+        records.append({**history_record(epoch, value, improved, path), "global_step": 4 * epoch})
+    write_history(run_dir, records)
+
+    def score_here(cfg, paths, best_value, target, use_gpu):  # the Ray task, in this process
+        return average_checkpoints(cfg.to_dict(), [_Local(Path(p)) for p in paths],
+                                   best_value, target)
+
+    monkeypatch.setattr(averaging_module, "_score", score_here)
+    monkeypatch.setattr(summary_module, "evaluate_test_split",
+                        lambda cfg, path, use_gpu: evaluate_split(cfg, path, "test"))
+    summary = summarize(cfg, str(run_dir), use_gpu=False, start="fresh")
+    return cfg, run_dir, summary
+
+
+WINS = [9.0, 8.0, 8.5, 8.2]  # claimed far worse than any model scores: the average wins
+LOSES = [0.09, 0.08, 0.085, 0.082]  # claimed far better: it loses
+
+
+@pytest.mark.parametrize("outcome", ["won", "lost"])
+def test_the_summary_and_load_best_agree_on_the_best_model(tmp_path, monkeypatch, outcome):
+    from orchestrator.api import best_checkpoint, load_best
+    from orchestrator.results.averaging import averaged_dir
+
+    cfg, run_dir, summary = _hand_made_run(tmp_path, WINS if outcome == "won" else LOSES,
+                                           monkeypatch)
+    averaged, ranked = summary["averaged"], summary["best_checkpoints"]
+    # best_checkpoints: the K single models, best first, whoever won.
+    assert [(r["rank"], r["epoch"]) for r in ranked] == [(1, 2), (2, 4), (3, 3)]
+    assert averaged["averaged_from"] == [r["path"] for r in ranked]
+    assert averaged["won"] is (outcome == "won")
+    target = averaged_dir(str(run_dir), 3)
+    winner = target if outcome == "won" else ranked[0]["path"]
+    assert summary["best_checkpoint"] == winner
+    assert Path(target).exists() is (outcome == "won")
+    # the single best's record either way (the average is no evaluation); the test split
+    # scored with the winner
+    assert summary["best_epoch"] == 2 and summary["best_metrics"]["val_loss"] == 8.0 * (
+        1 if outcome == "won" else 0.01)
+    assert summary["test_metrics"]["test_loss"] == pytest.approx(
+        evaluate_split(cfg, winner, "test")["test_loss"], rel=1e-6)
+
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert best_checkpoint(run_dir) == winner  # the default: best_checkpoint
+    for rank, single in enumerate(ranked, start=1):  # rank k: the k-th single model
+        assert best_checkpoint(run_dir, rank=rank) == single["path"]
+    loaded = load_best(run_dir)
+    assert loaded.checkpoint == winner
+    assert (loaded.metadata.get("weights") == "averaged") is (outcome == "won")
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(Path(winner) / "model.safetensors"))
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, on_disk[name]), name
+    first = load_best(run_dir, rank=1)
+    assert first.checkpoint == ranked[0]["path"] and first.metadata["epoch"] == 2
+
+
+def test_orchestrator_best_shows_the_average_first_where_it_won(tmp_path, monkeypatch,
+                                                                 capsys):
+    from orchestrator.cli.tables import (
+        best_checkpoints_table,
+        make_console,
+        monitors_table,
+        print_summary,
+        summary_table,
+    )
+
+    _, _, won = _hand_made_run(tmp_path / "won", WINS, monkeypatch)
+    table = best_checkpoints_table(won)
+    assert [list(c.cells) for c in table.columns][0] == ["avg", "1", "2", "3"]
+    assert list(table.columns[1].cells)[0] == "2, 4, 3"  # the epochs averaged, best first
+    assert list(table.columns[2].cells)[0] == f"{won['averaged']['value']:.6g}"
+    assert list(table.columns[3].cells)[0] == "averaged_top_3"
+    headers = [c.header for c in summary_table(won).columns]
+    assert headers == ["metric", "best epoch", "average of the 3 best (the best model)",
+                       "test (average of the 3 best)"]
+    row = list(monitors_table(won).columns[2].cells)  # the primary's epoch: the average
+    assert row == ["avg"]
+    print_summary(won, make_console())
+    out = capsys.readouterr().out
+    value, by = won["averaged"]["value"], won["averaged"]["by"]
+    assert (f"average of the 3 best (avg): val_loss {value:.6g}, better than rank 1 by "
+            f"{by:.6g}; it is the best model") in out
+    assert f"best model: {won['best_checkpoint']} (average of the 3 best)" in out
+
+    _, _, lost = _hand_made_run(tmp_path / "lost", LOSES, monkeypatch)
+    table = best_checkpoints_table(lost)
+    assert list(table.columns[0].cells) == ["1", "2", "3"]
+    assert [c.header for c in summary_table(lost).columns] == [
+        "metric", "best epoch", "test (best weights)"]
+    print_summary(lost, make_console())
+    out = capsys.readouterr().out
+    value, by = lost["averaged"]["value"], -lost["averaged"]["by"]
+    assert (f"average of the 3 best: val_loss {value:.6g}, worse than rank 1 by {by:.6g}; "
+            "not kept, rank 1 is the best model") in out
+    assert f"best model: {lost['best_checkpoint']}\n" in out
+
+
+@pytest.fixture
+def wandb_dirs(tmp_path, monkeypatch):
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        path = tmp_path / var.lower()
+        path.mkdir()
+        monkeypatch.setenv(var, str(path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def _logged_models(run_dir: str) -> list[dict]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect",
+                           "--json", run_dir], capture_output=True, text=True, timeout=120,
+                          check=True)
+    found = []
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "artifact":
+            artifact = record["artifact"]
+            artifact["metadata"] = json.loads(artifact.get("metadata") or "{}")
+            found.append(artifact)
+    return found
+
+
+@pytest.mark.parametrize(("outcome", "keep"), [("won", "best_and_last"), ("won", "all"),
+                                               ("lost", "best_and_last")])
+def test_wandb_moves_best_to_the_average_only_where_it_won(tmp_path, monkeypatch, wandb_dirs,
+                                                           outcome, keep):
+    """Offline, ``keep: best_and_last`` logs the kept models at the end (``_log_kept``);
+    ``keep: all`` logs each as it is saved (here: each kept one, in order) and moves the
+    aliases at the end (``_move_best_alias``): the average's version gets ``best`` last."""
+    from orchestrator.tracking.wandb_run import open_run
+    from workers.contract.names import METADATA_FILE
+
+    cfg, run_dir, summary = _hand_made_run(tmp_path, WINS if outcome == "won" else LOSES,
+                                           monkeypatch, wandb_mode="offline", keep=keep)
+    run = open_run(cfg, str(run_dir))
+    if keep == "all":  # the live path: each saved model logged as the run went
+        for c in sorted(summary["best_checkpoints"], key=lambda c: c["epoch"]):
+            run.log_model(c["path"], json.loads((Path(c["path"]) / METADATA_FILE).read_text()))
+    info = run.finish(summary, None)
+    logged = _logged_models(info["run"])
+    assert all(a["name"] == "avg-model" and a["type"] == "model" for a in logged)
+    # W&B moves an alias to the newest version logged with it: each alias' last holder.
+    holder = {alias: a for a in logged for alias in a["aliases"]}
+    ranked = summary["best_checkpoints"]
+    if outcome == "lost":
+        assert not any(a["metadata"].get("weights") == "averaged" for a in logged)
+        assert holder["best"]["metadata"]["epoch"] == ranked[0]["epoch"]
+        assert "top-1" not in holder and "averaged-top-3" not in holder
+        return
+    best = holder["best"]
+    assert "averaged-top-3" in best["aliases"] and holder["averaged-top-3"] is best
+    assert best["metadata"]["weights"] == "averaged"
+    record = best["metadata"]["averaged"]
+    assert record["k"] == 3 and record["epochs"] == [2, 4, 3]
+    assert record["global_steps"] == [8, 16, 12]
+    assert record["averaged_from"] == [Path(r["path"]).name for r in ranked]
+    assert record["value"] == summary["averaged"]["value"] and record["by"] > 0
+    assert best["metadata"]["val_loss"] == summary["averaged"]["value"]
+    files = {c["path"]: c for c in best["manifest"]["contents"]}
+    import base64
+    import hashlib
+
+    weights = Path(summary["best_checkpoint"]) / "model.safetensors"
+    assert files["model.safetensors"]["digest"] == base64.b64encode(
+        hashlib.md5(weights.read_bytes()).digest()).decode()
+    # the K single models keep their ranks, the single best as top-1, and their epochs
+    for rank, single in enumerate(ranked, start=1):
+        assert holder[f"top-{rank}"]["metadata"]["epoch"] == single["epoch"]
+        assert holder[f"epoch-{single['epoch']}"]["metadata"].get("weights") != "averaged"

@@ -225,6 +225,12 @@ def test_wandb_aliases_follow_the_final_ranks():
         ("p6", ["epoch-6", "last", "top-3"])]
     only = kept_at_end("policy", "best", "p4", kept, ranked=["p4", "p3", "p6"])
     assert [aliases[-1] for _, _, aliases in only] == ["top-2", "best", "top-3"]
+    # checkpoint.average_top_k's average won: it takes best (logged apart), the K their ranks
+    assert rank_aliases(["a", "b"], average_won=True) == {"a": "top-1", "b": "top-2"}
+    won = kept_at_end("policy", "best", "avg", kept, ranked=["p4", "p3", "p6"],
+                      average_won=True)
+    assert [aliases for _, _, aliases in won] == [
+        ["epoch-3", "top-2"], ["epoch-4", "top-1"], ["epoch-6", "top-3"]]
 
 
 class Logged:
