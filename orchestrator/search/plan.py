@@ -112,10 +112,21 @@ def trial_status(summary: Mapping[str, Any]) -> str:
     return "stopped early" if summary.get("stopped_early") else "completed"
 
 
+def best_model_value(summary: dict[str, Any], monitor: str) -> float | None:
+    """The monitored value of a trial's best model: its best evaluation's, or, where
+    ``checkpoint.average_top_k``'s average won and became its best model, the average's."""
+    averaged = summary.get("averaged") or {}
+    if averaged.get("won"):
+        return float(averaged["value"])
+    value = (summary.get("best_metrics") or {}).get(monitor)
+    return None if value is None else float(value)
+
+
 def leaderboard(summaries: list[dict[str, Any]], monitor: str, mode: str) -> list[dict[str, Any]]:
-    """Trials sorted by their best monitored value (trials without one last)."""
+    """Trials sorted by their best model's monitored value (trials without one last): row 0's
+    is the model exported (``best_checkpoint``, the average where it won)."""
     def key(s: dict[str, Any]) -> tuple[int, float]:
-        value = (s.get("best_metrics") or {}).get(monitor)
+        value = best_model_value(s, monitor)
         if value is None or not math.isfinite(value):
             return (1, 0.0)
         return (0, value if mode == "min" else -value)
@@ -130,7 +141,10 @@ def leaderboard(summaries: list[dict[str, Any]], monitor: str, mode: str) -> lis
             "status": trial_status(s),
             "best_epoch": s.get("best_epoch"),
             "epochs_completed": s.get("epochs_completed"),
-            f"best_{monitor}": best.get(monitor),
+            f"best_{monitor}": best_model_value(s, monitor),
+            # The best model is checkpoint.average_top_k's average (best_metrics: the single
+            # best evaluation's, which it beat).
+            "best_is_average": bool((s.get("averaged") or {}).get("won")),
             "best_metrics": best,
             "test_metrics": s.get("test_metrics"),
             "best_checkpoint": s.get("best_checkpoint"),

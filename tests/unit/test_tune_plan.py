@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.search.plan import export_best, resumed_config
+from orchestrator.search.plan import export_best, leaderboard, resumed_config
 from orchestrator.search.runner import trial_resources
 from orchestrator.training.one_process import trains_in_trial
 from workers.contract.config import RunConfig
@@ -109,3 +109,22 @@ def test_a_resume_may_change_where_one_worker_trials_train():
     cfg = resumed_config(saved, config(scaling__num_workers=1,
                                        tune__one_worker_trials="ray_train"))
     assert cfg.tune.one_worker_trials == "ray_train"
+
+
+def test_a_trial_whose_average_won_ranks_by_the_average_it_exports():
+    """checkpoint.average_top_k: a trial's best model is its average where the average won;
+    the leaderboard ranks and shows that model's value, so row 0 is the model exported."""
+    def summary(trial_id: str, single: float, averaged: dict | None) -> dict:
+        return {"trial_id": trial_id, "hyperparameters": {}, "status": "completed",
+                "best_epoch": 3, "epochs_completed": 5, "best_metrics": {"val_loss": single},
+                "best_checkpoint": f"/runs/{trial_id}/best", "test_metrics": None,
+                **({"averaged": averaged} if averaged is not None else {})}
+
+    board = leaderboard([
+        summary("trial-000", 0.30, None),
+        summary("trial-001", 0.32, {"won": True, "value": 0.28, "best_value": 0.32}),
+        summary("trial-002", 0.29, {"won": False, "value": 0.31, "best_value": 0.29}),
+    ], "val_loss", "min")
+    assert [(r["trial_id"], r["best_val_loss"], r["best_is_average"]) for r in board] == [
+        ("trial-001", 0.28, True), ("trial-002", 0.29, False), ("trial-000", 0.30, False)]
+    assert board[0]["best_metrics"] == {"val_loss": 0.32}  # the single best it beat

@@ -132,7 +132,8 @@ class TrainSection(_Section):
     )
     stop_on_nonfinite: bool = Field(
         True, description="stop the run at the first epoch whose loss or a metric is NaN or "
-        "infinite (such an epoch never becomes the best either way)")
+        "infinite (such an epoch never becomes the best either way); with train.ema_decay, "
+        "the metrics of the weights chosen, not those of the ones that lost")
     loader_workers: Literal["auto"] | Annotated[Int, Field(ge=0)] = Field(
         "auto",
         description="DataLoader worker processes per rank and split (persistent between "
@@ -301,7 +302,8 @@ class CheckpointSection(_Section):
         1, ge=1, description="for policy best: the models of the K best evaluations are kept "
         "(an evaluation is saved when it is strictly better than the K-th best so far), each "
         "with its rank; summary.json lists them best first (best_checkpoints), W&B gives them "
-        "the aliases best, top-2, ...; the test split is scored with the best")
+        "the aliases best, top-2, ... (top-1, ... when average_top_k's average won and took "
+        "best); the test split is scored with the best")
     average_top_k: Int | None = Field(
         None, ge=2, description="opt-in, for policy best with keep_top_k at least K: at the "
         "run's end, the uniform average of the K best models' weights (BatchNorm statistics "
