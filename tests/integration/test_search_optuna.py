@@ -141,7 +141,11 @@ def test_a_resumed_optuna_search_proposes_what_an_uninterrupted_one_did(
     before it). Replayed from the records rather than run a second time: the sampler is the
     same, and an uninterrupted search's proposals are checked by the test above."""
     cfg = optuna_config(tmp_path, "s", num_samples=4, max_concurrent_trials=1)
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    data = cfg.to_dict()
+    # A trial takes seconds, not the fraction of one it takes in its own reused process: the
+    # third is still running when the signal lands (a step's sleep changes no number).
+    data["workload"]["params"]["step_seconds"] = 0.5
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]

@@ -110,6 +110,9 @@ def test_a_pbt_search_stopped_by_sigterm_resumes_with_its_exploits(tmp_path):
     exploit's learning rate from the donor's weights, and the resume says there are no further
     exploits."""
     cfg = pbt_config(tmp_path, "pbt-resume").to_dict()
+    # Legs take seconds, not the fraction of one they take in a trial's own process: the
+    # search is still running when the signal lands (a step's sleep changes no number).
+    cfg["workload"]["params"]["step_seconds"] = 0.3
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
     command = [sys.executable, "-m", "orchestrator", "tune", "tune.yaml"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -175,6 +175,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
     cfg = search_config(tmp_path, "interrupted", max_concurrent_trials=1).to_dict()
     cfg["wandb"]["mode"] = "disabled"
     cfg["train"]["epochs"] = 3
+    # A trial takes seconds, not the fraction of one it takes in its own reused process:
+    # trials are still to run when the signal lands (a step's sleep changes no number).
+    cfg["workload"]["params"]["step_seconds"] = 0.5
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
     # The search's local Ray under a temp dir of its own: its processes are found by it.
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
