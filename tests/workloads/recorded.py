@@ -6,7 +6,8 @@ checkpoint's write start only after training has moved on.
   of its whole state dict with plain ``torch.save``: ``<record_dir>/epochNNNN-rankR.pt``.
   These copies are the truth the checkpoints are compared with; they do not go through the
   project's checkpoint code.
-- ``build`` wraps ``workers.checkpoint.writer.write_checkpoint`` in this worker process: a write
+- ``build`` wraps ``workers.checkpoint.writer.write_checkpoint`` in this worker process (in a
+  Ray actor only, never in a driver that builds the workload to check it): a write
   waits (up to ``max_delay_s``) until the model has begun its second training step since
   the epoch was recorded (so the first one's optimizer step has changed the weights), and
   notes the step counts in ``<record_dir>/writes.jsonl``. So the weights are being changed
@@ -89,6 +90,16 @@ def delay_writes(model: Recorded, max_delay_s: float, fail_first_write_of: list[
     checkpointing.write_checkpoint = delayed
 
 
+def _in_a_ray_actor() -> bool:
+    """Whether this process is a Ray actor (a Ray Train worker, or a Tune trial training in
+    its own process). A driver that builds the workload to check it (a test calling
+    ``run_training`` in its pytest process) must not keep the patched writer: later tests in
+    that process would write through it."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def build(record_dir: str, n_train: int = 64, dim: int = 8, hidden: int = 32,
           max_delay_s: float = 30.0, fail_first_write_of: list[int] | None = None,
           last_epoch: int | None = None) -> SimpleNamespace:
@@ -100,7 +111,8 @@ def build(record_dir: str, n_train: int = 64, dim: int = 8, hidden: int = 32,
     y = (x.sum(dim=1) > 0).long()
     model = Recorded(torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
                                          torch.nn.Linear(hidden, 2)), record_dir)
-    delay_writes(model, max_delay_s, fail_first_write_of or [], last_epoch)
+    if _in_a_ray_actor():  # not in a driver that builds the workload to check it
+        delay_writes(model, max_delay_s, fail_first_write_of or [], last_epoch)
     data = torch.utils.data.TensorDataset(x, y)
     return SimpleNamespace(model=model, train_dataset=data, val_dataset=data,
                            loss_fn=torch.nn.functional.cross_entropy, metrics=["accuracy"])
