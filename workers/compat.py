@@ -493,6 +493,31 @@ def tune_error_logs_filtered(drop: Callable[[logging.LogRecord], bool]) -> Itera
             logger.removeFilter(dropper)
 
 
+TUNE_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextmanager
+def tune_output_silenced() -> Iterator[None]:
+    """While a search starts, Tune's own terminal output off: with ``verbose=0``, Ray 2.60's
+    new output engine (``RAY_AIR_NEW_OUTPUT``, on by default) still prints a
+    "Configuration for experiment" box, "View detailed results here" and a TensorBoard
+    command for Ray's session directory (``TuneTerminalReporter.experiment_started``); the
+    legacy engine at ``verbose=0`` prints nothing. The search prints its own lines. Tune
+    reads the variable when ``Tuner.fit`` starts; the previous value comes back after.
+    Replacement: a ``verbose=0`` that silences the new engine's start too."""
+    import os
+
+    before = os.environ.get(TUNE_NEW_OUTPUT_ENV)
+    os.environ[TUNE_NEW_OUTPUT_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TUNE_NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[TUNE_NEW_OUTPUT_ENV] = before
+
+
 def wait_for_tune_to_take_the_last_report(timeout_s: float = 60.0) -> None:
     """Called by a Tune trial function after its ``TorchTrainer.fit`` returns, before it
     returns itself. ``TuneReportCallback`` puts each report on a Ray queue of one, which the

@@ -24,6 +24,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import TrainingError, UserError, user_error_among, user_error_in
+from orchestrator.results.card import search_card_text
 from orchestrator.results.epochs import epoch_record, progress_line
 from orchestrator.results.history import read_history
 from orchestrator.results.summary import best_of, finalize_run
@@ -71,22 +72,26 @@ from workers.compat import (
     quiet_unhandled_task_errors,
     trial_error,
     tune_error_logs_filtered,
+    tune_output_silenced,
     wait_for_tune_to_take_the_last_report,
 )
 from workers.contract.config import RunConfig
 from workers.contract.direction import Direction, Mode
 from workers.contract.direction import resolve as resolve_direction
 from workers.contract.names import (
+    CARD_FILE,
     DONE_FILE,
     LEADERBOARD_FILE,
     MODE_SOURCE_KEY,
     PBT_KEY,
+    PROVENANCE_KEY,
     SEARCH_FILE,
     SEARCHER_FILE,
     SUMMARY_FILE,
     TUNE_DIR,
 )
 from workers.contract.user_errors import UserInputError
+from workers.loop.provenance import code_fingerprint, package_versions
 
 PBT_PAUSE_WAIT_S = 600  # a PBT trial at the end of a leg waits this long to be paused
 
@@ -123,6 +128,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     extra = {PBT_KEY: {**pbt, "trial_id": trial["trial_id"],
                        "exploit": trial.get("exploit")}} if pbt else {}
     extra[MODE_SOURCE_KEY] = trial.get("mode_source")
+    extra[PROVENANCE_KEY] = trial.get("provenance")
     if trial.get("in_trial"):
         from ray import tune
 
@@ -215,6 +221,7 @@ class TrialLogger:
         self.runs: dict[str, Any] = {}
         self.errors: dict[str, list[str]] = {}
         self.mode_source = "set by tracker.mode"  # the search's (``check_monitor_first``)
+        self.provenance: dict[str, Any] | None = None  # the search's, each trial's too
         self.stopping: Callable[[], bool] = lambda: False
         # A trial's user error (the workload's mistake): the search stops on it.
         self.user_error: str | None = None
@@ -272,6 +279,7 @@ class TrialLogger:
                 job_type="trial", label=f"{self.experiment}-{trial_id}",
                 extra={"trial_id": trial_id,
                        "hyperparameters": self.trials[trial_id].overrides},
+                provenance=self.provenance,
             )
         return self.runs[trial_id]
 
@@ -305,7 +313,7 @@ class TrialLogger:
             trial = RunContext(cfg=self.configs[trial_id], run_dir=run_dir,
                                start=StartMode.TRIAL, console=QuietConsole(),
                                tracking=self.wandb_run(trial_id), use_gpu=use_gpu,
-                               mode_source=self.mode_source)
+                               mode_source=self.mode_source, provenance=self.provenance)
             summary = finalize_run(
                 trial, wandb_errors=self.errors.get(trial_id),
                 extra={"trial_id": trial_id, "hyperparameters": self.trials[trial_id].overrides,
@@ -373,7 +381,8 @@ def drawn_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial]) -> dict[s
     entries: list[dict[str, Any]] = [
         {"trial_id": t.trial_id, "config": plan.configs[t.trial_id].to_dict(),
          "log_model": log_model, "use_gpu": plan.gpus[t.trial_id],
-         "mode_source": ctx.mode_source, "in_trial": plan.in_trial} for t in todo]
+         "mode_source": ctx.mode_source, "provenance": ctx.provenance,
+         "in_trial": plan.in_trial} for t in todo]
     if cfg.tune.scheduler == "pbt":  # a resumed trial goes on with its last exploit's values
         exploits = earlier_exploits(ctx.run_dir)
         # Resumed: Tune's population state is gone, so the trials finish without legs or
@@ -423,7 +432,8 @@ def proposed_trials(ctx: RunContext, plan: SearchPlan, todo: list[Trial],
         "param_space": {"trial": {
             "base": cfg.to_dict(), "experiment_dir": ctx.run_dir,
             "log_model": ctx.tracking.log_model_setting, "capacity": ctx.capacity.total,
-            "mode_source": ctx.mode_source, "in_trial": plan.in_trial}},
+            "mode_source": ctx.mode_source, "provenance": ctx.provenance,
+            "in_trial": plan.in_trial}},
         "num_samples": cfg.tune.num_samples - (len(plan.trials) - len(todo)),
         "search_alg": searcher,
         "trial_name_creator": namer,
@@ -484,7 +494,7 @@ def run_tuner(ctx: RunContext, plan: SearchPlan, todo: list[Trial], logger: Tria
             logger.user_error is not None and record.levelno >= logging.ERROR)
 
     try:
-        with tune_error_logs_filtered(told_otherwise):
+        with tune_error_logs_filtered(told_otherwise), tune_output_silenced():
             guard.run(tuner.fit)
     except Interrupted:
         guard.wait_for_fit(timeout=120)  # Tune stops the running trials (SignalStop)
@@ -521,11 +531,13 @@ def write_leaderboard(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]
     mode = cfg.tracker.resolved_mode
     board = leaderboard(summaries, cfg.tracker.monitor, mode)
     best_dir = export_best(board, experiment_dir)
-    storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), {
+    record: dict[str, Any] = {
         "name": cfg.name, "experiment_dir": experiment_dir, "monitor": cfg.tracker.monitor,
-        "mode": mode, "best_model": best_dir, "trials": board,
-        "wandb": ctx.tracking.finish_search(board, best_dir),
-    })
+        "mode": mode, "best_model": best_dir, "trials": board}
+    card = storage.join(experiment_dir, CARD_FILE)  # the exported best's, with the top rows
+    storage.write_bytes(card, search_card_text(record, experiment_dir).encode())
+    record["wandb"] = ctx.tracking.finish_search(board, best_dir, card_path=card)
+    storage.write_json(storage.join(experiment_dir, LEADERBOARD_FILE), record)
     return board
 
 
@@ -538,29 +550,29 @@ class SearchDirections:
     also: tuple[Mode, ...] = ()  # tracker.also_monitor's modes, in their order
 
 
-def check_monitor_first(cfg: RunConfig) -> tuple[SearchDirections, bool]:
+def check_monitor_first(cfg: RunConfig) -> tuple[SearchDirections, bool, dict[str, Any] | None]:
     """A monitor that no trial would report is refused before any trial starts (one line,
     exit 2): the workload is built once on a Ray worker, where the trials' workers run, and
     its reported names are compared with ``tracker.monitor``. The monitor's direction, and
     each ``tracker.also_monitor``'s, is resolved from what its metric declares there
     (``contract.direction``). Any other failure to build it is left for the trials to report.
     Also returned: whether the workload has Ray Dataset splits (True when it could not be
-    built: its trials then stay Ray Train runs)."""
+    built: its trials then stay Ray Train runs), and its data's fingerprint (None then)."""
     import ray
     from ray.exceptions import RayTaskError
 
-    from workers.loop.probe import check_search
+    from workers.loop.probe import search_facts
 
-    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(check_search)
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker, max_retries=0)(search_facts)
     declared: dict[str, Any] = {}
-    ray_datasets = True
+    ray_datasets, data = True, None
     try:
-        declared, ray_datasets = ray.get(task.remote(cfg.to_dict()))
+        declared, ray_datasets, data = ray.get(task.remote(cfg.to_dict()))
     except RayTaskError as exc:
         message = user_error_among([exc])
         if message:
             raise UserError(message) from None
-    return resolve_directions(cfg, declared), ray_datasets
+    return resolve_directions(cfg, declared), ray_datasets, data
 
 
 def resolve_directions(cfg: RunConfig, declared: Mapping[str, tuple[bool, str]]
@@ -607,20 +619,31 @@ def run_search(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     checked = configs if cfg.tune.search != "optuna" else boundary_configs(cfg, experiment_dir)
     directions: list[Direction] = []
     ray_datasets: list[bool] = []
+    gpus_used: list[bool] = []
+    provenance: dict[str, Any] = {}
+
+    def fits(capacity: Capacity) -> bool:
+        gpus_used.append(check_fit(cfg, checked, capacity))
+        return gpus_used[-1]
 
     def check_on_ray() -> None:
-        resolved, streamed = check_monitor_first(next(iter(checked.values())))
+        resolved, streamed, data = check_monitor_first(next(iter(checked.values())))
         directions.append(resolved.primary)
         ray_datasets.append(streamed)
         pin_direction(resolved, cfg, *configs.values(), *checked.values())
+        # Once for the search: every trial's summary, metadata and W&B run carry it.
+        provenance.update(code=code_fingerprint(cfg.workload.entrypoint),
+                          packages=package_versions(gpus_used[-1]), data=data)
 
     with SignalGuard() as guard:
         ctx = preflight(  # the W&B run fails here, not mid-search
             prepared.with_config(cfg), kind="search", console=console, guard=guard,
-            fits=lambda capacity: check_fit(cfg, checked, capacity),
-            open_tracking=lambda: open_run(cfg, experiment_dir, job_type="search"),
+            fits=fits,
+            open_tracking=lambda: open_run(cfg, experiment_dir, job_type="search",
+                                           provenance=provenance),
             check_on_ray=check_on_ray)
         ctx.mode_source = directions[0].source
+        ctx.provenance = provenance
         console.say(f"every trial: {directions[0].describe(cfg.tracker.monitor)}")
         capacity = ctx.capacity
         assert capacity is not None  # preflight measured it
@@ -698,6 +721,7 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     logger = TrialLogger(plan.configs, {t.trial_id: t for t in trials}, cfg.name, console,
                          ctx.run_dir)
     logger.mode_source = ctx.mode_source
+    logger.provenance = ctx.provenance
     logger.in_trial = plan.in_trial
     logger.register = lambda trial_id, overrides: register(ctx, plan, logger,
                                                            Trial(trial_id, overrides))

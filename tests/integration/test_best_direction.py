@@ -163,6 +163,10 @@ def test_an_optuna_search_on_mse_ranks_the_lowest_first(tmp_path: Path) -> None:
     proc = run_cli("tune", str(config), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "every trial: monitor val_mse, min (declared by MeanSquaredError" in proc.stdout
+    # The search's own lines only: not Ray Tune's start-up box nor its TensorBoard hint for
+    # Ray's session directory.
+    for noise in ("Configuration for experiment", "tensorboard", "View detailed results"):
+        assert noise not in proc.stdout + proc.stderr, noise
     board = json.loads((tmp_path / "runs" / "search" / "leaderboard.json").read_text())
     assert board["mode"] == "min"
     values = [row["best_metrics"]["val_mse"] for row in board["trials"]]
