@@ -440,6 +440,25 @@ def test_tunes_trial_error_logs_come_from_the_loggers_compat_filters() -> None:
     assert seen == ["keep me", "drop me, now kept"]
 
 
+def test_tunes_start_up_box_is_off_while_silenced_and_the_variable_comes_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.tune.experimental.output import TuneTerminalReporter, get_air_verbosity
+
+    # The premise: the new engine's reporter prints its box whatever the verbosity.
+    assert "Configuration for experiment" in inspect.getsource(
+        TuneTerminalReporter.experiment_started)
+    assert compat.TUNE_NEW_OUTPUT_ENV in inspect.getsource(get_air_verbosity)
+    monkeypatch.delenv(compat.TUNE_NEW_OUTPUT_ENV, raising=False)
+    assert get_air_verbosity(0) is not None  # the new engine, by default
+    with compat.tune_output_silenced():
+        assert get_air_verbosity(0) is None  # the legacy engine, silent at verbose=0
+    assert compat.TUNE_NEW_OUTPUT_ENV not in os.environ
+    monkeypatch.setenv(compat.TUNE_NEW_OUTPUT_ENV, "1")
+    with compat.tune_output_silenced():
+        assert get_air_verbosity(0) is None
+    assert os.environ[compat.TUNE_NEW_OUTPUT_ENV] == "1"
+
+
 def test_unhandled_task_errors_are_quieted_by_the_variable_ray_reads_each_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from ray._private.worker import Worker
