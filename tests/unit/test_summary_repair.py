@@ -221,3 +221,43 @@ def test_a_resume_first_records_the_epoch_ray_registered_but_the_recorder_missed
     assert [h["epoch"] for h in recorded] == [1, 2, 3]
     assert recorded[:2] == history and recorded[2]["checkpoint"] == latest.name
     assert recorded[2]["val_loss"] == 0.5 and recorded[2]["is_best"] is False
+
+
+def test_a_resumed_searchs_trial_skips_its_damaged_latest_and_says_so(tmp_path):
+    """A trial the search continues: its newest checkpoint damaged (half its weights file),
+    the trial resumes from the one before, and the search says so in the trial's name (its
+    own processes log it where nobody reads). With none intact, exit 2 naming the trial,
+    before anything of the search changes."""
+    import io
+
+    from orchestrator.errors import UserError
+    from orchestrator.search.runner import check_trial_resume_point
+    from orchestrator.start.console import Console
+
+    trial_dir = tmp_path / "trials" / "trial-001"
+    trial_dir.mkdir(parents=True)
+    first = write_checkpoint_dir(trial_dir, 1, 0.5, is_best=True)
+    latest = write_checkpoint_dir(trial_dir, 2, 0.4, is_best=True)
+    write_ray_snapshot(trial_dir, [first, latest], latest)
+    write_history(trial_dir, [history_record(1, 0.5, True, first),
+                              history_record(2, 0.4, True, latest)])
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = io.StringIO()
+    check_trial_resume_point(str(trial_dir), "trial-001", Console(out))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[trial-001] warning: damaged checkpoint skipped: ")
+    assert latest.name in lines[0]
+    assert lines[1] == f"[trial-001] resuming from {first}, the newest intact checkpoint"
+
+    weights = first / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = sorted(p.name for p in trial_dir.iterdir())
+    with pytest.raises(UserError, match=r"^\[trial-001\] --resume: no intact checkpoint in "):
+        check_trial_resume_point(str(trial_dir), "trial-001", Console(io.StringIO()))
+    assert sorted(p.name for p in trial_dir.iterdir()) == before
+
+    # A trial that never started (no directory) has nothing to check.
+    check_trial_resume_point(str(tmp_path / "trials" / "trial-002"), "trial-002",
+                             Console(io.StringIO()))
