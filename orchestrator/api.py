@@ -22,6 +22,8 @@ from orchestrator.start.context import prepare
 if TYPE_CHECKING:
     import torch
 
+    from orchestrator.results.export import ExportResult
+    from orchestrator.results.predict import Predictions
     from orchestrator.start.config_file import Overrides
     from workers.contract.config import RunConfig
     from workers.contract.records import CheckpointMetadata, EpochRecord, Summary
@@ -225,15 +227,50 @@ def load_best(path: str | Path, rank: int | None = None,
     ``rank``: the k-th of the K single models a run keeps (``checkpoint.keep_top_k``), 1 to
     K; ``monitor``: the best model of a ``tracker.also_monitor`` metric. Out of range or
     unknown, one line says which there are."""
+    return load_checkpoint(best_checkpoint(path, rank, monitor))
+
+
+def load_checkpoint(checkpoint: str) -> BestModel:
+    """``load_best``'s second half: the workload's model (built as in training, on CPU)
+    holding one checkpoint's weights, with its metadata. ``predict``'s actors load the
+    checkpoint the driver chose (and checked) through it."""
     from ray.train import Checkpoint
 
     from workers.checkpoint.load import load_metadata
     from workers.contract.config import RunConfig
     from workers.loop.scoring import load_model
 
-    checkpoint = best_checkpoint(path, rank, monitor)
     with Checkpoint(checkpoint).as_directory() as directory:  # local, or fetched from a URI
         metadata = load_metadata(directory)
         workload, model = load_model(RunConfig.model_validate(metadata["config"]), directory)
     model.eval()
     return BestModel(model=model, metadata=metadata, checkpoint=checkpoint, workload=workload)
+
+
+def export(path: str | Path, format: str = "export", *, monitor: str | None = None,
+           rank: int | None = None) -> ExportResult:
+    """The best model of a run or a search (``rank`` and ``monitor`` as ``load_best``'s) as a
+    ``torch.export`` program (``format="export"``, ``<path>/export/model.pt2``) or ONNX
+    (``"onnx"``, ``model.onnx``; ``pip install 'ray-best-model-orchestrator[onnx]'``), traced on
+    a validation batch (dynamic batch size) and kept only if its outputs match the saved
+    model's on the whole validation split; its record is ``<path>/export/<format>.json``."""
+    from orchestrator.results.export import export as export_model
+
+    return export_model(path, format, monitor=monitor, rank=rank)
+
+
+def predict(path: str | Path, data: str | None = None, split: str | None = None,
+            out: str | None = None, *, batch_size: int = 256, num_actors: int = 2,
+            use_gpu: bool = False, monitor: str | None = None, verbose: bool = False,
+            console: Console | None = None) -> Predictions:
+    """Batch inference with the best model of a run or a search (``monitor`` as
+    ``load_best``'s) as a Ray Data job (``orchestrator predict``): Parquet rows (``data``, a
+    local path or a URI) or the workload's own ``split`` (``"val"`` or ``"test"``) through
+    ``num_actors`` actors (each loads the model once; a GPU each with ``use_gpu``) in batches
+    of ``batch_size``, written to ``out`` as Parquet: each row's id, its ``logits`` and, for a
+    classifier, its ``predicted`` class. See ``orchestrator.results.predict``."""
+    from orchestrator.results.predict import predict as run_predict
+
+    return run_predict(str(path), data, split, out, batch_size=batch_size,
+                       num_actors=num_actors, use_gpu=use_gpu, monitor=monitor,
+                       console=console, verbose=verbose)

@@ -123,6 +123,23 @@ def launcher_config_path() -> Path:
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 
+def listed_read_paths(dataset: Any) -> tuple[list[str], Any, list[str] | None] | None:
+    """The paths a file-based Ray Dataset reads (``read_parquet(paths)``), its pyarrow
+    filesystem and the file extensions it keeps, from its logical plan's ``ListFiles`` operator
+    (``ray.data._internal.logical.operators.read_operator``): Ray 2.60 lists the files in a
+    task when the dataset runs, so the public ``Dataset.input_files()`` is empty before (and
+    after) that. None for a dataset not read from files. Used to fingerprint the data without
+    reading it (``loop.provenance``). Replacement: ``input_files()``, once it lists them."""
+    try:
+        ops = list(dataset._logical_plan.dag.post_order_iter())
+    except AttributeError:
+        return None
+    for op in ops:
+        if type(op).__name__ == "ListFiles":
+            return list(op.paths), op.filesystem, op.file_extensions
+    return None
+
+
 # --- Ray Train ------------------------------------------------------------------------------
 
 # Ray Train V2's internal settings, read from the environment (names and defaults in

@@ -1,4 +1,5 @@
-"""The command line: ``orchestrator train | tune | best`` (also ``python -m orchestrator``).
+"""The command line: ``orchestrator train | tune | best | card | export | predict`` (also
+``python -m orchestrator``).
 
 Exit codes: 0 success, 1 training failed, 2 bad input (one line on stderr, nothing started).
 """
@@ -55,6 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("path", help="a run or search directory (local path or URI)")
     best.add_argument("--json", action="store_true",
                       help="print summary.json (a run) or leaderboard.json (a search)")
+
+    card = sub.add_parser("card", help="(re)write a run's or search's model_card.md from its "
+                          "record, and print its path")
+    card.add_argument("path", help="a run or search directory (local path or URI)")
+
+    exp = sub.add_parser("export", help="write the best model as a torch.export program or "
+                         "ONNX, checked against the saved weights on the validation split")
+    exp.add_argument("path", help="a run or search directory (local path or URI)")
+    exp.add_argument("--format", choices=("export", "onnx"), default="export",
+                     help="export: <path>/export/model.pt2 (default); onnx: model.onnx "
+                     "(needs the onnx extra)")
+    exp.add_argument("--monitor", help="the best model of this tracker.also_monitor metric")
+
+    pred = sub.add_parser("predict", help="batch inference with the best model as a Ray Data "
+                          "job: Parquet (or the workload's val/test split) in, Parquet out")
+    pred.add_argument("path", metavar="RUN", help="a run or search directory (local path or URI)")
+    rows = pred.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--data", metavar="URI", help="Parquet file(s) to predict: a local path "
+                      "or a URI (s3://, gs://, file://)")
+    rows.add_argument("--split", choices=("val", "test"), help="the workload's own split")
+    pred.add_argument("--out", metavar="URI", required=True, help="where the Parquet "
+                      "predictions go: a new or empty directory, or an earlier --out")
+    pred.add_argument("--batch-size", type=int, default=256, help="rows per model call "
+                      "(default 256)")
+    pred.add_argument("--actors", type=int, default=2, help="actors in the pool, each loading "
+                      "the model once (default 2)")
+    pred.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    pred.add_argument("--monitor", help="the best model of this tracker.also_monitor metric")
+    pred.add_argument("-v", "--verbose", action="store_true",
+                      help="also show Ray's own output")
     return parser
 
 
@@ -123,6 +154,34 @@ def cmd_best(args: argparse.Namespace) -> int:
                     "finished run's or search's directory")
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from orchestrator.results.card import write_card
+
+    print(write_card(args.path))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.api import export
+
+    result = export(args.path, args.format, monitor=args.monitor)
+    record = result.record
+    print(f"exported {record['source_checkpoint']} (epoch {record['epoch']}) to {result.file}")
+    print(f"check: max abs diff {result.max_abs_diff:.3g} over {record['rows']} validation rows "
+          f"({record['batches']} batches; tolerance atol {record['tolerance']['atol']:g} + "
+          f"rtol {record['tolerance']['rtol']:g})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.api import predict
+
+    predict(args.path, args.data, args.split, args.out, batch_size=args.batch_size,
+            num_actors=args.actors, use_gpu=args.gpu, monitor=args.monitor,
+            verbose=args.verbose)  # its last line says rows, seconds, rows/s and --out
+    return 0
+
+
 def resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run or search where it stopped."""
     sets = [part for item in args.overrides for part in ("--set", item)]
@@ -149,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     install_stack_dumps()
     try:
-        return {"train": cmd_train, "tune": cmd_tune, "best": cmd_best}[args.command](args)
+        return {"train": cmd_train, "tune": cmd_tune, "best": cmd_best, "card": cmd_card,
+                "export": cmd_export, "predict": cmd_predict}[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -301,15 +301,30 @@ def write_plot(summary: Summary, run_dir: str) -> str | None:
 def finalize_run(ctx: RunContext, *, wandb_errors: list[str] | None = None,
                  extra: TrialFields | None = None,
                  status: str | None = None) -> Summary:
-    """summary.json, the plot and the W&B run's last words, in that order of dependence."""
+    """summary.json, the plot, the model card and the W&B run's last words, in that order of
+    dependence."""
+    from orchestrator.results.card import write_card_for
+
     run_dir, tracking = ctx.run_dir, ctx.tracking
     summary = summarize(ctx.cfg, run_dir, use_gpu=ctx.use_gpu, start=ctx.start.value,
                         status=status, mode_source=ctx.mode_source)
     if extra:
         summary = {**summary, **extra}
+    # Where the model came from (workers/loop/provenance.py), and what a --resume changed.
+    summary["provenance"] = ctx.provenance
+    summary["provenance_changes"] = ctx.provenance_changes
     tracking.catch_up(summary["history"], run_dir)
-    summary["wandb"] = tracking.finish(summary, write_plot(summary, run_dir),
-                                       exit_code=0 if status is None else 1)
+    plot = write_plot(summary, run_dir)
+    try:
+        card: str | None = write_card_for(summary, run_dir)  # the numbers of summary.json
+    except OSError:
+        raise  # the storage: summary.json would not be written either (the caller says so)
+    except Exception as exc:  # noqa: BLE001 - a card that cannot be written loses no record
+        card = None
+        print(f"warning: model_card.md was not written ({type(exc).__name__}: {exc}); "
+              "`orchestrator card` writes it from summary.json", file=sys.stderr)
+    summary["wandb"] = tracking.finish(summary, plot, exit_code=0 if status is None else 1,
+                                       card_path=card)
     discard_staged(run_dir)  # models W&B never got (an aborted run)
     if wandb_errors:
         summary["wandb"]["errors"] = wandb_errors

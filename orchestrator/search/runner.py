@@ -25,9 +25,15 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.errors import TrainingError, UserError, user_error_among, user_error_in
 from orchestrator.results.card import search_card_text
+from orchestrator.results.checkpoints import resume_point
 from orchestrator.results.epochs import epoch_record, progress_line
 from orchestrator.results.history import read_history
-from orchestrator.results.summary import best_of, finalize_run
+from orchestrator.results.summary import (
+    best_of,
+    finalize_run,
+    remove_unregistered_checkpoints,
+    repair_history_file,
+)
 from orchestrator.search.pbt import (
     earlier_exploits,
     exploit_line,
@@ -704,6 +710,26 @@ def register(ctx: RunContext, plan: SearchPlan, logger: TrialLogger, trial: Tria
     write_search(ctx, plan)
 
 
+def check_trial_resume_point(run_dir: str, trial_id: str, console: Console) -> None:
+    """A trial that a resumed search continues does what a resumed run does
+    (``training.driver.check_resume_point``): what a killed trial left in flight goes, and it
+    continues from its newest intact checkpoint, each damaged newer one skipped and said so
+    (a trial's own processes log it where nobody sees it); none intact: exit 2 before any
+    trial starts. A trial that never saved has nothing to check."""
+    if not storage.exists(run_dir):
+        return
+    remove_unregistered_checkpoints(run_dir)
+    repair_history_file(run_dir)
+    try:
+        chosen, damaged = resume_point(run_dir)
+    except UserError as exc:
+        raise UserError(f"[{trial_id}] {exc}") from None
+    for problem in damaged:
+        console.say(f"[{trial_id}] warning: damaged checkpoint skipped: {problem}")
+    if damaged:
+        console.say(f"[{trial_id}] resuming from {chosen}, the newest intact checkpoint")
+
+
 def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     """The search itself, once its directory and W&B run are ready: the leaderboard."""
     cfg, console, guard, trials = ctx.cfg, ctx.console, ctx.guard, plan.trials
@@ -725,6 +751,8 @@ def _search(ctx: RunContext, plan: SearchPlan) -> list[dict[str, Any]]:
     logger.in_trial = plan.in_trial
     logger.register = lambda trial_id, overrides: register(ctx, plan, logger,
                                                            Trial(trial_id, overrides))
+    for trial in todo:  # before anything of a resumed search's trials changes
+        check_trial_resume_point(logger.run_dir(trial.trial_id), trial.trial_id, console)
     for trial in todo:  # an errored trial runs again: its old verdict goes
         for name in (DONE_FILE, SUMMARY_FILE):
             storage.delete_file(storage.join(logger.run_dir(trial.trial_id), name))

@@ -12,9 +12,9 @@ then does anything train.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
 from orchestrator.start.console import Console
@@ -90,6 +90,9 @@ class RunContext:
     ray_datasets: RayDatasets | None = None  # the Ray Dataset splits
     # Why tracker.mode is what it is (``contract.direction``): summary.json's mode_source.
     mode_source: str = "set by tracker.mode"
+    # Code, packages and data (``workers.loop.provenance``), and what a --resume found changed.
+    provenance: dict[str, Any] | None = None
+    provenance_changes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def preflight(prepared: Prepared, *, kind: str, console: Console, guard: SignalGuard,

@@ -41,7 +41,7 @@ from orchestrator.tracking.rules import (
 from orchestrator.tracking.staging import staged_path
 from workers.compat import wandb_settings
 from workers.contract.config import RunConfig
-from workers.contract.names import METADATA_FILE, STAGED_FILES, point
+from workers.contract.names import CARD_FILE, METADATA_FILE, STAGED_FILES, point
 from workers.contract.records import EpochRecord, Summary, WandbInfo
 
 
@@ -75,10 +75,10 @@ class TrackingRun(Protocol):
     def catch_up(self, history: list[EpochRecord], run_dir: str) -> None: ...
 
     def finish(self, summary: Summary, plot_path: str | None,
-               exit_code: int = 0) -> WandbInfo: ...
+               exit_code: int = 0, card_path: str | None = None) -> WandbInfo: ...
 
     def finish_search(self, board: list[dict[str, Any]],
-                      best_dir: str | None) -> WandbInfo: ...
+                      best_dir: str | None, card_path: str | None = None) -> WandbInfo: ...
 
     def abort(self) -> None: ...
 
@@ -96,10 +96,11 @@ class NullRun:
         pass
 
     def finish(self, summary: Summary, plot_path: str | None,
-               exit_code: int = 0) -> WandbInfo:
+               exit_code: int = 0, card_path: str | None = None) -> WandbInfo:
         return {"mode": self.mode, "run": None, "artifact": None}
 
-    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> WandbInfo:
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None,
+                      card_path: str | None = None) -> WandbInfo:
         return {"mode": self.mode, "run": None, "artifact": None}
 
     def abort(self) -> None:
@@ -135,6 +136,10 @@ class WandbRun:
         # step: epochs trained again after a restart are logged again (W&B drops rows whose
         # step it has passed) and land on their epoch.
         self.by_steps = bool(cfg.train.eval_every_n_steps)
+        # model_card.md, added to the best model's version once the run has written it
+        # (``finish``): (the best checkpoint's path, the card's), and the versions holding it.
+        self.card: tuple[str, str] | None = None
+        self.carded: set[tuple[int, int]] = set()
         self.axis = "global_step" if self.by_steps else "epoch"
         run.define_metric(self.axis)
         run.define_metric("*", step_metric=self.axis)
@@ -174,19 +179,36 @@ class WandbRun:
             aliases = [version_alias(metadata, self.by_steps)] + (["best"] if live_best else [])
         for alias in aliases:
             self.alias_at[alias] = point(metadata)
+        card = self.card[1] if self.card and self.card[0] == checkpoint_path else None
         if self.references and storage.is_uri(checkpoint_path):
             # Nothing uploaded twice: W&B records each object's address and ETag.
             for file_name in STAGED_FILES:
                 artifact.add_reference(reference_uri(storage.join(checkpoint_path, file_name)),
                                        name=file_name)
+            if card:
+                self._add_card(artifact, card)
             logged = self.run.log_artifact(artifact, aliases=aliases)
         else:
+            if card:
+                self._add_card(artifact, card)
             logged = self._log_copies(artifact, checkpoint_path, aliases)
+        if card:
+            self.carded.add(point(metadata))
         version = int(metadata["global_step"] if self.by_steps else metadata["epoch"])
         if version not in self.logged_versions:  # a moved alias is no new model
             self.logged_versions.append(version)
         if self.pruner is not None and name is None and prune:
             self.pruner.committed(logged, bool(metadata.get("is_best")), metadata)
+
+    @staticmethod
+    def _add_card(artifact: Any, card: str) -> None:
+        """The model card as a file of the artifact (a local copy of one in an object store;
+        W&B copies it into its staging area at once)."""
+        if storage.is_uri(card):
+            with tempfile.NamedTemporaryFile(suffix=".md", delete=False) as local:
+                local.write(storage.read_bytes(card))
+            card = local.name
+        artifact.add_file(card, name=CARD_FILE)
 
     def _log_copies(self, artifact: Any, checkpoint_path: str, aliases: list[str]) -> Any:
         # add_file's default "mutable" policy copies each file into W&B's staging area at
@@ -204,10 +226,14 @@ class WandbRun:
             return self.run.log_artifact(artifact, aliases=aliases)
 
     def finish(self, summary: Summary, plot_path: str | None,
-               exit_code: int = 0) -> WandbInfo:
-        """``exit_code``: not 0 for a run that stopped before its end (W&B marks it failed)."""
+               exit_code: int = 0, card_path: str | None = None) -> WandbInfo:
+        """``exit_code``: not 0 for a run that stopped before its end (W&B marks it failed);
+        ``card_path``: model_card.md, added to the best model's version (logged again with it
+        where it was logged while the run went)."""
         import wandb
 
+        if card_path and summary.get("best_checkpoint"):
+            self.card = (str(summary["best_checkpoint"]), card_path)
         best: Mapping[str, Any] = summary.get("best_metrics") or {}
         if best_checkpoint := summary.get("best_checkpoint"):
             # The artifact's metadata and the summary come from the same file.
@@ -279,15 +305,21 @@ class WandbRun:
         for path, alias in rank_aliases(ranked or ([best] if best else []),
                                         average_won(summary)).items():
             metadata = storage.read_json(storage.join(path, METADATA_FILE))
-            if self.alias_at.get(alias) != point(metadata):
+            with_card = bool(self.card and self.card[0] == path)
+            if self.alias_at.get(alias) != point(metadata) or (
+                    with_card and point(metadata) not in self.carded):
                 self.log_model(path, metadata,
                                aliases=[version_alias(metadata, self.by_steps), alias])
 
-    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None) -> WandbInfo:
+    def finish_search(self, board: list[dict[str, Any]], best_dir: str | None,
+                      card_path: str | None = None) -> WandbInfo:
         """The experiment's run: the overall best model (findable as ``<name>-best-model``,
-        alias ``best``), the leaderboard as a table, the winner in the summary."""
+        alias ``best``, with the search's ``model_card.md``), the leaderboard as a table, the
+        winner in the summary."""
         import wandb
 
+        if best_dir and card_path:
+            self.card = (best_dir, card_path)
         if best_dir is None:
             # The experiment has no epochs of its own: a summary with no best and no history
             # (``finish`` reads no other key without a plot and a run directory).
@@ -323,10 +355,12 @@ class WandbRun:
 
 def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
              job_type: str = "train", label: str | None = None,
-             extra: dict[str, Any] | None = None) -> NullRun | WandbRun:
+             extra: dict[str, Any] | None = None,
+             provenance: dict[str, Any] | None = None) -> NullRun | WandbRun:
     """Start the W&B run before any training: a bad key or no network fails here, not later.
 
     ``extra``: added to the run's config and to every model artifact's metadata.
+    ``provenance``: the run's config's ``provenance`` (each model's metadata has its own).
     """
     mode = wandb_mode(cfg.wandb.mode)
     if mode == "disabled":
@@ -340,7 +374,9 @@ def open_run(cfg: RunConfig, run_dir: str, *, group: str | None = None,
         run = wandb.init(
             project=cfg.wandb.project or cfg.name, entity=cfg.wandb.entity,
             name=label or cfg.name, reinit="create_new",
-            group=group, job_type=job_type, config={**cfg.to_dict(), **(extra or {})},
+            group=group, job_type=job_type,
+            config={**cfg.to_dict(), **(extra or {}),
+                    **({"provenance": provenance} if provenance else {})},
             dir=local_dir, mode=mode,
             settings=wandb_settings(console="off", silent=True, init_timeout=30),
         )

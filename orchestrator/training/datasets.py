@@ -30,8 +30,8 @@ from workers.loop.ray_data import (
     SPLITS,
     engine_refuses,
     first_rows,
+    for_streaming,
     is_ray_dataset,
-    only_named_columns,
     rows_collate,
     streamed_splits,
 )
@@ -68,18 +68,24 @@ class WorkloadFacts:
     direction: Direction
     # tracker.also_monitor's modes, resolved as the primary's (in their order)
     also_modes: tuple[Literal["min", "max"], ...] = ()
+    # Each split's fingerprint (``workers.loop.provenance.data_fingerprint``)
+    data: dict[str, Any] | None = None
 
 
 def inspect_workload(cfg: RunConfig) -> WorkloadFacts:
     """The workload built once on the driver: its Ray Dataset splits checked and the
     monitored metric's direction resolved (``contract.direction``). A mistake is a
     ``UserError`` naming the key. Ray must be running (a Ray Dataset reads on it)."""
+    from workers.loop.provenance import data_fingerprint
+
+    workload = build_on_driver(cfg)  # also for a Learner: its data's fingerprint
     if cfg.engine == "fastai":  # a Learner's metrics declare no direction; no Ray Datasets
-        return WorkloadFacts(None, direction_of(cfg, None), also_modes_of(cfg, None))
-    workload = build_on_driver(cfg)
+        return WorkloadFacts(None, direction_of(cfg, None), also_modes_of(cfg, None),
+                             data_fingerprint(workload))
     spec = getattr(workload, "metrics", None)
-    return WorkloadFacts(ray_datasets_of(cfg, workload), direction_of(cfg, spec),
-                         also_modes_of(cfg, spec))
+    ray_datasets = ray_datasets_of(cfg, workload)
+    return WorkloadFacts(ray_datasets, direction_of(cfg, spec), also_modes_of(cfg, spec),
+                         data_fingerprint(workload, ray_datasets.rows if ray_datasets else None))
 
 
 def direction_of(cfg: RunConfig, spec: Any) -> Direction:
@@ -151,7 +157,7 @@ def ray_datasets_of(cfg: RunConfig, workload: Any) -> RayDatasets | None:
     rows, samples = {}, {}
     for split, dataset in datasets.items():
         rows[split], samples[split] = check_split(workload, split, dataset)
-        datasets[split] = only_named_columns(workload, dataset)
+        datasets[split] = for_streaming(workload, dataset)
     if "train" in rows and rows["train"] < cfg.scaling.max_workers:
         raise UserError(f"workload.train_dataset: {rows['train']} rows for "
                         f"{cfg.scaling.max_workers} workers; each worker needs at least one")

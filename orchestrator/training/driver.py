@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
 from orchestrator.errors import (
@@ -37,11 +37,22 @@ from orchestrator.start.interrupts import Interrupted, SignalGuard
 from orchestrator.start.run_dir import unlock
 from orchestrator.start.watchdog import Watchdog, WorkersLost, needs
 from orchestrator.training.datasets import WorkloadFacts, inspect_workload
+from orchestrator.training.provenance import resume_changes
 from orchestrator.training.ray_trainer import RAY_TRAIN, EventPump, RayTrain
 from workers.contract.config import RunConfig
-from workers.contract.names import FAILURE_LOG, MODE_SOURCE_KEY, point, where
+from workers.contract.names import (
+    FAILURE_LOG,
+    MODE_SOURCE_KEY,
+    PROVENANCE_KEY,
+    point,
+    where,
+)
 from workers.contract.records import EpochRecord, Summary
 from workers.loop.channel import Channel
+from workers.loop.provenance import code_fingerprint, package_versions
+
+if TYPE_CHECKING:
+    from orchestrator.start.cluster import Capacity
 
 
 def check_resume_point(prepared: Prepared, console: Console) -> None:
@@ -64,6 +75,12 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
     if prepared.start is StartMode.RESUME:
         check_resume_point(prepared, console)
     facts: list[WorkloadFacts] = []
+    gpus: list[bool] = []
+    provenance: dict[str, Any] = {}
+
+    def fits(capacity: Capacity) -> bool:
+        gpus.append(check_resources(cfg, capacity))
+        return gpus[-1]
 
     def inspect() -> None:
         facts.append(inspect_workload(cfg))
@@ -72,13 +89,20 @@ def start_run(prepared: Prepared, console: Console, guard: SignalGuard) -> RunCo
         cfg.tracker.mode = facts[0].direction.mode
         for also, mode in zip(cfg.tracker.also_monitor, facts[0].also_modes, strict=True):
             also.mode = mode
+        provenance.update(code=code_fingerprint(cfg.workload.entrypoint),
+                          packages=package_versions(gpus[-1]), data=facts[0].data)
 
-    ctx = preflight(prepared, kind="run", console=console, guard=guard,
-                    fits=lambda capacity: check_resources(cfg, capacity),
-                    open_tracking=lambda: open_run(cfg, prepared.run_dir),
+    ctx = preflight(prepared, kind="run", console=console, guard=guard, fits=fits,
+                    open_tracking=lambda: open_run(cfg, prepared.run_dir,
+                                                   provenance=provenance),
                     check_on_ray=inspect)
     direction = facts[0].direction
     ctx.ray_datasets, ctx.mode_source = facts[0].ray_datasets, direction.source
+    ctx.provenance = provenance
+    if prepared.start is StartMode.RESUME:  # what changed since the run started: one line
+        recorded = read_history(prepared.run_dir)
+        ctx.provenance_changes = resume_changes(
+            prepared.run_dir, provenance, recorded[-1]["epoch"] if recorded else 0, console.say)
     console.say(start_line(prepared))
     console.say(f"{cfg.scaling.describe_workers()} on "
                 f"{'GPU (NCCL)' if ctx.use_gpu else 'CPU (gloo)'}, {cfg.train.epochs} epochs, "
@@ -301,7 +325,8 @@ def _train_and_record(ctx: RunContext, handle: EpochHandler, channel: Channel,
         trainer = ray_train.build(cfg, ctx.run_dir, ctx.use_gpu,
                                   log_model=tracking.log_model_setting, events=pump.queue,
                                   stop_requests=stop_requests, ray_datasets=ctx.ray_datasets,
-                                  loop_config={MODE_SOURCE_KEY: ctx.mode_source})
+                                  loop_config={MODE_SOURCE_KEY: ctx.mode_source,
+                                               PROVENANCE_KEY: ctx.provenance})
         with ctx.console.progress(cfg.train.epochs, cfg.name), pump:
             stopped = fit(trainer, guard, ctx.run_dir, tick,
                           grace_period(ctx, guard, stop_requests, pump))

@@ -116,6 +116,19 @@ def test_worker_niceness_variable() -> None:
     assert constants.RAY_WORKER_NICENESS == compat.WORKER_NICENESS_ENV
 
 
+def test_a_file_reads_paths_are_on_its_list_files_operator() -> None:
+    """What ``compat.listed_read_paths`` reads, without starting Ray (a ``read_parquet``
+    would): the operator's class name and its fields; and a dataset without it gives None."""
+    import dataclasses
+
+    module = importlib.import_module("ray.data._internal.logical.operators.read_operator")
+    fields = {f.name for f in dataclasses.fields(module.ListFiles)}
+    assert {"paths", "filesystem", "file_extensions"} <= fields
+    source = inspect.getsource(importlib.import_module("ray.data.dataset").Dataset)
+    assert "self._logical_plan" in source
+    assert compat.listed_read_paths(object()) is None
+
+
 # --- Ray Train ------------------------------------------------------------------------------
 
 

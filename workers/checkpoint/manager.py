@@ -95,6 +95,8 @@ class CheckpointManager:
     ema_state: ModelState | None = None
     # tracker.also_monitor: rank 0's tracker of each (empty elsewhere, and without them).
     also: list[BestTracker] = field(default_factory=list)
+    # The run's provenance (the driver's, ``loop.provenance``): in every metadata.json.
+    provenance: dict[str, Any] | None = None
 
     @property
     def _tracker(self) -> BestTracker:
@@ -109,7 +111,8 @@ class CheckpointManager:
                torch_weights_file: str | None = None, extras: dict[str, Any] | None = None,
                test_split: bool = True, lineage: Lineage | None = None,
                mode_source: str = "set by tracker.mode",
-               ema_state: ModelState | None = None) -> CheckpointManager:
+               ema_state: ModelState | None = None,
+               provenance: dict[str, Any] | None = None) -> CheckpointManager:
         """This rank's manager; ``tracker_state``: the restored tracker's (rank 0 loads it).
         A runtime's ``Worker.checkpoint_manager`` fills these in from the worker."""
         tracker = None
@@ -127,7 +130,8 @@ class CheckpointManager:
                    torch_weights_file, extras if extras is not None else {},
                    test_split=test_split, lineage=lineage, mode_source=mode_source,
                    ema_state=ema_state,
-                   also=also_trackers(cfg, tracker_state) if rank_zero else [])
+                   also=also_trackers(cfg, tracker_state) if rank_zero else [],
+                   provenance=provenance)
 
     def report(self, epoch: int, values: dict[str, float], started: float, *,
                at: Position | None = None, final: bool | None = None,
@@ -337,6 +341,8 @@ class CheckpointManager:
             metadata["test_split"] = self.test_split
         if self.lineage:
             metadata["lineage"] = cast(list[LineageSegment], self.lineage.through(epoch))
+        if self.provenance is not None:
+            metadata["provenance"] = self.provenance
         return metadata
 
     def _extras_state(self) -> dict[str, Any] | None:

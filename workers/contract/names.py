@@ -22,7 +22,9 @@ RUN_LOCK = ".orchestrator-lock.json"  # while a driver runs it: pid, host, start
 HISTORY_FILE = "history.json"  # every evaluation's record, compacted (results/history.py)
 HISTORY_SEGMENTS_DIR = "history"  # the records written since, in segments NNNNNNNN.json
 SUMMARY_FILE = "summary.json"  # the finished (or stopped) run's record
+CARD_FILE = "model_card.md"  # beside summary.json (or leaderboard.json): results/card.py
 PLOT_FILE = "training_curves.png"
+EXPORT_DIR = "export"  # `orchestrator export`: model.pt2 / model.onnx, <format>.json
 # Models waiting to be logged to W&B: Ray may delete a checkpoint (num_to_keep) before the
 # driver gets to it, so the controller sets a copy aside (a hard link where storage is local).
 STAGING_DIR = "wandb_staging"
@@ -59,6 +61,9 @@ PBT_KEY = "_pbt"
 # ... and why tracker.mode (pinned to min or max by the driver) is what it is: each saved
 # model's metadata says so (``contract.direction``).
 MODE_SOURCE_KEY = "_mode_source"
+# ... and the run's provenance (``loop.provenance``), computed once on the driver: each saved
+# model's metadata holds it.
+PROVENANCE_KEY = "_provenance"
 
 
 def point(record: Mapping[str, Any]) -> tuple[int, int]:

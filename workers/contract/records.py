@@ -160,6 +160,7 @@ class CheckpointMetadata(TypedDict):
     # checkpoint.average_top_k: the average that beat the best; the checkpoints it averages
     averaged_from: NotRequired[list[str]]
     best_for: NotRequired[list[str]]  # tracker.also_monitor: the monitors whose best it is
+    provenance: NotRequired[dict[str, Any]]  # code, packages, data (``loop.provenance``)
 
 
 class KeptCheckpoint(TypedDict):
@@ -292,6 +293,10 @@ class Summary(TypedDict):
     hyperparameters: NotRequired[dict[str, Any]]
     errored: NotRequired[bool]
     trained_in: NotRequired[Literal["in_trial", "ray_train"]]
+    # code, packages, data (``loop.provenance``); null where the run's driver did not compute it
+    provenance: NotRequired[dict[str, Any] | None]
+    # what a --resume found changed: [{epoch, what, before, after}]
+    provenance_changes: NotRequired[list[dict[str, Any]]]
 
 
 def split_metrics(record: Mapping[str, object]) -> dict[str, float]:

@@ -62,9 +62,20 @@ def check_search(config: dict[str, Any]) -> tuple[dict[str, tuple[bool, str]], b
     """``check_monitor``'s verdict for a search's trials, and whether the workload has Ray
     Dataset splits (its trials then train under Ray Train, which shards them), from one
     build of the workload."""
+    declared, streamed, _ = search_facts(config)
+    return declared, streamed
+
+
+def search_facts(config: dict[str, Any]
+                 ) -> tuple[dict[str, tuple[bool, str]], bool, dict[str, Any]]:
+    """``check_search``'s two answers and the data's fingerprint (``loop.provenance``), from
+    the same build of the workload: the search's provenance."""
+    from workers.loop.provenance import data_fingerprint
+
     cfg = RunConfig.model_validate(config)
     workload = built(cfg)
-    return monitor_directions(cfg, workload), bool(streamed_splits(workload))
+    return (monitor_directions(cfg, workload), bool(streamed_splits(workload)),
+            data_fingerprint(workload))
 
 
 def monitor_directions(cfg: RunConfig, workload: Any) -> dict[str, tuple[bool, str]]:

@@ -20,7 +20,13 @@ from workers.checkpoint.manager import CheckpointManager
 from workers.checkpoint.state import ModelState
 from workers.compat import quiet_ray_train_reports, train_fn_utils
 from workers.contract.config import RunConfig
-from workers.contract.names import MODE_SOURCE_KEY, PBT_KEY, RAY_DATASETS_KEY, STOP_QUEUE_KEY
+from workers.contract.names import (
+    MODE_SOURCE_KEY,
+    PBT_KEY,
+    PROVENANCE_KEY,
+    RAY_DATASETS_KEY,
+    STOP_QUEUE_KEY,
+)
 from workers.contract.user_errors import UserInputError
 from workers.decisions.lineage import Lineage, ancestors_of, exploit_applies, leg_end
 from workers.loop.learner import build_workload
@@ -153,6 +159,8 @@ class Worker:
     leg_end: int | None = None
     # Why tracker.mode (pinned by the driver) is what it is: in each saved model's metadata.
     mode_source: str = "set by tracker.mode"
+    # The run's provenance (``loop.provenance``, the driver's): in each saved model's metadata.
+    provenance: dict[str, Any] | None = None
     # Trained in a Tune trial's own process, not by a Ray Train worker group
     # (``orchestrator/training/one_process``): the model is moved, never wrapped.
     one_process: bool = False
@@ -171,7 +179,8 @@ class Worker:
             world_size=self.world_size, tracker_state=self.restored.tracker_state,
             torch_weights_file=torch_weights_file, extras=extras,
             test_split=getattr(self.workload, "test_dataset", None) is not None,
-            lineage=self.lineage, mode_source=self.mode_source, ema_state=ema_state)
+            lineage=self.lineage, mode_source=self.mode_source, ema_state=ema_state,
+            provenance=self.provenance)
 
     @property
     def parallel_strategy(self) -> str | None:
@@ -199,6 +208,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
     ray_datasets = config.pop(RAY_DATASETS_KEY, None)
     pbt = config.pop(PBT_KEY, None)
     mode_source = config.pop(MODE_SOURCE_KEY, None)
+    provenance = config.pop(PROVENANCE_KEY, None)
     cfg = RunConfig.model_validate(config)
     quiet_ray_train_reports()
     utils = train_fn_utils()
@@ -218,6 +228,7 @@ def start_worker(config: dict[str, Any]) -> Worker:
                     one_process=not utils.is_distributed())
     if mode_source:
         worker.mode_source = mode_source
+    worker.provenance = provenance
     if pbt is not None:
         worker.lineage = Lineage(pbt["trial_id"], restored.lineage)
         worker.leg_end = leg_end(restored.start_epoch, pbt["interval"], cfg.train.epochs)
