@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from workers.contract.user_errors import UserInputError
-from workers.loop.ray_data import StreamedTrain, rows_collate
+from workers.loop.ray_data import (
+    StreamedTrain,
+    arrow_collate,
+    arrow_tensor,
+    for_streaming,
+    rows_collate,
+)
 
 
 def rows(n: int = 3) -> dict[str, np.ndarray]:
@@ -75,6 +81,90 @@ def test_a_column_that_cannot_become_a_tensor_is_named():
     with pytest.raises(UserInputError, match=r"^workload.train_dataset: column 'pixels' cannot "
                        "become a tensor"):
         collate(batch)
+
+
+def arrow_rows(n: int = 6):
+    """An Arrow batch as Ray Data hands it over: a fixed-size list column (rows of 2 x 3
+    numbers), scalars, and a column no fast path takes (booleans)."""
+    import pyarrow as pa
+
+    grid = np.arange(n * 6, dtype=np.float32)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(grid), 3)
+    return pa.table({"grid": pa.FixedSizeListArray.from_arrays(inner, 2),
+                     "label": pa.array(np.arange(n, dtype=np.int64)),
+                     "flag": pa.array([i % 2 == 0 for i in range(n)])})
+
+
+def test_fixed_size_columns_become_one_tensor_of_the_batch_rows_only():
+    import pyarrow as pa
+
+    table = arrow_rows()
+    # A batch cut out of two blocks: two chunks, each a slice (an offset into its buffers).
+    batch = pa.concat_tables([table.slice(1, 2), table.slice(4, 2)])
+    grid = arrow_tensor(batch.column("grid"))
+    assert grid is not None and grid.shape == (4, 2, 3) and grid.dtype == torch.float32
+    every = np.arange(36, dtype=np.float32).reshape(6, 2, 3)
+    assert np.array_equal(grid.numpy(), every[[1, 2, 4, 5]])
+    assert arrow_tensor(batch.column("label")).tolist() == [1, 2, 4, 5]
+    one = table.slice(3, 2).column("grid")  # one chunk, sliced
+    assert np.array_equal(arrow_tensor(one).numpy(), every[3:5])
+    # A copy, writable: Arrow's buffers are the object store's read-only pages.
+    grid += 1
+    assert np.array_equal(table.column("grid").chunk(0).flatten().flatten().to_numpy()[:6],
+                          np.arange(6, dtype=np.float32))
+    # Nulls, booleans and strings are not taken (Ray Data's own conversion takes them).
+    assert arrow_tensor(table.column("flag")) is None
+    assert arrow_tensor(pa.chunked_array([pa.array([1.0, None])])) is None
+    assert arrow_tensor(pa.chunked_array([pa.array(["a", "b"])])) is None
+
+
+def test_an_arrow_batch_reaches_the_collate_as_tensors_in_column_order():
+    seen = {}
+
+    def collate(columns):
+        seen.update(columns)
+        return columns["grid"], columns["label"]
+
+    x, y = arrow_collate(collate)(arrow_rows())
+    assert list(seen) == ["grid", "label", "flag"]
+    assert x.shape == (6, 2, 3) and y.tolist() == list(range(6))
+    assert seen["flag"].dtype == torch.bool and seen["flag"].tolist()[:2] == [True, False]
+    named = rows_collate(SimpleNamespace(feature_columns=["grid"], label_column="label"), "val")
+    x, y = arrow_collate(named)(arrow_rows(3))
+    assert x.shape == (3, 2, 3) and y.tolist() == [0, 1, 2]
+
+
+class FakeDataset:
+    """What ``for_streaming`` uses of a Ray Dataset: its context, ``copy``, ``select_columns``."""
+
+    def __init__(self, block_bytes: int) -> None:
+        self.context = SimpleNamespace(target_max_block_size=block_bytes)
+        self.columns: list[str] | None = None
+
+    def copy(self, dataset):
+        twin = FakeDataset(dataset.context.target_max_block_size)
+        twin.columns = dataset.columns
+        return twin
+
+    def select_columns(self, columns):
+        twin = self.copy(self)
+        twin.columns = columns
+        return twin
+
+
+def test_splits_are_streamed_in_smaller_blocks_unless_the_workload_chose_a_size():
+    from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+    from workers.loop.ray_data import STREAM_BLOCK_BYTES
+
+    mine = FakeDataset(DEFAULT_TARGET_MAX_BLOCK_SIZE)
+    named = SimpleNamespace(feature_columns="x", label_column="y")
+    streamed = for_streaming(named, mine)
+    assert streamed.columns == ["x", "y"]
+    assert streamed.context.target_max_block_size == STREAM_BLOCK_BYTES < 2**27
+    assert mine.context.target_max_block_size == DEFAULT_TARGET_MAX_BLOCK_SIZE  # untouched
+    chosen = for_streaming(SimpleNamespace(), FakeDataset(2**20))
+    assert chosen.columns is None and chosen.context.target_max_block_size == 2**20
 
 
 class FakeShard:

@@ -18,7 +18,9 @@ The driver builds the workload once and hands each split that is a ``ray.data.Da
 Rows become batches through, in this order: the workload's ``feature_columns`` and
 ``label_column`` (``(features, label)``), its ``collate_fn`` (a dict of column arrays in, as
 Ray Data's ``iter_torch_batches`` gives it), else every column as a tensor (a mapping batch,
-whose target is the ``labels`` column).
+whose target is the ``labels`` column). Splits are read in blocks of ``STREAM_BLOCK_BYTES``
+(``for_streaming``), and columns of numbers or fixed-size lists become tensors straight from
+Ray Data's Arrow batches (``arrow_collate``): ``bench/ray_data.py --profile`` times each stage.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ SPLITS = ("train", "val", "test")
 # stream can land. Memory: this many rows per worker.
 SHUFFLE_BUFFER_ROWS = 2048
 PREFETCH_BATCHES = 2
+# Ray Data's largest block in bytes (``DataContext.target_max_block_size``) for the splits
+# handed to Ray Train, unless the workload set its own. Ray 2.60's Parquet reader packs rows up
+# to Ray's default, 128 MB: 512 MB of Parquet became 6 blocks of 96 MB, each over a third of a
+# 256 MB object store, so the read tasks waited on the store and a worker held a whole one.
+# Measured in docs/benchmarks.md (Ray Data streaming): a streamed epoch 1.7-2.9x faster.
+STREAM_BLOCK_BYTES = 16 * 2**20
 
 
 def is_ray_dataset(obj: Any) -> bool:
@@ -106,6 +114,18 @@ def only_named_columns(workload: Any, dataset: Any) -> Any:
     return dataset.select_columns([*named[0], named[1]]) if named else dataset
 
 
+def for_streaming(workload: Any, dataset: Any) -> Any:
+    """A split as it is handed to Ray Train: the named columns only (``only_named_columns``),
+    read in blocks of at most ``STREAM_BLOCK_BYTES`` when the workload left Ray's default."""
+    from ray.data.context import DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+    dataset = only_named_columns(workload, dataset)
+    if dataset.context.target_max_block_size == DEFAULT_TARGET_MAX_BLOCK_SIZE:
+        dataset = dataset.copy(dataset)  # the workload's own Dataset keeps its context
+        dataset.context.target_max_block_size = STREAM_BLOCK_BYTES
+    return dataset
+
+
 def columns_collate(features: Sequence[str], label: str, split: str
                     ) -> Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]:
     """``(features, label)``: one feature column as it is, several side by side, (B, F)."""
@@ -163,16 +183,59 @@ def first_rows(dataset: Any, rows: int = 2) -> dict[str, np.ndarray]:
     return dataset.take_batch(rows, batch_format="numpy")
 
 
+def arrow_tensor(column: Any) -> torch.Tensor | None:
+    """A column of an Arrow batch as one (B, ...) tensor, in one copy, when it holds numbers or
+    fixed-size lists of numbers (nested for more dimensions) and no nulls; None for any other
+    column. Ray Data's own conversion goes through a NumPy object array of B row arrays,
+    then stacks them."""
+    import pyarrow as pa
+
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    shape = [len(array)]
+    while pa.types.is_fixed_size_list(array.type):
+        if array.null_count:
+            return None
+        shape.append(array.type.list_size)
+        array = array.flatten()  # the values of this slice's rows only (``.values``: all)
+    if array.null_count or not (pa.types.is_integer(array.type)
+                                or pa.types.is_floating(array.type)):
+        return None
+    # A copy: the Arrow buffers are read-only pages of Ray's object store.
+    return torch.from_numpy(array.to_numpy(zero_copy_only=True).reshape(shape).copy())
+
+
+def arrow_collate(fn: Callable[[dict[str, Any]], Any]) -> Any:
+    """``fn``, which takes a dict of column tensors (``tensors_in``), as ``iter_torch_batches``
+    takes a collate over Arrow batches: numeric and fixed-size list columns by
+    ``arrow_tensor``, any other column by Ray Data's own ``arrow_batch_to_tensors``."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+    from ray.data.util.torch_utils import arrow_batch_to_tensors
+
+    class Collate(ArrowBatchCollateFn):
+        def __call__(self, batch: Any) -> Any:
+            columns: dict[str, Any] = {}
+            for name in batch.column_names:
+                tensor = arrow_tensor(batch.column(name))
+                if tensor is not None:
+                    columns[name] = tensor
+            rest = [name for name in batch.column_names if name not in columns]
+            if rest:
+                columns.update(arrow_batch_to_tensors(batch.select(rest), combine_chunks=True))
+            return fn({name: columns[name] for name in batch.column_names})
+
+    return Collate()
+
+
 def iter_batches(dataset: Any, collate: Callable[[dict[str, np.ndarray]], Any],
                  batch_size: int, **shuffle: Any) -> Iterator[Any]:
     """A Dataset's (or a worker's shard's) batches, on the host (the loops move them to the
-    device). A workload's ``collate_fn`` runs on Ray Data's prefetch thread; named columns
-    take Ray Data's own conversion to tensors (a column of arrays becomes one (B, ...) tensor
-    without a copy per row), then are picked here."""
+    device), made on Ray Data's prefetch thread. Named columns and every-column batches take
+    Arrow batches to tensors (``arrow_collate``); a workload's ``collate_fn`` gets NumPy column
+    arrays, as Ray Data gives them."""
     options = {"batch_size": batch_size, "device": "cpu", "prefetch_batches": PREFETCH_BATCHES,
                **shuffle}
     if getattr(collate, "tensors_in", False):
-        return (collate(batch) for batch in dataset.iter_torch_batches(**options))
+        return iter(dataset.iter_torch_batches(collate_fn=arrow_collate(collate), **options))
     return iter(dataset.iter_torch_batches(collate_fn=ray_collate(collate), **options))
 
 
