@@ -26,6 +26,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.errors import UserError
 from workers.contract.names import EXPORT_DIR
+from workers.loop.provenance import sha256_file
 
 FORMATS = {"export": "model.pt2", "onnx": "model.onnx"}  # format -> the file it writes
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -49,14 +50,6 @@ def check_format(fmt: str) -> None:
         if missing:
             raise UserError(f"export: --format onnx needs {', '.join(missing)}: "
                             f"pip install '{DISTRIBUTION}[onnx]'")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_ours(export_dir: str, fmt: str) -> None:
@@ -118,7 +111,7 @@ def export(path: str | Path, fmt: str = "export", *, monitor: str | None = None,
         record = export_checked(best.model, best.workload, cfg.train.batch_size, fmt, local)
         record.update(source_checkpoint=best.checkpoint, epoch=best.metadata.get("epoch"),
                       monitor=best.metadata.get("monitor"),
-                      file=f"{EXPORT_DIR}/{FORMATS[fmt]}", sha256=sha256(local),
+                      file=f"{EXPORT_DIR}/{FORMATS[fmt]}", sha256=sha256_file(str(local)),
                       size_bytes=local.stat().st_size)
         target = storage.join(export_dir, FORMATS[fmt])
         storage.write_bytes(target, local.read_bytes())

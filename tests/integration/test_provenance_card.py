@@ -19,6 +19,7 @@ from orchestrator.start.console import Console
 from orchestrator.training.driver import run_training
 from tests.integration.conftest import REPO, checkpoint_dirs, overfit_config
 from tests.integration.test_wandb import artifacts, inspect
+from tests.integration.test_wandb import wandb_env as wandb_env  # a fixture, re-exported
 from tests.unit.test_card import as_number, front_matter, tables
 
 pytestmark = pytest.mark.integration
@@ -41,17 +42,6 @@ def code_dir(tmp_path_factory):
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = before
-
-
-@pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        path = tmp_path / var.lower()
-        path.mkdir()
-        monkeypatch.setenv(var, str(path))
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return tmp_path
 
 
 def wandb_config(run_dir: str) -> dict:
