@@ -3,6 +3,7 @@ where a run continues: pure logic, no Ray (``workers/loop/ray_data.py``)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -135,14 +136,18 @@ def test_an_arrow_batch_reaches_the_collate_as_tensors_in_column_order():
 
 
 class FakeDataset:
-    """What ``for_streaming`` uses of a Ray Dataset: its context, ``copy``, ``select_columns``."""
+    """What ``for_streaming`` uses of a Ray Dataset: its context, ``copy``, ``select_columns``.
+    As Ray 2.60's ``Dataset.copy``: the copy shares the context object unless ``_deep_copy``
+    (``test_a_plain_copy_of_a_ray_dataset_shares_its_context`` checks Ray's own)."""
 
     def __init__(self, block_bytes: int) -> None:
         self.context = SimpleNamespace(target_max_block_size=block_bytes)
         self.columns: list[str] | None = None
 
-    def copy(self, dataset):
+    def copy(self, dataset, _deep_copy=False):
         twin = FakeDataset(dataset.context.target_max_block_size)
+        if not _deep_copy:
+            twin.context = dataset.context
         twin.columns = dataset.columns
         return twin
 
@@ -165,6 +170,23 @@ def test_splits_are_streamed_in_smaller_blocks_unless_the_workload_chose_a_size(
     assert mine.context.target_max_block_size == DEFAULT_TARGET_MAX_BLOCK_SIZE  # untouched
     chosen = for_streaming(SimpleNamespace(), FakeDataset(2**20))
     assert chosen.columns is None and chosen.context.target_max_block_size == 2**20
+    # No named columns (no select_columns in between): the workload's Dataset is untouched.
+    every = FakeDataset(DEFAULT_TARGET_MAX_BLOCK_SIZE)
+    assert for_streaming(SimpleNamespace(), every).context.target_max_block_size == (
+        STREAM_BLOCK_BYTES)
+    assert every.context.target_max_block_size == DEFAULT_TARGET_MAX_BLOCK_SIZE
+
+
+def test_a_plain_copy_of_a_ray_dataset_shares_its_context():
+    """The premise of ``for_streaming``'s deep copy, in Ray's own source (no Ray started)."""
+    import inspect
+
+    from ray.data import Dataset
+
+    source = inspect.getsource(Dataset.copy)
+    assert "_deep_copy" in inspect.signature(Dataset.copy).parameters
+    assert "ds._context.copy()" in source  # the deep copy's
+    assert re.search(r"ds\._context,\s*\n", source)  # the plain copy's: the same object
 
 
 class FakeShard:

@@ -121,7 +121,9 @@ def for_streaming(workload: Any, dataset: Any) -> Any:
 
     dataset = only_named_columns(workload, dataset)
     if dataset.context.target_max_block_size == DEFAULT_TARGET_MAX_BLOCK_SIZE:
-        dataset = dataset.copy(dataset)  # the workload's own Dataset keeps its context
+        # A deep copy: a plain ``Dataset.copy`` shares the DataContext object, and the workload's
+        # own Dataset would be read in small blocks too. ``_deep_copy`` copies the context.
+        dataset = dataset.copy(dataset, _deep_copy=True)
         dataset.context.target_max_block_size = STREAM_BLOCK_BYTES
     return dataset
 
