@@ -62,6 +62,37 @@ def test_the_same_items_give_the_same_fingerprint_and_any_change_another():
     assert "test_provenance.Odd" in first["note"]
 
 
+def test_randomly_augmented_items_give_the_same_fingerprint_and_leave_the_rngs_alone():
+    """A split that augments in ``__getitem__`` (torch, NumPy and Python random draws): the same
+    fingerprint whatever the global random state before it (the run and its resume), and
+    the caller's random sequences continue as if nothing had drawn from them."""
+    import random
+
+    from workers.loop.provenance import map_fingerprint
+
+    class Augmented(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 50
+
+        def __getitem__(self, i):
+            noise = torch.rand(3) + float(np.random.rand()) + random.random()
+            return torch.full((3,), float(i)) + noise, i % 2
+
+    torch.manual_seed(1)
+    first = map_fingerprint(Augmented())
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    second = map_fingerprint(Augmented())
+    assert first["sha256"] is not None and first == second
+    after = (torch.rand(2), np.random.rand(), random.random())
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+
+
 def test_a_large_split_is_fingerprinted_from_a_fixed_sample():
     data = [torch.full((2,), float(i)) for i in range(1000)]
     fp = map_fingerprint(data)

@@ -33,7 +33,8 @@ import platform
 import random
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,27 @@ def sample_indices(length: int) -> list[int]:
     return sorted(random.Random(SAMPLE_SEED).sample(range(length), min(SAMPLE_SIZE, length)))
 
 
+@contextmanager
+def seeded_random_state(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's (CPU) global random state seeded with ``seed`` inside,
+    and given back as it was after: a split whose items are randomly augmented
+    (``RandomCrop`` in ``__getitem__``) reads the same sample in the run and in its resume,
+    and the caller's own random sequence does not move."""
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def map_fingerprint(dataset: Any) -> dict[str, Any]:
     try:
         length = len(dataset)
@@ -218,9 +240,10 @@ def map_fingerprint(dataset: Any) -> dict[str, Any]:
     indices = sample_indices(length)
     hasher.feed(f"length:{length}")
     try:
-        for index in indices:
-            hasher.feed(f"index:{index}")
-            hasher.add(dataset[index])
+        with seeded_random_state(SAMPLE_SEED):  # random augmentations give the same items
+            for index in indices:
+                hasher.feed(f"index:{index}")
+                hasher.add(dataset[index])
     except Exception as exc:  # noqa: BLE001 - the run's own loaders will say what is wrong
         return {"kind": "map", "length": length, "sha256": None,
                 "reason": f"item {index} could not be read ({type(exc).__name__})"}
