@@ -19,7 +19,7 @@ import torch
 
 import workers.checkpoint.manager as manager_module
 from workers.checkpoint.load import load_metadata, load_train_state, load_weights
-from workers.checkpoint.manager import CheckpointManager, Position
+from workers.checkpoint.manager import CheckpointManager, Position, also_trackers
 from workers.checkpoint.snapshot import HostBuffers, Snapshot
 from workers.checkpoint.writer import write_checkpoint
 from workers.contract.config import RunConfig
@@ -65,7 +65,7 @@ class Epochs:
         self.manager = CheckpointManager(
             self.cfg, True, tracker_of(self.cfg),
             self.saver, LocalState(self.model, self.optimizer), torch.device("cpu"), 1,
-            torch_weights_file)
+            torch_weights_file, also=also_trackers(self.cfg, None))
         self.plain: list[dict[str, Any]] = []  # reports without a checkpoint
         # What ray.train.report calls (workers.compat.train_fn_utils): Ray Train's utilities.
         monkeypatch.setattr(manager_module, "train_fn_utils",
@@ -76,13 +76,16 @@ class Epochs:
         assert not kwargs, kwargs  # no checkpoint travels this way
         self.plain.append(dict(metrics))
 
-    def run(self, val_losses: list[float]) -> list[bool]:
+    def run(self, val_losses: list[float],
+            val_accuracies: list[float] | None = None) -> list[bool]:
         """One call per epoch, as the loop makes them; returns each epoch's stop verdict."""
         stops = []
-        for epoch, val_loss in enumerate(val_losses, start=1):
+        accuracies = val_accuracies or [0.25] * len(val_losses)
+        for epoch, (val_loss, accuracy) in enumerate(zip(val_losses, accuracies, strict=True),
+                                                     start=1):
             self._train_a_step()
             self.weights[epoch] = {k: v.clone() for k, v in self.model.state_dict().items()}
-            values = {"train_loss": 0.5 / epoch, "val_loss": val_loss, "val_accuracy": 0.25}
+            values = {"train_loss": 0.5 / epoch, "val_loss": val_loss, "val_accuracy": accuracy}
             stops.append(self.manager.report(epoch, values, started=0.0))
         self.manager.finish()
         return stops
@@ -207,6 +210,29 @@ def test_resume_checkpoints_hold_the_optimizer_and_are_never_marked_best(epochs)
     # score never keeps it in place of the best model.
     ranks = {epoch: by_epoch[epoch][0][RANK_KEY] for epoch in by_epoch}
     assert ranks[2] < ranks[1] < ranks[3] and ranks[4] < ranks[3]
+
+
+def test_every_model_policy_best_keeps_carries_the_engines_weights_file(epochs):
+    """fastai's ``learner.pth`` (docs/fastai.md: what ``learn.load`` reads) is in each model
+    a user may load: the best, each of the K best and each also-monitor's best; never in a
+    resume checkpoint."""
+    run = epochs(5, checkpoint={"policy": "best", "keep_top_k": 3, "resume_every_n_epochs": 5},
+                 tracker={"monitor": "val_loss",
+                          "also_monitor": [{"monitor": "val_accuracy", "mode": "max"}]},
+                 torch_weights_file="learner.pth")
+    # Epoch 3 enters the 3 best as rank 2 (not the best); epoch 5 is val_accuracy's best
+    # only; epoch 5 is also the resume checkpoint's epoch.
+    run.run([1.0, 0.8, 0.9, 1.5, 2.0], [0.1, 0.2, 0.15, 0.1, 0.9])
+    saved = {}
+    for _, path in run.saver.saves:
+        metadata = load_metadata(path)
+        saved.setdefault(metadata["epoch"], []).append((metadata, path))
+    assert sorted(saved) == [1, 2, 3, 5]
+    assert saved[3][0][0]["top_k_rank"] == 2 and saved[3][0][0]["is_best"] is False
+    for epoch in (1, 2, 3):
+        assert (saved[epoch][0][1] / "learner.pth").is_file(), epoch
+    [(metadata, path)] = saved[5]
+    assert metadata["best_for"] == ["val_accuracy"] and (path / "learner.pth").is_file()
 
 
 def test_a_smoothed_decision_saves_that_evaluations_weights_and_records_both(epochs):

@@ -6,7 +6,8 @@ A checkpoint directory (file names in ``workers.contract.names``) holds:
   (resume) checkpoints; loadable with ``torch.load(weights_only=True)``;
 - ``metadata.json``: the epoch, every metric of that epoch, monitor, mode, is_best, the
   run's config and seed; written last, so a directory with it is complete;
-- optionally (the fastai engine's improvements) ``learner.pth``: the same weights as a
+- optionally (the fastai engine's kept models: the best, the top K, an also-monitor's best)
+  ``learner.pth``: the same weights as a
   ``torch.save``'d state dict, the format of fastai's ``learn.save``.
 
 This package owns checkpoints on the workers; it imports nothing of ``workers.loop`` or

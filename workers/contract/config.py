@@ -250,10 +250,11 @@ class TrackerSection(_Section):
     also_monitor: list[AlsoMonitor] = Field(
         default_factory=list, description="policy best: more metrics, [{monitor, mode}, ...], "
         "each keeping its own best model (the strictly best value, as tracker.monitor's; one "
-        "checkpoint when several choose the same evaluation); tracker.monitor alone decides "
-        "early stopping, searches and best. summary.json's best_by_monitor, W&B aliases "
-        "best-<metric>, a row each in `orchestrator best`; the test split is scored with each "
-        "distinct best")
+        "checkpoint when several choose the same evaluation, decided on the raw value); "
+        "tracker.monitor alone decides early stopping, searches and best, and smoothing, the "
+        "thresholds and initial_best apply to it alone. summary.json's best_by_monitor, W&B "
+        "aliases best-<metric>, a row each in `orchestrator best`; the test split is scored "
+        "with each distinct best")
 
     @field_validator("monitor")
     @classmethod

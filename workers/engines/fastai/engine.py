@@ -11,8 +11,9 @@ torch engine:
   once: the metrics are exact, identical on every rank, and written into the Recorder's row,
   so any tracker callback on the Learner decides on the global values;
 - ``ReportToRay`` then hands the epoch to the shared ``CheckpointManager`` (rank-0 tracker,
-  checkpoint policy, files, ``ray.train.report``); improvements also carry ``learner.pth``,
-  the format of ``learn.save``, so that ``learn.load`` of a fresh Learner reads the best model.
+  checkpoint policy, files, ``ray.train.report``); each model policy best keeps (the best,
+  the top K, an also-monitor's best) also carries ``learner.pth``, the format of
+  ``learn.save``, so that ``learn.load`` of a fresh Learner reads it.
 """
 
 from __future__ import annotations
