@@ -6,6 +6,7 @@ the field or file, no traceback, nothing written and Ray never imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.start.config_file import apply_overrides, load_config, parse_override
+from tests.unit.cli_cases import run_in_one_process
 from workers.contract.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -532,9 +534,10 @@ def cli_env(guard: Path, markers: Path, case_id: str) -> dict[str, str]:
     return env
 
 
-def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResult:
+def prepare(case: Bad, root: Path) -> tuple[Path, set[str]]:
+    """The case's directory under ``root``, with its files; and what it holds before."""
     cwd = root / case.id
-    cwd.mkdir()
+    cwd.mkdir(parents=True)
     if isinstance(case.config, dict):
         (cwd / case.config_arg).write_text(yaml.safe_dump(case.config))
     elif isinstance(case.config, str):
@@ -544,21 +547,57 @@ def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResul
     for name, text in case.files.items():
         (cwd / name).parent.mkdir(parents=True, exist_ok=True)
         (cwd / name).write_text(text)
-    before = set(os.listdir(cwd))
+    return cwd, set(os.listdir(cwd))
+
+
+def result_of(case: Bad, cwd: Path, before: set[str], markers: Path, returncode: int,
+              stdout: str, stderr: str) -> CliResult:
+    kept = all((cwd / name).is_file() and (cwd / name).read_text() == text
+               for name, text in case.files.items())
+    return CliResult(returncode, stdout, stderr, set(os.listdir(cwd)) - before,
+                     (markers / case.id).exists(), kept)
+
+
+def argv(case: Bad) -> list[str]:
+    return ["train", case.config_arg, *case.args]
+
+
+def run_bad_input(case: Bad, root: Path, guard: Path, markers: Path) -> CliResult:
+    """``python -m orchestrator train ...`` in a process of its own."""
+    cwd, before = prepare(case, root)
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "train", case.config_arg, *case.args],
+        [sys.executable, "-m", "orchestrator", *argv(case)],
         cwd=cwd, env=cli_env(guard, markers, case.id), capture_output=True, text=True,
         timeout=120,
     )
-    kept = all((cwd / name).is_file() and (cwd / name).read_text() == text
-               for name, text in case.files.items())
-    return CliResult(proc.returncode, proc.stdout, proc.stderr,
-                     set(os.listdir(cwd)) - before, (markers / case.id).exists(), kept)
+    return result_of(case, cwd, before, markers, proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_all_in_one_process(cases: list[Bad], root: Path, guard: Path,
+                           markers: Path) -> dict[str, CliResult]:
+    """The same CLI calls, one after another in one process (``tests/unit/cli_cases.py``)."""
+    prepared = {case.id: prepare(case, root) for case in cases}
+    spec: list[dict[str, object]] = [
+        {"id": case.id, "cwd": str(prepared[case.id][0]), "argv": argv(case),
+         "env": {"RAY_GUARD_CASE": case.id}} for case in cases]
+    outputs = run_in_one_process(spec, str(root), cli_env(guard, markers, "_runner"))
+    return {case.id: result_of(case, *prepared[case.id], markers, **outputs[case.id])
+            for case in cases}
+
+
+# The cases that also run as ``python -m orchestrator`` processes of their own: the test
+# below holds their in-process results equal to these, so the shared process hides nothing.
+# The two object stores that do not answer run only so: they wait seconds for the probe,
+# which runs beside the others there.
+OWN_PROCESS = ("missing_file", "set_without_equals", "import_error_over_two_lines",
+               "overwrite_not_a_run", "resume_damaged_history")
+OWN_PROCESS_ONLY = ("storage_unreachable", "storage_gs_without_credentials")
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
-    """Every bad input at once, two subprocesses at a time (each is mostly importing torch)."""
+def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, CliResult]]:
+    """Every bad input through the CLI: all in one process (``in_one``), and some in
+    processes of their own (``own``), those beside the one."""
     root = tmp_path_factory.mktemp("bad_inputs")
     guard, markers = root / "_guard", root / "_markers"
     (guard / "ray").mkdir(parents=True)
@@ -568,9 +607,18 @@ def cli_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult
     check = subprocess.run([sys.executable, "-c", "import ray"], cwd=root, capture_output=True,
                            env=cli_env(guard, markers, "_self_check"), timeout=60)
     assert check.returncode != 0 and (markers / "_self_check").exists()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c.id: pool.submit(run_bad_input, c, root, guard, markers) for c in BAD_INPUTS}
-        return {case_id: future.result() for case_id, future in futures.items()}
+    by_id = {c.id: c for c in BAD_INPUTS}
+    own = [by_id[case_id] for case_id in OWN_PROCESS_ONLY + OWN_PROCESS]  # the waits first
+    (markers / "in_one").mkdir()
+    # All at once: the stores' probes wait most of their seconds, the rest import.
+    with ThreadPoolExecutor(max_workers=len(own) + 1) as pool:
+        in_one = pool.submit(run_all_in_one_process,
+                             [c for c in BAD_INPUTS if c.id not in OWN_PROCESS_ONLY],
+                             root / "in_one", guard, markers / "in_one")
+        futures = {c.id: pool.submit(run_bad_input, c, root / "own", guard, markers)
+                   for c in own}
+        return {"in_one": in_one.result(),
+                "own": {case_id: future.result() for case_id, future in futures.items()}}
 
 
 def test_bad_inputs_are_distinct_and_many() -> None:
@@ -592,8 +640,9 @@ def test_bad_files_in_process(tmp_path: Path, case: Bad) -> None:
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.id)
-def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], case: Bad) -> None:
-    result = cli_results[case.id]
+def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, dict[str, CliResult]],
+                                          case: Bad) -> None:
+    result = cli_results["in_one"].get(case.id) or cli_results["own"][case.id]
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stdout + result.stderr, output
     assert result.returncode == 2, output
@@ -606,6 +655,18 @@ def test_bad_input_is_one_line_and_exit_2(cli_results: dict[str, CliResult], cas
     assert not result.ray_imported, "Ray was imported"
     assert result.created == set(), f"the CLI wrote {sorted(result.created)}"
     assert result.files_kept, "the CLI changed or deleted the user's files"
+
+
+@pytest.mark.parametrize("case_id", OWN_PROCESS)
+def test_a_case_reads_the_same_in_a_process_of_its_own(
+        cli_results: dict[str, dict[str, CliResult]], case_id: str) -> None:
+    """What the shared process printed, wrote and imported is what ``python -m orchestrator``
+    alone does (its exit code, both streams to the byte, the files)."""
+    in_one = cli_results["in_one"][case_id]
+    # The case's directory is <root>/in_one/<case> there, <root>/own/<case> here.
+    moved = {name: getattr(in_one, name).replace("/in_one/", "/own/")
+             for name in ("stdout", "stderr")}
+    assert dataclasses.replace(in_one, **moved) == cli_results["own"][case_id]
 
 
 def test_a_sections_own_check_names_its_key_once():

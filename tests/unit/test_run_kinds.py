@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from orchestrator.start.run_dir import held_kind, mark, prepare_run_dir
+from tests.unit.cli_cases import run_in_one_process
 from workers.contract.names import (
     HISTORY_FILE,
     LEADERBOARD_FILE,
@@ -89,12 +90,13 @@ CASES = [
 ]
 
 
-def refused(root: Path, command: str, held: str, marked: str, extra: list[str]):
-    """The CLI on a directory holding the other kind: (process, directory, files before)."""
-    cwd = root / f"{command}-{held}-{marked}-{len(extra)}"
-    guard = cwd / "_guard"
-    (guard / "ray").mkdir(parents=True)
-    (guard / "ray" / "__init__.py").write_text(RAY_GUARD)
+def case_name(command: str, held: str, marked: str, extra: list[str]) -> str:
+    return f"{command}-{held}-{marked}-{len(extra)}"
+
+
+def prepare(root: Path, command: str, held: str, marked: str, extra: list[str]):
+    """A directory holding the other kind and a config naming it: (cwd, run dir, files)."""
+    cwd = root / case_name(command, held, marked, extra)
     run_dir = (a_run if held == "run" else a_search)(cwd / "runs" / "x")
     if marked == "records":
         without_kind(run_dir)
@@ -105,25 +107,61 @@ def refused(root: Path, command: str, held: str, marked: str, extra: list[str]):
               "wandb": {"mode": "disabled"},
               "tune": {"search_space": {"train.lr": {"choice": [0.01, 0.02]}}}}
     (cwd / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return cwd, run_dir, before
+
+
+def guarded_env(root: Path) -> dict[str, str]:
+    guard = root / "_guard"
+    if not guard.exists():
+        (guard / "ray").mkdir(parents=True)
+        (guard / "ray" / "__init__.py").write_text(RAY_GUARD)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([str(guard), str(REPO)])
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", command, "cfg.yaml", *extra],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    return proc, run_dir, before
+    return env
+
+
+# The one case that also runs as ``python -m orchestrator`` in a process of its own; the
+# others run one after another in one process (tests/unit/cli_cases.py), which the last test
+# here holds to the same output.
+OWN_PROCESS = CASES[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory):
+    """Each case's (process result, run dir, files before), and ``own``: OWN_PROCESS's in a
+    process of its own."""
     root = tmp_path_factory.mktemp("kinds")
-    with ThreadPoolExecutor(2) as pool:  # each is mostly Python starting up
-        return list(pool.map(lambda case: refused(root, *case), CASES))
+    env = guarded_env(root)
+    prepared = [prepare(root, *case) for case in CASES]
+    own_cwd, own_dir, own_before = prepare(root / "own", *OWN_PROCESS)
+    with ThreadPoolExecutor(1) as pool:  # beside the shared process
+        own = pool.submit(subprocess.run, [sys.executable, "-m", "orchestrator",
+                                           OWN_PROCESS[0], "cfg.yaml", *OWN_PROCESS[3]],
+                          cwd=own_cwd, env=env, capture_output=True, text=True, timeout=120)
+        outputs = run_in_one_process(
+            [{"id": case_name(*case), "cwd": str(cwd), "argv": [case[0], "cfg.yaml", *case[3]]}
+             for case, (cwd, _, _) in zip(CASES, prepared, strict=True)], str(root), env)
+        own_proc = own.result()
+    procs = [subprocess.CompletedProcess([], **outputs[case_name(*case)]) for case in CASES]
+    return ([(proc, run_dir, before) for proc, (_, run_dir, before) in zip(procs, prepared,
+                                                                           strict=True)],
+            (own_proc, own_dir, own_before))
+
+
+def test_the_shared_process_prints_what_a_process_of_its_own_prints(results) -> None:
+    shared, _, _ = results[0][CASES.index(OWN_PROCESS)]
+    own, own_dir, before = results[1]
+    assert own.returncode == shared.returncode == 2, own.stderr[-3000:]
+    assert (own.stdout, own.stderr) == (shared.stdout, shared.stderr.replace(
+        str(own_dir).replace("/own/", "/"), str(own_dir)))
+    assert files(own_dir) == before
 
 
 @pytest.mark.parametrize("index", range(len(CASES)),
                          ids=[f"{c}-on-{h}-{m}{''.join(e)}" for c, h, m, e in CASES])
 def test_a_directory_of_the_other_kind_is_refused_in_one_line(results, index: int) -> None:
     command, held, _, _ = CASES[index]
-    proc, run_dir, before = results[index]
+    proc, run_dir, before = results[0][index]
     wanted = "search" if command == "tune" else "run"
     made_by = "tune" if held == "search" else "train"
     assert proc.returncode == 2, proc.stderr[-3000:]
