@@ -4,6 +4,7 @@ rank: what every test of this tier does, in one place."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tests.distributed.test_global_metrics import free_port
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, cases: Callable[[int], Any],

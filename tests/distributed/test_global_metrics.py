@@ -6,17 +6,11 @@ the same on both ranks and equal a single-process evaluation of the whole set.
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
-import socket
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.distributed.ranks import in_ranks
 from workers.evaluation.metrics import build_metrics
 from workers.loop.loaders import shard
 from workers.loop.scoring import accumulate, evaluate_dataset, global_metrics
@@ -47,49 +41,26 @@ def model_and_data(n: int) -> tuple[torch.nn.Module, TensorDataset]:
     return model, TensorDataset(x, y)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def evaluate_shard(rank: int, n: int, batch_size: int) -> dict:
+    """This rank's shard of the n-sample set evaluated, the metrics all-reduced."""
+    model, dataset = model_and_data(n)
+    metrics = build_metrics(METRICS, NUM_CLASSES)
+    part = shard(dataset, rank, WORLD_SIZE)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False)
+    loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
+    local_count = loss.state()[1].item()
+    values = global_metrics([("val", loss, metrics)], CPU)
+    return {"metrics": values, "shard_size": len(part), "local_count": local_count}
 
 
-def rank_main(rank: int, port: int, n: int, batch_size: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        model, dataset = model_and_data(n)
-        metrics = build_metrics(METRICS, NUM_CLASSES)
-        part = shard(dataset, rank, WORLD_SIZE)
-        loader = DataLoader(part, batch_size=batch_size, shuffle=False)
-        loss = accumulate(model, loader, torch.nn.functional.cross_entropy, metrics, CPU)
-        local_count = loss.state()[1].item()
-        values = global_metrics([("val", loss, metrics)], CPU)
-    finally:
-        dist.destroy_process_group()
-    out = {"metrics": values, "shard_size": len(part), "local_count": local_count}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+def every_case(rank: int) -> dict[str, dict]:
+    """Every set size, one after the other, in one process group (one start of the ranks)."""
+    return {case: evaluate_shard(rank, n, batch_size) for case, (n, batch_size) in CASES.items()}
 
 
-def run_two_ranks(n: int, batch_size: int, out_dir: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=rank_main, args=(rank, port, n, batch_size, str(out_dir)))
-        for rank in range(WORLD_SIZE)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict]]:
+    return in_ranks(every_case, tmp_path_factory.mktemp("global_metrics"), WORLD_SIZE)
 
 
 def single_process(n: int, batch_size: int, rank: int | None = None) -> dict[str, float]:
@@ -104,9 +75,10 @@ def single_process(n: int, batch_size: int, rank: int | None = None) -> dict[str
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_global_metrics_equal_a_single_process_evaluation(tmp_path: Path, case: str) -> None:
+def test_global_metrics_equal_a_single_process_evaluation(ranks: list[dict[str, dict]],
+                                                           case: str) -> None:
     n, batch_size = CASES[case]
-    ranks = run_two_ranks(n, batch_size, tmp_path)
+    ranks = [r[case] for r in ranks]
 
     # Every sample once: strided shards, no padding, nothing dropped.
     assert [r["shard_size"] for r in ranks] == [(n + 1) // 2, n // 2]

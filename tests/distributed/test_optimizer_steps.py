@@ -18,19 +18,15 @@ step's update is then the learning rate times that step's mean gradient.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from dataclasses import dataclass
-from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.distributed.test_global_metrics import free_port
+from tests.distributed.ranks import in_ranks
 from workers.loop.loaders import shard
 from workers.loop.optim import Stepper
 from workers.loop.training import train_epoch
@@ -137,55 +133,21 @@ def train_case(rank: int, strategy: str, case: Case) -> dict[str, Any]:
             "micro_batches": len(loader)}
 
 
-def rank_main(rank: int, port: int, strategy: str, out_dir: str) -> None:
-    """Every case, one after the other, in one process group (one start of the processes)."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        out = {mode: train_case(rank, strategy, case) for mode, case in CASES.items()}
-    finally:
-        dist.destroy_process_group()
-    torch.save(out, Path(out_dir, f"rank{rank}.pt"))
-
-
-def run_two_ranks(strategy: str, out_dir: Path) -> list[dict[str, Any]]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=rank_main, args=(rank, port, strategy, str(out_dir)))
-        for rank in range(WORLD_SIZE)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=180)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0] * WORLD_SIZE, "a rank failed (see its stderr)"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+def every_case(rank: int) -> dict[str, dict[str, Any]]:
+    """Every strategy and case, one after the other, in one process group (one start of the
+    ranks)."""
+    return {strategy: {mode: train_case(rank, strategy, case) for mode, case in CASES.items()}
+            for strategy in STRATEGIES}
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``get(strategy, mode)``: both ranks' results of that case. Each strategy's processes
-    start once, whichever tests look at them (a failed start is not retried)."""
-    done: dict[str, list[dict[str, Any]] | BaseException] = {}
+    """``get(strategy, mode)``: both ranks' results of that case. The processes start once,
+    for every test here."""
+    ranks = in_ranks(every_case, tmp_path_factory.mktemp("steps"), WORLD_SIZE)
 
     def get(strategy: str, mode: str) -> list[dict[str, Any]]:
-        if strategy not in done:
-            try:
-                done[strategy] = run_two_ranks(strategy, tmp_path_factory.mktemp(strategy))
-            except AssertionError as exc:
-                done[strategy] = exc
-        result = done[strategy]
-        if isinstance(result, BaseException):
-            raise result
-        return [r[mode] for r in result]
+        return [r[strategy][mode] for r in ranks]
 
     return get
 

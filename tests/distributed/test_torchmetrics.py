@@ -4,7 +4,7 @@ one process computing them over the whole set."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,10 +43,20 @@ def auroc_ranks(rank: int) -> dict[str, float]:
     return global_metrics([("val", loss, metrics)], CPU)
 
 
-def test_auroc_and_average_precision_equal_one_process(tmp_path: Path) -> None:
+def both_cases(rank: int) -> dict[str, dict[str, float]]:
+    """Both tests' evaluations, one after the other, in one process group."""
+    return {"auroc": auroc_ranks(rank), "collection": collection_ranks(rank)}
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return in_ranks(both_cases, tmp_path_factory.mktemp("torchmetrics"), WORLD_SIZE)
+
+
+def test_auroc_and_average_precision_equal_one_process(both: list[dict[str, Any]]) -> None:
     from torchmetrics.classification import MulticlassAUROC, MulticlassAveragePrecision
 
-    ranks = in_ranks(auroc_ranks, tmp_path, WORLD_SIZE)
+    ranks = [r["auroc"] for r in both]
     assert ranks[0] == ranks[1]
     assert set(ranks[0]) == {"val_loss", "val_auroc", "val_ap"}
 
@@ -92,8 +102,9 @@ def collection_ranks(rank: int) -> dict[str, float]:
     return values
 
 
-def test_a_metric_collection_with_a_compute_group_equals_one_process(tmp_path: Path) -> None:
-    ranks = in_ranks(collection_ranks, tmp_path, WORLD_SIZE)
+def test_a_metric_collection_with_a_compute_group_equals_one_process(
+        both: list[dict[str, Any]]) -> None:
+    ranks = [r["collection"] for r in both]
     assert ranks[0] == ranks[1]
     assert set(ranks[0]) == {"val_loss", "val_group_cls_acc", "val_group_cls_prec",
                              "val_group_cls_rec", "val_auroc"}
