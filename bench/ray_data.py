@@ -7,10 +7,13 @@ peak memory per Ray Train worker, for a data set several times larger than Ray's
         [--store-mb 256] [--modes map,stream-before,stream,pyarrow] [--profile ROUNDS]
 
 Modes: ``map`` (in memory), ``stream-before`` (the stream as it was before issue 42, its
-functions swapped back in by ``bench/streaming.py``), ``stream`` (now) and ``pyarrow`` (a
-plain pyarrow loop in a torch ``IterableDataset``). ``--profile`` first times each stage of
-the stream in this process (read, batching, conversion, shuffle, the split to two readers)
-against pyarrow's own read of the same files.
+functions swapped back in by ``bench/streaming.py``), ``stream-ray`` (Ray Data's stream as the
+project streams a split that is not plain Parquet, forced by ``workload.ray_data_streaming``),
+``stream`` (now: each worker reads its own rows of the plain Parquet split,
+``workers/loop/parquet_shards.py``) and ``pyarrow`` (a plain pyarrow loop in a torch
+``IterableDataset``). ``--profile`` first times each stage of the Ray Data stream in this
+process (read, batching, conversion, shuffle, the split to two readers) against pyarrow's own
+read of the same files, and the ranks' own read of the same split (one rank, then two).
 """
 
 from __future__ import annotations
@@ -196,9 +199,46 @@ def profile(root: Path, features: int, repeat: int) -> dict[str, Any]:
         floors.append(timed(lambda: floor(root / "train", features)))
         for name in rounds:
             rounds[name].append(stage_times(root / "train", features, before=name == "before"))
+    ranks = [rank_reads(root / "train", world) for world in (1, 2) for _ in range(repeat)]
     return {"floor_s": min(floors),
+            "rank_reads_s": {f"{w} rank(s)": min(r[1] for r in ranks if r[0] == w)
+                             for w in (1, 2)},
             **{name: {stage: min(r[stage] for r in runs) for stage in runs[0]}
                for name, runs in rounds.items()}}
+
+
+def rank_reads(path: Path, world: int) -> tuple[int, float]:
+    """(world, seconds) for ``world`` ranks (threads here) reading their own rows of the
+    split, shuffled, as tensor batches of 256 (``workers/loop/parquet_shards.py``)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from workers.loop import ray_data
+    from workers.loop.parquet_shards import ParquetSplit, ParquetTrain
+
+    files = sorted(str(p) for p in path.glob("*.parquet"))
+    footers = [pq.read_metadata(f) for f in files]
+    schema = footers[0].schema.to_arrow_schema()
+    split = ParquetSplit(tuple(files), pafs.LocalFileSystem(), ("x", "y"),
+                         (schema.field("x").type, schema.field("y").type),
+                         tuple(tuple(f.row_group(g).num_rows for g in range(f.num_row_groups))
+                               for f in footers))
+    collate = ray_data.columns_collate(["x"], "y", "train")
+    rows = [0] * world
+
+    def read(rank: int) -> None:
+        rows[rank] = count(ParquetTrain(split, collate, batch_size=256, rank=rank,
+                                        world_size=world, seed=0))
+
+    def both() -> int:
+        threads = [threading.Thread(target=read, args=(r,)) for r in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(rows)
+
+    return world, timed(both)
 
 
 def profile_table(prof: dict[str, Any]) -> Table:
@@ -218,12 +258,16 @@ def profile_table(prof: dict[str, Any]) -> Table:
             previous[name] = seconds
             cells += [f"{seconds:.2f} (+{added:.2f})", f"{added / totals[name]:.0%}"]
         table.add_row(stage, *cells)
+    for name, seconds in prof.get("rank_reads_s", {}).items():
+        table.add_row(f"ranks' own read (parquet_shards), {name} in threads", "", "",
+                      f"{seconds:.2f}", "")
     return table
 
 
 NAMES = {"map": "in memory (TensorDataset per worker)",
          "stream-before": "Ray Dataset, streamed before (6a14921)",
-         "stream": "Ray Dataset, streamed now",
+         "stream-ray": "Ray Dataset through Ray Data's stream (76a4462)",
+         "stream": "Ray Dataset, each worker reads its rows",
          "stream-half-cpu-reads": "streamed now, read tasks of half a CPU",
          "pyarrow": "pyarrow loop in a torch IterableDataset"}
 
@@ -234,7 +278,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--store-mb", type=int, default=256)
-    parser.add_argument("--modes", default="map,stream-before,stream,pyarrow",
+    parser.add_argument("--modes", default="map,stream-before,stream-ray,stream,pyarrow",
                         help="the training splits to run, in this order (also: "
                              "stream-half-cpu-reads)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
@@ -264,8 +308,10 @@ def main() -> None:
     if prof:
         console.print(profile_table(prof))
     quiet = RunConsole(stream=open(os.devnull, "w"))
+    load = [os.getloadavg()[0]]  # the machine's other work, sampled before each mode and after
     rows = []
     for mode in args.modes.split(","):
+        load.append(os.getloadavg()[0])
         with PeakMemory() as peak:
             summary = train(config(root, mode, args.epochs, args.features), console=quiet)
         steady = [h["epoch_seconds"] for h in summary.history[1:]]
@@ -273,12 +319,14 @@ def main() -> None:
                      "val_accuracy": summary.history[-1]["val_accuracy"],
                      "peak_rss_mb": max(peak.rss.values()) / 2**20,
                      "peak_uss_mb": max(peak.uss.values()) / 2**20})
+    load.append(os.getloadavg()[0])
     ray.shutdown()
 
     base = next((r["epoch_s"] for r in rows if r["mode"] == "map"), rows[0]["epoch_s"])
     table = Table(title=f"{args.rows:,} training rows x {args.features} float32 "
                         f"({size_mb:,.0f} MB of Parquet), 2 workers, object store "
-                        f"{args.store_mb} MB; epochs after the first")
+                        f"{args.store_mb} MB; epochs after the first; 1-min load average "
+                        f"{min(load):.1f}-{max(load):.1f}")
     for column in ("training split", "epoch s median", "vs in memory", "val accuracy",
                    "peak RSS / worker MB", "peak USS / worker MB"):
         table.add_column(column)
@@ -293,7 +341,8 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(
         {"rows": args.rows, "features": args.features, "parquet_mb": size_mb,
          "object_store_mb": args.store_mb, "epochs": args.epochs, "profile": prof,
-         "results": rows, "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+         "results": rows, "load_average_1min": load,
+         "when": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     shutil.rmtree(root, ignore_errors=True)  # the Parquet files and the runs
 
 

@@ -1,7 +1,9 @@
-"""The benchmark's data set, as a Ray Dataset streamed from Parquet (this project's stream, or
-the stream as it was before issue 42), as the same rows held in memory by every worker (a
-map-style ``TensorDataset``), or read by a plain pyarrow loop in a torch ``IterableDataset``
-(the loop a user writes by hand): ``bench.ray_data`` runs them side by side.
+"""The benchmark's data set, as a Ray Dataset from Parquet (read by each worker itself, the
+project's path for a plain ``read_parquet`` split; streamed through Ray Data as the project
+streamed it before that, ``ray_data_streaming``; or as it streamed before issue 42), as the
+same rows held in memory by every worker (a map-style ``TensorDataset``), or read by a plain
+pyarrow loop in a torch ``IterableDataset`` (the loop a user writes by hand):
+``bench.ray_data`` runs them side by side.
 
 ``write(path, rows, features)``: float32 rows in Parquet files of 8,192 rows, labels from a
 fixed linear rule (the same for every split), so that a linear model learns something.
@@ -19,7 +21,10 @@ import numpy as np
 import torch
 
 ROWS_PER_FILE = 8192
-MODES = ("map", "stream-before", "stream", "stream-half-cpu-reads", "pyarrow")
+MODES = ("map", "stream-before", "stream-ray", "stream", "stream-half-cpu-reads",
+         "pyarrow")
+# Modes that stream through Ray Data (``workload.ray_data_streaming``), not the ranks' reads
+RAY_DATA_MODES = ("stream-before", "stream-ray", "stream-half-cpu-reads")
 
 
 def write(path: str, rows: int, features: int, seed: int = 0) -> None:
@@ -113,4 +118,5 @@ def build(train_dir: str, val_dir: str, mode: str = "stream", features: int = 10
         train, val = in_memory(train_dir), in_memory(val_dir)
     return SimpleNamespace(model=torch.nn.Linear(features, 2), train_dataset=train,
                            val_dataset=val, loss_fn=torch.nn.functional.cross_entropy,
-                           feature_columns=["x"], label_column="y")
+                           feature_columns=["x"], label_column="y",
+                           ray_data_streaming=mode in RAY_DATA_MODES)

@@ -140,6 +140,80 @@ def listed_read_paths(dataset: Any) -> tuple[list[str], Any, list[str] | None] |
     return None
 
 
+@dataclass(frozen=True)
+class PlainParquetRead:
+    """What a Ray Dataset that is nothing but ``read_parquet`` reads: its files (as Ray lists
+    them), their pyarrow filesystem and the columns it keeps (None: every column of the files).
+    """
+
+    files: list[str]
+    filesystem: Any
+    columns: list[str] | None
+
+
+def plain_parquet_read(dataset: Any) -> PlainParquetRead | None:
+    """The files of a Ray Dataset whose logical plan is Ray 2.60's Parquet read and nothing
+    else (``ListFiles -> ReadFiles``, then at most ``select_columns``/``columns=``, which are
+    ``Project`` operators of plain column references); None for any other dataset: a transform,
+    a filter, a limit, hive partition columns, a file shuffle, paths or row hashes added, a
+    ``tensor_column_schema``, another source, Ray's older (V1) datasource, or a plan this
+    function does not recognise. Lists the files with the datasource's own indexer and
+    pruners, as the read would (``skip_paths`` and ``file_extensions`` included).
+
+    Private: ``Dataset._logical_plan``, the operators of
+    ``ray.data._internal.logical.operators`` (by class name) and their attributes, the V2
+    datasource's ``ParquetScanner`` fields, ``FileIndexer.as_whole_file_indexer``/
+    ``list_file_infos`` and ``listing_utils._build_pruners``. Used so that each worker reads
+    its own rows with pyarrow (``workers/loop/parquet_shards.py``) instead of Ray Data's
+    stream. Replacement: none public (``Dataset.input_files()`` is empty before the dataset
+    runs, and nothing public says a dataset has no transforms)."""
+    try:
+        ops = list(dataset._logical_plan.dag.post_order_iter())
+    except AttributeError:
+        return None
+    names = [type(op).__name__ for op in ops]
+    if names[:2] != ["ListFiles", "ReadFiles"] or any(n != "Project" for n in names[2:]):
+        return None
+    listing, read = ops[0], ops[1]
+    scanner: Any = getattr(read, "scanner", None)
+    try:
+        if (getattr(read, "datasource_name", None) != "ParquetV2" or read.block_udf is not None
+                or any(getattr(listing, key) is not None for key in (
+                    "partition_filter", "predicate", "projected_columns", "limit",
+                    "partition_pruner"))
+                or listing.shuffle_config_factory() is not None
+                or type(scanner).__name__ != "ParquetScanner"
+                or any(getattr(scanner, key) is not None for key in (
+                    "shuffle", "partition_predicate", "batch_size", "columns", "predicate",
+                    "limit", "ignore_prefixes"))
+                or scanner.synthesized_columns or scanner.parquet_format_kwargs
+                or (scanner.partitioning is not None and scanner.partitioning.field_names)):
+            return None
+        columns: list[str] | None = None
+        for project in ops[2:]:
+            if project._common_sub_exprs or any(type(e).__name__ != "ColumnExpr"
+                                                for e in project.exprs):
+                return None
+            columns = [e.name for e in project.exprs]
+        files = listed_parquet_files(listing)
+    except AttributeError:  # another Ray's operators
+        return None
+    return PlainParquetRead(files, listing.filesystem, columns) if files else None
+
+
+def listed_parquet_files(listing: Any) -> list[str]:
+    """The files a ``ListFiles`` operator lists, in Ray's order (see ``plain_parquet_read``).
+    """
+    import pyarrow as pa
+    from ray.data._internal.datasource_v2.common.listing_utils import _build_pruners
+
+    indexer = listing.file_indexer.as_whole_file_indexer()
+    infos = indexer.list_file_infos(
+        pa.array(list(listing.paths), type=pa.string()), filesystem=listing.filesystem,
+        pruners=_build_pruners(listing.file_extensions, None), preserve_order=True)
+    return [info.path for info in infos]
+
+
 # --- Ray Train ------------------------------------------------------------------------------
 
 # Ray Train V2's internal settings, read from the environment (names and defaults in

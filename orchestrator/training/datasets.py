@@ -1,5 +1,7 @@
 """What the driver learns of a workload before training: the direction of its monitored
-metric, and its Ray Dataset splits, handed to Ray Train, which shards them to the workers
+metric, and its Ray Dataset splits: a plain Parquet training or validation split is read by
+each worker itself (``workers/loop/parquet_shards.py``; the driver reads its files' footers
+here), any other is handed to Ray Train, which shards it to the workers
 (``workers/loop/ray_data.py`` says how).
 
 The driver builds the workload once (as every worker builds it) to see which splits are Ray
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from orchestrator.errors import UserError
@@ -26,6 +28,7 @@ from workers.evaluation.metrics import spec_directions
 from workers.loop.batches import Batches
 from workers.loop.iterable import check_iterable_run, is_iterable
 from workers.loop.learner import build_workload
+from workers.loop.parquet_shards import parquet_split
 from workers.loop.ray_data import (
     SPLITS,
     engine_refuses,
@@ -38,6 +41,9 @@ from workers.loop.ray_data import (
 
 # The splits whose rows are all scored, each once (``streaming_split(equal=False)``).
 EXACT_SPLITS = frozenset({"val", "test"})
+# The splits the workers read from Ray Train or, when plain Parquet, from the files (the test
+# split is scored in one Ray task that reads it whole: ``workers/loop/scoring.py``).
+RANK_READ_SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,20 @@ class RayDatasets:
     datasets: dict[str, Any]
     rows: dict[str, int]
     samples: dict[str, dict[str, Any]]  # each split's first rows, as column arrays
+    # The plain Parquet splits each worker reads itself (``loop.parquet_shards.ParquetSplit``)
+    parquet: dict[str, Any] = field(default_factory=dict)
 
     def loop_config(self) -> dict[str, Any]:
         """For the workers' ``train_loop_config`` (``RAY_DATASETS_KEY``)."""
-        return {RAY_DATASETS_KEY: {"rows": self.rows, "samples": self.samples}}
+        return {RAY_DATASETS_KEY: {"rows": self.rows, "samples": self.samples,
+                                   "parquet": self.parquet}}
 
     def trainer_options(self) -> dict[str, Any]:
-        """``TorchTrainer``'s ``datasets`` and ``dataset_config``."""
+        """``TorchTrainer``'s ``datasets`` (those Ray Train shards) and ``dataset_config``."""
         from workers.compat import split_data_config
 
-        return {"datasets": self.datasets, "dataset_config": split_data_config(EXACT_SPLITS)}
+        sharded = {s: ds for s, ds in self.datasets.items() if s not in self.parquet}
+        return {"datasets": sharded, "dataset_config": split_data_config(EXACT_SPLITS)}
 
 
 @dataclass(frozen=True)
@@ -154,14 +164,17 @@ def ray_datasets_of(cfg: RunConfig, workload: Any) -> RayDatasets | None:
     quiet_ray_data()
     if cfg.engine != "torch":
         raise UserError(str(engine_refuses(cfg.engine, datasets)))
-    rows, samples = {}, {}
+    rows, samples, parquet = {}, {}, {}
     for split, dataset in datasets.items():
         rows[split], samples[split] = check_split(workload, split, dataset)
+        plain = parquet_split(workload, dataset, rows[split]) if split in RANK_READ_SPLITS else None
+        if plain is not None:
+            parquet[split] = plain
         datasets[split] = for_streaming(workload, dataset)
     if "train" in rows and rows["train"] < cfg.scaling.max_workers:
         raise UserError(f"workload.train_dataset: {rows['train']} rows for "
                         f"{cfg.scaling.max_workers} workers; each worker needs at least one")
-    return RayDatasets(datasets, rows, samples)
+    return RayDatasets(datasets, rows, samples, parquet)
 
 
 def refuse_empty_splits(workload: Any) -> None:

@@ -199,3 +199,58 @@ def test_a_mistake_through_the_cli_exits_2_with_one_line(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert "workload.train_dataset: no column 'digit'" in last, done.stderr[-3000:]
     assert not (tmp_path / "runs" / "bad-column").exists()
+
+
+def test_plain_parquet_splits_are_read_by_the_workers_anything_else_by_ray_data(tmp_path,
+                                                                                 ray_local):
+    """Which splits the workers read themselves (``loop.parquet_shards.parquet_split``, from
+    the Dataset's logical plan and the files' footers) and which stream through Ray Data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from orchestrator.training.datasets import ray_datasets_of
+    from tests.workloads.streamed import build
+    from workers.loop.parquet_shards import parquet_split
+
+    cfg = RunConfig.model_validate(api_config(tmp_path, "paths"))
+    workload = build(str(tmp_path.parent / "data"), val_rows=VAL_ROWS, test_rows=TEST_ROWS)
+    found = ray_datasets_of(cfg, workload)
+    assert found is not None and set(found.parquet) == {"train", "val"}
+    assert set(found.trainer_options()["datasets"]) == {"test"}  # scored in one task
+    assert found.parquet["val"].rows == VAL_ROWS
+    assert found.parquet["train"].columns == ("pixels", "label")  # the named columns only
+
+    train_ds = workload.train_dataset
+    rows = train_ds.count()
+    assert parquet_split(workload, train_ds.select_columns(["label"]), rows) is not None
+    where = str(Path(found.parquet["train"].files[0]).parent)
+    for other in (train_ds.map_batches(lambda b: b), train_ds.filter(lambda r: True),
+                  train_ds.limit(10), train_ds.random_shuffle(),
+                  ray.data.read_parquet(where, shuffle="files"),
+                  ray.data.read_parquet(where, include_paths=True),
+                  ray.data.from_items([{"pixels": [1.0], "label": 1}])):
+        assert parquet_split(workload, other, rows) is None, other
+    assert parquet_split(workload, train_ds, rows + 1) is None  # footers disagree: Ray's
+    forced = build(str(tmp_path.parent / "data"), val_rows=VAL_ROWS, test_rows=TEST_ROWS,
+                   ray_data_streaming=True)
+    assert ray_datasets_of(cfg, forced).parquet == {}
+    # A column of strings streams through Ray Data unless the workload leaves it out.
+    (tmp_path / "strings").mkdir()
+    pq.write_table(pa.table({"x": [1.0, 2.0], "name": ["a", "b"]}),
+                   tmp_path / "strings" / "p.parquet")
+    strings = ray.data.read_parquet(str(tmp_path / "strings"))
+    unnamed = type("W", (), {})()
+    assert parquet_split(unnamed, strings, 2) is None
+    assert parquet_split(unnamed, strings.select_columns(["x"]), 2) is not None
+
+
+def test_a_split_forced_through_ray_datas_stream_is_exact(tmp_path, ray_local):
+    """``workload.ray_data_streaming``: Ray Train's streaming_split, as before the workers read
+    plain Parquet themselves; every validation row still counted once."""
+    cfg = api_config(tmp_path, "ray-data-stream", ray_data_streaming=True)
+    cfg["train"]["epochs"] = 2
+    summary = train(cfg).record
+    assert summary["status"] == "completed"
+    assert [r["step"] for r in summary["history"]] == [5] * 2  # 297 rows a worker
+    assert_rescored(summary)

@@ -129,6 +129,40 @@ def test_a_file_reads_paths_are_on_its_list_files_operator() -> None:
     assert compat.listed_read_paths(object()) is None
 
 
+
+def test_a_plain_parquet_read_is_recognised_by_the_fields_compat_reads() -> None:
+    """What ``compat.plain_parquet_read`` (and ``compat.listed_parquet_files``) read of a
+    plan, without starting Ray: the operators' and the scanner's fields, the indexer's
+    listing, the pruners; a ``compat.PlainParquetRead`` of files; anything else gives None."""
+    import dataclasses
+
+    operators = importlib.import_module("ray.data._internal.logical.operators.read_operator")
+    listing = {f.name for f in dataclasses.fields(operators.ListFiles)}
+    assert {"paths", "filesystem", "file_indexer", "file_extensions", "partition_filter",
+            "predicate", "projected_columns", "limit", "partition_pruner",
+            "shuffle_config_factory"} <= listing
+    assert {"datasource_name", "scanner", "block_udf"} <= {
+        f.name for f in dataclasses.fields(operators.ReadFiles)}
+    scanner = importlib.import_module(
+        "ray.data._internal.datasource_v2.formats.parquet.parquet_scanner").ParquetScanner
+    assert {"shuffle", "partitioning", "partition_predicate", "batch_size", "columns",
+            "predicate", "limit", "ignore_prefixes", "synthesized_columns",
+            "parquet_format_kwargs"} <= {f.name for f in dataclasses.fields(scanner)}
+    project = importlib.import_module("ray.data._internal.logical.operators.map_operator")
+    assert "_common_sub_exprs" in inspect.getsource(project.Project)
+    assert isinstance(importlib.import_module("ray.data.expressions").ColumnExpr.name, property)
+    indexer = importlib.import_module("ray.data._internal.datasource_v2.common."
+                                      "non_sampling_file_indexer").NonSamplingFileIndexer
+    assert hasattr(indexer, "as_whole_file_indexer")
+    assert params(indexer.list_file_infos)[:5] == ["self", "paths", "filesystem", "pruners",
+                                                   "preserve_order"]
+    listing_utils = importlib.import_module(
+        "ray.data._internal.datasource_v2.common.listing_utils")
+    assert params(listing_utils._build_pruners)[:2] == ["file_extensions", "partition_filter"]
+    assert compat.plain_parquet_read(object()) is None
+    assert compat.PlainParquetRead(["a.parquet"], None, None).columns is None
+
+
 # --- Ray Train ------------------------------------------------------------------------------
 
 

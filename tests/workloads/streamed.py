@@ -3,7 +3,8 @@
 ``build``: the built-in Parquet digits (``workers.workloads.digits_parquet``) with its rows
 turned into batches another way (``shape``), a worker that SIGKILLs its own process once
 (``kill_after_steps``, unless ``marker`` exists), or one of the mistakes users make
-(``mistake``).
+(``mistake``); ``ray_data_streaming``: every split through Ray Data's stream, not read by the
+workers themselves.
 
 - ``columns``: the built-in's ``feature_columns`` and ``label_column``;
 - ``collate``: a ``collate_fn`` over the column arrays, returning ``(inputs, target)``;
@@ -51,7 +52,8 @@ def as_mapping(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def build(data_dir: str, shape: str = "columns", val_rows: int = 360, test_rows: int = 360,
           kill_after_steps: int | None = None, marker: str | None = None,
-          mistake: str | None = None, batchnorm: bool = False, **digits: object):
+          mistake: str | None = None, batchnorm: bool = False, ray_data_streaming: bool = False,
+          **digits: object):
     """``digits``: the built-in's other params (``hidden``, ``dropout``, ...)."""
     workload = build_digits(data_dir=data_dir, val_rows=val_rows, test_rows=test_rows, **digits)
     if batchnorm:
@@ -59,6 +61,7 @@ def build(data_dir: str, shape: str = "columns", val_rows: int = 360, test_rows:
             torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
             torch.nn.Dropout(0.2), torch.nn.Linear(64, 10))
     workload.model = KillOnce(workload.model, kill_after_steps, marker)
+    workload.ray_data_streaming = ray_data_streaming
     if shape in ("collate", "mapping"):
         del workload.feature_columns, workload.label_column
         workload.collate_fn = pixels_and_labels if shape == "collate" else as_mapping

@@ -44,8 +44,9 @@ from workers.loop.loaders import (
 )
 from workers.loop.metric_setup import check_metrics, classes_from, workload_metrics
 from workers.loop.optim import Stepper, make_optimizer, make_stepper
+from workers.loop.parquet_shards import eval_stream, train_stream
 from workers.loop.preempt import StopRequests
-from workers.loop.ray_data import StreamedEval, StreamedTrain, joined, rows_collate
+from workers.loop.ray_data import StreamedEval, joined, rows_collate
 from workers.loop.runtime import Worker, start_worker
 from workers.loop.sampler import EpochSampler
 from workers.loop.scoring import accumulate, global_metrics
@@ -177,8 +178,6 @@ def sample_batch(worker: Worker, split: str) -> Any:
 
 def train_split(worker: Worker) -> SizedTrainLoader | TrainStream:
     """This rank's training shard, standing where the run continues (``Restored``)."""
-    import ray.train
-
     cfg, workload, restored = worker.cfg, worker.workload, worker.restored
     if is_iterable(workload.train_dataset):
         share = RankShare(workload.train_dataset, worker.rank, worker.world_size,
@@ -193,11 +192,9 @@ def train_split(worker: Worker) -> SizedTrainLoader | TrainStream:
         return loader
     if streamed(worker, "train"):
         assert worker.ray_datasets is not None  # streamed(): the driver passed them
-        rows_loader = StreamedTrain(ray.train.get_dataset_shard("train"),
-                                    rows_collate(workload, "train"),
-                                    rows=worker.ray_datasets["rows"]["train"],
-                                    batch_size=cfg.train.batch_size, rank=worker.rank,
-                                    world_size=worker.world_size, seed=cfg.seed)
+        rows_loader = train_stream(worker.ray_datasets, rows_collate(workload, "train"),
+                                   batch_size=cfg.train.batch_size, rank=worker.rank,
+                                   world_size=worker.world_size, seed=cfg.seed)
         rows_loader.set_epoch(restored.start_epoch, restored.consumed)
         return rows_loader
     sampler = EpochSampler(len(workload.train_dataset), worker.rank, worker.world_size,
@@ -212,12 +209,12 @@ def train_split(worker: Worker) -> SizedTrainLoader | TrainStream:
 
 def val_split(worker: Worker) -> DataLoader | StreamedEval:
     """This rank's share of the validation set: each sample on exactly one rank."""
-    import ray.train
-
     cfg, workload = worker.cfg, worker.workload
     if streamed(worker, "val"):
-        return StreamedEval(ray.train.get_dataset_shard("val"), rows_collate(workload, "val"),
-                            cfg.train.batch_size)
+        assert worker.ray_datasets is not None  # streamed(): the driver passed them
+        return eval_stream(worker.ray_datasets, "val", rows_collate(workload, "val"),
+                           batch_size=cfg.train.batch_size, rank=worker.rank,
+                           world_size=worker.world_size)
     dataset = workload.val_dataset
     share = (RankShare(dataset, worker.rank, worker.world_size, cfg.train.batch_size)
              if is_iterable(dataset) else shard(dataset, worker.rank, worker.world_size))

@@ -1,6 +1,12 @@
 """Ray Datasets as a workload's splits: streamed to the workers, sharded by Ray Train.
 
-The driver builds the workload once and hands each split that is a ``ray.data.Dataset`` to
+A training or validation split that is a plain ``ray.data.read_parquet(...)`` of numbers and
+fixed-size lists of numbers (no transform) is read by each worker itself, straight from the
+files (``workers/loop/parquet_shards.py``: the same batches, steps, shares and resume as
+below, without Ray Data's read tasks and object store). Every other Ray Dataset split, and
+every split of a workload that sets ``ray_data_streaming = True``, goes as follows.
+
+The driver builds the workload once (as every worker builds it) and hands each such split to
 ``TorchTrainer(datasets=...)`` (``orchestrator/training/datasets.py``), with
 ``workers.compat.split_data_config``:
 
@@ -185,14 +191,15 @@ def first_rows(dataset: Any, rows: int = 2) -> dict[str, np.ndarray]:
     return dataset.take_batch(rows, batch_format="numpy")
 
 
-def arrow_tensor(column: Any) -> torch.Tensor | None:
-    """A column of an Arrow batch as one (B, ...) tensor, in one copy, when it holds numbers or
-    fixed-size lists of numbers (nested for more dimensions) and no nulls; None for any other
-    column. Ray Data's own conversion goes through a NumPy object array of B row arrays,
-    then stacks them."""
+def arrow_numpy(column: Any) -> np.ndarray | None:
+    """A column of an Arrow batch as one (B, ...) NumPy array over Arrow's buffers (no copy),
+    when it holds numbers or fixed-size lists of numbers (nested for more dimensions) and no
+    nulls; None for any other column."""
     import pyarrow as pa
 
-    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    array = column  # a RecordBatch's column; a Table's is chunked
+    if isinstance(column, pa.ChunkedArray):
+        array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     shape = [len(array)]
     while pa.types.is_fixed_size_list(array.type):
         if array.null_count:
@@ -202,8 +209,16 @@ def arrow_tensor(column: Any) -> torch.Tensor | None:
     if array.null_count or not (pa.types.is_integer(array.type)
                                 or pa.types.is_floating(array.type)):
         return None
+    return array.to_numpy(zero_copy_only=True).reshape(shape)
+
+
+def arrow_tensor(column: Any) -> torch.Tensor | None:
+    """A column of an Arrow batch as one (B, ...) tensor, in one copy (``arrow_numpy``); None
+    for a column that is not numbers or fixed-size lists of them. Ray Data's own conversion
+    goes through a NumPy object array of B row arrays, then stacks them."""
+    values = arrow_numpy(column)
     # A copy: the Arrow buffers are read-only pages of Ray's object store.
-    return torch.from_numpy(array.to_numpy(zero_copy_only=True).reshape(shape).copy())
+    return None if values is None else torch.from_numpy(values.copy())
 
 
 def arrow_collate(fn: Callable[[dict[str, Any]], Any]) -> Any:
