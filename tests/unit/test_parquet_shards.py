@@ -179,3 +179,19 @@ def test_only_numbers_and_fixed_size_lists_without_nulls_are_read_by_the_ranks(t
     pq.write_table(pa.table({"a": [1.0, None], "b": [1, 2]}), tmp_path / "n.parquet")
     footer = pq.read_metadata(tmp_path / "n.parquet")
     assert not no_nulls(footer, {"a"}) and no_nulls(footer, {"b"})
+
+
+def test_a_damaged_file_is_named_in_the_error(split):
+    """Data pages scribbled over, the footer intact (the driver read it before): the rank's
+    read fails naming the file, whichever stream reads it."""
+    damaged = split.files[1]
+    data = bytearray(Path(damaged).read_bytes())
+    data[8:len(data) // 2] = b"\xab" * (len(data) // 2 - 8)
+    Path(damaged).write_bytes(bytes(data))
+    with pytest.raises(OSError, match=rf"workload.train_dataset: {damaged} \(row group \d\) "
+                                      "cannot be read: "):
+        for rank in range(3):
+            train(split, rank)
+    with pytest.raises(OSError, match=rf"workload.val_dataset: {damaged} "):
+        for rank in range(2):
+            list(ParquetEval(split, ids_collate, 4, rank=rank, world_size=2))

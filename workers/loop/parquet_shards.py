@@ -145,21 +145,26 @@ def read_pieces(split: ParquetSplit, chosen: list[Piece], batch_size: int, name:
                 ) -> Iterator[Columns]:
     """The pieces' rows, in order, in chunks of at most ``batch_size`` rows: each column an
     array over Arrow's buffers (no copy)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     opened: tuple[int, Any] | None = None
     for file, group, first, end in chosen:
-        if opened is None or opened[0] != file:
-            opened = (file, pq.ParquetFile(split.files[file], filesystem=split.filesystem))
-        at = 0
-        for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[group],
-                                            columns=list(split.columns)):
-            lo, hi = max(first - at, 0), min(end - at, batch.num_rows)
-            at += batch.num_rows
-            if hi > lo:
-                yield arrays_of(batch.slice(lo, hi - lo), split, name)
-            if at >= end:
-                break
+        try:
+            if opened is None or opened[0] != file:
+                opened = (file, pq.ParquetFile(split.files[file], filesystem=split.filesystem))
+            at = 0
+            for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[group],
+                                                columns=list(split.columns)):
+                lo, hi = max(first - at, 0), min(end - at, batch.num_rows)
+                at += batch.num_rows
+                if hi > lo:
+                    yield arrays_of(batch.slice(lo, hi - lo), split, name)
+                if at >= end:
+                    break
+        except (OSError, pa.ArrowException) as exc:  # a damaged or vanished file: say which
+            raise OSError(f"workload.{name}_dataset: {split.files[file]} (row group {group}) "
+                          f"cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
 def arrays_of(batch: Any, split: ParquetSplit, name: str) -> Columns:
