@@ -263,7 +263,7 @@ class CheckpointManager:
             self._with_raw_weights(self._train_state(epoch, at, extras, running_loss),
                                    raw_weights),
             self._metadata(epoch, record, verdict),
-            torch_weights_file=self.torch_weights_file if _keeps_a_model(verdict) else None,
+            torch_weights_file=self.torch_weights_file if verdict.keeps_a_model else None,
             buffers=self.saver.buffers,
         )
         costs["snapshot_seconds"] = time.perf_counter() - copy_started
@@ -395,10 +395,3 @@ def best_for(monitor: str, verdict: SaveDecision) -> list[str]:
     """The monitors a saved model is the best of: the primary's when it improved, then the
     also-monitors' it improved (``best_for`` in its metadata)."""
     return [*([monitor] if verdict.improved else []), *verdict.also_best]
-
-
-def _keeps_a_model(verdict: SaveDecision) -> bool:
-    """A save of a model policy best keeps for a user to load: the best, one of the K best
-    (keep_top_k), or an also-monitor's best. The engine's own weights file
-    (``torch_weights_file``, fastai's ``learner.pth``) goes with each of them."""
-    return verdict.improved or verdict.top_k_rank is not None or bool(verdict.also_best)

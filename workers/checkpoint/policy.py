@@ -69,6 +69,18 @@ class SaveDecision:
     # too under policy best); empty otherwise.
     also_best: tuple[str, ...] = ()
 
+    @property
+    def keeps_a_model(self) -> bool:
+        """A model policy best keeps for a user to load (the best, one of the K best, an
+        also-monitor's best), whatever policy saved it."""
+        return is_a_kept_model(self.improved, self.top_k_rank, self.also_best)
+
+
+def is_a_kept_model(improved: bool, top_k_rank: int | None, also_best: tuple[str, ...]) -> bool:
+    """What policy best saves: an improvement, an entry into the K best, an also-monitor's
+    best."""
+    return improved or top_k_rank is not None or bool(also_best)
+
 
 # A resume checkpoint of the step the driver stopped the run at: never an improvement.
 PREEMPTION = SaveDecision(True, "preempt", full_state=True)
@@ -90,7 +102,7 @@ def decide_save(
     policy best saves; ``also_best``: the also-monitors (``tracker.also_monitor``) it
     improved, which policy best saves too."""
     wanted = {
-        "best": improved or top_k_rank is not None or bool(also_best),
+        "best": is_a_kept_model(improved, top_k_rank, also_best),
         "every_n": epoch % every_n_epochs == 0,
         "all": True,
         "last": is_final,
